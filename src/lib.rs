@@ -1,0 +1,2 @@
+//! agent-egress: a Linux egress controller for AI agents.
+pub mod cli;
