@@ -1,0 +1,1288 @@
+//! The configuration: one JSON document, read into typed settings.
+//!
+//! Parsing walks a `serde_json::Value` by hand instead of deriving `Deserialize`,
+//! because `check` must report every error with its JSON path, not stop at the
+//! first one as serde does.
+
+use crate::names::normalize_host;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PORT: u16 = 15001;
+pub const DEFAULT_TABLE: &str = "agent_egress";
+/// Fwmark and routing table of captured traffic ("ae" = 0xae1); chosen to be
+/// unlikely to meet other users of marks (WireGuard uses 0xca6c).
+pub const DEFAULT_MARK: u32 = 0xae1;
+pub const DEFAULT_ROUTE_TABLE: u32 = 0xae1;
+pub const DEFAULT_RULE_PRIORITY: u32 = 2785;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: Listen,
+    pub interception: Interception,
+    pub dns: Dns,
+    pub outbounds: BTreeMap<String, Outbound>,
+    pub rules: Vec<Rule>,
+    pub default: String,
+    pub audit: Audit,
+    pub mode: Mode,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    pub port: u16,
+    pub addresses: Vec<IpAddr>,
+    /// Event-loop threads; 0 means one per core.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interception {
+    /// Install and keep the nftables table and policy routing ourselves; false
+    /// is "proxy only" for users who manage the kernel side.
+    pub manage_kernel: bool,
+    /// Cgroup paths relative to the cgroup2 mount whose sockets are captured.
+    pub cgroups: Vec<String>,
+    pub table: String,
+    pub mark: u32,
+    pub route_table: u32,
+    pub rule_priority: u32,
+    /// Destinations the agents reach without the proxy (loopback always).
+    pub bypass: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dns {
+    /// The resolvers we use, and the only ones the agents may reach.
+    pub servers: Vec<SocketAddr>,
+    pub timeout_ms: u64,
+    pub domain_dial: DomainDial,
+}
+
+/// How a connection routed by a domain rule picks the address it dials:
+/// never simply the address the client chose, which an agent can point at
+/// any host while naming an allowed one in the SNI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainDial {
+    /// Dial the original destination if our resolver gives it for the name,
+    /// else the first address our resolver gives.
+    Resolve,
+    /// Refuse unless the original destination is among the name's addresses.
+    Verify,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    Direct {
+        /// SO_BINDTODEVICE: leave through this interface.
+        interface: Option<String>,
+        /// SO_MARK: select a routing table ("the second internet").
+        mark: Option<u32>,
+    },
+    Block,
+    Socks5 {
+        server: SocketAddr,
+        auth: Option<Credentials>,
+    },
+    Http {
+        server: SocketAddr,
+        auth: Option<Credentials>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// The name audit records give; `rules[N]` when the config names none.
+    pub name: String,
+    pub domains: Vec<DomainPattern>,
+    pub ips: Vec<Cidr>,
+    pub ports: Vec<PortRange>,
+    pub agents: Vec<String>,
+    pub outbound: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DomainPattern {
+    /// `example.com`: the name and every subdomain.
+    NameAndSubdomains(String),
+    /// `=example.com`: that name only.
+    Exact(String),
+    /// `*.example.com`: subdomains only.
+    SubdomainsOnly(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Audit {
+    /// None: standard output (journald under systemd).
+    pub path: Option<PathBuf>,
+    /// Also write a record when a connection is decided, not only when it ends.
+    pub start_events: bool,
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    /// Everything goes out direct; records say what enforce would have done.
+    Audit,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub connections: usize,
+    pub sniff_bytes: usize,
+    pub sniff_timeout_ms: u64,
+    pub idle_timeout_s: u64,
+    pub connect_timeout_ms: u64,
+}
+
+/// One problem in a config, at one JSON path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+/// Every problem found in a config, in document order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (s.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                prefix_bits_equal(&net.octets(), &ip.octets(), self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_bits_equal(&net.octets(), &ip.octets(), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_bits_equal(a: &[u8], b: &[u8], prefix: u8) -> bool {
+    let full = usize::from(prefix / 8);
+    let rest = prefix % 8;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    if rest == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest);
+    a[full] & mask == b[full] & mask
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl DomainPattern {
+    pub fn parse(s: &str) -> Result<DomainPattern, String> {
+        let (make, name): (fn(String) -> DomainPattern, &str) =
+            if let Some(rest) = s.strip_prefix('=') {
+                (DomainPattern::Exact, rest)
+            } else if let Some(rest) = s.strip_prefix("*.") {
+                (DomainPattern::SubdomainsOnly, rest)
+            } else {
+                (DomainPattern::NameAndSubdomains, s)
+            };
+        if name.contains('*') {
+            return Err(format!(
+                "{s:?}: '*' is only allowed as a leading \"*.\" (subdomains only)"
+            ));
+        }
+        if name.parse::<IpAddr>().is_ok() {
+            return Err(format!("{s:?} is an IP address: put it in \"ips\""));
+        }
+        normalize_host(name)
+            .map(make)
+            .map_err(|e| format!("{s:?}: {e}"))
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            DomainPattern::NameAndSubdomains(n)
+            | DomainPattern::Exact(n)
+            | DomainPattern::SubdomainsOnly(n) => n,
+        }
+    }
+}
+
+impl fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainPattern::NameAndSubdomains(n) => write!(f, "{n}"),
+            DomainPattern::Exact(n) => write!(f, "={n}"),
+            DomainPattern::SubdomainsOnly(n) => write!(f, "*.{n}"),
+        }
+    }
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl Outbound {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Outbound::Direct { .. } => "direct",
+            Outbound::Block => "block",
+            Outbound::Socks5 { .. } => "socks5",
+            Outbound::Http { .. } => "http",
+        }
+    }
+}
+
+impl Default for Config {
+    /// The built-in policy of `exec`: everything blocked, no rules.
+    fn default() -> Self {
+        Config {
+            listen: Listen {
+                port: DEFAULT_PORT,
+                addresses: vec![
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ],
+                workers: 0,
+            },
+            interception: Interception {
+                manage_kernel: true,
+                cgroups: Vec::new(),
+                table: DEFAULT_TABLE.into(),
+                mark: DEFAULT_MARK,
+                route_table: DEFAULT_ROUTE_TABLE,
+                rule_priority: DEFAULT_RULE_PRIORITY,
+                bypass: Vec::new(),
+            },
+            dns: Dns {
+                servers: Vec::new(),
+                timeout_ms: 2000,
+                domain_dial: DomainDial::Resolve,
+            },
+            outbounds: builtin_outbounds(),
+            rules: Vec::new(),
+            default: "block".into(),
+            audit: Audit {
+                path: None,
+                start_events: false,
+                queue: 65536,
+            },
+            mode: Mode::Enforce,
+            limits: Limits {
+                connections: 8192,
+                sniff_bytes: 16 * 1024,
+                sniff_timeout_ms: 3000,
+                idle_timeout_s: 300,
+                connect_timeout_ms: 5000,
+            },
+        }
+    }
+}
+
+/// `direct` and `block` exist unless the config redefines them.
+fn builtin_outbounds() -> BTreeMap<String, Outbound> {
+    BTreeMap::from([
+        (
+            "direct".to_string(),
+            Outbound::Direct {
+                interface: None,
+                mark: None,
+            },
+        ),
+        ("block".to_string(), Outbound::Block),
+    ])
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                reason: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        Config::from_json(&text)
+    }
+
+    pub fn from_json(text: &str) -> Result<Config, ConfigErrors> {
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                reason: format!("not valid JSON: {e}"),
+            }])
+        })?;
+        let mut reader = Reader::default();
+        let config = reader.config(&value);
+        if reader.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(reader.errors))
+        }
+    }
+
+    /// The effective number of event-loop threads.
+    pub fn workers(&self) -> usize {
+        match self.listen.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+/// Walks the JSON, filling defaults and collecting every error with its path.
+#[derive(Default)]
+struct Reader {
+    errors: Vec<ConfigError>,
+}
+
+impl Reader {
+    fn error(&mut self, path: &str, reason: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    /// The object at `path`, after reporting any key not in `known`.
+    fn object<'v>(
+        &mut self,
+        path: &str,
+        value: &'v Value,
+        known: &[&str],
+    ) -> Option<&'v Map<String, Value>> {
+        let Some(map) = value.as_object() else {
+            self.error(path, format!("expected an object, found {}", kind(value)));
+            return None;
+        };
+        for key in map.keys() {
+            if !known.contains(&key.as_str()) {
+                self.error(
+                    &join(path, key),
+                    format!("unknown key (expected one of: {})", known.join(", ")),
+                );
+            }
+        }
+        Some(map)
+    }
+
+    fn u64_in(&mut self, path: &str, value: &Value, min: u64, max: u64) -> Option<u64> {
+        match value.as_u64() {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            Some(n) => {
+                self.error(path, format!("{n} is out of range ({min}..={max})"));
+                None
+            }
+            None if value.is_number() => {
+                self.error(path, format!("{value} is out of range ({min}..={max})"));
+                None
+            }
+            None => {
+                self.error(path, format!("expected a number, found {}", kind(value)));
+                None
+            }
+        }
+    }
+
+    fn string<'v>(&mut self, path: &str, value: &'v Value) -> Option<&'v str> {
+        let s = value.as_str();
+        if s.is_none() {
+            self.error(path, format!("expected a string, found {}", kind(value)));
+        }
+        s
+    }
+
+    fn bool(&mut self, path: &str, value: &Value) -> Option<bool> {
+        let b = value.as_bool();
+        if b.is_none() {
+            self.error(
+                path,
+                format!("expected true or false, found {}", kind(value)),
+            );
+        }
+        b
+    }
+
+    /// Each element of an array, parsed by `item`, with `path[i]` paths.
+    fn array<T>(
+        &mut self,
+        path: &str,
+        value: &Value,
+        mut item: impl FnMut(&mut Self, &str, &Value) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let Some(items) = value.as_array() else {
+            self.error(path, format!("expected an array, found {}", kind(value)));
+            return None;
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, v) in items.iter().enumerate() {
+            if let Some(t) = item(self, &format!("{path}[{i}]"), v) {
+                out.push(t);
+            }
+        }
+        Some(out)
+    }
+
+    fn config(&mut self, value: &Value) -> Config {
+        let mut config = Config::default();
+        let Some(top) = self.object(
+            "",
+            value,
+            &[
+                "listen",
+                "interception",
+                "dns",
+                "outbounds",
+                "rules",
+                "default",
+                "audit",
+                "mode",
+                "limits",
+            ],
+        ) else {
+            return config;
+        };
+        if let Some(v) = top.get("listen") {
+            self.listen(v, &mut config.listen);
+        }
+        if let Some(v) = top.get("interception") {
+            self.interception(v, &mut config.interception);
+        }
+        if let Some(v) = top.get("dns") {
+            self.dns(v, &mut config.dns);
+        }
+        if let Some(v) = top.get("outbounds") {
+            self.outbounds(v, &mut config.outbounds, config.interception.mark);
+        }
+        if let Some(v) = top.get("audit") {
+            self.audit(v, &mut config.audit);
+        }
+        if let Some(v) = top.get("mode") {
+            match v.as_str() {
+                Some("enforce") => config.mode = Mode::Enforce,
+                Some("audit") => config.mode = Mode::Audit,
+                _ => self.error("mode", format!("{v} is not \"enforce\" or \"audit\"")),
+            }
+        }
+        if let Some(v) = top.get("limits") {
+            self.limits(v, &mut config.limits);
+        }
+        if let Some(v) = top.get("default") {
+            if let Some(name) = self.string("default", v) {
+                if !config.outbounds.contains_key(name) {
+                    self.error("default", format!("no outbound named {name:?}"));
+                }
+                config.default = name.to_string();
+            }
+        }
+        if let Some(v) = top.get("rules") {
+            let outbounds = &config.outbounds;
+            let cgroups = &config.interception.cgroups;
+            config.rules = self
+                .array("rules", v, |r, path, v| r.rule(path, v, outbounds, cgroups))
+                .unwrap_or_default();
+        }
+        config
+    }
+
+    fn listen(&mut self, value: &Value, listen: &mut Listen) {
+        let Some(map) = self.object("listen", value, &["port", "addresses", "workers"]) else {
+            return;
+        };
+        if let Some(v) = map.get("port") {
+            if let Some(p) = self.u64_in("listen.port", v, 1, 65535) {
+                listen.port = p as u16;
+            }
+        }
+        if let Some(v) = map.get("addresses") {
+            if let Some(addrs) = self.array("listen.addresses", v, |r, path, v| {
+                let s = r.string(path, v)?;
+                let ip = s.parse::<IpAddr>().ok();
+                if ip.is_none() {
+                    r.error(path, format!("{s:?} is not an IP address"));
+                }
+                ip
+            }) {
+                if addrs.is_empty() {
+                    self.error("listen.addresses", "at least one address is needed");
+                }
+                listen.addresses = addrs;
+            }
+        }
+        if let Some(v) = map.get("workers") {
+            if let Some(n) = self.u64_in("listen.workers", v, 0, 256) {
+                listen.workers = n as usize;
+            }
+        }
+    }
+
+    fn interception(&mut self, value: &Value, ic: &mut Interception) {
+        let Some(map) = self.object(
+            "interception",
+            value,
+            &[
+                "manage_kernel",
+                "cgroups",
+                "table",
+                "mark",
+                "route_table",
+                "rule_priority",
+                "bypass",
+            ],
+        ) else {
+            return;
+        };
+        if let Some(v) = map.get("manage_kernel") {
+            if let Some(b) = self.bool("interception.manage_kernel", v) {
+                ic.manage_kernel = b;
+            }
+        }
+        if let Some(v) = map.get("cgroups") {
+            ic.cgroups = self
+                .array("interception.cgroups", v, |r, path, v| {
+                    let s = r.string(path, v)?;
+                    match validate_cgroup_path(s) {
+                        Ok(()) => Some(s.trim_end_matches('/').to_string()),
+                        Err(e) => {
+                            r.error(path, e);
+                            None
+                        }
+                    }
+                })
+                .unwrap_or_default();
+        }
+        if let Some(v) = map.get("table") {
+            if let Some(s) = self.string("interception.table", v) {
+                let valid = !s.is_empty()
+                    && s.len() <= 64
+                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if valid {
+                    ic.table = s.to_string();
+                } else {
+                    self.error(
+                        "interception.table",
+                        format!("{s:?}: use 1 to 64 letters, digits or '_'"),
+                    );
+                }
+            }
+        }
+        for (key, slot) in [
+            ("mark", &mut ic.mark),
+            ("route_table", &mut ic.route_table),
+            ("rule_priority", &mut ic.rule_priority),
+        ] {
+            if let Some(v) = map.get(key) {
+                // 0 means "none" to the kernel for marks and is the unspec table.
+                if let Some(n) = self.u64_in(&join("interception", key), v, 1, u32::MAX.into()) {
+                    *slot = n as u32;
+                }
+            }
+        }
+        if [253, 254, 255].contains(&ic.route_table) {
+            self.error(
+                "interception.route_table",
+                format!(
+                    "{} is a system table (default, main, local)",
+                    ic.route_table
+                ),
+            );
+        }
+        if let Some(v) = map.get("bypass") {
+            ic.bypass = self
+                .array("interception.bypass", v, cidr)
+                .unwrap_or_default();
+        }
+    }
+
+    fn dns(&mut self, value: &Value, dns: &mut Dns) {
+        let Some(map) = self.object("dns", value, &["servers", "timeout_ms", "domain_dial"]) else {
+            return;
+        };
+        if let Some(v) = map.get("servers") {
+            dns.servers = self
+                .array("dns.servers", v, |r, path, v| {
+                    let s = r.string(path, v)?;
+                    let addr = parse_socket_addr(s, 53);
+                    if addr.is_none() {
+                        r.error(path, format!("{s:?} is not an IP address or IP:port"));
+                    }
+                    addr
+                })
+                .unwrap_or_default();
+        }
+        if let Some(v) = map.get("timeout_ms") {
+            if let Some(n) = self.u64_in("dns.timeout_ms", v, 100, 60_000) {
+                dns.timeout_ms = n;
+            }
+        }
+        if let Some(v) = map.get("domain_dial") {
+            match v.as_str() {
+                Some("resolve") => dns.domain_dial = DomainDial::Resolve,
+                Some("verify") => dns.domain_dial = DomainDial::Verify,
+                _ => self.error(
+                    "dns.domain_dial",
+                    format!("{v} is not \"resolve\" or \"verify\""),
+                ),
+            }
+        }
+    }
+
+    fn outbounds(
+        &mut self,
+        value: &Value,
+        outbounds: &mut BTreeMap<String, Outbound>,
+        interception_mark: u32,
+    ) {
+        let Some(map) = value.as_object() else {
+            self.error(
+                "outbounds",
+                format!("expected an object, found {}", kind(value)),
+            );
+            return;
+        };
+        for (name, v) in map {
+            let path = join("outbounds", name);
+            if name.is_empty() {
+                self.error(&path, "an outbound needs a non-empty name");
+                continue;
+            }
+            if let Some(o) = self.outbound(&path, v, interception_mark) {
+                outbounds.insert(name.clone(), o);
+            }
+        }
+    }
+
+    fn outbound(&mut self, path: &str, value: &Value, interception_mark: u32) -> Option<Outbound> {
+        let kind_path = join(path, "type");
+        let ty = match value.get("type") {
+            Some(v) => self.string(&kind_path, v)?,
+            None => {
+                self.error(&kind_path, "missing (one of: direct, block, socks5, http)");
+                return None;
+            }
+        };
+        match ty {
+            "direct" => {
+                let map = self.object(path, value, &["type", "interface", "mark"])?;
+                let interface = map.get("interface").and_then(|v| {
+                    let p = join(path, "interface");
+                    let s = self.string(&p, v)?;
+                    // IFNAMSIZ is 16 with the terminating NUL.
+                    if s.is_empty() || s.len() > 15 || s.contains('/') {
+                        self.error(&p, format!("{s:?} is not an interface name"));
+                        return None;
+                    }
+                    Some(s.to_string())
+                });
+                let mark = map.get("mark").and_then(|v| {
+                    let p = join(path, "mark");
+                    let m = self.u64_in(&p, v, 1, u32::MAX.into())? as u32;
+                    if m == interception_mark {
+                        self.error(
+                            &p,
+                            format!("{m} is the interception mark: the proxy's own traffic would loop back into it"),
+                        );
+                        return None;
+                    }
+                    Some(m)
+                });
+                Some(Outbound::Direct { interface, mark })
+            }
+            "block" => {
+                self.object(path, value, &["type"])?;
+                Some(Outbound::Block)
+            }
+            "socks5" | "http" => {
+                let map = self.object(path, value, &["type", "server", "username", "password"])?;
+                let server = match map.get("server") {
+                    Some(v) => {
+                        let p = join(path, "server");
+                        let s = self.string(&p, v)?;
+                        let addr = s.parse::<SocketAddr>().ok();
+                        if addr.is_none() {
+                            self.error(
+                                &p,
+                                format!("{s:?} is not IP:port (host names are not resolved here)"),
+                            );
+                        }
+                        addr
+                    }
+                    None => {
+                        self.error(
+                            &join(path, "server"),
+                            "missing (IP:port of the upstream proxy)",
+                        );
+                        None
+                    }
+                };
+                let username = map
+                    .get("username")
+                    .and_then(|v| self.string(&join(path, "username"), v));
+                let password = map
+                    .get("password")
+                    .and_then(|v| self.string(&join(path, "password"), v));
+                let auth = match (username, password) {
+                    (Some(u), Some(p)) => {
+                        // RFC 1929 carries each in one length byte.
+                        if ty == "socks5" && (u.is_empty() || u.len() > 255 || p.len() > 255) {
+                            self.error(path, "socks5 username and password must be 1 to 255 bytes");
+                        }
+                        Some(Credentials {
+                            username: u.to_string(),
+                            password: p.to_string(),
+                        })
+                    }
+                    (None, None) => None,
+                    _ => {
+                        self.error(path, "username and password go together");
+                        None
+                    }
+                };
+                let server = server?;
+                Some(if ty == "socks5" {
+                    Outbound::Socks5 { server, auth }
+                } else {
+                    Outbound::Http { server, auth }
+                })
+            }
+            other => {
+                self.error(
+                    &kind_path,
+                    format!("{other:?} is not one of: direct, block, socks5, http"),
+                );
+                None
+            }
+        }
+    }
+
+    fn rule(
+        &mut self,
+        path: &str,
+        value: &Value,
+        outbounds: &BTreeMap<String, Outbound>,
+        cgroups: &[String],
+    ) -> Option<Rule> {
+        let map = self.object(
+            path,
+            value,
+            &["name", "domains", "ips", "ports", "agents", "outbound"],
+        )?;
+        let name = match map.get("name") {
+            Some(v) => self.string(&join(path, "name"), v)?.to_string(),
+            None => path.to_string(),
+        };
+        let domains = map
+            .get("domains")
+            .and_then(|v| {
+                self.array(&join(path, "domains"), v, |r, p, v| {
+                    let s = r.string(p, v)?;
+                    DomainPattern::parse(s).map_err(|e| r.error(p, e)).ok()
+                })
+            })
+            .unwrap_or_default();
+        let ips = map
+            .get("ips")
+            .and_then(|v| self.array(&join(path, "ips"), v, cidr))
+            .unwrap_or_default();
+        let ports = map
+            .get("ports")
+            .and_then(|v| self.array(&join(path, "ports"), v, port_range))
+            .unwrap_or_default();
+        let agents = map
+            .get("agents")
+            .and_then(|v| {
+                self.array(&join(path, "agents"), v, |r, p, v| {
+                    let s = r.string(p, v)?.trim_end_matches('/');
+                    if !cgroups.iter().any(|c| c == s) {
+                        r.error(p, format!("{s:?} is not one of interception.cgroups"));
+                        return None;
+                    }
+                    Some(s.to_string())
+                })
+            })
+            .unwrap_or_default();
+        let outbound_path = join(path, "outbound");
+        let outbound = match map.get("outbound") {
+            Some(v) => {
+                let o = self.string(&outbound_path, v)?;
+                if !outbounds.contains_key(o) {
+                    self.error(&outbound_path, format!("no outbound named {o:?}"));
+                }
+                o.to_string()
+            }
+            None => {
+                self.error(&outbound_path, "missing (the name of an outbound)");
+                return None;
+            }
+        };
+        for field in ["domains", "ips", "ports", "agents"] {
+            if map
+                .get(field)
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty)
+            {
+                self.error(
+                    &join(path, field),
+                    "an empty list matches nothing; leave the field out to match any",
+                );
+            }
+        }
+        Some(Rule {
+            name,
+            domains,
+            ips,
+            ports,
+            agents,
+            outbound,
+        })
+    }
+
+    fn audit(&mut self, value: &Value, audit: &mut Audit) {
+        let Some(map) = self.object("audit", value, &["path", "start_events", "queue"]) else {
+            return;
+        };
+        if let Some(v) = map.get("path") {
+            if let Some(s) = self.string("audit.path", v) {
+                match s {
+                    "-" => audit.path = None,
+                    "" => self.error("audit.path", "empty: use \"-\" for standard output"),
+                    s if !s.starts_with('/') => self.error(
+                        "audit.path",
+                        format!("{s:?} is relative: give an absolute path, or \"-\""),
+                    ),
+                    s => audit.path = Some(PathBuf::from(s)),
+                }
+            }
+        }
+        if let Some(v) = map.get("start_events") {
+            if let Some(b) = self.bool("audit.start_events", v) {
+                audit.start_events = b;
+            }
+        }
+        if let Some(v) = map.get("queue") {
+            if let Some(n) = self.u64_in("audit.queue", v, 16, 1 << 24) {
+                audit.queue = n as usize;
+            }
+        }
+    }
+
+    fn limits(&mut self, value: &Value, limits: &mut Limits) {
+        let Some(map) = self.object(
+            "limits",
+            value,
+            &[
+                "connections",
+                "sniff_bytes",
+                "sniff_timeout_ms",
+                "idle_timeout_s",
+                "connect_timeout_ms",
+            ],
+        ) else {
+            return;
+        };
+        let fields: [(&str, u64, u64, &mut u64); 3] = [
+            ("sniff_timeout_ms", 10, 60_000, &mut limits.sniff_timeout_ms),
+            (
+                "idle_timeout_s",
+                1,
+                7 * 24 * 3600,
+                &mut limits.idle_timeout_s,
+            ),
+            (
+                "connect_timeout_ms",
+                10,
+                120_000,
+                &mut limits.connect_timeout_ms,
+            ),
+        ];
+        for (key, min, max, slot) in fields {
+            if let Some(v) = map.get(key) {
+                if let Some(n) = self.u64_in(&join("limits", key), v, min, max) {
+                    *slot = n;
+                }
+            }
+        }
+        if let Some(v) = map.get("connections") {
+            if let Some(n) = self.u64_in("limits.connections", v, 1, 1_000_000) {
+                limits.connections = n as usize;
+            }
+        }
+        if let Some(v) = map.get("sniff_bytes") {
+            // A TLS ClientHello with post-quantum key shares needs ~2 KB.
+            if let Some(n) = self.u64_in("limits.sniff_bytes", v, 2048, 65536) {
+                limits.sniff_bytes = n as usize;
+            }
+        }
+    }
+}
+
+fn cidr(r: &mut Reader, path: &str, v: &Value) -> Option<Cidr> {
+    let s = r.string(path, v)?;
+    let c = Cidr::parse(s);
+    if c.is_none() {
+        r.error(path, format!("{s:?} is not a CIDR"));
+    }
+    c
+}
+
+fn port_range(r: &mut Reader, path: &str, v: &Value) -> Option<PortRange> {
+    let parsed = match v {
+        Value::Number(_) => v
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .map(|p| (p, p)),
+        Value::String(s) => s.split_once('-').and_then(|(a, b)| {
+            Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+        }),
+        _ => None,
+    };
+    match parsed {
+        Some((first, last)) if first >= 1 && first <= last => Some(PortRange { first, last }),
+        _ => {
+            r.error(
+                path,
+                format!("{v} is not a port (1-65535) or a range \"first-last\""),
+            );
+            None
+        }
+    }
+}
+
+/// `1.2.3.4`, `1.2.3.4:53`, `::1`, `[::1]:53`.
+fn parse_socket_addr(s: &str, default_port: u16) -> Option<SocketAddr> {
+    s.parse::<SocketAddr>().ok().or_else(|| {
+        s.parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, default_port))
+    })
+}
+
+/// Cgroup paths are relative to the cgroup2 mount and may not climb out of it.
+pub fn validate_cgroup_path(s: &str) -> Result<(), String> {
+    let trimmed = s.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err("empty: name a cgroup below the cgroup2 root, e.g. \"agents.slice\"".into());
+    }
+    if trimmed.starts_with('/') {
+        return Err(format!(
+            "{s:?} is absolute: give it relative to the cgroup2 mount, e.g. \"agents.slice\""
+        ));
+    }
+    if trimmed
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!("{s:?} has an empty, '.' or '..' component"));
+    }
+    Ok(())
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(json: &str) -> Vec<String> {
+        match Config::from_json(json) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn empty_object_is_the_default_policy() {
+        let c = Config::from_json("{}").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.default, "block");
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::from_json(FULL_EXAMPLE).unwrap();
+        assert_eq!(c.listen.port, 15001);
+        assert_eq!(c.interception.cgroups, vec!["agents.slice"]);
+        assert_eq!(c.rules.len(), 3);
+        assert_eq!(c.rules[0].name, "registries");
+        assert_eq!(c.rules[2].name, "rules[2]");
+        assert_eq!(
+            c.rules[0].domains,
+            vec![
+                DomainPattern::NameAndSubdomains("crates.io".into()),
+                DomainPattern::Exact("github.com".into()),
+                DomainPattern::SubdomainsOnly("githubusercontent.com".into()),
+            ]
+        );
+        assert_eq!(
+            c.rules[1].ports,
+            vec![
+                PortRange {
+                    first: 443,
+                    last: 443
+                },
+                PortRange {
+                    first: 8000,
+                    last: 8100
+                }
+            ]
+        );
+        assert!(matches!(
+            c.outbounds["tor"],
+            Outbound::Socks5 { auth: None, .. }
+        ));
+        assert!(matches!(
+            c.outbounds["corp"],
+            Outbound::Http { auth: Some(_), .. }
+        ));
+        assert_eq!(c.dns.domain_dial, DomainDial::Verify);
+        assert_eq!(c.mode, Mode::Enforce);
+        assert_eq!(
+            c.audit.path.as_deref(),
+            Some(Path::new("/var/log/agent-egress/audit.jsonl"))
+        );
+    }
+
+    #[test]
+    fn errors_name_their_json_paths_all_at_once() {
+        let e = errors(
+            r#"{
+              "listen": {"port": 70000},
+              "outbounds": {"x": {"type": "ftp"}},
+              "rules": [
+                {"ips": ["10.0.0.300/8"], "outbound": "direct"},
+                {"domains": ["a.com"], "outbound": "direct"},
+                {"domains": ["b.com"], "outbound": "nowhere"}
+              ],
+              "bogus": 1
+            }"#,
+        );
+        assert_eq!(
+            e,
+            vec![
+                "bogus: unknown key (expected one of: listen, interception, dns, outbounds, rules, default, audit, mode, limits)",
+                "listen.port: 70000 is out of range (1..=65535)",
+                "outbounds.x.type: \"ftp\" is not one of: direct, block, socks5, http",
+                "rules[0].ips[0]: \"10.0.0.300/8\" is not a CIDR",
+                "rules[2].outbound: no outbound named \"nowhere\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_reasons() {
+        let cases = [
+            (
+                r#"{"default": "nope"}"#,
+                "default: no outbound named \"nope\"",
+            ),
+            (
+                r#"{"mode": "yolo"}"#,
+                "mode: \"yolo\" is not \"enforce\" or \"audit\"",
+            ),
+            (
+                r#"{"rules": [{"domains": ["*.*.x.com"], "outbound": "direct"}]}"#,
+                "rules[0].domains[0]",
+            ),
+            (
+                r#"{"rules": [{"domains": ["1.2.3.4"], "outbound": "direct"}]}"#,
+                "put it in \"ips\"",
+            ),
+            (
+                r#"{"rules": [{"ports": ["9-1"], "outbound": "direct"}]}"#,
+                "rules[0].ports[0]",
+            ),
+            (
+                r#"{"rules": [{"ports": [0], "outbound": "direct"}]}"#,
+                "rules[0].ports[0]",
+            ),
+            (
+                r#"{"rules": [{"agents": ["x.slice"], "outbound": "direct"}]}"#,
+                "rules[0].agents[0]: \"x.slice\" is not one of interception.cgroups",
+            ),
+            (
+                r#"{"rules": [{"domains": [], "outbound": "direct"}]}"#,
+                "rules[0].domains: an empty list matches nothing",
+            ),
+            (
+                r#"{"rules": [{"domains": ["a.com"]}]}"#,
+                "rules[0].outbound: missing",
+            ),
+            (
+                r#"{"interception": {"cgroups": ["../etc"]}}"#,
+                "interception.cgroups[0]",
+            ),
+            (
+                r#"{"interception": {"cgroups": ["/agents.slice"]}}"#,
+                "is absolute",
+            ),
+            (r#"{"interception": {"route_table": 254}}"#, "system table"),
+            (
+                r#"{"interception": {"mark": 0}}"#,
+                "interception.mark: 0 is out of range",
+            ),
+            (
+                r#"{"outbounds": {"s": {"type": "socks5", "server": "proxy.example:1080"}}}"#,
+                "outbounds.s.server",
+            ),
+            (
+                r#"{"outbounds": {"s": {"type": "socks5", "server": "127.0.0.1:1080", "username": "u"}}}"#,
+                "go together",
+            ),
+            (
+                r#"{"outbounds": {"d": {"type": "direct", "mark": 2785}}}"#,
+                "interception mark",
+            ),
+            (
+                r#"{"outbounds": {"d": {"type": "direct", "interface": "a-very-long-interface-name"}}}"#,
+                "outbounds.d.interface",
+            ),
+            (
+                r#"{"audit": {"path": "audit.log"}}"#,
+                "audit.path: \"audit.log\" is relative",
+            ),
+            (r#"{"dns": {"servers": ["resolver"]}}"#, "dns.servers[0]"),
+            (
+                r#"{"limits": {"sniff_bytes": 100}}"#,
+                "limits.sniff_bytes: 100 is out of range",
+            ),
+            (
+                r#"{"listen": {"addresses": []}}"#,
+                "listen.addresses: at least one",
+            ),
+            (
+                r#"{"listen": "x"}"#,
+                "listen: expected an object, found a string",
+            ),
+            (r#"[1]"#, "expected an object, found an array"),
+            (r#"{"#, "not valid JSON"),
+        ];
+        for (json, want) in cases {
+            let e = errors(json);
+            assert!(
+                e.iter().any(|m| m.contains(want)),
+                "{json}: expected an error containing {want:?}, got {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cidr_contains() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains("10.1.255.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let c = Cidr::parse("2001:db8::/33").unwrap();
+        assert!(c.contains("2001:db8:7fff::1".parse().unwrap()));
+        assert!(!c.contains("2001:db8:8000::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("1.2.3.4".parse().unwrap()));
+        assert_eq!(Cidr::parse("1.2.3.4").unwrap().prefix, 32);
+        assert!(Cidr::parse("1.2.3.4/33").is_none());
+    }
+
+    pub const FULL_EXAMPLE: &str = r#"{
+      "listen": {"port": 15001, "addresses": ["127.0.0.1", "::1"], "workers": 0},
+      "interception": {
+        "manage_kernel": true,
+        "cgroups": ["agents.slice"],
+        "table": "agent_egress",
+        "mark": 2785,
+        "route_table": 2785,
+        "bypass": ["192.168.1.0/24"]
+      },
+      "dns": {"servers": ["127.0.0.53", "[::1]:53"], "timeout_ms": 2000, "domain_dial": "verify"},
+      "outbounds": {
+        "tor": {"type": "socks5", "server": "127.0.0.1:9050"},
+        "corp": {"type": "http", "server": "[::1]:3128", "username": "agent", "password": "s3cret"},
+        "wan2": {"type": "direct", "interface": "wg0", "mark": 100}
+      },
+      "rules": [
+        {"name": "registries", "domains": ["crates.io", "=github.com", "*.githubusercontent.com"], "outbound": "direct"},
+        {"name": "intranet", "ips": ["10.0.0.0/8", "fd00::/8"], "ports": [443, "8000-8100"], "outbound": "corp"},
+        {"domains": ["onion.example"], "agents": ["agents.slice"], "outbound": "tor"}
+      ],
+      "default": "block",
+      "audit": {"path": "/var/log/agent-egress/audit.jsonl", "start_events": false, "queue": 65536},
+      "mode": "enforce",
+      "limits": {"connections": 8192, "sniff_bytes": 16384, "sniff_timeout_ms": 3000, "idle_timeout_s": 300, "connect_timeout_ms": 5000}
+    }"#;
+}
