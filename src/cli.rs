@@ -1,4 +1,200 @@
-//! Command-line interface.
+//! Command-line interface: one binary, a subcommand per job.
+
+use crate::config::Config;
+use crate::daemon;
+use crate::exec;
+use crate::policy::Query;
+use crate::proxy::Runtime;
+use clap::{Args, Parser, Subcommand};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "agent-egress",
+    version,
+    about = "Egress control for AI agents: capture an agent's connections, route them per domain, audit each one",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: install the kernel capture and serve the proxy.
+    Run(RunArgs),
+    /// Validate a config: exit 0, or print every error (with its JSON path) and exit 1.
+    Check(ConfigArg),
+    /// Say which rule and outbound a connection to HOST[:PORT] would get, and why.
+    Explain(ExplainArgs),
+    /// Run one command under control, with everything set up and torn down around it.
+    Exec(exec::ExecArgs),
+    /// Remove the kernel state a daemon left behind (its lockdown).
+    Down(ConfigArg),
+    /// Show what is installed: table, agents set, rules, counters, listener.
+    Status(StatusArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The JSON config file.
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The JSON config file.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// On a graceful stop, remove the kernel state instead of leaving the
+    /// agents locked out.
+    #[arg(long)]
+    pub cleanup_on_exit: bool,
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// The JSON config file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// HOST or HOST:PORT (port 443 if omitted); HOST may be a name or an IP.
+    target: String,
+    /// The original destination IP, when HOST is a name (default: none known,
+    /// so only domain, port and agent rules can match).
+    #[arg(long)]
+    ip: Option<IpAddr>,
+    /// The agent (configured cgroup path) the connection comes from.
+    #[arg(long)]
+    agent: Option<String>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The JSON config file (for the table name and port).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
 pub fn main() -> i32 {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => daemon::run(&args),
+        Command::Check(args) => check(&args.config),
+        Command::Explain(args) => explain(&args),
+        Command::Exec(args) => exec::exec(args),
+        Command::Down(args) => match load(&args.config) {
+            Some(config) => daemon::down(&config),
+            None => 1,
+        },
+        Command::Status(args) => {
+            let config = match &args.config {
+                Some(path) => match load(path) {
+                    Some(c) => c,
+                    None => return 1,
+                },
+                None => Config::default(),
+            };
+            daemon::status(&config, args.json)
+        }
+        Command::Version => {
+            println!("agent-egress {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+    }
+}
+
+/// Load and validate, printing every error; None if it is not usable.
+pub fn load(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            eprintln!("{}: {} error(s):", path.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            None
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> i32 {
+    match load(path) {
+        Some(_) => {
+            println!("{}: ok", path.display());
+            0
+        }
+        None => 1,
+    }
+}
+
+fn explain(args: &ExplainArgs) -> i32 {
+    let Some(config) = load(&args.config) else {
+        return 1;
+    };
+    let (host, port) = match split_host_port(&args.target) {
+        Ok(hp) => hp,
+        Err(e) => {
+            eprintln!("{}: {e}", args.target);
+            return 2;
+        }
+    };
+    let (name, ip) = match host.parse::<IpAddr>() {
+        Ok(ip) => (None, ip),
+        Err(_) => match crate::names::normalize_host(&host) {
+            Ok(n) => (Some(n), args.ip.unwrap_or(IpAddr::from([0, 0, 0, 0]))),
+            Err(e) => {
+                eprintln!("{host}: {e}");
+                return 2;
+            }
+        },
+    };
+    let runtime = Runtime::new(config);
+    let query = Query {
+        host: name.as_deref(),
+        ip,
+        port,
+        agent: args.agent.as_deref(),
+    };
+    println!("{}", runtime.policy.explain(&query));
     0
+}
+
+/// `host`, `host:port`, `1.2.3.4:80`, `[::1]:443`, `::1`.
+fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return Ok((s.to_string(), 443));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) => p
+            .parse::<u16>()
+            .map(|p| (h.to_string(), p))
+            .map_err(|_| format!("{p:?} is not a port")),
+        None => Ok((s.to_string(), 443)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_host_port;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("a.com").unwrap(), ("a.com".into(), 443));
+        assert_eq!(split_host_port("a.com:80").unwrap(), ("a.com".into(), 80));
+        assert_eq!(split_host_port("[::1]:8080").unwrap(), ("::1".into(), 8080));
+        assert_eq!(split_host_port("::1").unwrap(), ("::1".into(), 443));
+        assert!(split_host_port("a.com:http").is_err());
+    }
 }

@@ -1,0 +1,264 @@
+//! `agent-egress exec -- CMD`: one command under control on any distro.
+//!
+//! A fresh cgroup, kernel state under names no daemon or other `exec` uses,
+//! the proxy in this process, CMD started inside the cgroup, and everything
+//! torn down when CMD ends (or is killed, or we are interrupted).
+
+use crate::audit::{AuditLog, Sink};
+use crate::capture::Capture;
+use crate::cgroup;
+use crate::config::{Config, DomainPattern, Rule};
+use crate::presets;
+use crate::proxy::{Proxy, Runtime};
+use clap::Args;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// A JSON config whose rules, outbounds and limits apply (its table,
+    /// marks, port and cgroups are replaced by this run's own).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Allow this domain pattern (repeatable): `example.com`, `=example.com`, `*.example.com`.
+    #[arg(long = "allow", value_name = "DOMAIN")]
+    allow: Vec<String>,
+    /// Allow a preset's domains (repeatable); `--preset list` names them.
+    #[arg(long = "preset", value_name = "NAME")]
+    presets: Vec<String>,
+    /// Write audit records (JSON lines) to this file instead of standard error.
+    #[arg(long)]
+    audit: Option<PathBuf>,
+    /// Record what the policy would do but let everything through.
+    #[arg(long)]
+    audit_only: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// Exit code when we fail before CMD runs (like `env` and `timeout`).
+const SETUP_FAILED: i32 = 125;
+
+pub fn exec(args: ExecArgs) -> i32 {
+    if args.presets.iter().any(|p| p == "list") {
+        for (name, preset) in presets::all() {
+            println!("{name:20} {}", preset.description);
+        }
+        return 0;
+    }
+    let config = match exec_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agent-egress exec: {e}");
+            return SETUP_FAILED;
+        }
+    };
+    match run(&args, config) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agent-egress exec: {e}");
+            SETUP_FAILED
+        }
+    }
+}
+
+/// The policy: the given config (or block-all), plus --allow and --preset.
+fn exec_config(args: &ExecArgs) -> Result<Config, String> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| format!("{}:\n{e}", path.display()))?,
+        None => Config::default(),
+    };
+    let mut domains = Vec::new();
+    for (i, d) in args.allow.iter().enumerate() {
+        domains.push(DomainPattern::parse(d).map_err(|e| format!("--allow[{i}]: {e}"))?);
+    }
+    for name in &args.presets {
+        let preset = presets::get(name).ok_or_else(|| {
+            format!("no preset named {name:?} (`--preset list` names them)")
+        })?;
+        for d in &preset.domains {
+            domains.push(DomainPattern::parse(d).map_err(|e| format!("preset {name}: {e}"))?);
+        }
+    }
+    if !domains.is_empty() {
+        // Ahead of the config's own rules: the command line is the user's latest word.
+        config.rules.insert(
+            0,
+            Rule {
+                name: "--allow".into(),
+                domains,
+                ips: Vec::new(),
+                ports: Vec::new(),
+                agents: Vec::new(),
+                outbound: "direct".into(),
+            },
+        );
+        if !config.outbounds.contains_key("direct") {
+            return Err("the config redefines away the \"direct\" outbound that --allow uses".into());
+        }
+    }
+    if config.dns.servers.is_empty() {
+        config.dns.servers = system_resolvers();
+    }
+    if args.audit_only {
+        config.mode = crate::config::Mode::Audit;
+    }
+    // This run's own names: nothing a daemon or another exec uses.
+    let id = std::process::id();
+    let ic = &mut config.interception;
+    ic.manage_kernel = true;
+    ic.table = format!("agent_egress_exec_{id}");
+    ic.mark = 0x0ae1_0000 | (id & 0xffff);
+    ic.route_table = 0x0ae1_0000 | (id & 0xffff);
+    ic.rule_priority = 2786;
+    ic.cgroups = vec![format!("agent-egress-exec-{id}")];
+    config.listen.workers = 1;
+    config.audit.path = args.audit.clone();
+    Ok(config)
+}
+
+/// The nameservers of /etc/resolv.conf: the agent resolves through them, so
+/// they are what it may reach and what we resolve with.
+fn system_resolvers() -> Vec<SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+fn run(args: &ExecArgs, mut config: Config) -> Result<i32, String> {
+    // Taken before any thread starts, so the helper threads never get them.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
+        .map_err(|e| format!("cannot handle signals: {e}"))?;
+    let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
+    let cgroup_path = config.interception.cgroups[0].clone();
+    let sink = match &config.audit.path {
+        Some(p) => Sink::File(p.clone()),
+        None => Sink::Stderr,
+    };
+    let (audit, audit_thread) = AuditLog::start(sink, config.audit.queue, config.audit.start_events)
+        .map_err(|e| format!("audit: {e}"))?;
+    let proxy = start_proxy_on_free_port(&mut config, audit.clone())?;
+    let runtime = proxy.shared().runtime();
+    proxy.shared().enable_summary();
+    let teardown = Teardown {
+        root: root.clone(),
+        cgroup: cgroup_path.clone(),
+    };
+    cgroup::create(&root, &cgroup_path).map_err(|e| e.to_string())?;
+    let capture = match Capture::start(&runtime.config, proxy.shared().clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            teardown.remove_cgroup();
+            return Err(e);
+        }
+    };
+    let mut command = Command::new(&args.command[0]);
+    command.args(&args.command[1..]);
+    let child = cgroup::command_in_cgroup(&mut command, &root, &cgroup_path)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            command
+                .spawn()
+                .map_err(|e| format!("cannot run {:?}: {e}", args.command[0]))
+        });
+    let code = match child {
+        Ok(mut child) => wait_for(&mut child, &mut signals, &teardown),
+        Err(e) => {
+            eprintln!("agent-egress exec: {e}");
+            SETUP_FAILED
+        }
+    };
+    // The command is gone: so is every process it left in its cgroup.
+    teardown.remove_cgroup();
+    capture.remove();
+    let summary = proxy.shared().summary();
+    proxy.stop();
+    audit_thread.stop();
+    eprint!("{}", summary.render());
+    Ok(code)
+}
+
+/// The proxy on a port nobody uses; the port goes into the config the
+/// kernel rules are made from.
+fn start_proxy_on_free_port(config: &mut Config, audit: AuditLog) -> Result<Proxy, String> {
+    let mut last = String::new();
+    for _ in 0..8 {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| format!("cannot find a free port: {e}"))?;
+        config.listen.port = probe
+            .local_addr()
+            .map_err(|e| format!("cannot find a free port: {e}"))?
+            .port();
+        drop(probe);
+        match Proxy::start(Runtime::new(config.clone()), audit.clone()) {
+            Ok(p) => return Ok(p),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(format!("cannot start the proxy: {last}"))
+}
+
+/// Wait for CMD; on a signal, pass it on (Ctrl-C reaches CMD from the
+/// terminal anyway), and on a second one kill the cgroup.
+fn wait_for(child: &mut std::process::Child, signals: &mut Signals, teardown: &Teardown) -> i32 {
+    let mut interrupted = 0;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return exit_code(status),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("agent-egress exec: waiting for the command: {e}");
+                teardown.kill_all();
+                return SETUP_FAILED;
+            }
+        }
+        for signal in signals.pending() {
+            interrupted += 1;
+            if interrupted > 1 || signal == SIGQUIT {
+                teardown.kill_all();
+            } else {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(child.id() as i32, signal) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+struct Teardown {
+    root: PathBuf,
+    cgroup: String,
+}
+
+impl Teardown {
+    fn kill_all(&self) {
+        if let Err(e) = cgroup::kill(&self.root, &self.cgroup) {
+            eprintln!("agent-egress exec: {e}");
+        }
+    }
+
+    fn remove_cgroup(&self) {
+        if let Err(e) = cgroup::remove(&self.root, &self.cgroup) {
+            eprintln!(
+                "agent-egress exec: cannot remove cgroup {}: {e}",
+                Path::new(&self.cgroup).display()
+            );
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! Moving bytes one way between two non-blocking sockets.
+//!
+//! splice(2) through a pipe keeps the payload in the kernel; when no pipe can be
+//! had (fd exhaustion) a small user-space buffer does the same job. Both are
+//! driven edge-triggered: every call drains until the kernel says EAGAIN, so the
+//! next readiness edge is guaranteed to come.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Largest chunk moved per syscall; also the fallback buffer's size.
+const CHUNK: usize = 64 * 1024;
+const FALLBACK_BUFFER: usize = 16 * 1024;
+
+/// What a flow waits for after a pump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pump {
+    /// Drained the source: wait for it to be readable.
+    WaitRead,
+    /// The destination is full: wait for it to be writable.
+    WaitWrite,
+    /// The source ended and its end was passed on (shutdown of the destination's write side).
+    Finished,
+    /// The per-event byte budget ran out with work left: call again soon.
+    Budget,
+}
+
+enum Channel {
+    /// Not needed yet: nothing has flowed (idle connections hold no pipe).
+    Unset,
+    Pipe { read: OwnedFd, write: OwnedFd, held: usize },
+    Buffer { buf: Box<[u8]>, start: usize, end: usize },
+}
+
+/// One direction of a relayed connection.
+pub struct Flow {
+    /// Bytes to deliver before anything read from the source: the client's
+    /// sniffed bytes, or what an upstream proxy sent after its handshake.
+    prefix: Vec<u8>,
+    prefix_sent: usize,
+    channel: Channel,
+    source_ended: bool,
+    finished: bool,
+    /// Payload bytes delivered to the destination.
+    pub delivered: u64,
+}
+
+impl Flow {
+    pub fn new(prefix: Vec<u8>) -> Flow {
+        Flow {
+            prefix,
+            prefix_sent: 0,
+            channel: Channel::Unset,
+            source_ended: false,
+            finished: false,
+            delivered: 0,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// True when no byte is held between the two sockets.
+    pub fn is_empty(&self) -> bool {
+        self.prefix_sent == self.prefix.len()
+            && match &self.channel {
+                Channel::Unset => true,
+                Channel::Pipe { held, .. } => *held == 0,
+                Channel::Buffer { start, end, .. } => start == end,
+            }
+    }
+
+    /// Give back the pipe or buffer of an idle flow; made again on next use.
+    pub fn release_idle(&mut self) {
+        if self.is_empty() {
+            self.channel = Channel::Unset;
+        }
+    }
+
+    /// Move bytes from `src` to `dst` until one of them would block, the
+    /// source ends, or `budget` bytes have moved.
+    pub fn pump(&mut self, src: RawFd, dst: RawFd, budget: &mut usize) -> io::Result<Pump> {
+        if self.finished {
+            return Ok(Pump::Finished);
+        }
+        while self.prefix_sent < self.prefix.len() {
+            match write_fd(dst, &self.prefix[self.prefix_sent..]) {
+                Ok(n) => {
+                    self.prefix_sent += n;
+                    self.delivered += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pump::WaitWrite),
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.prefix.is_empty() {
+            self.prefix = Vec::new();
+            self.prefix_sent = 0;
+        }
+        loop {
+            if self.flush(dst)? {
+                return Ok(Pump::WaitWrite);
+            }
+            if self.source_ended {
+                shutdown_write(dst)?;
+                self.finished = true;
+                self.channel = Channel::Unset;
+                return Ok(Pump::Finished);
+            }
+            if *budget == 0 {
+                return Ok(Pump::Budget);
+            }
+            if matches!(self.channel, Channel::Unset) {
+                self.channel = make_channel();
+            }
+            let want = CHUNK.min(*budget);
+            let got = match &mut self.channel {
+                Channel::Pipe { write, held, .. } => {
+                    let r = splice(src, write.as_raw_fd(), want);
+                    if let Ok(n) = r {
+                        *held += n;
+                    }
+                    r
+                }
+                Channel::Buffer { buf, start, end } => {
+                    *start = 0;
+                    let r = read_fd(src, &mut buf[..want.min(buf.len())]);
+                    *end = *r.as_ref().unwrap_or(&0);
+                    r
+                }
+                Channel::Unset => Err(io::Error::other("relay channel missing")),
+            };
+            match got {
+                Ok(0) => self.source_ended = true,
+                Ok(n) => *budget = budget.saturating_sub(n),
+                // The channel was empty, so EAGAIN means the source is drained.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pump::WaitRead),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Write out what the channel holds; true if the destination blocked first.
+    fn flush(&mut self, dst: RawFd) -> io::Result<bool> {
+        loop {
+            let sent = match &mut self.channel {
+                Channel::Unset => return Ok(false),
+                Channel::Pipe { read, held, .. } => {
+                    if *held == 0 {
+                        return Ok(false);
+                    }
+                    let r = splice(read.as_raw_fd(), dst, *held);
+                    if let Ok(n) = r {
+                        *held -= n;
+                    }
+                    r
+                }
+                Channel::Buffer { buf, start, end } => {
+                    if start == end {
+                        return Ok(false);
+                    }
+                    let r = write_fd(dst, &buf[*start..*end]);
+                    if let Ok(n) = r {
+                        *start += n;
+                    }
+                    r
+                }
+            };
+            match sent {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "destination accepted no bytes",
+                    ))
+                }
+                Ok(n) => self.delivered += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A pipe if the process has fds to spare, else a small buffer.
+fn make_channel() -> Channel {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if rc == 0 {
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Channel::Pipe {
+            read,
+            write,
+            held: 0,
+        }
+    } else {
+        Channel::Buffer {
+            buf: vec![0; FALLBACK_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    loop {
+        // SAFETY: plain fds, null offsets (sockets and pipes have none).
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is valid for buf.len() bytes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+pub fn write_fd(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is valid for buf.len() bytes. MSG_NOSIGNAL: a closed peer
+        // is an EPIPE error here, not a SIGPIPE that kills the daemon.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd we hold.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    // The peer may be gone already; its end is then no longer ours to signal.
+    if e.raw_os_error() == Some(libc::ENOTCONN) {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    /// client -> [src ... dst] -> server, with the flow in between.
+    fn relay_all(prefix: &[u8], payload: &[u8], force_buffer: bool) -> Vec<u8> {
+        let (mut client, src) = pair();
+        let (dst, mut server) = pair();
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        let mut flow = Flow::new(prefix.to_vec());
+        if force_buffer {
+            flow.channel = Channel::Buffer {
+                buf: vec![0; FALLBACK_BUFFER].into_boxed_slice(),
+                start: 0,
+                end: 0,
+            };
+        }
+        let payload_owned = payload.to_vec();
+        let writer = std::thread::spawn(move || {
+            client.write_all(&payload_owned).unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            client
+        });
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            server.read_to_end(&mut out).unwrap();
+            out
+        });
+        loop {
+            let mut budget = 1 << 20;
+            match flow.pump(src.as_raw_fd(), dst.as_raw_fd(), &mut budget).unwrap() {
+                Pump::Finished => break,
+                _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+        let _client = writer.join().unwrap();
+        let out = reader.join().unwrap();
+        assert_eq!(flow.delivered as usize, out.len());
+        assert!(flow.is_finished());
+        out
+    }
+
+    #[test]
+    fn splices_prefix_then_stream_then_end() {
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let out = relay_all(b"HELLO", &payload, false);
+        assert_eq!(&out[..5], b"HELLO");
+        assert_eq!(&out[5..], &payload[..]);
+    }
+
+    #[test]
+    fn buffer_fallback_moves_the_same_bytes() {
+        let payload: Vec<u8> = (0..500_000u32).map(|i| (i % 13) as u8).collect();
+        let out = relay_all(b"", &payload, true);
+        assert_eq!(out, payload);
+    }
+
+    #[test]
+    fn idle_flow_holds_no_pipe() {
+        let mut flow = Flow::new(Vec::new());
+        assert!(matches!(flow.channel, Channel::Unset));
+        flow.channel = make_channel();
+        flow.release_idle();
+        assert!(matches!(flow.channel, Channel::Unset));
+    }
+}

@@ -1,0 +1,648 @@
+//! One intercepted connection, from accept to its audit record.
+//!
+//! Sniffing → deciding → (resolving) → connecting → (upstream handshake) →
+//! relaying; or a refusal that says why where the protocol allows.
+
+use super::relay::{write_fd, Flow, Pump};
+use super::Runtime;
+use crate::audit::Record;
+use crate::config::{DomainDial, Mode, Outbound};
+use crate::dns::{Lookup, QueryId, Resolver};
+use crate::names::normalize_host;
+use crate::outbound::{self, DialOptions, Handshake, Progress, Target};
+use crate::policy::Query;
+use crate::sniff::{self, Sniff, Sniffed};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Bytes moved per session per event before others get a turn.
+const RELAY_BUDGET: usize = 1 << 20;
+/// How long a refused client may take to read our refusal before we reset.
+const LINGER_AFTER_REFUSAL: Duration = Duration::from_secs(1);
+/// A relay idle this long gives its pipes back.
+const RELEASE_PIPES_AFTER: Duration = Duration::from_secs(5);
+/// The most a client may send while we wait for the upstream.
+const MAX_HANDSHAKE_REPLY: usize = 8 * 1024;
+
+/// What the worker does with the session after a step.
+pub enum Step {
+    Continue,
+    /// Work is left that no readiness event will announce (byte budget).
+    Again,
+    /// Waiting for a DNS answer to this query.
+    AwaitDns(QueryId),
+    /// Done: the record is final, the sockets are closed on drop.
+    Close,
+}
+
+enum Phase {
+    Sniffing,
+    Resolving { host: String, port: u16 },
+    Connecting { candidates: Vec<SocketAddr>, via: Via },
+    Handshaking { shake: Handshake, sent: usize },
+    Relaying,
+    /// A refusal was written; wait for the client to close, briefly.
+    Refused,
+}
+
+/// How the upstream connection is being made.
+enum Via {
+    Direct,
+    Proxy(Target),
+}
+
+pub struct Session {
+    client: TcpStream,
+    upstream: Option<TcpStream>,
+    pub client_addr: SocketAddr,
+    pub original_dst: SocketAddr,
+    runtime: Arc<Runtime>,
+    phase: Phase,
+    started: Instant,
+    last_activity: Instant,
+    /// Deadline of the current phase (sniff, resolve, connect, refusal).
+    deadline: Option<Instant>,
+    sniffed: Vec<u8>,
+    up: Flow,
+    down: Flow,
+    dial_options: DialOptions,
+    pub record: Record,
+}
+
+/// What a step may touch besides the session itself.
+pub struct Ctx<'a> {
+    pub registry: &'a Registry,
+    pub resolver: Option<&'a mut Resolver>,
+    pub now: Instant,
+    pub client_token: Token,
+    pub upstream_token: Token,
+}
+
+impl Session {
+    pub fn new(
+        client: TcpStream,
+        client_addr: SocketAddr,
+        original_dst: SocketAddr,
+        runtime: Arc<Runtime>,
+        record: Record,
+        now: Instant,
+    ) -> Session {
+        let sniff_timeout = Duration::from_millis(runtime.config.limits.sniff_timeout_ms);
+        Session {
+            client,
+            upstream: None,
+            client_addr,
+            original_dst,
+            runtime,
+            phase: Phase::Sniffing,
+            started: now,
+            last_activity: now,
+            deadline: Some(now + sniff_timeout),
+            sniffed: Vec::new(),
+            up: Flow::new(Vec::new()),
+            down: Flow::new(Vec::new()),
+            dial_options: DialOptions::default(),
+            record,
+        }
+    }
+
+    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        registry.register(
+            &mut self.client,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+
+    pub fn deregister(&mut self, registry: &Registry) {
+        // Errors only mean the fd was not registered; it is closed on drop anyway.
+        let _ = registry.deregister(&mut self.client);
+        if let Some(up) = self.upstream.as_mut() {
+            let _ = registry.deregister(up);
+        }
+    }
+
+    /// A readiness event on either socket, or a retry.
+    pub fn on_event(&mut self, ctx: &mut Ctx) -> Step {
+        let step = match self.phase {
+            Phase::Sniffing => self.sniff(ctx),
+            Phase::Resolving { .. } => Step::Continue,
+            Phase::Connecting { .. } => self.check_connected(ctx),
+            Phase::Handshaking { .. } => self.handshake(ctx),
+            Phase::Relaying => self.relay(ctx.now),
+            Phase::Refused => self.drain_refused(),
+        };
+        self.record_bytes();
+        step
+    }
+
+    /// The phase deadline or the idle timeout passed?
+    pub fn on_tick(&mut self, ctx: &mut Ctx) -> Step {
+        let now = ctx.now;
+        if let Some(deadline) = self.deadline {
+            if now >= deadline {
+                return match self.phase {
+                    Phase::Sniffing => self.decide(ctx, Some("sniff timeout")),
+                    Phase::Resolving { ref host, .. } => {
+                        let e = format!("dns: no answer for {host} in time");
+                        self.fail(e)
+                    }
+                    Phase::Connecting { .. } | Phase::Handshaking { .. } => {
+                        self.fail("upstream connect timed out".into())
+                    }
+                    Phase::Refused | Phase::Relaying => Step::Close,
+                };
+            }
+        }
+        if let Phase::Relaying = self.phase {
+            let idle = now.saturating_duration_since(self.last_activity);
+            if idle >= Duration::from_secs(self.runtime.config.limits.idle_timeout_s) {
+                self.record.error = Some("idle timeout".into());
+                return self.abort();
+            }
+            if idle >= RELEASE_PIPES_AFTER {
+                self.up.release_idle();
+                self.down.release_idle();
+            }
+        }
+        Step::Continue
+    }
+
+    /// The DNS answer this session waited for.
+    pub fn on_resolved(&mut self, ctx: &mut Ctx, answer: Result<Vec<IpAddr>, String>) -> Step {
+        let Phase::Resolving { ref host, port } = self.phase else {
+            return Step::Continue;
+        };
+        match answer {
+            Ok(addrs) if !addrs.is_empty() => {
+                let host = host.clone();
+                self.dial_resolved(ctx, &host, port, &addrs)
+            }
+            Ok(_) => {
+                let e = format!("dns: {host} has no addresses");
+                self.fail(e)
+            }
+            Err(e) => {
+                let e = format!("dns: {host}: {e}");
+                self.fail(e)
+            }
+        }
+    }
+
+    /// Ending on a shutdown of the daemon.
+    pub fn shutdown(&mut self) {
+        if self.record.error.is_none() && !matches!(self.phase, Phase::Refused) {
+            self.record.error = Some("proxy shutting down".into());
+        }
+        self.finish_record();
+    }
+
+    pub fn finish_record(&mut self) {
+        self.record_bytes();
+        self.record.duration_ms = self.started.elapsed().as_millis() as u64;
+    }
+
+    fn record_bytes(&mut self) {
+        self.record.bytes_up = self.up.delivered;
+        self.record.bytes_down = self.down.delivered;
+    }
+
+    // ---- sniffing and deciding -------------------------------------------------
+
+    fn sniff(&mut self, ctx: &mut Ctx) -> Step {
+        let max = self.runtime.config.limits.sniff_bytes;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let room = max.saturating_sub(self.sniffed.len()).min(chunk.len());
+            if room == 0 {
+                break;
+            }
+            match read(&self.client, &mut chunk[..room]) {
+                Ok(0) => {
+                    if self.sniffed.is_empty() {
+                        self.record.error = Some("client closed before sending anything".into());
+                        return Step::Close;
+                    }
+                    break;
+                }
+                Ok(n) => self.sniffed.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.record.error = Some(format!("client: {e}"));
+                    return Step::Close;
+                }
+            }
+        }
+        if self.sniffed.is_empty() {
+            return Step::Continue;
+        }
+        match sniff::sniff(&self.sniffed, max) {
+            Sniff::NeedMore => Step::Continue,
+            Sniff::Done(found) => {
+                self.apply_sniffed(found);
+                self.decide(ctx, None)
+            }
+        }
+    }
+
+    fn apply_sniffed(&mut self, found: Sniffed) {
+        let raw = match found {
+            Sniffed::Tls { sni, ech } => {
+                self.record.proto = "tls";
+                self.record.ech = ech;
+                self.record.sni = sni.clone();
+                sni
+            }
+            Sniffed::Http { host } => {
+                self.record.proto = "http";
+                self.record.http_host = Some(host.clone());
+                Some(host)
+            }
+            Sniffed::Unnamed { reason } => {
+                self.record.proto = "tcp";
+                self.record.sniff = Some(reason.to_string());
+                None
+            }
+        };
+        // An IP literal names no host: it gets IP rules only.
+        self.record.host = raw
+            .filter(|h| h.parse::<IpAddr>().is_err())
+            .and_then(|h| match normalize_host(&h) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.record.sniff = Some(format!("name not usable: {e}"));
+                    None
+                }
+            });
+    }
+
+    fn decide(&mut self, ctx: &mut Ctx, sniff_ended: Option<&str>) -> Step {
+        if let Some(why) = sniff_ended {
+            self.record.proto = if self.sniffed.is_empty() { "tcp" } else { self.record.proto };
+            self.record.sniff = Some(why.to_string());
+        }
+        self.deadline = None;
+        let runtime = self.runtime.clone();
+        let host = self.record.host.clone();
+        let decision = runtime.policy.decide(&Query {
+            host: host.as_deref(),
+            ip: self.original_dst.ip(),
+            port: self.original_dst.port(),
+            agent: self.record.agent.as_deref(),
+        });
+        self.record.rule = Some(decision.rule_name.to_string());
+        self.record.outbound = decision.outbound.to_string();
+        let Some(outbound) = runtime.config.outbounds.get(decision.outbound) else {
+            // Validated configs name only existing outbounds; refuse if not.
+            return self.refuse(format!("no outbound named {:?}", decision.outbound));
+        };
+        if runtime.config.mode == Mode::Audit {
+            self.record.verdict = if matches!(outbound, Outbound::Block) {
+                "would_block"
+            } else {
+                "allow"
+            };
+            self.record.dial = Some("original".into());
+            return self.connect(ctx, vec![self.original_dst], Via::Direct);
+        }
+        let port = self.original_dst.port();
+        match outbound {
+            Outbound::Block => {
+                self.record.verdict = "block";
+                self.refuse_politely(decision.rule_name)
+            }
+            Outbound::Direct { interface, mark } => {
+                self.record.verdict = "allow";
+                self.dial_options = DialOptions {
+                    interface: interface.clone(),
+                    mark: *mark,
+                };
+                match (decision.matched_domain, host) {
+                    (true, Some(host)) => self.resolve(ctx, host, port),
+                    _ => {
+                        self.record.dial = Some("original".into());
+                        self.connect(ctx, vec![self.original_dst], Via::Direct)
+                    }
+                }
+            }
+            Outbound::Socks5 { server, .. } | Outbound::Http { server, .. } => {
+                self.record.verdict = "allow";
+                // The upstream resolves a name it is given: the agent's choice
+                // of IP is not trusted when a domain rule let it through.
+                let target = match (decision.matched_domain, host) {
+                    (true, Some(host)) => {
+                        self.record.dial = Some("upstream_resolves".into());
+                        Target::Name(host, port)
+                    }
+                    _ => {
+                        self.record.dial = Some("original".into());
+                        Target::Addr(self.original_dst)
+                    }
+                };
+                self.connect(ctx, vec![*server], Via::Proxy(target))
+            }
+        }
+    }
+
+    fn resolve(&mut self, ctx: &mut Ctx, host: String, port: u16) -> Step {
+        let Some(resolver) = ctx.resolver.as_deref_mut() else {
+            return self.fail(format!(
+                "dns: no dns.servers configured to resolve {host} (domain rules dial the name, not the agent's IP)"
+            ));
+        };
+        let lookup = resolver.lookup(&host, ctx.now);
+        let timeout = Duration::from_millis(self.runtime.config.dns.timeout_ms) * 2;
+        match lookup {
+            Lookup::Cached(Ok(addrs)) => self.dial_resolved(ctx, &host, port, &addrs),
+            Lookup::Cached(Err(e)) => self.fail(format!("dns: {host}: {e}")),
+            Lookup::Pending(id) => {
+                self.phase = Phase::Resolving { host, port };
+                self.deadline = Some(ctx.now + timeout);
+                Step::AwaitDns(id)
+            }
+        }
+    }
+
+    /// Dial a name as our resolver sees it, per `dns.domain_dial`.
+    fn dial_resolved(&mut self, ctx: &mut Ctx, host: &str, port: u16, addrs: &[IpAddr]) -> Step {
+        let original = self.original_dst.ip();
+        if addrs.contains(&original) {
+            self.record.dial = Some("original_verified".into());
+            return self.connect(ctx, vec![self.original_dst], Via::Direct);
+        }
+        match self.runtime.config.dns.domain_dial {
+            DomainDial::Verify => {
+                self.record.dial = Some("refused_mismatch".into());
+                self.record.verdict = "block";
+                self.record.error = Some(format!(
+                    "{original} is not an address of {host} (our resolver gives {})",
+                    list(addrs)
+                ));
+                let rule = self.record.rule.clone().unwrap_or_default();
+                self.refuse_politely(&rule)
+            }
+            DomainDial::Resolve => {
+                self.record.dial = Some("resolved".into());
+                // Same family first: the agent's stack chose it for a reason.
+                let mut candidates: Vec<SocketAddr> =
+                    addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+                candidates.sort_by_key(|a| a.is_ipv4() != original.is_ipv4());
+                self.connect(ctx, candidates, Via::Direct)
+            }
+        }
+    }
+
+    // ---- connecting ----------------------------------------------------------------
+
+    fn connect(&mut self, ctx: &mut Ctx, mut candidates: Vec<SocketAddr>, via: Via) -> Step {
+        candidates.reverse(); // popped from the end
+        self.phase = Phase::Connecting { candidates, via };
+        self.deadline =
+            Some(ctx.now + Duration::from_millis(self.runtime.config.limits.connect_timeout_ms));
+        self.try_next_candidate(ctx, None)
+    }
+
+    fn try_next_candidate(&mut self, ctx: &mut Ctx, last_error: Option<String>) -> Step {
+        if let Some(mut old) = self.upstream.take() {
+            let _ = ctx.registry.deregister(&mut old);
+        }
+        let Phase::Connecting { candidates, .. } = &mut self.phase else {
+            return Step::Continue;
+        };
+        let Some(addr) = candidates.pop() else {
+            return self.fail(last_error.unwrap_or_else(|| "no address to dial".into()));
+        };
+        match outbound::dial(addr, &self.dial_options) {
+            Ok(mut stream) => {
+                if let Err(e) = ctx.registry.register(
+                    &mut stream,
+                    ctx.upstream_token,
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
+                    return self.fail(format!("upstream {addr}: {e}"));
+                }
+                self.record.upstream = Some(addr.to_string());
+                self.upstream = Some(stream);
+                Step::Continue
+            }
+            Err(e) => self.try_next_candidate(ctx, Some(format!("upstream {addr}: {e}"))),
+        }
+    }
+
+    fn check_connected(&mut self, ctx: &mut Ctx) -> Step {
+        let Some(up) = self.upstream.as_ref() else {
+            return Step::Continue;
+        };
+        let addr = self.record.upstream.clone().unwrap_or_default();
+        match up.take_error() {
+            Ok(Some(e)) | Err(e) => {
+                return self.try_next_candidate(ctx, Some(format!("upstream {addr}: {e}")))
+            }
+            Ok(None) => {}
+        }
+        match up.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Step::Continue,
+            Err(e) => return self.try_next_candidate(ctx, Some(format!("upstream {addr}: {e}"))),
+        }
+        let Phase::Connecting { via, .. } = std::mem::replace(&mut self.phase, Phase::Relaying)
+        else {
+            return Step::Continue;
+        };
+        match via {
+            Via::Direct => self.start_relay(ctx.now, Vec::new()),
+            Via::Proxy(target) => {
+                let name = self.record.outbound.clone();
+                let shake = match self.runtime.config.outbounds.get(&name) {
+                    Some(Outbound::Socks5 { auth, .. }) => Handshake::socks5(target, auth.clone()),
+                    Some(Outbound::Http { auth, .. }) => Handshake::http_connect(target, auth.clone()),
+                    _ => return self.fail(format!("outbound {name:?} is not an upstream proxy")),
+                };
+                self.phase = Phase::Handshaking { shake, sent: 0 };
+                self.handshake(ctx)
+            }
+        }
+    }
+
+    fn handshake(&mut self, ctx: &mut Ctx) -> Step {
+        let Some(up) = self.upstream.as_ref() else {
+            return Step::Continue;
+        };
+        let fd = up.as_raw_fd();
+        let Phase::Handshaking { shake, sent } = &mut self.phase else {
+            return Step::Continue;
+        };
+        loop {
+            let out = shake.bytes_to_send();
+            if *sent < out.len() {
+                match write_fd(fd, &out[*sent..]) {
+                    Ok(n) => {
+                        *sent += n;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+                    Err(e) => {
+                        let e = format!("upstream proxy: {e}");
+                        return self.fail(e);
+                    }
+                }
+            }
+            let mut buf = [0u8; 1024];
+            let n = match read(up, &mut buf) {
+                Ok(0) => return self.fail("upstream proxy closed during its handshake".into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+                Err(e) => {
+                    let e = format!("upstream proxy: {e}");
+                    return self.fail(e);
+                }
+            };
+            match shake.feed(&buf[..n]) {
+                Progress::NeedMore => {}
+                Progress::Send => *sent = 0,
+                Progress::Open { leftover } => {
+                    if leftover.len() > MAX_HANDSHAKE_REPLY {
+                        return self.fail("upstream proxy sent too much".into());
+                    }
+                    return self.start_relay(ctx.now, leftover);
+                }
+                Progress::Failed(reason) => return self.fail(reason),
+            }
+        }
+    }
+
+    // ---- relaying --------------------------------------------------------------------
+
+    fn start_relay(&mut self, now: Instant, to_client: Vec<u8>) -> Step {
+        self.phase = Phase::Relaying;
+        self.deadline = None;
+        self.last_activity = now;
+        // Everything read while sniffing goes out first, unchanged.
+        self.up = Flow::new(std::mem::take(&mut self.sniffed));
+        self.down = Flow::new(to_client);
+        self.relay(now)
+    }
+
+    fn relay(&mut self, now: Instant) -> Step {
+        let Some(up) = self.upstream.as_ref() else {
+            return Step::Continue;
+        };
+        let (client, upstream) = (self.client.as_raw_fd(), up.as_raw_fd());
+        let before = self.up.delivered + self.down.delivered;
+        let mut budget = RELAY_BUDGET;
+        let result = self
+            .up
+            .pump(client, upstream, &mut budget)
+            .map_err(|e| ("client→upstream", e))
+            .and_then(|a| {
+                self.down
+                    .pump(upstream, client, &mut budget)
+                    .map(|b| (a, b))
+                    .map_err(|e| ("upstream→client", e))
+            });
+        if self.up.delivered + self.down.delivered != before {
+            self.last_activity = now;
+        }
+        match result {
+            Err((dir, e)) => {
+                self.record.error = Some(format!("{dir}: {e}"));
+                self.abort()
+            }
+            Ok((Pump::Finished, Pump::Finished)) => Step::Close,
+            Ok((a, b)) if a == Pump::Budget || b == Pump::Budget => Step::Again,
+            Ok(_) => Step::Continue,
+        }
+    }
+
+    // ---- endings -----------------------------------------------------------------------
+
+    /// Refuse saying why where the protocol allows: a TLS access_denied alert
+    /// before any ServerHello, an HTTP 403, else a reset.
+    fn refuse_politely(&mut self, rule: &str) -> Step {
+        let message = match self.record.proto {
+            "tls" => outbound::tls_access_denied_alert().to_vec(),
+            "http" => outbound::http_forbidden(rule, self.record.host.as_deref().unwrap_or("")),
+            _ => return self.abort(),
+        };
+        // A fresh socket's send buffer takes these few bytes whole.
+        if write_fd(self.client.as_raw_fd(), &message).is_err() {
+            return self.abort();
+        }
+        let _ = self.client.shutdown(std::net::Shutdown::Write);
+        self.phase = Phase::Refused;
+        self.deadline = Some(Instant::now() + LINGER_AFTER_REFUSAL);
+        self.drain_refused()
+    }
+
+    fn refuse(&mut self, error: String) -> Step {
+        self.record.verdict = "block";
+        self.record.error = Some(error);
+        self.abort()
+    }
+
+    /// Read and discard until the client closes: closing with unread bytes
+    /// would reset the connection before the client reads our refusal.
+    fn drain_refused(&mut self) -> Step {
+        let mut buf = [0u8; 4096];
+        loop {
+            match read(&self.client, &mut buf) {
+                Ok(0) => return Step::Close,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+                Err(_) => return Step::Close,
+            }
+        }
+    }
+
+    /// An upstream failure: the client gets a reset at once, the record says why.
+    fn fail(&mut self, error: String) -> Step {
+        if self.record.verdict != "block" {
+            self.record.verdict = "error";
+        }
+        self.record.error = Some(error);
+        self.abort()
+    }
+
+    /// Close the client with RST rather than FIN.
+    fn abort(&mut self) -> Step {
+        set_linger_zero(self.client.as_raw_fd());
+        Step::Close
+    }
+}
+
+fn read(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    let mut s: &TcpStream = stream;
+    s.read(buf)
+}
+
+/// Make the coming close send RST rather than FIN.
+pub(super) fn set_linger_zero(fd: i32) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: linger lives for the call; failure only means a FIN instead of a RST.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+fn list(addrs: &[IpAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

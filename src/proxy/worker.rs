@@ -1,0 +1,366 @@
+//! One event-loop thread: its own listeners (SO_REUSEPORT), sessions, DNS
+//! client and socket-owner lookups.
+
+use super::session::{set_linger_zero, Ctx, Session, Step};
+use super::{Runtime, Shared};
+use crate::audit::{PendingRecord, Record};
+use crate::dns::{QueryId, Resolver};
+use crate::procinfo::SockDiag;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Tokens above this are the loop's own; below, 2×session (+1 for upstream).
+const WAKER: Token = Token(usize::MAX - 1);
+const RESOLVER: Token = Token(usize::MAX - 2);
+const LISTENER_BASE: usize = usize::MAX - 64;
+/// How often deadlines and idle timeouts are checked.
+const TICK: Duration = Duration::from_millis(50);
+/// How long to stop accepting after running out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+pub struct Worker {
+    poll: Poll,
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+    waker: Arc<Waker>,
+    sessions: Slab<Session>,
+    runtime: Arc<Runtime>,
+    resolver: Option<Resolver>,
+    waiting_dns: HashMap<QueryId, Vec<usize>>,
+    sock_diag: Option<SockDiag>,
+    /// Work left over from a byte budget, run before sleeping again.
+    again: Vec<usize>,
+    accept_paused_until: Option<Instant>,
+    /// Held so that accept can still take (and refuse) a connection when the
+    /// process runs out of fds: close it, accept, reset, reopen.
+    spare_fd: Option<OwnedFd>,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>, mut listeners: Vec<TcpListener>) -> io::Result<Worker> {
+        let poll = Poll::new()?;
+        for (i, l) in listeners.iter_mut().enumerate() {
+            poll.registry()
+                .register(l, Token(LISTENER_BASE + i), Interest::READABLE)?;
+        }
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let runtime = shared.runtime();
+        let sock_diag = SockDiag::open()
+            .map_err(|e| log::warn!("socket owner lookups unavailable: {e}"))
+            .ok();
+        let mut worker = Worker {
+            poll,
+            shared,
+            listeners,
+            waker,
+            sessions: Slab::new(),
+            runtime: runtime.clone(),
+            resolver: None,
+            waiting_dns: HashMap::new(),
+            sock_diag,
+            again: Vec::new(),
+            accept_paused_until: None,
+            spare_fd: open_spare_fd(),
+        };
+        worker.rebuild_resolver(None);
+        Ok(worker)
+    }
+
+    pub fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
+    }
+
+    pub fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let now = Instant::now();
+            let timeout = if self.again.is_empty() {
+                next_tick.saturating_duration_since(now)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("event loop: {e}");
+                    std::thread::sleep(TICK);
+                }
+                continue;
+            }
+            if self.shared.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => self.follow_runtime(),
+                    RESOLVER => self.on_dns_readable(),
+                    Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
+                    Token(t) => self.on_session_event(t / 2),
+                }
+            }
+            for key in std::mem::take(&mut self.again) {
+                self.on_session_event(key);
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.tick(now);
+                next_tick = now + TICK;
+            }
+        }
+        self.shutdown();
+    }
+
+    fn ctx_parts(&mut self, key: usize) -> (Ctx<'_>, &mut Slab<Session>) {
+        let ctx = Ctx {
+            registry: self.poll.registry(),
+            resolver: self.resolver.as_mut(),
+            now: Instant::now(),
+            client_token: Token(key * 2),
+            upstream_token: Token(key * 2 + 1),
+        };
+        (ctx, &mut self.sessions)
+    }
+
+    fn on_session_event(&mut self, key: usize) {
+        let (mut ctx, sessions) = self.ctx_parts(key);
+        let Some(session) = sessions.get_mut(key) else {
+            return;
+        };
+        let step = session.on_event(&mut ctx);
+        self.after(key, step);
+    }
+
+    fn after(&mut self, key: usize, step: Step) {
+        match step {
+            Step::Continue => {}
+            Step::Again => self.again.push(key),
+            Step::AwaitDns(id) => self.waiting_dns.entry(id).or_default().push(key),
+            Step::Close => self.close(key),
+        }
+    }
+
+    fn close(&mut self, key: usize) {
+        if !self.sessions.contains(key) {
+            return;
+        }
+        let mut session = self.sessions.remove(key);
+        session.deregister(self.poll.registry());
+        session.finish_record();
+        self.shared.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.shared.count(&session.record);
+        self.shared
+            .audit
+            .submit(PendingRecord::end(key_id(key, &session), session.record.clone()));
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+            for i in 0..self.listeners.len() {
+                self.accept(i);
+            }
+        }
+        if let Some(resolver) = self.resolver.as_mut() {
+            if resolver.next_deadline().is_some_and(|d| now >= d) {
+                let answers = resolver.on_timer(now);
+                self.deliver_dns(answers);
+            }
+        }
+        let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let (mut ctx, sessions) = self.ctx_parts(key);
+            let Some(session) = sessions.get_mut(key) else {
+                continue;
+            };
+            let step = session.on_tick(&mut ctx);
+            self.after(key, step);
+        }
+    }
+
+    fn accept(&mut self, index: usize) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = self.listeners.get(index) else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    self.refuse_without_fds(index);
+                    return;
+                }
+                Err(e) => {
+                    // ECONNABORTED and friends concern one connection only.
+                    log::debug!("accept: {e}");
+                }
+            }
+        }
+    }
+
+    /// Out of fds: free the spare, take the waiting connection and reset it,
+    /// then pause accepting briefly instead of spinning on EMFILE.
+    fn refuse_without_fds(&mut self, index: usize) {
+        log::warn!("out of file descriptors: refusing new connections for {ACCEPT_BACKOFF:?}");
+        self.spare_fd = None;
+        if let Some(listener) = self.listeners.get(index) {
+            if let Ok((stream, _)) = listener.accept() {
+                reset(&stream);
+                self.shared.stats.refused_over_limit.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.spare_fd = open_spare_fd();
+        self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+    }
+
+    fn admit(&mut self, stream: mio::net::TcpStream, peer: SocketAddr) {
+        self.shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let runtime = self.shared.runtime();
+        let limit = runtime.config.limits.connections;
+        let per_worker = limit.div_ceil(self.shared_workers()).max(1);
+        if self.sessions.len() >= per_worker {
+            self.shared.stats.refused_over_limit.fetch_add(1, Ordering::Relaxed);
+            log::warn!("connection limit ({limit}) reached: refusing {peer}");
+            reset(&stream);
+            return;
+        }
+        // With TPROXY the accepted socket's local address is where the agent
+        // was going.
+        let original_dst = match stream.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                log::debug!("accepted socket has no local address: {e}");
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let now = Instant::now();
+        let mut record = Record::new(peer, original_dst);
+        if let Some(owner) = self
+            .sock_diag
+            .as_mut()
+            .and_then(|d| d.lookup(peer, original_dst).ok().flatten())
+        {
+            record.uid = Some(owner.uid);
+            record.cgroup_id = owner.cgroup_id;
+            record.agent = owner.cgroup_id.and_then(|id| self.shared.agents.agent_of(id));
+            record.socket_inode = Some(owner.inode);
+        }
+        let entry = self.sessions.vacant_entry();
+        let key = entry.key();
+        let mut session = Session::new(stream, peer, original_dst, runtime, record, now);
+        if let Err(e) = session.register(self.poll.registry(), Token(key * 2)) {
+            log::warn!("cannot watch connection from {peer}: {e}");
+            return;
+        }
+        self.shared
+            .audit
+            .submit(PendingRecord::start(key_id(key, &session), session.record.clone()));
+        entry.insert(session);
+        self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
+        // Clients that speak first usually have bytes waiting already.
+        self.on_session_event(key);
+    }
+
+    fn shared_workers(&self) -> usize {
+        self.runtime.config.workers()
+    }
+
+    /// A reload may have changed the DNS servers.
+    fn follow_runtime(&mut self) {
+        let current = self.shared.runtime();
+        if Arc::ptr_eq(&current, &self.runtime) {
+            return;
+        }
+        let old = std::mem::replace(&mut self.runtime, current);
+        self.rebuild_resolver(Some(&old));
+    }
+
+    fn rebuild_resolver(&mut self, old: Option<&Runtime>) {
+        let dns = &self.runtime.config.dns;
+        if old.is_some_and(|o| o.config.dns == *dns) {
+            return;
+        }
+        // Sessions waiting on the old resolver get an error: their answer is gone.
+        let waiting: Vec<_> = self.waiting_dns.drain().collect();
+        for (_, keys) in waiting {
+            for key in keys {
+                self.deliver_one(key, Err("resolver reconfigured".into()));
+            }
+        }
+        self.resolver = None;
+        if dns.servers.is_empty() {
+            return;
+        }
+        let made = Resolver::new(&dns.servers, Duration::from_millis(dns.timeout_ms)).and_then(
+            |mut r| {
+                r.register(self.poll.registry(), RESOLVER)?;
+                Ok(r)
+            },
+        );
+        match made {
+            Ok(r) => self.resolver = Some(r),
+            Err(e) => log::error!("cannot start the DNS client: {e}"),
+        }
+    }
+
+    fn on_dns_readable(&mut self) {
+        let Some(resolver) = self.resolver.as_mut() else {
+            return;
+        };
+        let answers = resolver.on_readable(Instant::now());
+        self.deliver_dns(answers);
+    }
+
+    fn deliver_dns<E: ToString>(&mut self, answers: Vec<(QueryId, Result<Vec<std::net::IpAddr>, E>)>) {
+        for (id, answer) in answers {
+            let answer = answer.map_err(|e| e.to_string());
+            for key in self.waiting_dns.remove(&id).unwrap_or_default() {
+                self.deliver_one(key, answer.clone());
+            }
+        }
+    }
+
+    fn deliver_one(&mut self, key: usize, answer: Result<Vec<std::net::IpAddr>, String>) {
+        let (mut ctx, sessions) = self.ctx_parts(key);
+        let Some(session) = sessions.get_mut(key) else {
+            return;
+        };
+        let step = session.on_resolved(&mut ctx, answer);
+        self.after(key, step);
+    }
+
+    fn shutdown(&mut self) {
+        let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            if let Some(s) = self.sessions.get_mut(key) {
+                s.shutdown();
+            }
+            self.close(key);
+        }
+    }
+}
+
+/// Identifies a connection to the audit thread across its start and end.
+fn key_id(key: usize, session: &Session) -> (usize, SocketAddr) {
+    (key, session.client_addr)
+}
+
+fn reset(stream: &mio::net::TcpStream) {
+    set_linger_zero(stream.as_raw_fd());
+}
+
+fn open_spare_fd() -> Option<OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
+}
