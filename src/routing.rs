@@ -298,8 +298,8 @@ impl RoutePlan {
 
 /// Install both families, route before rule so marked traffic never meets a rule that
 /// points at an empty table. Re-running is harmless: the route is replaced and an
-/// identical rule is left alone (the kernel answers EEXIST to an exclusive add), so
-/// rules never duplicate and are never briefly absent.
+/// identical rule is left alone (found in a dump, or refused with EEXIST by an exclusive
+/// add), so rules never duplicate and are never briefly absent.
 ///
 /// When IPv6 is unavailable, IPv4 is installed, any half-made IPv6 part is taken back,
 /// and [`RoutingError::Ipv6Unavailable`] is returned.
@@ -332,6 +332,10 @@ fn install_family(
         )
         .map_err(|f| f.into_error(operation(), family))?;
 
+    // Older kernels ignore NLM_F_EXCL on rules and would add a duplicate.
+    if rule_present(socket, plan, family)? {
+        return Ok(());
+    }
     let operation = || format!("adding {}", plan.describe_rule(family));
     match socket.request(
         RouteNetlinkMessage::NewRule(plan.rule_message(family)),
@@ -442,19 +446,30 @@ fn family_installed(
     plan: &RoutePlan,
     family: Family,
 ) -> Result<bool, RoutingError> {
+    Ok(rule_present(socket, plan, family)? && route_present(socket, plan, family)?)
+}
+
+fn rule_present(
+    socket: &mut RouteSocket,
+    plan: &RoutePlan,
+    family: Family,
+) -> Result<bool, RoutingError> {
     let mut query = RuleMessage::default();
     query.header.family = family.address_family();
     let rules = socket
         .dump(RouteNetlinkMessage::GetRule(query))
         .map_err(|f| f.into_error(format!("listing {} rules", family.ip_command()), family))?;
-    let rule_present = rules.iter().any(|m| match m {
+    Ok(rules.iter().any(|m| match m {
         RouteNetlinkMessage::NewRule(rule) => plan.is_our_rule(rule),
         _ => false,
-    });
-    if !rule_present {
-        return Ok(false);
-    }
+    }))
+}
 
+fn route_present(
+    socket: &mut RouteSocket,
+    plan: &RoutePlan,
+    family: Family,
+) -> Result<bool, RoutingError> {
     // The kernel filters the dump by table, type and device (strict checking).
     let mut query = RouteMessage::default();
     query.header.address_family = family.address_family();
@@ -584,15 +599,17 @@ impl RouteSocket {
     fn request(&mut self, message: RouteNetlinkMessage, flags: u16) -> Result<(), Failure> {
         let sequence = self.send(message, flags | NLM_F_ACK)?;
         let mut outcome = None;
-        while outcome.is_none() {
+        loop {
             self.receive(sequence, |reply| {
                 if let Reply::Ack(result) = reply {
                     outcome = Some(result);
                 }
                 Ok(())
             })?;
+            if let Some(result) = outcome.take() {
+                return result;
+            }
         }
-        outcome.unwrap_or(Ok(()))
     }
 
     /// Send a dump request and collect every message up to NLMSG_DONE.
@@ -600,7 +617,7 @@ impl RouteSocket {
         let sequence = self.send(message, NLM_F_DUMP)?;
         let mut messages = Vec::new();
         let mut done = None;
-        while done.is_none() {
+        loop {
             self.receive(sequence, |reply| {
                 match reply {
                     Reply::Message(m) if messages.len() < MAX_DUMP_MESSAGES => messages.push(m),
@@ -613,9 +630,10 @@ impl RouteSocket {
                 }
                 Ok(())
             })?;
+            if let Some(result) = done.take() {
+                return result.map(|()| messages);
+            }
         }
-        done.unwrap_or(Ok(()))?;
-        Ok(messages)
     }
 
     /// Read one datagram and hand each message answering `sequence` to `handle`.

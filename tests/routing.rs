@@ -119,7 +119,19 @@ fn install_is_idempotent_and_remove_tolerates_absence() {
     let netns = Netns::new();
     assert!(!netns.enter(|| routing::is_installed(&PLAN).unwrap()));
 
-    netns.enter(|| routing::install(&PLAN).unwrap());
+    let took = netns.enter(|| {
+        let started = Instant::now();
+        routing::install(&PLAN).unwrap();
+        let installed = started.elapsed();
+        let started = Instant::now();
+        assert!(routing::is_installed(&PLAN).unwrap());
+        (installed, started.elapsed())
+    });
+    eprintln!(
+        "install (2 routes + 2 rules) {:.2} ms, is_installed {:.2} ms",
+        took.0.as_secs_f64() * 1e3,
+        took.1.as_secs_f64() * 1e3
+    );
     assert_eq!(listed(&netns), (1, 1, 1, 1));
     let rules = netns.ip(&["rule"]);
     assert!(
@@ -232,7 +244,21 @@ fn monitor_reports_deletions_of_ours_only() {
             routing::install(&PLAN).unwrap();
             monitor.read_events().unwrap();
         }
-        results
+        // Without a process to start: a deletion by another thread of this namespace.
+        let remover_path = path.clone();
+        let remover = std::thread::spawn(move || {
+            join_netns(&remover_path);
+            std::thread::sleep(Duration::from_millis(20));
+            let started = Instant::now();
+            routing::remove(&PLAN).unwrap();
+            started
+        });
+        let (ours, _) = wait_for_event(&mut monitor, Duration::from_secs(2));
+        let seen = Instant::now();
+        let in_process = seen - remover.join().unwrap();
+        assert!(ours);
+        routing::install(&PLAN).unwrap();
+        (results, in_process)
     });
 
     let steps: [&[&str]; 4] = [
@@ -251,7 +277,12 @@ fn monitor_reports_deletions_of_ours_only() {
         go_tx.send(started).unwrap();
         netns.ip(step);
     }
-    let results = watcher.join().unwrap();
+    let (results, in_process) = watcher.join().unwrap();
+    eprintln!(
+        "monitor noticed an in-process remove() {:.2} ms after it started",
+        in_process.as_secs_f64() * 1e3
+    );
+    assert!(in_process < Duration::from_millis(500));
     let verdicts: Vec<bool> = results.iter().map(|(ours, _)| *ours).collect();
     assert_eq!(verdicts, [false, true, true, true]);
     for ((_, elapsed), step) in results.iter().zip(steps).skip(1) {
