@@ -4,6 +4,7 @@
 //! because `check` must report every error with its JSON path, not stop at the
 //! first one as serde does.
 
+use crate::cgroup::validate_relative_path;
 use crate::names::normalize_host;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -602,10 +603,11 @@ impl Reader {
             ic.cgroups = self
                 .array("interception.cgroups", v, |r, path, v| {
                     let s = r.string(path, v)?;
-                    match validate_cgroup_path(s) {
-                        Ok(()) => Some(s.trim_end_matches('/').to_string()),
+                    let trimmed = s.trim_end_matches('/');
+                    match validate_relative_path(trimmed) {
+                        Ok(()) => Some(trimmed.to_string()),
                         Err(e) => {
-                            r.error(path, e);
+                            r.error(path, format!("{s:?} {e}"));
                             None
                         }
                     }
@@ -1018,26 +1020,6 @@ fn parse_socket_addr(s: &str, default_port: u16) -> Option<SocketAddr> {
     })
 }
 
-/// Cgroup paths are relative to the cgroup2 mount and may not climb out of it.
-pub fn validate_cgroup_path(s: &str) -> Result<(), String> {
-    let trimmed = s.trim_end_matches('/');
-    if trimmed.is_empty() {
-        return Err("empty: name a cgroup below the cgroup2 root, e.g. \"agents.slice\"".into());
-    }
-    if trimmed.starts_with('/') {
-        return Err(format!(
-            "{s:?} is absolute: give it relative to the cgroup2 mount, e.g. \"agents.slice\""
-        ));
-    }
-    if trimmed
-        .split('/')
-        .any(|c| c.is_empty() || c == "." || c == "..")
-    {
-        return Err(format!("{s:?} has an empty, '.' or '..' component"));
-    }
-    Ok(())
-}
-
 fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
@@ -1191,7 +1173,7 @@ mod tests {
             ),
             (
                 r#"{"interception": {"cgroups": ["/agents.slice"]}}"#,
-                "is absolute",
+                "not absolute",
             ),
             (r#"{"interception": {"route_table": 254}}"#, "system table"),
             (
