@@ -247,10 +247,9 @@ struct Teardown {
 }
 
 impl Teardown {
+    /// Kill every process of the command (removing the cgroup does that).
     fn kill_all(&self) {
-        if let Err(e) = cgroup::kill(&self.root, &self.cgroup) {
-            eprintln!("agent-egress exec: {e}");
-        }
+        self.remove_cgroup();
     }
 
     fn remove_cgroup(&self) {

@@ -1,0 +1,524 @@
+//! The kernel side of interception, kept in place while the daemon runs.
+//!
+//! Installs the nftables table and the policy routing, then a keeper thread
+//! watches three things and repairs them at once: the table (someone flushed
+//! the ruleset or deleted it), the ip rules and routes, and the agents'
+//! cgroups (a restarted unit gets a new cgroup id, which must join the set
+//! within milliseconds; systemd units close even that window with `NFTSet=`).
+
+use crate::cgroup::{self, Change, Watcher};
+use crate::config::Config;
+use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
+use crate::proxy::Shared;
+use crate::routing::{self, RoutePlan, RuleMonitor};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const TABLE_EVENTS: Token = Token(0);
+const RULE_EVENTS: Token = Token(1);
+const CGROUP_EVENTS: Token = Token(2);
+const CONTROL: Token = Token(3);
+/// Checks that need no event (routes lost with a downed `lo` send none).
+const PERIODIC: Duration = Duration::from_secs(2);
+/// Bound on the cgroup tree walk that maps socket cgroups to agents.
+const MAX_INDEXED_CGROUPS: usize = 65_536;
+
+enum Control {
+    Update(Box<Config>),
+    Stop { remove: bool },
+}
+
+pub struct Capture {
+    control: mpsc::Sender<Control>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn table_plan(config: &Config, members: Vec<CgroupMatch>) -> TablePlan {
+    TablePlan {
+        table: config.interception.table.clone(),
+        mark: config.interception.mark,
+        port: config.listen.port,
+        cgroups: members,
+        dns_servers: config.dns.servers.iter().map(|s| s.ip()).collect(),
+        bypass: config
+            .interception
+            .bypass
+            .iter()
+            .map(|c| (c.addr, c.prefix))
+            .collect(),
+    }
+}
+
+fn route_plan(config: &Config) -> RoutePlan {
+    RoutePlan {
+        mark: config.interception.mark,
+        table: config.interception.route_table,
+        priority: config.interception.rule_priority,
+    }
+}
+
+impl Capture {
+    /// Install everything, or nothing and an error that says what is missing.
+    pub fn start(config: &Config, shared: Arc<Shared>) -> Result<Capture, String> {
+        netfilter::check_kernel_support().map_err(|e| format!("kernel support: {e}"))?;
+        let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
+        let mut watcher = Watcher::new(&root, config.interception.cgroups.iter().cloned())
+            .map_err(|e| format!("watching cgroups: {e}"))?;
+        let mut members = BTreeMap::new();
+        apply_changes(&mut members, watcher.poll_changes());
+        for path in &config.interception.cgroups {
+            if !members.values().any(|(p, _): &(String, u32)| p == path) {
+                log::warn!("cgroup {path} does not exist yet: it is captured as soon as it appears");
+            }
+        }
+        let plan = table_plan(config, member_list(&members));
+        let route = route_plan(config);
+        netfilter::install(&plan).map_err(|e| format!("installing nftables table: {e}"))?;
+        if let Err(e) = routing::install(&route) {
+            let _ = netfilter::remove(&plan.table);
+            return Err(format!("installing policy routing: {e}"));
+        }
+        let monitors = TableMonitor::new(&plan.table)
+            .map_err(|e| e.to_string())
+            .and_then(|t| RuleMonitor::new(&route).map(|r| (t, r)).map_err(|e| e.to_string()));
+        let (table_monitor, rule_monitor) = match monitors {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = routing::remove(&route);
+                let _ = netfilter::remove(&plan.table);
+                return Err(format!("watching the kernel state: {e}"));
+            }
+        };
+        let poll = Poll::new().map_err(|e| e.to_string())?;
+        let waker = Arc::new(Waker::new(poll.registry(), CONTROL).map_err(|e| e.to_string())?);
+        let mut keeper = Keeper {
+            poll,
+            root,
+            configured: config.interception.cgroups.clone(),
+            members,
+            plan,
+            route,
+            watcher,
+            table_monitor,
+            rule_monitor,
+            shared,
+        };
+        keeper.publish_agents();
+        keeper.register().map_err(|e| format!("watching the kernel state: {e}"))?;
+        let (control, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("kernel-keeper".into())
+            .spawn(move || keeper.run(rx))
+            .map_err(|e| e.to_string())?;
+        log::info!(
+            "capturing cgroups [{}] with table inet {}",
+            config.interception.cgroups.join(", "),
+            config.interception.table
+        );
+        Ok(Capture {
+            control,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    /// A reloaded config: new cgroups, resolvers or bypass networks.
+    pub fn update(&self, config: &Config) {
+        self.send(Control::Update(Box::new(config.clone())));
+    }
+
+    /// Remove the table and the routing (the agents are uncaptured after).
+    pub fn remove(mut self) {
+        self.stop(true);
+    }
+
+    /// Stop watching but keep the table: with no listener behind it, the
+    /// agents' connections are refused until `down` or the next start.
+    pub fn leave_lockdown(mut self) {
+        self.stop(false);
+    }
+
+    fn stop(&mut self, remove: bool) {
+        self.send(Control::Stop { remove });
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("the kernel keeper thread panicked");
+            }
+        }
+    }
+
+    fn send(&self, c: Control) {
+        if self.control.send(c).is_ok() {
+            if let Err(e) = self.waker.wake() {
+                log::error!("cannot wake the kernel keeper: {e}");
+            }
+        }
+    }
+
+    /// `agent-egress down`: remove what a daemon with this config installed.
+    pub fn remove_for(config: &Config) -> Result<(), String> {
+        let table = netfilter::remove(&config.interception.table);
+        let route = routing::remove(&route_plan(config));
+        table.map_err(|e| format!("removing table inet {}: {e}", config.interception.table))?;
+        route.map_err(|e| format!("removing policy routing: {e}"))
+    }
+
+    pub fn status(config: &Config) -> Result<Status, String> {
+        let table = &config.interception.table;
+        let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
+        let members = netfilter::members(table).map_err(|e| e.to_string())?;
+        let configured: Vec<(String, Option<u64>)> = config
+            .interception
+            .cgroups
+            .iter()
+            .map(|p| {
+                let id = cgroup::resolve(&root, p).ok().flatten().map(|c| c.id);
+                (p.clone(), id)
+            })
+            .collect();
+        let set = members.as_ref().map(|m| {
+            m.iter()
+                .map(|c| SetMember {
+                    id: c.id,
+                    level: c.level,
+                    path: configured
+                        .iter()
+                        .find(|(_, id)| *id == Some(c.id))
+                        .map(|(p, _)| p.clone()),
+                })
+                .collect()
+        });
+        let drops = netfilter::counters(table).ok();
+        let listener = config
+            .listen
+            .addresses
+            .iter()
+            .map(|ip| {
+                let addr = std::net::SocketAddr::new(*ip, config.listen.port);
+                let up =
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok();
+                (addr.to_string(), up)
+            })
+            .collect();
+        Ok(Status {
+            table: table.clone(),
+            table_installed: members.is_some(),
+            agents_set: set.unwrap_or_default(),
+            configured_cgroups: configured.into_iter().collect(),
+            routing_installed: routing::is_installed(&route_plan(config)).unwrap_or(false),
+            dropped_packets: drops.as_ref().map_or(0, |d| d.packets),
+            dropped_bytes: drops.as_ref().map_or(0, |d| d.bytes),
+            listener,
+        })
+    }
+}
+
+impl Drop for Capture {
+    /// Dropped without a decision (an error path): keep the lockdown.
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop(false);
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct SetMember {
+    pub id: u64,
+    pub level: u32,
+    pub path: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub table: String,
+    pub table_installed: bool,
+    pub agents_set: Vec<SetMember>,
+    pub configured_cgroups: BTreeMap<String, Option<u64>>,
+    pub routing_installed: bool,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    pub listener: BTreeMap<String, bool>,
+}
+
+impl Status {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    pub fn to_text(&self) -> String {
+        let yes = |b: bool| if b { "installed" } else { "MISSING" };
+        let mut out = format!(
+            "table inet {}: {}\npolicy routing: {}\n",
+            self.table,
+            yes(self.table_installed),
+            yes(self.routing_installed)
+        );
+        out.push_str("agents set:\n");
+        if self.agents_set.is_empty() {
+            out.push_str("  (empty)\n");
+        }
+        for m in &self.agents_set {
+            let path = m.path.as_deref().unwrap_or("(not a configured cgroup)");
+            out.push_str(&format!("  id {} level {}  {}\n", m.id, m.level, path));
+        }
+        for (path, id) in &self.configured_cgroups {
+            if id.is_none() {
+                out.push_str(&format!("  {path}: does not exist yet\n"));
+            }
+        }
+        out.push_str(&format!(
+            "dropped (non-DNS UDP and other): {} packets, {} bytes\nlistener:\n",
+            self.dropped_packets, self.dropped_bytes
+        ));
+        for (addr, up) in &self.listener {
+            let state = if *up { "accepting" } else { "NOT LISTENING" };
+            out.push_str(&format!("  {addr}: {state}\n"));
+        }
+        out
+    }
+}
+
+/// cgroup id → (configured path, level).
+type Members = BTreeMap<u64, (String, u32)>;
+
+fn apply_changes(members: &mut Members, changes: Vec<Change>) -> (Vec<CgroupMatch>, Vec<CgroupMatch>) {
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    for change in changes {
+        match change {
+            Change::Appeared(c) => {
+                added.push(CgroupMatch {
+                    id: c.id,
+                    level: c.level,
+                });
+                members.insert(c.id, (c.path, c.level));
+            }
+            Change::Gone { id, .. } => {
+                if let Some((_, level)) = members.remove(&id) {
+                    removed.push(CgroupMatch { id, level });
+                }
+            }
+        }
+    }
+    (added, removed)
+}
+
+fn member_list(members: &Members) -> Vec<CgroupMatch> {
+    members
+        .iter()
+        .map(|(id, (_, level))| CgroupMatch {
+            id: *id,
+            level: *level,
+        })
+        .collect()
+}
+
+struct Keeper {
+    poll: Poll,
+    root: PathBuf,
+    configured: Vec<String>,
+    members: Members,
+    plan: TablePlan,
+    route: RoutePlan,
+    watcher: Watcher,
+    table_monitor: TableMonitor,
+    rule_monitor: RuleMonitor,
+    shared: Arc<Shared>,
+}
+
+impl Keeper {
+    fn register(&mut self) -> std::io::Result<()> {
+        let registry = self.poll.registry();
+        let table_fd = self.table_monitor.as_raw_fd();
+        let rule_fd = self.rule_monitor.as_raw_fd();
+        let cgroup_fd = self.watcher.as_raw_fd();
+        registry.register(&mut SourceFd(&table_fd), TABLE_EVENTS, Interest::READABLE)?;
+        registry.register(&mut SourceFd(&rule_fd), RULE_EVENTS, Interest::READABLE)?;
+        registry.register(&mut SourceFd(&cgroup_fd), CGROUP_EVENTS, Interest::READABLE)
+    }
+
+    fn run(mut self, control: mpsc::Receiver<Control>) {
+        let mut events = Events::with_capacity(16);
+        let mut next_periodic = Instant::now() + PERIODIC;
+        loop {
+            let timeout = next_periodic.saturating_duration_since(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    log::error!("kernel keeper: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    TABLE_EVENTS => self.on_table_events(),
+                    RULE_EVENTS => self.on_rule_events(),
+                    CGROUP_EVENTS => self.on_cgroup_events(),
+                    _ => {}
+                }
+            }
+            while let Ok(c) = control.try_recv() {
+                match c {
+                    Control::Update(config) => self.update(&config),
+                    Control::Stop { remove } => {
+                        if remove {
+                            self.remove();
+                        }
+                        return;
+                    }
+                }
+            }
+            if Instant::now() >= next_periodic {
+                self.ensure_routing();
+                self.publish_agents();
+                next_periodic = Instant::now() + PERIODIC;
+            }
+        }
+    }
+
+    fn on_table_events(&mut self) {
+        match self.table_monitor.read_events() {
+            Ok(false) => {}
+            Ok(true) => {
+                let started = Instant::now();
+                self.plan.cgroups = member_list(&self.members);
+                match netfilter::install(&self.plan) {
+                    Ok(()) => log::warn!(
+                        "table inet {} was deleted or flushed: re-installed in {:?}",
+                        self.plan.table,
+                        started.elapsed()
+                    ),
+                    Err(e) => log::error!("table inet {} was deleted and cannot be re-installed: {e}", self.plan.table),
+                }
+            }
+            Err(e) => log::error!("reading nftables events: {e}"),
+        }
+    }
+
+    fn on_rule_events(&mut self) {
+        match self.rule_monitor.read_events() {
+            Ok(false) => {}
+            Ok(true) => self.ensure_routing(),
+            Err(e) => log::error!("reading routing events: {e}"),
+        }
+    }
+
+    fn ensure_routing(&mut self) {
+        if routing::is_installed(&self.route).unwrap_or(false) {
+            return;
+        }
+        let started = Instant::now();
+        match routing::install(&self.route) {
+            Ok(()) => log::warn!(
+                "policy routing (fwmark {:#x} table {}) was removed: re-installed in {:?}",
+                self.route.mark,
+                self.route.table,
+                started.elapsed()
+            ),
+            Err(e) => log::error!("policy routing was removed and cannot be re-installed: {e}"),
+        }
+    }
+
+    fn on_cgroup_events(&mut self) {
+        let (added, removed) = apply_changes(&mut self.members, self.watcher.poll_changes());
+        if !added.is_empty() {
+            if let Err(e) = netfilter::add_cgroups(&self.plan.table, &added) {
+                log::error!("adding cgroups to the agents set: {e}");
+            }
+        }
+        if !removed.is_empty() {
+            if let Err(e) = netfilter::remove_cgroups(&self.plan.table, &removed) {
+                log::error!("removing cgroups from the agents set: {e}");
+            }
+        }
+        for m in &added {
+            if let Some((path, _)) = self.members.get(&m.id) {
+                log::info!("cgroup {path} (id {}) captured", m.id);
+            }
+        }
+        self.publish_agents();
+    }
+
+    fn update(&mut self, config: &Config) {
+        if config.interception.cgroups != self.configured {
+            match Watcher::new(&self.root, config.interception.cgroups.iter().cloned()) {
+                Ok(mut w) => {
+                    let registry = self.poll.registry();
+                    let _ = registry.deregister(&mut SourceFd(&self.watcher.as_raw_fd()));
+                    self.members.clear();
+                    apply_changes(&mut self.members, w.poll_changes());
+                    if let Err(e) = registry.register(
+                        &mut SourceFd(&w.as_raw_fd()),
+                        CGROUP_EVENTS,
+                        Interest::READABLE,
+                    ) {
+                        log::error!("watching the new cgroups: {e}");
+                    }
+                    self.watcher = w;
+                    self.configured = config.interception.cgroups.clone();
+                }
+                Err(e) => log::error!("watching the new cgroups: {e}; keeping the old ones"),
+            }
+        }
+        let plan = table_plan(config, member_list(&self.members));
+        if plan != self.plan {
+            match netfilter::install(&plan) {
+                Ok(()) => self.plan = plan,
+                Err(e) => log::error!("re-installing the table for the new config: {e}"),
+            }
+        }
+        self.publish_agents();
+    }
+
+    fn remove(&mut self) {
+        // Stop listening first: our own removal is not an attack to repair.
+        if let Err(e) = routing::remove(&self.route) {
+            log::error!("removing policy routing: {e}");
+        }
+        if let Err(e) = netfilter::remove(&self.plan.table) {
+            log::error!("removing table inet {}: {e}", self.plan.table);
+        }
+    }
+
+    /// Map every cgroup below the configured ones to its agent, so the proxy
+    /// can tell which agent a socket belongs to from its cgroup id.
+    fn publish_agents(&self) {
+        let mut index = HashMap::new();
+        for (id, (path, _)) in &self.members {
+            index.insert(*id, path.clone());
+            walk_descendants(&self.root.join(path), path, &mut index);
+        }
+        self.shared.agents.replace(index);
+    }
+}
+
+fn walk_descendants(dir: &Path, agent: &str, index: &mut HashMap<u64, String>) {
+    use std::os::unix::fs::MetadataExt;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if index.len() >= MAX_INDEXED_CGROUPS {
+                return;
+            }
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                index.insert(meta.ino(), agent.to_string());
+                stack.push(entry.path());
+            }
+        }
+    }
+}
