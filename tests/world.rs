@@ -328,8 +328,8 @@ fn stdout_bytes(output: &std::process::Output) -> Vec<u8> {
 }
 
 #[test]
-fn in_process_code_and_host_processes_use_the_agent_netns() {
-    if !harness::require_root_and_tools(&[]) {
+fn in_process_code_and_spawned_processes_use_their_netns() {
+    if !harness::require_root_and_tools(&["socat"]) {
         return;
     }
     let world = timed_world();
@@ -347,6 +347,27 @@ fn in_process_code_and_host_processes_use_the_agent_netns() {
     let parsed: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     assert_eq!(parsed["default"], "direct");
+
+    let upstream = world.spawn(
+        "socat",
+        world.net_cmd([
+            "socat",
+            "TCP-LISTEN:8080,bind=198.51.100.20,fork",
+            "SYSTEM:echo upstream",
+        ]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let greeting = loop {
+        let out = world
+            .agent_cmd(["socat", "-u", "TCP:198.51.100.20:8080", "STDOUT"])
+            .output()
+            .unwrap();
+        if out.status.success() || Instant::now() >= deadline {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(greeting, "upstream\n", "log: {}", upstream.log());
 
     let daemon = world.spawn_host(["sh", "-c", "echo started; exec sleep 60"]);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -431,36 +452,18 @@ fn worlds_side_by_side_are_independent() {
 }
 
 #[test]
-fn chromium_trusts_the_test_server_through_the_spki_pin() {
-    if !harness::require_root_and_tools(&["chromium"]) {
+fn chromium_trusts_the_test_server() {
+    if !harness::require_root_and_tools(&["chromium", "timeout"]) {
         return;
     }
     let world = timed_world();
-    let profile = world.dir().join("chromium-profile");
-    let pin = world.tls().server_spki_pin().unwrap();
     let started = Instant::now();
     let output = world
-        .agent_cmd([
-            "timeout",
-            "60",
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-        ])
-        .args([
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-        ])
-        .args(["--disable-sync", "--dump-dom"])
-        .arg(format!("--user-data-dir={}", profile.display()))
+        .chromium_agent(["--dump-dom", "https://allowed.test/"])
         .arg(format!(
             "--host-resolver-rules=MAP allowed.test {}",
             ALLOWED.v4
         ))
-        .arg(format!("--ignore-certificate-errors-spki-list={pin}"))
-        .arg("https://allowed.test/")
         .stderr(Stdio::null())
         .output()
         .unwrap();

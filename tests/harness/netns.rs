@@ -20,7 +20,8 @@ pub fn path(name: &str) -> PathBuf {
 
 /// Runs `f` on a fresh thread that has entered the named netns and returns its
 /// result (a panic in `f` is re-raised here). Only that thread changes netns, so
-/// the rest of the test is unaffected; sockets it creates stay in that netns.
+/// the rest of the test is unaffected; sockets it creates stay in that netns, and
+/// processes it spawns start there.
 pub fn in_netns<T: Send, F: FnOnce() -> T + Send>(name: &str, f: F) -> T {
     let ns_path = path(name);
     std::thread::scope(|scope| {

@@ -110,18 +110,18 @@ impl ChildGuard {
     /// Sends SIGTERM and waits up to `grace` for the child to exit, then SIGKILLs it.
     /// Returns the exit status and whether it exited within the grace period.
     pub fn stop(mut self, grace: Duration) -> (ExitStatus, bool) {
-        self.terminate(grace)
+        self.terminate(grace).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn terminate(&mut self, grace: Duration) -> (ExitStatus, bool) {
+    fn terminate(&mut self, grace: Duration) -> Result<(ExitStatus, bool), String> {
         if let Some(status) = self.try_wait() {
-            return (status, true);
+            return Ok((status, true));
         }
         signal(self.child.id(), libc::SIGTERM);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Some(status) = self.try_wait() {
-                return (status, true);
+                return Ok((status, true));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -130,8 +130,8 @@ impl ChildGuard {
         let status = self
             .child
             .wait()
-            .unwrap_or_else(|e| panic!("cannot reap {}: {e}", self.name));
-        (status, false)
+            .map_err(|e| format!("cannot reap {} (pid {}): {e}", self.name, self.child.id()))?;
+        Ok((status, false))
     }
 
     fn log_tail(&self) -> String {
@@ -148,10 +148,14 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let (status, _) = self.terminate(STOP_GRACE);
+        // No panic here: a second panic during a failing test's unwinding aborts.
+        let outcome = match self.terminate(STOP_GRACE) {
+            Ok((status, _)) => status.to_string(),
+            Err(e) => e,
+        };
         if std::thread::panicking() {
             eprintln!(
-                "---- {} (pid {}, {status}) log {} (tail) ----\n{}",
+                "---- {} (pid {}, {outcome}) log {} (tail) ----\n{}",
                 self.name,
                 self.child.id(),
                 self.log.display(),

@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::arrivals;
@@ -33,7 +34,9 @@ pub struct World {
     ca: TestCa,
     nginx: NginxFiles,
     dnsmasq: DnsmasqFiles,
+    /// Numbers the files the world writes on request (configs, logs, profiles).
     next_file: AtomicU32,
+    chromium_pin: OnceLock<String>,
 }
 
 impl World {
@@ -93,6 +96,7 @@ impl World {
             nginx,
             dnsmasq,
             next_file: AtomicU32::new(0),
+            chromium_pin: OnceLock::new(),
         }
     }
 
@@ -122,7 +126,7 @@ impl World {
         &self.ca.ca_cert
     }
 
-    /// The whole test PKI (CA, server certificate and key, Chromium's SPKI pin).
+    /// The whole test PKI (CA, server certificate and key).
     pub fn tls(&self) -> &TestCa {
         &self.ca
     }
@@ -208,18 +212,56 @@ impl World {
         path
     }
 
-    /// Starts `args` in the agent netns (not in the agent cgroup) with its output in
-    /// a log file; it is stopped when the guard drops.
+    /// Starts `cmd` (from [`World::agent_cmd`], [`World::host_cmd`], [`World::net_cmd`]
+    /// ...) with its output in a log file in the temp dir; it is stopped (SIGTERM,
+    /// then SIGKILL) when the guard drops.
+    pub fn spawn(&self, name: &str, cmd: Command) -> ChildGuard {
+        let n = self.next_file.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir().join(format!("{name}-{n}.log"));
+        ChildGuard::spawn(cmd, name, &log).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts `args` in the agent netns, not in the agent cgroup: the daemon's way
+    /// to run. See [`World::spawn`].
     pub fn spawn_host<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(&self, args: I) -> ChildGuard {
         let cmd = self.host_cmd(args);
+        // The program's base name, past `nsenter --net=... --`.
         let name = cmd
             .get_args()
             .nth(2)
-            .map(|a| a.to_string_lossy().into_owned())
+            .and_then(|program| Path::new(program).file_name())
+            .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_default();
+        self.spawn(&name, cmd)
+    }
+
+    /// Headless Chromium as the agent, trusting the test servers, with a fresh
+    /// profile, bounded to 60 s; add e.g. `--dump-dom URL` and
+    /// `--host-resolver-rules=MAP allowed.test 198.51.100.10` (without rules it
+    /// resolves through the agent netns' resolv.conf).
+    pub fn chromium_agent<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(&self, args: I) -> Command {
+        let pin = self
+            .chromium_pin
+            .get_or_init(|| self.ca.server_spki_pin().unwrap_or_else(|e| panic!("{e}")));
         let n = self.next_file.fetch_add(1, Ordering::Relaxed);
-        let log = self.dir().join(format!("host-{n}.log"));
-        ChildGuard::spawn(cmd, &name, &log).unwrap_or_else(|e| panic!("{e}"))
+        let profile = self.dir().join(format!("chromium-{n}"));
+        let mut cmd = self.agent_cmd(["timeout", "--kill-after=5", "60", "chromium"]);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+        ])
+        .args([
+            "--disable-background-networking",
+            "--disable-component-update",
+        ])
+        .arg("--disable-sync")
+        .arg(format!("--user-data-dir={}", profile.display()))
+        // Chromium has no --cacert and no NSS database here: trust by key pin.
+        .arg(format!("--ignore-certificate-errors-spki-list={pin}"))
+        .args(args);
+        cmd
     }
 
     /// Makes a deterministic file of `size` bytes served at `/big/NAME` and
