@@ -7,32 +7,51 @@ use agent_egress::netfilter::{
     self, CgroupMatch, NetfilterError, TableMonitor, TablePlan, AGENTS_SET, DEFAULT_TABLE,
 };
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::process::{Command, Output};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// True if the test can run; false (after saying so loudly) if it must be skipped.
 /// With CI set, missing prerequisites fail the test instead.
 fn prerequisites() -> bool {
+    prerequisites_with(&[])
+}
+
+/// Root, nft, ip, and these further tools (each must run with `-V`).
+fn prerequisites_with(tools: &[&str]) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let tools = ["nft", "ip"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("-V")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if root && tools {
+    let missing: Vec<&str> = ["nft", "ip"]
+        .iter()
+        .chain(tools)
+        .copied()
+        .filter(|tool| {
+            !Command::new(tool)
+                .arg("-V")
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+        .collect();
+    if root && missing.is_empty() {
         return true;
     }
-    let why = format!("needs root (is root: {root}) and the nft and ip tools (found: {tools})");
+    skip(&format!(
+        "needs root (is root: {root}) and these missing tools: {missing:?}"
+    ));
+    false
+}
+
+fn skip(why: &str) {
     if std::env::var_os("CI").is_some() {
         panic!("{why}");
     }
     eprintln!("\n*** SKIPPED: {why} ***\n");
-    false
 }
 
 /// A network namespace of our own, deleted on drop.
@@ -442,30 +461,41 @@ fn monitor_reports_other_processes_deleting_our_table() {
         // Our own changes (re-installs included) are not reported.
         netfilter::install(&plan(vec![])).unwrap();
         netfilter::install(&plan(vec![])).unwrap();
-        netfilter::add_cgroups(DEFAULT_TABLE, &[CgroupMatch { id: fake_id(1), level: 2 }])
-            .unwrap();
-        netfilter::remove_cgroups(DEFAULT_TABLE, &[CgroupMatch { id: fake_id(1), level: 2 }])
-            .unwrap();
+        netfilter::add_cgroups(
+            DEFAULT_TABLE,
+            &[CgroupMatch {
+                id: fake_id(1),
+                level: 2,
+            }],
+        )
+        .unwrap();
+        netfilter::remove_cgroups(
+            DEFAULT_TABLE,
+            &[CgroupMatch {
+                id: fake_id(1),
+                level: 2,
+            }],
+        )
+        .unwrap();
         assert!(!monitor.read_events().unwrap(), "own changes reported");
 
-        // nft's own start-up time, for comparison.
+        // Someone deletes the table: an interactive nft already running (so its
+        // start-up is not timed) gets the command.
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nft", "-i"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut stdin = nft.stdin.take().unwrap();
         let start = Instant::now();
-        let _ = ns.exec(&["nft", "list", "tables"]);
-        let nft_runtime = start.elapsed();
-
-        // Someone deletes the table.
-        let start = Instant::now();
-        let deleter = std::thread::scope(|s| {
-            let deleter = s.spawn(|| ns.nft(&["delete", "table", "inet", DEFAULT_TABLE]));
-            let seen = wait_readable(&monitor, Duration::from_secs(5)).expect("no notification");
-            eprintln!(
-                "deletion seen {seen:?} after starting `nft delete table` (a bare nft run takes {nft_runtime:?})"
-            );
-            deleter
-                .join()
-                .map(|()| start.elapsed())
-        });
-        assert!(deleter.is_ok());
+        writeln!(stdin, "delete table inet {DEFAULT_TABLE}").unwrap();
+        let seen = wait_readable(&monitor, Duration::from_secs(5)).expect("no notification");
+        eprintln!("deletion seen {seen:?} after handing `delete table` to a running nft");
+        assert!(start.elapsed() < Duration::from_secs(1));
+        drop(stdin);
+        assert!(nft.wait().unwrap().success());
         assert!(monitor.read_events().unwrap(), "deletion not reported");
         assert!(!monitor.read_events().unwrap(), "reported twice");
 
@@ -524,4 +554,261 @@ fn counters_start_at_zero() {
     assert_eq!(counters, netfilter::DropCounters::default());
     let err = ns.run(|| netfilter::counters("absent").unwrap_err());
     assert_eq!(err.errno(), Some(libc::ENOENT), "{err}");
+}
+
+/// A cgroup v2 directory of our own right under the cgroup2 root (level 1), removed on
+/// drop.
+struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    fn new() -> Option<Self> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let root = mountinfo.lines().find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            if fs.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            mount.split_whitespace().nth(4).map(PathBuf::from)
+        })?;
+        let path = root.join(format!("ae-nf-test-{}", std::process::id()));
+        std::fs::create_dir(&path).ok()?;
+        Some(TestCgroup { path })
+    }
+
+    fn member(&self) -> CgroupMatch {
+        CgroupMatch {
+            id: std::fs::metadata(&self.path).unwrap().ino(),
+            level: 1,
+        }
+    }
+
+    /// Runs `args` in the cgroup and in the namespace.
+    fn run(&self, ns: &NetNs, args: &[&str]) -> Output {
+        let procs = self.path.join("cgroup.procs");
+        Command::new("sh")
+            .args([
+                "-c",
+                r#"echo $$ > "$1" && shift && exec ip netns exec "$@""#,
+                "sh",
+            ])
+            .arg(&procs)
+            .arg(&ns.name)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // The last member may take a moment to leave after exiting.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("could not remove {}", self.path.display());
+    }
+}
+
+/// A listener like the proxy's: IP_TRANSPARENT, on 127.0.0.1:port, in the caller's netns.
+fn transparent_listener(port: u16) -> TcpListener {
+    // SAFETY: plain socket calls on a fresh fd checked at each step; the fd is handed to
+    // TcpListener, which owns it from then on.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let listener = TcpListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_IP,
+            libc::IP_TRANSPARENT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "IP_TRANSPARENT: {}", std::io::Error::last_os_error());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::listen(fd, 16), 0);
+        listener
+    }
+}
+
+/// Accepts one connection (within 10 s), answers it with the destination the client
+/// dialled (the accepted socket's local address), returns that destination.
+fn serve_one(listener: TcpListener) -> SocketAddr {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("no connection reached the proxy: {e}"),
+        }
+    };
+    stream.set_nonblocking(false).unwrap();
+    let original = stream.local_addr().unwrap();
+    let mut request = [0u8; 1024];
+    let _ = stream.read(&mut request).unwrap();
+    let body = format!("proxied {original}");
+    write!(
+        stream,
+        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    original
+}
+
+#[test]
+fn agents_tcp_reaches_the_proxy_and_their_other_traffic_is_dropped() {
+    if !prerequisites_with(&["curl", "socat"]) {
+        return;
+    }
+    let Some(cgroup) = TestCgroup::new() else {
+        skip("cannot create a cgroup under the cgroup2 mount");
+        return;
+    };
+    let ns = NetNs::new();
+    // A way out that leads nowhere (a veth pair inside the namespace, nothing answering
+    // on the far end), and the routing module's part: marked packets are delivered
+    // locally.
+    for args in [
+        &[
+            "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+        ][..],
+        &["link", "set", "veth0", "up"],
+        &["link", "set", "veth1", "up"],
+        &["addr", "add", "192.0.2.1/24", "dev", "veth0"],
+        &["route", "add", "default", "dev", "veth0"],
+        &["rule", "add", "fwmark", "0x1234", "lookup", "100"],
+        &[
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ],
+    ] {
+        ns.ip(args);
+    }
+    let mut agent_plan = plan(vec![cgroup.member()]);
+    agent_plan.bypass.clear();
+    let listener = ns.run(|| {
+        netfilter::install(&agent_plan).unwrap();
+        transparent_listener(PORT)
+    });
+    let curl = ["curl", "-sS", "--max-time", "5", "http://203.0.113.5:8080/"];
+
+    // The agent's connection lands on the proxy, which sees where it was going.
+    let proxy = std::thread::spawn(move || serve_one(listener));
+    let out = cgroup.run(&ns, &curl);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "proxied 203.0.113.5:8080",
+        "{out:?}"
+    );
+    assert_eq!(proxy.join().unwrap(), "203.0.113.5:8080".parse().unwrap());
+
+    // The proxy is gone (listener closed): refused at once, not left hanging.
+    let start = Instant::now();
+    let out = cgroup.run(&ns, &curl);
+    let refused_in = start.elapsed();
+    eprintln!("with no proxy, the agent's connection was refused in {refused_in:?}");
+    assert_eq!(out.status.code(), Some(7), "curl: {out:?}"); // could not connect
+    assert!(refused_in < Duration::from_secs(2));
+
+    // Not an agent: not intercepted. It goes out by veth0 and gets no answer.
+    let out = ns.exec(&["curl", "-sS", "--max-time", "1", "http://203.0.113.5:8080/"]);
+    assert_eq!(out.status.code(), Some(28), "curl: {out:?}"); // timed out
+
+    // The agent's UDP: dropped and counted, except DNS to the resolver.
+    cgroup.run(
+        &ns,
+        &[
+            "sh",
+            "-c",
+            "echo x | socat -u - UDP-SENDTO:203.0.113.5:443; \
+             echo x | socat -u - UDP-SENDTO:192.0.2.53:53",
+        ],
+    );
+    // The host's UDP is none of our business.
+    let out = ns.exec(&["sh", "-c", "echo x | socat -u - UDP-SENDTO:203.0.113.6:443"]);
+    assert!(out.status.success(), "{out:?}");
+
+    let counters = ns.run(|| netfilter::counters(DEFAULT_TABLE).unwrap());
+    assert_eq!(counters.packets, 1, "{counters:?}");
+    assert_eq!(counters.by_udp_destination.len(), 1, "{counters:?}");
+    let dropped = &counters.by_udp_destination[0];
+    assert_eq!(dropped.addr, "203.0.113.5:443".parse().unwrap());
+    assert_eq!(dropped.packets, 1);
+    assert_eq!((dropped.bytes, counters.bytes), (30, 30)); // IPv4 + UDP headers + "x\n"
+}
+
+#[test]
+fn largest_plan_installs_in_one_batch() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = NetNs::new();
+    let big = TablePlan {
+        table: DEFAULT_TABLE.into(),
+        mark: MARK,
+        port: PORT,
+        cgroups: (0..netfilter::MAX_CGROUPS as u64)
+            .map(|n| CgroupMatch {
+                id: fake_id(n),
+                level: 1 + (n % 8) as u32,
+            })
+            .collect(),
+        dns_servers: (0..netfilter::MAX_DNS_SERVERS as u8)
+            .map(|n| std::net::IpAddr::from([192, 0, 2, n]))
+            .collect(),
+        bypass: (0..netfilter::MAX_BYPASS as u32)
+            .map(|n| {
+                (
+                    std::net::IpAddr::from((0x0a00_0000 + (n << 8)).to_be_bytes()),
+                    24,
+                )
+            })
+            .collect(),
+    };
+    let took = ns.run(|| {
+        let start = Instant::now();
+        netfilter::install(&big).unwrap();
+        start.elapsed()
+    });
+    eprintln!(
+        "install of {} cgroups, {} bypass networks, {} resolvers took {took:?}",
+        big.cgroups.len(),
+        big.bypass.len(),
+        big.dns_servers.len()
+    );
+    let json = ns.table_json().unwrap();
+    assert_eq!(set_members(&json).len(), netfilter::MAX_CGROUPS);
+    assert_eq!(
+        rules_in(&json, "output").len(),
+        2 + netfilter::MAX_BYPASS + 2 * netfilter::MAX_DNS_SERVERS + 8
+    );
 }

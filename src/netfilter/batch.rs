@@ -2,11 +2,10 @@
 //! every ack read and checked, and dumps (GET requests).
 
 use super::decode::{self, Ack, NlMsg};
-use super::encode::{Message, MessageWriter, FAMILY_UNSPEC};
+use super::encode::{Message, MessageWriter, FAMILY_UNSPEC, NLM_F_ACK};
 use super::NetfilterError;
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use rustables::sys;
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
@@ -179,6 +178,12 @@ impl Batch {
     }
 
     /// BATCH_BEGIN (seq 0), the messages numbered 1..=n, BATCH_END.
+    ///
+    /// Only the last message asks for an ack. The kernel acks every refused message
+    /// anyway, and sends all acks once it has processed the whole batch, in batch
+    /// order (a failed commit is acked against BATCH_BEGIN before them): so the last
+    /// message's ack means every refusal has arrived, and a big batch does not queue
+    /// thousands of "0" acks.
     fn encode(&self) -> Result<Vec<u8>, NetfilterError> {
         let subsystem = sys::NFNL_SUBSYS_NFTABLES as u16;
         let begin = MessageWriter::raw(
@@ -194,10 +199,19 @@ impl Batch {
             begin.len() + end.len() + self.messages.iter().map(|m| m.bytes.len()).sum::<usize>();
         let mut out = Vec::with_capacity(total);
         out.extend_from_slice(&begin);
+        let last = self.messages.len().saturating_sub(1);
         for (index, message) in self.messages.iter().enumerate() {
             let start = out.len();
             out.extend_from_slice(&message.bytes);
-            out[start + 8..start + 12].copy_from_slice(&seq_of(index).to_ne_bytes());
+            let header = out.get_mut(start..start + 12).ok_or_else(|| {
+                NetfilterError::Protocol(format!("{} has no netlink header", message.label))
+            })?;
+            let mut flags = u16::from_ne_bytes([header[6], header[7]]) & !NLM_F_ACK;
+            if index == last {
+                flags |= NLM_F_ACK;
+            }
+            header[6..8].copy_from_slice(&flags.to_ne_bytes());
+            header[8..12].copy_from_slice(&seq_of(index).to_ne_bytes());
         }
         let start = out.len();
         out.extend_from_slice(&end);
@@ -208,6 +222,9 @@ impl Batch {
     /// Sends the batch and reads every ack. Ok(empty) means the kernel committed it;
     /// otherwise it aborted the whole batch and these are the refusals, in batch order.
     pub(crate) fn transact(&self) -> Result<Vec<Refusal>, NetfilterError> {
+        let Some(last_seq) = self.messages.len().checked_sub(1).map(seq_of) else {
+            return Ok(Vec::new());
+        };
         let bytes = self.encode()?;
         let socket = NfSocket::open()?;
         set_buffer(
@@ -216,6 +233,7 @@ impl Batch {
             libc::SO_SNDBUF,
             bytes.len() + RECV_BUFFER,
         );
+        // Room for every message to be refused (a refused table makes all the rest fail).
         set_buffer(
             socket.socket(),
             libc::SO_RCVBUFFORCE,
@@ -225,59 +243,53 @@ impl Batch {
         remember_own_port(socket.port);
         socket.send(&bytes)?;
 
-        let mut pending: HashMap<u32, usize> =
-            (0..self.messages.len()).map(|i| (seq_of(i), i)).collect();
         let mut refusals = Vec::new();
         let mut buf = Vec::with_capacity(RECV_BUFFER);
-        while !pending.is_empty() {
-            socket
-                .recv(&mut buf, 0)
-                .map_err(|source| match source.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+        loop {
+            socket.recv(&mut buf, 0).map_err(|source| {
+                match (source.kind(), source.raw_os_error()) {
+                    (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, _) => {
                         NetfilterError::Protocol(format!(
-                    "no ack for {} of {} messages within {ACK_TIMEOUT:?} (first missing: {})",
-                    pending.len(),
-                    self.messages.len(),
-                    self.first_pending_label(&pending),
-                ))
+                            "no ack for the batch within {ACK_TIMEOUT:?}"
+                        ))
                     }
+                    // Only refusals are acked besides the last message: an overrun
+                    // means many refusals, so the batch was aborted.
+                    (_, Some(libc::ENOBUFS)) => NetfilterError::Protocol(
+                        "the kernel refused the batch with more refusals than the receive \
+                         buffer holds; nothing was changed"
+                            .into(),
+                    ),
                     _ => NetfilterError::Io {
                         action: "recv ack",
                         source,
                     },
-                })?;
+                }
+            })?;
             for msg in decode::messages(&buf)? {
                 if msg.kind != libc::NLMSG_ERROR as u16 {
                     continue;
                 }
                 let ack = decode::ack(&msg)?;
-                if ack.seq == BEGIN_SEQ {
-                    // The batch as a whole failed (commit or framing): no more acks come.
-                    refusals.push(Refusal { index: None, ack });
-                    pending.clear();
-                    continue;
+                let seq = ack.seq;
+                let index = (seq != BEGIN_SEQ).then(|| seq as usize - 1);
+                if index.is_some_and(|i| i >= self.messages.len()) {
+                    return Err(NetfilterError::Protocol(format!(
+                        "ack for unknown sequence number {seq}"
+                    )));
                 }
-                if let Some(index) = pending.remove(&ack.seq) {
-                    if ack.errno != 0 {
-                        refusals.push(Refusal {
-                            index: Some(index),
-                            ack,
-                        });
-                    }
+                if ack.errno != 0 {
+                    refusals.push(Refusal { index, ack });
+                }
+                // Nothing follows an ack of the last message; an error on BATCH_BEGIN
+                // may be the batch's framing (then nothing else comes) or its commit
+                // (the rest would only repeat what was already sent).
+                if seq == last_seq || seq == BEGIN_SEQ {
+                    refusals.sort_by_key(|r| r.index);
+                    return Ok(refusals);
                 }
             }
         }
-        refusals.sort_by_key(|r| r.index);
-        Ok(refusals)
-    }
-
-    fn first_pending_label(&self, pending: &HashMap<u32, usize>) -> String {
-        pending
-            .values()
-            .min()
-            .and_then(|i| self.messages.get(*i))
-            .map(|m| m.label.clone())
-            .unwrap_or_default()
     }
 
     /// Sends the batch; Ok once the kernel has committed all of it.
@@ -351,5 +363,93 @@ pub(crate) fn dump(
                 _ => each(&msg)?,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netfilter::encode::{NLM_F_CREATE, NLM_F_REQUEST};
+
+    fn message(label: &str) -> Message {
+        let bytes = MessageWriter::nft(sys::NFT_MSG_NEWTABLE, 1, NLM_F_ACK | NLM_F_CREATE)
+            .finish(label)
+            .unwrap();
+        Message::new(bytes, label.into())
+    }
+
+    #[test]
+    fn batch_is_framed_numbered_and_asks_one_ack() {
+        let batch = Batch {
+            messages: vec![message("a"), message("b"), message("c")],
+        };
+        let bytes = batch.encode().unwrap();
+        let msgs = decode::messages(&bytes).unwrap();
+        let kinds: Vec<u16> = msgs.iter().map(|m| m.kind).collect();
+        let table = crate::netfilter::encode::nft_type(sys::NFT_MSG_NEWTABLE);
+        assert_eq!(
+            kinds,
+            [
+                sys::NFNL_MSG_BATCH_BEGIN as u16,
+                table,
+                table,
+                table,
+                sys::NFNL_MSG_BATCH_END as u16
+            ]
+        );
+        let seqs: Vec<u32> = msgs
+            .iter()
+            .map(|m| u32::from_ne_bytes(m.raw[8..12].try_into().unwrap()))
+            .collect();
+        assert_eq!(seqs, [0, 1, 2, 3, 4]);
+        let flags: Vec<u16> = msgs.iter().map(|m| m.flags).collect();
+        let create = NLM_F_REQUEST | NLM_F_CREATE;
+        assert_eq!(
+            flags,
+            [
+                NLM_F_REQUEST,
+                create,
+                create,
+                create | NLM_F_ACK,
+                NLM_F_REQUEST
+            ]
+        );
+        // BATCH_BEGIN names the nf_tables subsystem, big-endian, as res_id.
+        assert_eq!(
+            &msgs[0].body[2..4],
+            &(sys::NFNL_SUBSYS_NFTABLES as u16).to_be_bytes()
+        );
+    }
+
+    #[test]
+    fn refusal_error_names_message_part_and_hint() {
+        let mut rule = crate::netfilter::encode::Rule::new(
+            "prerouting",
+            "tproxy to proxy",
+            vec![crate::netfilter::encode::Expr::Tproxy],
+        );
+        rule.hint = Some("modprobe nft_tproxy".into());
+        let msg = rule.message("t").unwrap();
+        let offset = msg.parts[0].start + 4;
+        let batch = Batch {
+            messages: vec![message("table inet t"), msg],
+        };
+        let refusal = Refusal {
+            index: Some(1),
+            ack: Ack {
+                seq: 2,
+                errno: libc::ENOENT,
+                message: None,
+                offset: Some(offset),
+            },
+        };
+        let text = batch.refusal_error(&refusal, 2).to_string();
+        assert!(text.starts_with(
+            "kernel refused rule 'tproxy to proxy' in chain prerouting at expression 1 (tproxy): "
+        ), "{text}");
+        assert!(
+            text.contains("(modprobe nft_tproxy); 2 more message(s)"),
+            "{text}"
+        );
     }
 }
