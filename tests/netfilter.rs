@@ -8,7 +8,7 @@ use agent_egress::netfilter::{
 };
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -614,37 +614,61 @@ impl Drop for TestCgroup {
     }
 }
 
-/// A listener like the proxy's: IP_TRANSPARENT, on 127.0.0.1:port, in the caller's netns.
-fn transparent_listener(port: u16) -> TcpListener {
-    // SAFETY: plain socket calls on a fresh fd checked at each step; the fd is handed to
-    // TcpListener, which owns it from then on.
+/// A listener like the proxy's: IP_TRANSPARENT, in the caller's network namespace.
+fn transparent_listener(addr: SocketAddr) -> TcpListener {
+    let (family, level, option) = match addr {
+        SocketAddr::V4(_) => (libc::AF_INET, libc::SOL_IP, libc::IP_TRANSPARENT),
+        SocketAddr::V6(_) => (libc::AF_INET6, libc::SOL_IPV6, libc::IPV6_TRANSPARENT),
+    };
+    // SAFETY: plain socket calls on a fresh fd, checked at each step; TcpListener owns the
+    // fd from the start; the sockaddr passed matches its length.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0);
         let listener = TcpListener::from_raw_fd(fd);
         let one: libc::c_int = 1;
         let rc = libc::setsockopt(
             fd,
-            libc::SOL_IP,
-            libc::IP_TRANSPARENT,
+            level,
+            option,
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
-        assert_eq!(rc, 0, "IP_TRANSPARENT: {}", std::io::Error::last_os_error());
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
-            },
-            sin_zero: [0; 8],
+        assert_eq!(rc, 0, "transparent: {}", std::io::Error::last_os_error());
+        let rc = match addr {
+            SocketAddr::V4(a) => {
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of_val(&sa) as libc::socklen_t,
+                )
+            }
+            SocketAddr::V6(a) => {
+                let sa = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of_val(&sa) as libc::socklen_t,
+                )
+            }
         };
-        let rc = libc::bind(
-            fd,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        assert_eq!(rc, 0, "bind {addr}: {}", std::io::Error::last_os_error());
         assert_eq!(libc::listen(fd, 16), 0);
         listener
     }
@@ -692,56 +716,57 @@ fn agents_tcp_reaches_the_proxy_and_their_other_traffic_is_dropped() {
     // on the far end), and the routing module's part: marked packets are delivered
     // locally.
     for args in [
-        &[
-            "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
-        ][..],
-        &["link", "set", "veth0", "up"],
-        &["link", "set", "veth1", "up"],
-        &["addr", "add", "192.0.2.1/24", "dev", "veth0"],
-        &["route", "add", "default", "dev", "veth0"],
-        &["rule", "add", "fwmark", "0x1234", "lookup", "100"],
-        &[
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            "100",
-        ],
+        "link add veth0 type veth peer name veth1",
+        "link set veth0 up",
+        "link set veth1 up",
+        "addr add 192.0.2.1/24 dev veth0",
+        "addr add 2001:db8::1/64 dev veth0 nodad",
+        "route add default dev veth0",
+        "-6 route add default dev veth0",
+        "rule add fwmark 0x1234 lookup 100",
+        "-6 rule add fwmark 0x1234 lookup 100",
+        "route add local 0.0.0.0/0 dev lo table 100",
+        "-6 route add local ::/0 dev lo table 100",
     ] {
-        ns.ip(args);
+        ns.ip(&args.split(' ').collect::<Vec<_>>());
     }
     let mut agent_plan = plan(vec![cgroup.member()]);
     agent_plan.bypass.clear();
-    let listener = ns.run(|| {
-        netfilter::install(&agent_plan).unwrap();
-        transparent_listener(PORT)
-    });
-    let curl = ["curl", "-sS", "--max-time", "5", "http://203.0.113.5:8080/"];
+    ns.run(|| netfilter::install(&agent_plan).unwrap());
 
-    // The agent's connection lands on the proxy, which sees where it was going.
-    let proxy = std::thread::spawn(move || serve_one(listener));
-    let out = cgroup.run(&ns, &curl);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "proxied 203.0.113.5:8080",
-        "{out:?}"
-    );
-    assert_eq!(proxy.join().unwrap(), "203.0.113.5:8080".parse().unwrap());
+    for (target, proxy_addr) in [
+        ("203.0.113.5:8080", format!("127.0.0.1:{PORT}")),
+        ("[2001:db8:1::5]:8080", format!("[::1]:{PORT}")),
+    ] {
+        let listener = ns.run(|| transparent_listener(proxy_addr.parse().unwrap()));
+        let url = format!("http://{target}/");
+        let curl = ["curl", "-sS", "--max-time", "5", &url];
 
-    // The proxy is gone (listener closed): refused at once, not left hanging.
-    let start = Instant::now();
-    let out = cgroup.run(&ns, &curl);
-    let refused_in = start.elapsed();
-    eprintln!("with no proxy, the agent's connection was refused in {refused_in:?}");
-    assert_eq!(out.status.code(), Some(7), "curl: {out:?}"); // could not connect
-    assert!(refused_in < Duration::from_secs(2));
+        // The agent's connection lands on the proxy, which sees where it was going.
+        let proxy = std::thread::spawn(move || serve_one(listener));
+        let out = cgroup.run(&ns, &curl);
+        let target: SocketAddr = target.parse().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("proxied {target}"),
+            "{out:?}"
+        );
+        assert_eq!(proxy.join().unwrap(), target);
 
-    // Not an agent: not intercepted. It goes out by veth0 and gets no answer.
-    let out = ns.exec(&["curl", "-sS", "--max-time", "1", "http://203.0.113.5:8080/"]);
-    assert_eq!(out.status.code(), Some(28), "curl: {out:?}"); // timed out
+        // The proxy is gone (listener closed): refused at once, not left hanging.
+        let start = Instant::now();
+        let out = cgroup.run(&ns, &curl);
+        let refused_in = start.elapsed();
+        eprintln!(
+            "with no proxy, the agent's connection to {target} was refused in {refused_in:?}"
+        );
+        assert_eq!(out.status.code(), Some(7), "curl: {out:?}"); // could not connect
+        assert!(refused_in < Duration::from_secs(2));
+
+        // Not an agent: not intercepted. It goes out by veth0 and gets no answer.
+        let out = ns.exec(&["curl", "-sS", "--max-time", "1", &url]);
+        assert_eq!(out.status.code(), Some(28), "curl: {out:?}"); // timed out
+    }
 
     // The agent's UDP: dropped and counted, except DNS to the resolver.
     cgroup.run(
@@ -750,6 +775,7 @@ fn agents_tcp_reaches_the_proxy_and_their_other_traffic_is_dropped() {
             "sh",
             "-c",
             "echo x | socat -u - UDP-SENDTO:203.0.113.5:443; \
+             echo x | socat -u - UDP6-SENDTO:[2001:db8:1::5]:443; \
              echo x | socat -u - UDP-SENDTO:192.0.2.53:53",
         ],
     );
@@ -758,12 +784,21 @@ fn agents_tcp_reaches_the_proxy_and_their_other_traffic_is_dropped() {
     assert!(out.status.success(), "{out:?}");
 
     let counters = ns.run(|| netfilter::counters(DEFAULT_TABLE).unwrap());
-    assert_eq!(counters.packets, 1, "{counters:?}");
-    assert_eq!(counters.by_udp_destination.len(), 1, "{counters:?}");
-    let dropped = &counters.by_udp_destination[0];
-    assert_eq!(dropped.addr, "203.0.113.5:443".parse().unwrap());
-    assert_eq!(dropped.packets, 1);
-    assert_eq!((dropped.bytes, counters.bytes), (30, 30)); // IPv4 + UDP headers + "x\n"
+    // IP header + UDP header + "x\n": 20 + 8 + 2 and 40 + 8 + 2 bytes.
+    assert_eq!((counters.packets, counters.bytes), (2, 80), "{counters:?}");
+    let mut dropped: Vec<_> = counters
+        .by_udp_destination
+        .iter()
+        .map(|d| (d.addr.to_string(), d.packets, d.bytes))
+        .collect();
+    dropped.sort();
+    assert_eq!(
+        dropped,
+        [
+            ("203.0.113.5:443".to_string(), 1, 30),
+            ("[2001:db8:1::5]:443".to_string(), 1, 50)
+        ]
+    );
 }
 
 #[test]

@@ -56,13 +56,13 @@ fn io_error(action: &'static str) -> impl FnOnce(io::Error) -> NetfilterError {
 }
 
 /// A bound NETLINK_NETFILTER socket with extended acks on.
-pub(crate) struct NfSocket {
+struct NfSocket {
     socket: Socket,
     port: u32,
 }
 
 impl NfSocket {
-    pub(crate) fn open() -> Result<Self, NetfilterError> {
+    fn open() -> Result<Self, NetfilterError> {
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(io_error("socket"))?;
         let address = socket.bind_auto().map_err(io_error("bind"))?;
         // Extended acks name the refused attribute; capped acks keep them small.
@@ -79,7 +79,7 @@ impl NfSocket {
         })
     }
 
-    pub(crate) fn socket(&self) -> &Socket {
+    fn socket(&self) -> &Socket {
         &self.socket
     }
 
@@ -99,10 +99,10 @@ impl NfSocket {
     }
 
     /// Receives one datagram into `buf` (cleared first).
-    pub(crate) fn recv(&self, buf: &mut Vec<u8>, flags: libc::c_int) -> io::Result<()> {
+    fn recv(&self, buf: &mut Vec<u8>) -> io::Result<()> {
         buf.clear();
         buf.reserve(RECV_BUFFER);
-        let len = self.socket.recv(buf, flags | libc::MSG_TRUNC)?;
+        let len = self.socket.recv(buf, libc::MSG_TRUNC)?;
         if len > buf.len() {
             return Err(io::Error::other(format!(
                 "netlink datagram of {len} bytes truncated"
@@ -112,7 +112,8 @@ impl NfSocket {
     }
 }
 
-/// Sets a socket option to an int; `force` is the variant root may use past the sysctl cap.
+/// Sets a socket buffer's size, best effort: first with the `force` option (past the
+/// sysctl cap; needs CAP_NET_ADMIN, which nf_tables changes need anyway), else `plain`.
 pub(crate) fn set_buffer(socket: &Socket, force: libc::c_int, plain: libc::c_int, size: usize) {
     let value = size.min(MAX_SOCKET_BUFFER) as libc::c_int;
     let set = |option| {
@@ -128,8 +129,7 @@ pub(crate) fn set_buffer(socket: &Socket, force: libc::c_int, plain: libc::c_int
             )
         }
     };
-    // Best effort: the default buffers hold ordinary batches; the force variant needs
-    // CAP_NET_ADMIN, which sending a batch needs anyway.
+    // The default sizes still hold ordinary batches.
     if set(force) != 0 {
         set(plain);
     }
@@ -246,7 +246,7 @@ impl Batch {
         let mut refusals = Vec::new();
         let mut buf = Vec::with_capacity(RECV_BUFFER);
         loop {
-            socket.recv(&mut buf, 0).map_err(|source| {
+            socket.recv(&mut buf).map_err(|source| {
                 match (source.kind(), source.raw_os_error()) {
                     (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, _) => {
                         NetfilterError::Protocol(format!(
@@ -336,7 +336,7 @@ pub(crate) fn dump(
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     let mut total = 0usize;
     loop {
-        socket.recv(&mut buf, 0).map_err(io_error("recv dump"))?;
+        socket.recv(&mut buf).map_err(io_error("recv dump"))?;
         total += buf.len();
         if total > MAX_DUMP_BYTES {
             return Err(NetfilterError::Protocol(format!(
