@@ -1,9 +1,11 @@
 //! agent-egress: a Linux egress controller for AI agents.
+pub mod capture;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod exec;
 pub mod names;
+pub mod netfilter;
 pub mod proxy;
 pub mod routing;
