@@ -175,7 +175,7 @@ impl Capture {
     pub fn status(config: &Config) -> Result<Status, String> {
         let table = &config.interception.table;
         let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
-        let members = netfilter::members(table).map_err(|e| e.to_string())?;
+        let members = netfilter::agent_ids(table).map_err(|e| e.to_string())?;
         let configured: Vec<(String, Option<u64>)> = config
             .interception
             .cgroups
@@ -187,12 +187,11 @@ impl Capture {
             .collect();
         let set = members.as_ref().map(|m| {
             m.iter()
-                .map(|c| SetMember {
-                    id: c.id,
-                    level: c.level,
+                .map(|id| SetMember {
+                    id: *id,
                     path: configured
                         .iter()
-                        .find(|(_, id)| *id == Some(c.id))
+                        .find(|(_, configured_id)| *configured_id == Some(*id))
                         .map(|(p, _)| p.clone()),
                 })
                 .collect()
@@ -234,7 +233,6 @@ impl Drop for Capture {
 #[derive(Serialize)]
 pub struct SetMember {
     pub id: u64,
-    pub level: u32,
     pub path: Option<String>,
 }
 
@@ -269,7 +267,7 @@ impl Status {
         }
         for m in &self.agents_set {
             let path = m.path.as_deref().unwrap_or("(not a configured cgroup)");
-            out.push_str(&format!("  id {} level {}  {}\n", m.id, m.level, path));
+            out.push_str(&format!("  id {}  {}\n", m.id, path));
         }
         for (path, id) in &self.configured_cgroups {
             if id.is_none() {

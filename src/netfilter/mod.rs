@@ -261,6 +261,16 @@ pub fn counters(table: &str) -> Result<DropCounters, NetfilterError> {
     query::drop_counters(table)
 }
 
+/// The cgroup ids in the agents set, or None when the table is not installed.
+pub fn agent_ids(table: &str) -> Result<Option<Vec<u64>>, NetfilterError> {
+    validate_table_name(table)?;
+    match query::agent_ids(table) {
+        Ok(ids) => Ok(Some(ids)),
+        Err(e) if e.errno() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,11 @@
-//! Reading our table back: which cgroup levels have a rule, and what agents had dropped.
+//! Reading our table back: which cgroup levels have a rule, which cgroups are
+//! agents, and what agents had dropped.
 
 use super::batch::dump;
 use super::decode::{be32, be64, string, Attrs};
 use super::encode::{nft_type, MessageWriter, FAMILY_INET, NLM_F_DUMP};
 use super::ruleset::{AGENT_CHAIN, DROPPED_V4_SET, DROPPED_V6_SET, OUTPUT_CHAIN};
-use super::{DropCounters, DroppedDestination, NetfilterError};
+use super::{DropCounters, DroppedDestination, NetfilterError, AGENTS_SET};
 use rustables::sys;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -83,11 +84,11 @@ pub(crate) fn drop_counters(table: &str) -> Result<DropCounters, NetfilterError>
     Ok(counters)
 }
 
-fn dropped_destinations(
+/// Calls `each(element)` for every element of a set.
+fn for_each_set_element(
     table: &str,
     set: &str,
-    addr_len: usize,
-    out: &mut Vec<DroppedDestination>,
+    mut each: impl FnMut(&[u8]),
 ) -> Result<(), NetfilterError> {
     let mut request = MessageWriter::nft(sys::NFT_MSG_GETSETELEM, FAMILY_INET, NLM_F_DUMP);
     request.put_str(sys::NFTA_SET_ELEM_LIST_TABLE, table);
@@ -102,12 +103,39 @@ fn dropped_destinations(
             .get(sys::NFTA_SET_ELEM_LIST_ELEMENTS)
             .unwrap_or_default();
         for (_, element) in Attrs(elements) {
-            if let Some(entry) = dropped_destination(element, addr_len) {
-                out.push(entry);
-            }
+            each(element);
         }
         Ok(())
     })
+}
+
+fn dropped_destinations(
+    table: &str,
+    set: &str,
+    addr_len: usize,
+    out: &mut Vec<DroppedDestination>,
+) -> Result<(), NetfilterError> {
+    for_each_set_element(table, set, |element| {
+        if let Some(entry) = dropped_destination(element, addr_len) {
+            out.push(entry);
+        }
+    })
+}
+
+/// The cgroup ids in the agents set (host-order u64 keys).
+pub(crate) fn agent_ids(table: &str) -> Result<Vec<u64>, NetfilterError> {
+    let mut ids = Vec::new();
+    for_each_set_element(table, AGENTS_SET, |element| {
+        let id = Attrs(element)
+            .get(sys::NFTA_SET_ELEM_KEY)
+            .and_then(|key| Attrs(key).get(sys::NFTA_DATA_VALUE))
+            .and_then(|v| <[u8; 8]>::try_from(v.get(..8)?).ok())
+            .map(u64::from_ne_bytes);
+        if let Some(id) = id {
+            ids.push(id);
+        }
+    })?;
+    Ok(ids)
 }
 
 /// One element of a dropped set: key `address . port` and its counter.
