@@ -1,4 +1,5 @@
 //! agent-egress: a Linux egress controller for AI agents.
+pub mod audit;
 pub mod capture;
 pub mod cgroup;
 pub mod cli;
@@ -7,5 +8,6 @@ pub mod daemon;
 pub mod exec;
 pub mod names;
 pub mod netfilter;
+pub mod procinfo;
 pub mod proxy;
 pub mod routing;

@@ -1,0 +1,611 @@
+//! Audit records: one JSON object per line, written by a dedicated thread.
+//!
+//! The relay never waits on disk: [`AuditLog::submit`] is a `try_send` into a bounded
+//! queue and counts a drop when the queue is full. The writer thread also does the slow
+//! half of process attribution (/proc reads), so the event loop only ever does the
+//! kernel socket lookup.
+//!
+//! JSON shape: every field of [`Record`] is always present, `null` when unknown, so that
+//! consumers see one fixed schema; the only exception is `dropped`, which appears only
+//! on drop-summary events (`audit_drops`, kernel `drops`).
+//!
+//! Early attribution: a short-lived client (curl) may be gone by the time its
+//! connection ends. At accept time the proxy calls [`AuditLog::attribute_early`] with a
+//! connection id from [`AuditLog::next_conn_id`]; the writer resolves the process at
+//! once and keeps the answer in a bounded map until the record with that `conn_id` and
+//! `event: "end"` arrives.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::procinfo::{Attributor, OwnerQuery, ProcessInfo};
+
+pub const EVENT_START: &str = "start";
+pub const EVENT_END: &str = "end";
+pub const EVENT_AUDIT_DROPS: &str = "audit_drops";
+
+#[derive(Serialize, Clone, Debug, Default, PartialEq)]
+pub struct Record {
+    /// RFC 3339 UTC with milliseconds. Left empty, the writer stamps it when writing.
+    pub ts: String,
+    /// "end" | "start" | "audit_drops" | "drops" | ...
+    pub event: &'static str,
+    /// Links the records of one connection (from [`AuditLog::next_conn_id`]).
+    pub conn_id: Option<u64>,
+    /// The configured cgroup path the connection came from.
+    pub agent: Option<String>,
+    pub cgroup_id: Option<u64>,
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub exe: Option<String>,
+    pub cmdline: Option<Vec<String>>,
+    /// "ip:port", "[v6]:port"
+    pub src: String,
+    pub dst: String,
+    /// "tls" | "http" | "tcp"
+    pub proto: &'static str,
+    /// The normalised name used for policy.
+    pub host: Option<String>,
+    pub sni: Option<String>,
+    pub http_host: Option<String>,
+    pub ech: bool,
+    /// Rule name, "rules[3]" or "default".
+    pub rule: Option<String>,
+    pub outbound: String,
+    /// "allow" | "block" | "would_block" (audit mode) | "error"
+    pub verdict: &'static str,
+    /// How the upstream was chosen: "resolved" | "original" | "refused_mismatch" | ...
+    pub dial: Option<String>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+    /// Number of records or packets lost, on drop-summary events only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+}
+
+/// A record on its way to the writer, with what the writer needs to attribute it.
+#[derive(Clone, Debug, Default)]
+pub struct PendingRecord {
+    pub record: Record,
+    /// Where to look for the owning process when the record's pid is unknown and no
+    /// early attribution exists for its `conn_id`.
+    pub owner: Option<OwnerQuery>,
+}
+
+impl From<Record> for PendingRecord {
+    fn from(record: Record) -> Self {
+        Self {
+            record,
+            owner: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sink {
+    Stdout,
+    File(PathBuf),
+}
+
+impl Sink {
+    /// The config's `audit` value: `-` is stdout, anything else a file path.
+    pub fn from_config(path: &str) -> Self {
+        if path == "-" {
+            Self::Stdout
+        } else {
+            Self::File(PathBuf::from(path))
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum AuditError {
+    Open { path: PathBuf, source: io::Error },
+    Spawn(io::Error),
+    Encode(serde_json::Error),
+    WriterPanicked,
+}
+
+impl fmt::Display for AuditError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Open { path, source } => {
+                write!(f, "cannot open audit log {}: {source}", path.display())
+            }
+            Self::Spawn(e) => write!(f, "cannot start the audit writer thread: {e}"),
+            Self::Encode(e) => write!(f, "cannot encode an audit record: {e}"),
+            Self::WriterPanicked => write!(f, "the audit writer thread panicked"),
+        }
+    }
+}
+
+impl std::error::Error for AuditError {}
+
+/// Format a time as RFC 3339 UTC with milliseconds, e.g. `2026-11-25T08:40:25.123Z`.
+/// Times before 1970 are clamped to the epoch.
+pub fn format_timestamp(time: SystemTime) -> String {
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let of_day = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day), after Howard
+/// Hinnant's `civil_from_days`, restricted to dates from the epoch on.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468; // days since 0000-03-01
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Append `record` as one JSON line (with its newline) to `out`.
+pub fn encode_line(record: &Record, out: &mut Vec<u8>) -> Result<(), AuditError> {
+    serde_json::to_writer(&mut *out, record).map_err(AuditError::Encode)?;
+    out.push(b'\n');
+    Ok(())
+}
+
+enum Message {
+    Record(Box<PendingRecord>),
+    Attribute { conn_id: u64, query: OwnerQuery },
+    Stop,
+}
+
+struct Shared {
+    dropped: AtomicU64,
+    reopen: AtomicBool,
+    next_conn_id: AtomicU64,
+}
+
+/// A cheap, clonable handle to the audit writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    queue: SyncSender<Message>,
+    shared: Arc<Shared>,
+    attributing: bool,
+}
+
+/// Owns the writer thread; stop it with [`AuditThread::flush_and_stop`].
+pub struct AuditThread {
+    queue: SyncSender<Message>,
+    handle: JoinHandle<()>,
+}
+
+/// Most early attributions kept waiting for their connection's end record; past this
+/// the oldest are forgotten (their end records fall back to late attribution).
+const EARLY_ATTRIBUTIONS_MAX: usize = 8192;
+/// Upper bound on the time a written record sits in the buffer.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// How long to wait before retrying a failed reopen.
+const REOPEN_RETRY: Duration = Duration::from_secs(1);
+
+impl AuditLog {
+    /// Open the sink and spawn the writer thread. `attributor: None` turns /proc
+    /// attribution off (records keep whatever pid/exe they were submitted with).
+    pub fn start(
+        sink: Sink,
+        queue_capacity: usize,
+        attributor: Option<Attributor>,
+    ) -> Result<(AuditLog, AuditThread), AuditError> {
+        let output = Output::open(sink)?;
+        let (queue, receiver) = sync_channel(queue_capacity.max(1));
+        let shared = Arc::new(Shared {
+            dropped: AtomicU64::new(0),
+            reopen: AtomicBool::new(false),
+            next_conn_id: AtomicU64::new(1),
+        });
+        let attributing = attributor.is_some();
+        let writer = Writer {
+            output,
+            shared: Arc::clone(&shared),
+            attributor,
+            early: BTreeMap::new(),
+            line: Vec::with_capacity(1024),
+            reported_drops: 0,
+            last_flush: Instant::now(),
+            write_failing: false,
+            reopen_retry_at: None,
+        };
+        let capacity = queue_capacity.max(1);
+        let handle = thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(receiver, capacity))
+            .map_err(AuditError::Spawn)?;
+        Ok((
+            AuditLog {
+                queue: queue.clone(),
+                shared,
+                attributing,
+            },
+            AuditThread { queue, handle },
+        ))
+    }
+
+    /// Queue a record; never blocks. A full queue (or a stopped writer) counts a drop.
+    pub fn submit(&self, record: PendingRecord) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.queue.try_send(Message::Record(Box::new(record)))
+        {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A connection id unique within this log, for [`Record::conn_id`].
+    pub fn next_conn_id(&self) -> u64 {
+        self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Ask the writer to find the owning process now, while it surely exists, and keep
+    /// it for this connection's records. Never blocks; on a full queue the request is
+    /// skipped and the end record falls back to late attribution.
+    pub fn attribute_early(&self, conn_id: u64, query: OwnerQuery) {
+        if self.attributing {
+            let _ = self.queue.try_send(Message::Attribute { conn_id, query });
+        }
+    }
+
+    /// Records dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Reopen the file sink (append mode) before the next write: for SIGHUP after a
+    /// logrotate rename. No effect on stdout.
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::Release);
+    }
+}
+
+impl AuditThread {
+    /// Write everything queued so far, flush and join the writer. Records submitted
+    /// after this returns are counted as dropped.
+    pub fn flush_and_stop(self) -> Result<(), AuditError> {
+        // Blocking is right here: shutdown waits for the queue to make room.
+        let _ = self.queue.send(Message::Stop);
+        self.handle.join().map_err(|_| AuditError::WriterPanicked)
+    }
+}
+
+struct Output {
+    writer: BufWriter<Box<dyn Write + Send>>,
+    path: Option<PathBuf>,
+}
+
+impl Output {
+    fn open(sink: Sink) -> Result<Self, AuditError> {
+        match sink {
+            Sink::Stdout => Ok(Self {
+                writer: BufWriter::new(Box::new(io::stdout())),
+                path: None,
+            }),
+            Sink::File(path) => Ok(Self {
+                writer: BufWriter::with_capacity(64 * 1024, Box::new(open_append(&path)?)),
+                path: Some(path),
+            }),
+        }
+    }
+}
+
+fn open_append(path: &PathBuf) -> Result<File, AuditError> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640) // command lines can be sensitive
+        .open(path)
+        .map_err(|source| AuditError::Open {
+            path: path.clone(),
+            source,
+        })
+}
+
+struct Writer {
+    output: Output,
+    shared: Arc<Shared>,
+    attributor: Option<Attributor>,
+    /// Early attributions by connection id; ids grow, so the first entry is the oldest.
+    early: BTreeMap<u64, ProcessInfo>,
+    line: Vec<u8>,
+    reported_drops: u64,
+    last_flush: Instant,
+    write_failing: bool,
+    reopen_retry_at: Option<Instant>,
+}
+
+impl Writer {
+    fn run(mut self, queue: Receiver<Message>, capacity: usize) {
+        loop {
+            // Idle with nothing buffered: sleep until work arrives. Drops cannot
+            // happen meanwhile (they need a full queue). With bytes stuck after a
+            // failed flush, wake up to retry.
+            let received = if self.output.writer.buffer().is_empty() {
+                queue.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                queue.recv_timeout(FLUSH_INTERVAL)
+            };
+            let mut stop = match received {
+                Ok(message) => self.handle(message),
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
+            while !stop {
+                match queue.try_recv() {
+                    Ok(message) => stop = self.handle(message),
+                    Err(_) => break,
+                }
+                if self.last_flush.elapsed() >= FLUSH_INTERVAL {
+                    self.tick();
+                }
+            }
+            if stop {
+                // Whatever raced in behind the stop message, bounded by the queue size.
+                for message in queue.try_iter().take(capacity) {
+                    self.handle(message);
+                }
+                self.tick();
+                return;
+            }
+            self.tick();
+        }
+    }
+
+    /// Returns true on a stop request.
+    fn handle(&mut self, message: Message) -> bool {
+        match message {
+            Message::Record(pending) => self.write_pending(*pending),
+            Message::Attribute { conn_id, query } => self.attribute_early(conn_id, &query),
+            Message::Stop => return true,
+        }
+        false
+    }
+
+    fn attribute_early(&mut self, conn_id: u64, query: &OwnerQuery) {
+        let Some(info) = self.attributor.as_ref().and_then(|a| a.resolve(query)) else {
+            return;
+        };
+        if self.early.len() >= EARLY_ATTRIBUTIONS_MAX {
+            self.early.pop_first();
+        }
+        self.early.insert(conn_id, info);
+    }
+
+    fn write_pending(&mut self, pending: PendingRecord) {
+        let PendingRecord { mut record, owner } = pending;
+        if let Some(owner) = &owner {
+            record.uid = record.uid.or(Some(owner.owner.uid));
+            record.cgroup_id = record.cgroup_id.or(owner.owner.cgroup_id);
+        }
+        if record.pid.is_none() {
+            let early = record.conn_id.and_then(|id| {
+                if record.event == EVENT_END {
+                    self.early.remove(&id)
+                } else {
+                    self.early.get(&id).cloned()
+                }
+            });
+            let late = || {
+                let attributor = self.attributor.as_ref()?;
+                attributor.resolve(owner.as_ref()?)
+            };
+            if let Some(info) = early.or_else(late) {
+                record.pid = Some(info.pid);
+                record.exe = record.exe.or(info.exe);
+                record.cmdline = record.cmdline.or(info.cmdline);
+            }
+        } else if record.event == EVENT_END {
+            if let Some(id) = record.conn_id {
+                self.early.remove(&id);
+            }
+        }
+        self.write_record(&record);
+    }
+
+    fn write_record(&mut self, record: &Record) {
+        self.reopen_if_requested();
+        self.line.clear();
+        let encoded = if record.ts.is_empty() {
+            let stamped = Record {
+                ts: format_timestamp(SystemTime::now()),
+                ..record.clone()
+            };
+            encode_line(&stamped, &mut self.line)
+        } else {
+            encode_line(record, &mut self.line)
+        };
+        if let Err(e) = encoded {
+            log::error!("{e}");
+            return;
+        }
+        let written = self.output.writer.write_all(&self.line);
+        self.note_write_result(written);
+    }
+
+    /// Logs the first failure of a run of failures, and the recovery.
+    fn note_write_result(&mut self, result: io::Result<()>) {
+        match (result, self.write_failing) {
+            (Err(e), false) => {
+                log::error!("cannot write the audit log: {e}; records are being lost");
+                self.write_failing = true;
+            }
+            (Ok(()), true) => {
+                log::warn!("audit log writable again");
+                self.write_failing = false;
+            }
+            _ => {}
+        }
+    }
+
+    fn reopen_if_requested(&mut self) {
+        if self.reopen_retry_at.is_some_and(|at| Instant::now() >= at) {
+            self.reopen_retry_at = None;
+            self.shared.reopen.store(true, Ordering::Release);
+        }
+        if !self.shared.reopen.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(path) = self.output.path.clone() else {
+            return;
+        };
+        let flushed = self.output.writer.flush();
+        self.note_write_result(flushed);
+        match open_append(&path) {
+            Ok(file) => {
+                self.output.writer = BufWriter::with_capacity(64 * 1024, Box::new(file));
+            }
+            Err(e) => {
+                log::error!("{e}; still writing to the previous file");
+                self.reopen_retry_at = Some(Instant::now() + REOPEN_RETRY);
+            }
+        }
+    }
+
+    /// Report new drops, then flush.
+    fn tick(&mut self) {
+        let dropped = self.shared.dropped.load(Ordering::Relaxed);
+        if dropped > self.reported_drops {
+            let lost = dropped - self.reported_drops;
+            self.reported_drops = dropped;
+            log::warn!("audit queue full: {lost} records dropped");
+            self.write_record(&Record {
+                event: EVENT_AUDIT_DROPS,
+                dropped: Some(lost),
+                ..Record::default()
+            });
+        }
+        let flushed = self.output.writer.flush();
+        self.note_write_result(flushed);
+        self.last_flush = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64, millis: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis)
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_millis() {
+        // Expected values from GNU date -u.
+        assert_eq!(format_timestamp(at(0, 0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_timestamp(at(951_782_400, 7)),
+            "2000-02-29T00:00:00.007Z"
+        );
+        assert_eq!(
+            format_timestamp(at(1_795_595_425, 123)),
+            "2026-11-25T08:30:25.123Z"
+        );
+        assert_eq!(
+            format_timestamp(at(4_107_542_399, 999)),
+            "2100-02-28T23:59:59.999Z"
+        );
+        assert_eq!(
+            format_timestamp(at(1_709_164_800, 0)),
+            "2024-02-29T00:00:00.000Z"
+        );
+        assert_eq!(
+            format_timestamp(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn record_json_has_every_field() {
+        let mut line = Vec::new();
+        encode_line(&Record::default(), &mut line).unwrap();
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let object = value.as_object().unwrap();
+        for field in [
+            "ts",
+            "event",
+            "conn_id",
+            "agent",
+            "cgroup_id",
+            "pid",
+            "uid",
+            "exe",
+            "cmdline",
+            "src",
+            "dst",
+            "proto",
+            "host",
+            "sni",
+            "http_host",
+            "ech",
+            "rule",
+            "outbound",
+            "verdict",
+            "dial",
+            "bytes_up",
+            "bytes_down",
+            "duration_ms",
+            "error",
+        ] {
+            assert!(object.contains_key(field), "missing {field}");
+        }
+        assert!(object["pid"].is_null());
+        assert!(!object.contains_key("dropped"));
+        assert_eq!(object.len(), 24);
+    }
+
+    #[test]
+    fn sink_from_config() {
+        assert_eq!(Sink::from_config("-"), Sink::Stdout);
+        assert_eq!(
+            Sink::from_config("/var/log/a.jsonl"),
+            Sink::File(PathBuf::from("/var/log/a.jsonl"))
+        );
+    }
+
+    #[test]
+    fn record_json_escapes_hostile_strings() {
+        let record = Record {
+            cmdline: Some(vec!["a\nb".into(), "\"}{".into()]),
+            error: Some("line\r\nbreak\u{0}".into()),
+            dropped: Some(3),
+            ..Record::default()
+        };
+        let mut line = Vec::new();
+        encode_line(&record, &mut line).unwrap();
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["cmdline"][0], "a\nb");
+        assert_eq!(value["dropped"], 3);
+    }
+}

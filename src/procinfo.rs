@@ -1,0 +1,502 @@
+//! Which process owns a connection.
+//!
+//! Two halves with different costs:
+//! - [`SockDiag::lookup`] asks the kernel (NETLINK_SOCK_DIAG, one exact lookup, no dump)
+//!   for the client socket's inode, uid and cgroup id. It never blocks and is cheap
+//!   enough for the event loop.
+//! - [`Attributor::resolve`], [`pid_of_socket`] and [`describe`] read /proc and cgroupfs.
+//!   They belong on the audit writer thread, never on the event loop. They only look at
+//!   the processes of the agent's cgroup subtree, never at all of /proc.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fmt;
+use std::fs;
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NetlinkAddr};
+
+/// What the kernel says about the socket at one end of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub inode: u64,
+    pub uid: u32,
+    /// The cgroup v2 id (inode of the cgroup directory) the socket was created in.
+    /// `None` on kernels built without socket cgroup data.
+    pub cgroup_id: Option<u64>,
+}
+
+/// What could be learnt about a process from /proc.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub exe: Option<String>,
+    pub cmdline: Option<Vec<String>>,
+}
+
+#[derive(Debug)]
+pub enum ProcInfoError {
+    Open(io::Error),
+    Send(io::Error),
+    Receive(io::Error),
+    /// The kernel queued no answer to a lookup it should answer synchronously.
+    NoReply,
+    /// The kernel answered with this errno.
+    Kernel(i32),
+    Malformed(&'static str),
+    MixedFamilies {
+        src: SocketAddr,
+        dst: SocketAddr,
+    },
+}
+
+impl fmt::Display for ProcInfoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Open(e) => write!(f, "cannot open a NETLINK_SOCK_DIAG socket: {e}"),
+            Self::Send(e) => write!(f, "cannot send a sock_diag lookup: {e}"),
+            Self::Receive(e) => write!(f, "cannot read the sock_diag reply: {e}"),
+            Self::NoReply => write!(f, "the kernel sent no reply to a sock_diag lookup"),
+            Self::Kernel(errno) => write!(
+                f,
+                "the kernel refused the sock_diag lookup: {}",
+                io::Error::from_raw_os_error(*errno)
+            ),
+            Self::Malformed(what) => write!(f, "malformed sock_diag reply: {what}"),
+            Self::MixedFamilies { src, dst } => write!(
+                f,
+                "cannot look up a connection from {src} to {dst}: address families differ"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ProcInfoError {}
+
+// Kernel ABI numbers (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h).
+const NLMSG_HDR_LEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const INET_DIAG_REQ_V2_LEN: usize = 56;
+const INET_DIAG_MSG_LEN: usize = 72;
+const INET_DIAG_MSG_UID: usize = 64;
+const INET_DIAG_MSG_INODE: usize = 68;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+/// Any socket cookie is accepted only with this value; zero means "must be cookie 0".
+const INET_DIAG_NOCOOKIE: [u8; 8] = [0xFF; 8];
+/// How many unrelated datagrams a lookup skips before giving up (stale replies).
+const MAX_STRAY_REPLIES: usize = 4;
+
+/// A NETLINK_SOCK_DIAG socket for exact TCP socket lookups. Keep one per thread.
+pub struct SockDiag {
+    socket: Socket,
+    seq: u32,
+    reply: Vec<u8>,
+}
+
+impl SockDiag {
+    pub fn open() -> Result<Self, ProcInfoError> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(ProcInfoError::Open)?;
+        socket.bind_auto().map_err(ProcInfoError::Open)?;
+        socket
+            .connect(&NetlinkAddr::new(0, 0))
+            .map_err(ProcInfoError::Open)?;
+        Ok(Self {
+            socket,
+            seq: 0,
+            reply: Vec::with_capacity(8192),
+        })
+    }
+
+    /// Find the TCP socket whose local address is `src` and remote address is `dst`:
+    /// for an intercepted connection, `src` is the client's address and `dst` the
+    /// original destination. `Ok(None)` when no such socket exists (any more).
+    /// IPv4-mapped IPv6 addresses are looked up as IPv4, where the kernel hashes them.
+    pub fn lookup(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<Option<SocketOwner>, ProcInfoError> {
+        self.seq = self.seq.wrapping_add(1);
+        let request = encode_request(self.seq, src, dst)?;
+        self.socket.send(&request, 0).map_err(ProcInfoError::Send)?;
+        for _ in 0..MAX_STRAY_REPLIES {
+            self.reply.clear();
+            // The kernel answers inside send(); MSG_DONTWAIT keeps a missing answer
+            // from ever stalling the event loop.
+            if let Err(e) = self.socket.recv(&mut self.reply, libc::MSG_DONTWAIT) {
+                return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                    ProcInfoError::NoReply
+                } else {
+                    ProcInfoError::Receive(e)
+                });
+            }
+            if let Some(answer) = parse_reply(&self.reply, self.seq)? {
+                return Ok(answer);
+            }
+        }
+        Err(ProcInfoError::NoReply)
+    }
+}
+
+thread_local! {
+    static THREAD_SOCK_DIAG: RefCell<Option<SockDiag>> = const { RefCell::new(None) };
+}
+
+/// [`SockDiag::lookup`] on this thread's own netlink socket, opened on first use and
+/// reopened after a socket error.
+pub fn lookup_socket(
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Result<Option<SocketOwner>, ProcInfoError> {
+    THREAD_SOCK_DIAG.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let diag = match slot.as_mut() {
+            Some(diag) => diag,
+            None => slot.insert(SockDiag::open()?),
+        };
+        let result = diag.lookup(src, dst);
+        if matches!(
+            result,
+            Err(ProcInfoError::Send(_) | ProcInfoError::Receive(_) | ProcInfoError::NoReply)
+        ) {
+            *slot = None;
+        }
+        result
+    })
+}
+
+fn encode_request(seq: u32, src: SocketAddr, dst: SocketAddr) -> Result<Vec<u8>, ProcInfoError> {
+    let (family, src_ip, dst_ip) = match (src.ip().to_canonical(), dst.ip().to_canonical()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut s16 = [0u8; 16];
+            let mut d16 = [0u8; 16];
+            s16[..4].copy_from_slice(&s.octets());
+            d16[..4].copy_from_slice(&d.octets());
+            (libc::AF_INET as u8, s16, d16)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => (libc::AF_INET6 as u8, s.octets(), d.octets()),
+        _ => return Err(ProcInfoError::MixedFamilies { src, dst }),
+    };
+    let total = NLMSG_HDR_LEN + INET_DIAG_REQ_V2_LEN;
+    let mut msg = Vec::with_capacity(total);
+    // struct nlmsghdr (host byte order)
+    msg.extend_from_slice(&(total as u32).to_ne_bytes());
+    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    msg.extend_from_slice(&seq.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    // struct inet_diag_req_v2: family, protocol, ext (the cgroup id attribute is sent
+    // unconditionally: its number, 21, does not fit the 8-bit ext mask), pad, states
+    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes());
+    // struct inet_diag_sockid: ports and addresses in network byte order
+    msg.extend_from_slice(&src.port().to_be_bytes());
+    msg.extend_from_slice(&dst.port().to_be_bytes());
+    msg.extend_from_slice(&src_ip);
+    msg.extend_from_slice(&dst_ip);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // any interface
+    msg.extend_from_slice(&INET_DIAG_NOCOOKIE);
+    debug_assert_eq!(msg.len(), total);
+    Ok(msg)
+}
+
+fn read_u16(buf: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(buf.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(buf.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn read_u64(buf: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(buf.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// `Ok(None)`: the datagram holds no message for `seq`.
+/// `Ok(Some(None))`: the kernel knows no such socket.
+fn parse_reply(datagram: &[u8], seq: u32) -> Result<Option<Option<SocketOwner>>, ProcInfoError> {
+    let mut rest = datagram;
+    while rest.len() >= NLMSG_HDR_LEN {
+        let len = read_u32(rest, 0).ok_or(ProcInfoError::Malformed("short header"))? as usize;
+        if len < NLMSG_HDR_LEN || len > rest.len() {
+            return Err(ProcInfoError::Malformed("message length out of bounds"));
+        }
+        let kind = read_u16(rest, 4).ok_or(ProcInfoError::Malformed("short header"))?;
+        let msg_seq = read_u32(rest, 8).ok_or(ProcInfoError::Malformed("short header"))?;
+        let body = &rest[NLMSG_HDR_LEN..len];
+        if msg_seq == seq {
+            return match kind {
+                NLMSG_ERROR => {
+                    let code = read_u32(body, 0)
+                        .ok_or(ProcInfoError::Malformed("short error message"))?
+                        as i32;
+                    match -code {
+                        0 | libc::ENOENT => Ok(Some(None)),
+                        errno => Err(ProcInfoError::Kernel(errno)),
+                    }
+                }
+                SOCK_DIAG_BY_FAMILY => parse_diag_msg(body).map(|owner| Some(Some(owner))),
+                _ => Err(ProcInfoError::Malformed("unexpected message type")),
+            };
+        }
+        rest = &rest[align4(len).min(rest.len())..];
+    }
+    Ok(None)
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn parse_diag_msg(body: &[u8]) -> Result<SocketOwner, ProcInfoError> {
+    if body.len() < INET_DIAG_MSG_LEN {
+        return Err(ProcInfoError::Malformed("inet_diag_msg too short"));
+    }
+    let uid = read_u32(body, INET_DIAG_MSG_UID).ok_or(ProcInfoError::Malformed("no uid"))?;
+    let inode = read_u32(body, INET_DIAG_MSG_INODE).ok_or(ProcInfoError::Malformed("no inode"))?;
+    let mut cgroup_id = None;
+    let mut attrs = &body[INET_DIAG_MSG_LEN..];
+    while attrs.len() >= 4 {
+        let len = read_u16(attrs, 0).unwrap_or(0) as usize;
+        let kind = read_u16(attrs, 2).unwrap_or(0);
+        if len < 4 || len > attrs.len() {
+            return Err(ProcInfoError::Malformed("attribute length out of bounds"));
+        }
+        if kind == INET_DIAG_CGROUP_ID {
+            cgroup_id =
+                Some(read_u64(attrs, 4).ok_or(ProcInfoError::Malformed("short cgroup id"))?);
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    Ok(SocketOwner {
+        inode: u64::from(inode),
+        uid,
+        cgroup_id,
+    })
+}
+
+/// How far attribution may look. Every /proc and cgroupfs walk is bounded by these.
+#[derive(Clone, Debug)]
+pub struct Attributor {
+    /// cgroup directories visited under the agent's cgroup.
+    pub max_cgroups: usize,
+    /// processes whose fd tables are searched.
+    pub max_candidates: usize,
+}
+
+impl Default for Attributor {
+    fn default() -> Self {
+        Self {
+            max_cgroups: 1024,
+            max_candidates: 4096,
+        }
+    }
+}
+
+/// What the event loop knows cheaply about a connection's client, handed to the
+/// writer thread so that it can find the owning process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerQuery {
+    pub owner: SocketOwner,
+    /// Absolute path of the agent's cgroup directory (the configured one, which the
+    /// socket's own cgroup may be below).
+    pub cgroup_dir: PathBuf,
+}
+
+impl Attributor {
+    /// The process holding the queried socket, with its exe and cmdline, searched among
+    /// the processes of the agent's cgroup subtree (the socket's own cgroup first).
+    pub fn resolve(&self, query: &OwnerQuery) -> Option<ProcessInfo> {
+        let candidates = self.candidate_pids(&query.cgroup_dir, query.owner.cgroup_id);
+        let pid = pid_of_socket(query.owner.inode, &candidates)?;
+        let (exe, cmdline) = describe(pid);
+        Some(ProcessInfo { pid, exe, cmdline })
+    }
+
+    /// The pids of every cgroup at or below `dir` (breadth first, bounded); those of
+    /// the cgroup whose id is `preferred_cgroup_id` come first.
+    pub fn candidate_pids(&self, dir: &Path, preferred_cgroup_id: Option<u64>) -> Vec<u32> {
+        let mut preferred = Vec::new();
+        let mut others = Vec::new();
+        let mut queue = VecDeque::from([dir.to_path_buf()]);
+        let mut visited = 0;
+        while let Some(cgroup) = queue.pop_front() {
+            if visited == self.max_cgroups {
+                break;
+            }
+            visited += 1;
+            let is_preferred = preferred_cgroup_id.is_some()
+                && fs::metadata(&cgroup).ok().map(|m| m.ino()) == preferred_cgroup_id;
+            let pids = read_cgroup_procs(&cgroup);
+            if is_preferred {
+                preferred.extend(pids);
+            } else {
+                others.extend(pids);
+            }
+            if let Ok(entries) = fs::read_dir(&cgroup) {
+                queue.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path())
+                        .take(self.max_cgroups.saturating_sub(visited + queue.len())),
+                );
+            }
+        }
+        preferred.extend(others);
+        preferred.truncate(self.max_candidates);
+        preferred
+    }
+}
+
+fn read_cgroup_procs(cgroup: &Path) -> Vec<u32> {
+    fs::read_to_string(cgroup.join("cgroup.procs"))
+        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Upper bound on fd entries read per process (a process cannot exceed RLIMIT_NOFILE,
+/// but that limit may be huge).
+const MAX_FDS_PER_PROCESS: usize = 1 << 16;
+
+/// The first of `candidate_pids` holding a file descriptor to socket `inode`.
+pub fn pid_of_socket(inode: u64, candidate_pids: &[u32]) -> Option<u32> {
+    let target = format!("socket:[{inode}]");
+    candidate_pids.iter().copied().find(|pid| {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false; // gone, or not ours to read
+        };
+        fds.flatten().take(MAX_FDS_PER_PROCESS).any(|fd| {
+            fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str().as_bytes() == target.as_bytes())
+        })
+    })
+}
+
+/// Upper bound on the bytes of /proc/PID/cmdline read; longer command lines are cut.
+const MAX_CMDLINE_BYTES: u64 = 16 * 1024;
+
+/// A process's executable path and command line, when it still exists and is readable.
+/// Non-UTF-8 bytes are replaced (U+FFFD); a command line longer than 16 KiB is cut.
+pub fn describe(pid: u32) -> (Option<String>, Option<Vec<String>>) {
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    let mut raw = Vec::new();
+    let cmdline = fs::File::open(format!("/proc/{pid}/cmdline"))
+        .and_then(|f| f.take(MAX_CMDLINE_BYTES).read_to_end(&mut raw))
+        .ok()
+        .filter(|&n| n > 0)
+        .map(|_| {
+            raw.strip_suffix(&[0])
+                .unwrap_or(&raw)
+                .split(|&b| b == 0)
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect()
+        });
+    (exe, cmdline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_layout_matches_inet_diag_req_v2() {
+        let src: SocketAddr = "192.0.2.1:40000".parse().unwrap();
+        let dst: SocketAddr = "[::ffff:198.51.100.7]:443".parse().unwrap();
+        let msg = encode_request(7, src, dst).unwrap();
+        assert_eq!(msg.len(), 72);
+        assert_eq!(read_u32(&msg, 0), Some(72));
+        assert_eq!(read_u16(&msg, 4), Some(SOCK_DIAG_BY_FAMILY));
+        assert_eq!(read_u32(&msg, 8), Some(7));
+        let req = &msg[NLMSG_HDR_LEN..];
+        assert_eq!(
+            req[0],
+            libc::AF_INET as u8,
+            "v4-mapped destination is looked up as v4"
+        );
+        assert_eq!(req[1], libc::IPPROTO_TCP as u8);
+        assert_eq!(&req[8..10], &40000u16.to_be_bytes());
+        assert_eq!(&req[10..12], &443u16.to_be_bytes());
+        assert_eq!(&req[12..16], &[192, 0, 2, 1]);
+        assert_eq!(&req[28..32], &[198, 51, 100, 7]);
+        assert_eq!(&req[48..56], &[0xFF; 8]);
+    }
+
+    #[test]
+    fn mixed_families_are_refused() {
+        let src: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let dst: SocketAddr = "[2001:db8::1]:2".parse().unwrap();
+        assert!(matches!(
+            encode_request(1, src, dst),
+            Err(ProcInfoError::MixedFamilies { .. })
+        ));
+    }
+
+    fn nlmsg(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&((NLMSG_HDR_LEN + body.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn reply_parsing() {
+        let mut body = vec![0u8; INET_DIAG_MSG_LEN];
+        body[INET_DIAG_MSG_UID..INET_DIAG_MSG_UID + 4].copy_from_slice(&1000u32.to_ne_bytes());
+        body[INET_DIAG_MSG_INODE..INET_DIAG_MSG_INODE + 4].copy_from_slice(&4242u32.to_ne_bytes());
+        // a pad attribute, then the cgroup id
+        body.extend_from_slice(&4u16.to_ne_bytes());
+        body.extend_from_slice(&22u16.to_ne_bytes());
+        body.extend_from_slice(&12u16.to_ne_bytes());
+        body.extend_from_slice(&INET_DIAG_CGROUP_ID.to_ne_bytes());
+        body.extend_from_slice(&77u64.to_ne_bytes());
+        let owner = SocketOwner {
+            inode: 4242,
+            uid: 1000,
+            cgroup_id: Some(77),
+        };
+        assert_eq!(
+            parse_reply(&nlmsg(SOCK_DIAG_BY_FAMILY, 3, &body), 3).unwrap(),
+            Some(Some(owner))
+        );
+        assert_eq!(
+            parse_reply(&nlmsg(SOCK_DIAG_BY_FAMILY, 2, &body), 3).unwrap(),
+            None
+        );
+        let enoent = (-libc::ENOENT).to_ne_bytes();
+        assert_eq!(
+            parse_reply(&nlmsg(NLMSG_ERROR, 3, &enoent), 3).unwrap(),
+            Some(None)
+        );
+        let eperm = (-libc::EPERM).to_ne_bytes();
+        assert!(matches!(
+            parse_reply(&nlmsg(NLMSG_ERROR, 3, &eperm), 3),
+            Err(ProcInfoError::Kernel(libc::EPERM))
+        ));
+        assert!(parse_reply(&nlmsg(SOCK_DIAG_BY_FAMILY, 3, &body[..10]), 3).is_err());
+        let mut truncated = nlmsg(SOCK_DIAG_BY_FAMILY, 3, &body);
+        truncated.truncate(40);
+        assert!(parse_reply(&truncated, 3).is_err());
+    }
+
+    #[test]
+    fn describe_self() {
+        let (exe, cmdline) = describe(std::process::id());
+        let own_exe = std::env::current_exe().unwrap();
+        assert_eq!(exe.as_deref(), own_exe.to_str());
+        let args: Vec<String> = std::env::args().collect();
+        assert_eq!(cmdline, Some(args));
+        assert_eq!(describe(u32::MAX), (None, None));
+    }
+}
