@@ -67,6 +67,10 @@ pub struct Record {
     pub verdict: &'static str,
     /// How the upstream was chosen: "resolved" | "original" | "refused_mismatch" | ...
     pub dial: Option<String>,
+    /// The address actually dialed (a resolved address, or the upstream proxy).
+    pub upstream: Option<String>,
+    /// Why no name was learnt (not TLS/HTTP, malformed, sniff timeout...).
+    pub sniff: Option<String>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
@@ -97,16 +101,17 @@ impl From<Record> for PendingRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sink {
     Stdout,
+    /// For `exec`, whose standard output belongs to the command it runs.
+    Stderr,
     File(PathBuf),
 }
 
 impl Sink {
-    /// The config's `audit` value: `-` is stdout, anything else a file path.
-    pub fn from_config(path: &str) -> Self {
-        if path == "-" {
-            Self::Stdout
-        } else {
-            Self::File(PathBuf::from(path))
+    /// The config's `audit.path`: none is standard output (the journal).
+    pub fn from_config(path: Option<&std::path::Path>) -> Self {
+        match path {
+            Some(p) => Self::File(p.to_path_buf()),
+            None => Self::Stdout,
         }
     }
 }
@@ -308,6 +313,10 @@ impl Output {
         match sink {
             Sink::Stdout => Ok(Self {
                 writer: BufWriter::new(Box::new(io::stdout())),
+                path: None,
+            }),
+            Sink::Stderr => Ok(Self {
+                writer: BufWriter::new(Box::new(io::stderr())),
                 path: None,
             }),
             Sink::File(path) => Ok(Self {
@@ -572,6 +581,8 @@ mod tests {
             "outbound",
             "verdict",
             "dial",
+            "upstream",
+            "sniff",
             "bytes_up",
             "bytes_down",
             "duration_ms",
@@ -581,14 +592,14 @@ mod tests {
         }
         assert!(object["pid"].is_null());
         assert!(!object.contains_key("dropped"));
-        assert_eq!(object.len(), 24);
+        assert_eq!(object.len(), 26);
     }
 
     #[test]
     fn sink_from_config() {
-        assert_eq!(Sink::from_config("-"), Sink::Stdout);
+        assert_eq!(Sink::from_config(None), Sink::Stdout);
         assert_eq!(
-            Sink::from_config("/var/log/a.jsonl"),
+            Sink::from_config(Some(std::path::Path::new("/var/log/a.jsonl"))),
             Sink::File(PathBuf::from("/var/log/a.jsonl"))
         );
     }

@@ -1,6 +1,7 @@
 //! `run`, `down` and `status`: the daemon's life around the proxy.
 
-use crate::audit::{AuditLog, Sink};
+use crate::audit::{AuditLog, AuditThread, Sink};
+use crate::procinfo::Attributor;
 use crate::capture::Capture;
 use crate::cli::{load, RunArgs};
 use crate::config::Config;
@@ -21,7 +22,7 @@ pub fn run(args: &RunArgs) -> i32 {
         }
     };
     raise_fd_limit();
-    let (audit, audit_thread) = match start_audit(&config) {
+    let (audit, audit_thread) = match start_audit(Sink::from_config(config.audit.path.as_deref()), &config) {
         Ok(a) => a,
         Err(e) => {
             log::error!("{e}");
@@ -42,7 +43,7 @@ pub fn run(args: &RunArgs) -> i32 {
             Err(e) => {
                 log::error!("{e}");
                 proxy.stop();
-                audit_thread.stop();
+                stop_audit(audit_thread);
                 return 1;
             }
         }
@@ -76,7 +77,7 @@ pub fn run(args: &RunArgs) -> i32 {
     }
     log::info!("stopping");
     proxy.stop();
-    audit_thread.stop();
+    stop_audit(audit_thread);
     if let Some(c) = capture {
         if args.cleanup_on_exit {
             c.remove();
@@ -132,13 +133,16 @@ fn reload(path: &std::path::Path, current: &Runtime) -> Option<std::sync::Arc<Ru
     Some(Runtime::new(next))
 }
 
-pub fn start_audit(config: &Config) -> Result<(AuditLog, crate::audit::AuditThread), String> {
-    let sink = match &config.audit.path {
-        Some(p) => Sink::File(p.clone()),
-        None => Sink::Stdout,
-    };
-    AuditLog::start(sink, config.audit.queue, config.audit.start_events)
+pub fn start_audit(sink: Sink, config: &Config) -> Result<(AuditLog, AuditThread), String> {
+    AuditLog::start(sink, config.audit.queue, Some(Attributor::default()))
         .map_err(|e| format!("audit: {e}"))
+}
+
+/// Write what is queued, then let the writer go.
+pub fn stop_audit(thread: AuditThread) {
+    if let Err(e) = thread.flush_and_stop() {
+        log::error!("audit: {e}");
+    }
 }
 
 /// Each connection holds two sockets and, while data flows, two pipes.

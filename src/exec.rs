@@ -5,6 +5,7 @@
 //! torn down when CMD ends (or is killed, or we are interrupted).
 
 use crate::audit::{AuditLog, Sink};
+use crate::daemon;
 use crate::capture::Capture;
 use crate::cgroup;
 use crate::config::{Config, DomainPattern, Rule};
@@ -144,8 +145,7 @@ fn run(args: &ExecArgs, mut config: Config) -> Result<i32, String> {
         Some(p) => Sink::File(p.clone()),
         None => Sink::Stderr,
     };
-    let (audit, audit_thread) = AuditLog::start(sink, config.audit.queue, config.audit.start_events)
-        .map_err(|e| format!("audit: {e}"))?;
+    let (audit, audit_thread) = daemon::start_audit(sink, &config)?;
     let proxy = start_proxy_on_free_port(&mut config, audit.clone())?;
     let runtime = proxy.shared().runtime();
     proxy.shared().enable_summary();
@@ -182,7 +182,7 @@ fn run(args: &ExecArgs, mut config: Config) -> Result<i32, String> {
     capture.remove();
     let summary = proxy.shared().summary();
     proxy.stop();
-    audit_thread.stop();
+    daemon::stop_audit(audit_thread);
     eprint!("{}", summary.render());
     Ok(code)
 }

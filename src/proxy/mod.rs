@@ -87,6 +87,8 @@ pub struct Shared {
     pub agents: AgentIndex,
     pub audit: AuditLog,
     pub stats: Stats,
+    /// The cgroup2 mount, for finding an agent's processes; None without cgroup2.
+    pub cgroup_root: Option<std::path::PathBuf>,
     stop: AtomicBool,
     summary_enabled: AtomicBool,
     summary: Mutex<Summary>,
@@ -153,6 +155,7 @@ impl Proxy {
             agents: AgentIndex::default(),
             audit,
             stats: Stats::default(),
+            cgroup_root: crate::cgroup::cgroup2_root().ok(),
             stop: AtomicBool::new(false),
             summary_enabled: AtomicBool::new(false),
             summary: Mutex::new(Summary::default()),

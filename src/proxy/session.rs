@@ -6,6 +6,7 @@
 use super::relay::{write_fd, Flow, Pump};
 use super::Runtime;
 use crate::audit::Record;
+use crate::procinfo::OwnerQuery;
 use crate::config::{DomainDial, Mode, Outbound};
 use crate::dns::{Lookup, QueryId, Resolver};
 use crate::names::normalize_host;
@@ -59,8 +60,7 @@ enum Via {
 pub struct Session {
     client: TcpStream,
     upstream: Option<TcpStream>,
-    pub client_addr: SocketAddr,
-    pub original_dst: SocketAddr,
+    original_dst: SocketAddr,
     runtime: Arc<Runtime>,
     phase: Phase,
     started: Instant,
@@ -72,6 +72,10 @@ pub struct Session {
     down: Flow,
     dial_options: DialOptions,
     pub record: Record,
+    /// Where the audit writer finds the owning process.
+    pub owner: Option<OwnerQuery>,
+    /// Set when the policy decided, until the worker has seen it.
+    decided: bool,
 }
 
 /// What a step may touch besides the session itself.
@@ -86,7 +90,6 @@ pub struct Ctx<'a> {
 impl Session {
     pub fn new(
         client: TcpStream,
-        client_addr: SocketAddr,
         original_dst: SocketAddr,
         runtime: Arc<Runtime>,
         record: Record,
@@ -96,7 +99,6 @@ impl Session {
         Session {
             client,
             upstream: None,
-            client_addr,
             original_dst,
             runtime,
             phase: Phase::Sniffing,
@@ -108,7 +110,14 @@ impl Session {
             down: Flow::new(Vec::new()),
             dial_options: DialOptions::default(),
             record,
+            owner: None,
+            decided: false,
         }
+    }
+
+    /// True once, after the policy decided (for a "start" audit record).
+    pub fn take_decided(&mut self) -> bool {
+        std::mem::take(&mut self.decided)
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
@@ -295,6 +304,7 @@ impl Session {
             port: self.original_dst.port(),
             agent: self.record.agent.as_deref(),
         });
+        self.decided = true;
         self.record.rule = Some(decision.rule_name.to_string());
         self.record.outbound = decision.outbound.to_string();
         let Some(outbound) = runtime.config.outbounds.get(decision.outbound) else {

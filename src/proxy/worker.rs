@@ -3,9 +3,9 @@
 
 use super::session::{set_linger_zero, Ctx, Session, Step};
 use super::{Runtime, Shared};
-use crate::audit::{PendingRecord, Record};
+use crate::audit::{PendingRecord, Record, EVENT_END, EVENT_START};
 use crate::dns::{QueryId, Resolver};
-use crate::procinfo::SockDiag;
+use crate::procinfo::{OwnerQuery, SockDiag};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
@@ -139,6 +139,13 @@ impl Worker {
     }
 
     fn after(&mut self, key: usize, step: Step) {
+        if let Some(session) = self.sessions.get_mut(key) {
+            if session.take_decided() && self.runtime.config.audit.start_events {
+                let mut record = session.record.clone();
+                record.event = EVENT_START;
+                self.shared.audit.submit(record.into());
+            }
+        }
         match step {
             Step::Continue => {}
             Step::Again => self.again.push(key),
@@ -156,9 +163,12 @@ impl Worker {
         session.finish_record();
         self.shared.stats.active.fetch_sub(1, Ordering::Relaxed);
         self.shared.count(&session.record);
-        self.shared
-            .audit
-            .submit(PendingRecord::end(key_id(key, &session), session.record.clone()));
+        let mut record = std::mem::take(&mut session.record);
+        record.event = EVENT_END;
+        self.shared.audit.submit(PendingRecord {
+            record,
+            owner: session.owner.take(),
+        });
     }
 
     fn tick(&mut self, now: Instant) {
@@ -246,7 +256,15 @@ impl Worker {
         };
         let _ = stream.set_nodelay(true);
         let now = Instant::now();
-        let mut record = Record::new(peer, original_dst);
+        let audit = &self.shared.audit;
+        let mut record = Record {
+            conn_id: Some(audit.next_conn_id()),
+            src: peer.to_string(),
+            dst: original_dst.to_string(),
+            proto: "tcp",
+            ..Record::default()
+        };
+        let mut owner_query = None;
         if let Some(owner) = self
             .sock_diag
             .as_mut()
@@ -255,18 +273,26 @@ impl Worker {
             record.uid = Some(owner.uid);
             record.cgroup_id = owner.cgroup_id;
             record.agent = owner.cgroup_id.and_then(|id| self.shared.agents.agent_of(id));
-            record.socket_inode = Some(owner.inode);
+            if let (Some(agent), Some(root)) = (&record.agent, &self.shared.cgroup_root) {
+                let query = OwnerQuery {
+                    owner,
+                    cgroup_dir: root.join(agent),
+                };
+                // Now, while the agent's process surely still exists.
+                if let Some(id) = record.conn_id {
+                    audit.attribute_early(id, query.clone());
+                }
+                owner_query = Some(query);
+            }
         }
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
-        let mut session = Session::new(stream, peer, original_dst, runtime, record, now);
+        let mut session = Session::new(stream, original_dst, runtime, record, now);
+        session.owner = owner_query;
         if let Err(e) = session.register(self.poll.registry(), Token(key * 2)) {
             log::warn!("cannot watch connection from {peer}: {e}");
             return;
         }
-        self.shared
-            .audit
-            .submit(PendingRecord::start(key_id(key, &session), session.record.clone()));
         entry.insert(session);
         self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
         // Clients that speak first usually have bytes waiting already.
@@ -350,11 +376,6 @@ impl Worker {
             self.close(key);
         }
     }
-}
-
-/// Identifies a connection to the audit thread across its start and end.
-fn key_id(key: usize, session: &Session) -> (usize, SocketAddr) {
-    (key, session.client_addr)
 }
 
 fn reset(stream: &mio::net::TcpStream) {
