@@ -57,10 +57,6 @@ impl Flow {
         }
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-
     /// True when no byte is held between the two sockets.
     pub fn is_empty(&self) -> bool {
         self.prefix_sent == self.prefix.len()
@@ -125,7 +121,8 @@ impl Flow {
                 }
                 Channel::Buffer { buf, start, end } => {
                     *start = 0;
-                    let r = read_fd(src, &mut buf[..want.min(buf.len())]);
+                    let len = want.min(buf.len());
+                    let r = read_fd(src, &mut buf[..len]);
                     *end = *r.as_ref().unwrap_or(&0);
                     r
                 }
@@ -319,7 +316,7 @@ mod tests {
         let _client = writer.join().unwrap();
         let out = reader.join().unwrap();
         assert_eq!(flow.delivered as usize, out.len());
-        assert!(flow.is_finished());
+        assert!(flow.finished);
         out
     }
 

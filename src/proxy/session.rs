@@ -10,7 +10,9 @@ use crate::procinfo::OwnerQuery;
 use crate::config::{DomainDial, Mode, Outbound};
 use crate::dns::{Lookup, QueryId, Resolver};
 use crate::names::normalize_host;
-use crate::outbound::{self, DialOptions, Handshake, Progress, Target};
+use crate::outbound::{
+    self, DialOptions, Handshake, HttpConnectHandshake, Progress, Socks5Handshake, Target,
+};
 use crate::policy::Query;
 use crate::sniff::{self, Sniff, Sniffed};
 use mio::net::TcpStream;
@@ -27,8 +29,6 @@ const RELAY_BUDGET: usize = 1 << 20;
 const LINGER_AFTER_REFUSAL: Duration = Duration::from_secs(1);
 /// A relay idle this long gives its pipes back.
 const RELEASE_PIPES_AFTER: Duration = Duration::from_secs(5);
-/// The most a client may send while we wait for the upstream.
-const MAX_HANDSHAKE_REPLY: usize = 8 * 1024;
 
 /// What the worker does with the session after a step.
 pub enum Step {
@@ -45,7 +45,7 @@ enum Phase {
     Sniffing,
     Resolving { host: String, port: u16 },
     Connecting { candidates: Vec<SocketAddr>, via: Via },
-    Handshaking { shake: Handshake, sent: usize },
+    Handshaking { shake: Box<dyn Handshake + Send> },
     Relaying,
     /// A refusal was written; wait for the client to close, briefly.
     Refused,
@@ -83,7 +83,6 @@ pub struct Ctx<'a> {
     pub registry: &'a Registry,
     pub resolver: Option<&'a mut Resolver>,
     pub now: Instant,
-    pub client_token: Token,
     pub upstream_token: Token,
 }
 
@@ -448,17 +447,13 @@ impl Session {
         let Some(up) = self.upstream.as_ref() else {
             return Step::Continue;
         };
-        let addr = self.record.upstream.clone().unwrap_or_default();
-        match up.take_error() {
-            Ok(Some(e)) | Err(e) => {
-                return self.try_next_candidate(ctx, Some(format!("upstream {addr}: {e}")))
+        match outbound::connect_outcome(up) {
+            Ok(true) => {}
+            Ok(false) => return Step::Continue,
+            Err(e) => {
+                let addr = self.record.upstream.clone().unwrap_or_default();
+                return self.try_next_candidate(ctx, Some(format!("upstream {addr}: {e}")));
             }
-            Ok(None) => {}
-        }
-        match up.peer_addr() {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Step::Continue,
-            Err(e) => return self.try_next_candidate(ctx, Some(format!("upstream {addr}: {e}"))),
         }
         let Phase::Connecting { via, .. } = std::mem::replace(&mut self.phase, Phase::Relaying)
         else {
@@ -468,13 +463,23 @@ impl Session {
             Via::Direct => self.start_relay(ctx.now, Vec::new()),
             Via::Proxy(target) => {
                 let name = self.record.outbound.clone();
-                let shake = match self.runtime.config.outbounds.get(&name) {
-                    Some(Outbound::Socks5 { auth, .. }) => Handshake::socks5(target, auth.clone()),
-                    Some(Outbound::Http { auth, .. }) => Handshake::http_connect(target, auth.clone()),
-                    _ => return self.fail(format!("outbound {name:?} is not an upstream proxy")),
-                };
-                self.phase = Phase::Handshaking { shake, sent: 0 };
-                self.handshake(ctx)
+                let shake: Result<Box<dyn Handshake + Send>, String> =
+                    match self.runtime.config.outbounds.get(&name) {
+                        Some(Outbound::Socks5 { auth, .. }) => {
+                            Socks5Handshake::new(target, auth.as_ref()).map(|h| Box::new(h) as _)
+                        }
+                        Some(Outbound::Http { auth, .. }) => {
+                            HttpConnectHandshake::new(target, auth.as_ref()).map(|h| Box::new(h) as _)
+                        }
+                        _ => Err(format!("outbound {name:?} is not an upstream proxy")),
+                    };
+                match shake {
+                    Ok(shake) => {
+                        self.phase = Phase::Handshaking { shake };
+                        self.handshake(ctx)
+                    }
+                    Err(e) => self.fail(e),
+                }
             }
         }
     }
@@ -484,45 +489,36 @@ impl Session {
             return Step::Continue;
         };
         let fd = up.as_raw_fd();
-        let Phase::Handshaking { shake, sent } = &mut self.phase else {
+        let Phase::Handshaking { shake } = &mut self.phase else {
             return Step::Continue;
         };
-        loop {
+        let progress = loop {
             let out = shake.bytes_to_send();
-            if *sent < out.len() {
-                match write_fd(fd, &out[*sent..]) {
+            if !out.is_empty() {
+                match write_fd(fd, out) {
                     Ok(n) => {
-                        *sent += n;
+                        shake.sent(n);
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
-                    Err(e) => {
-                        let e = format!("upstream proxy: {e}");
-                        return self.fail(e);
-                    }
+                    Err(e) => break Progress::Failed(format!("upstream proxy: {e}")),
                 }
             }
             let mut buf = [0u8; 1024];
-            let n = match read(up, &mut buf) {
-                Ok(0) => return self.fail("upstream proxy closed during its handshake".into()),
-                Ok(n) => n,
+            match read(up, &mut buf) {
+                Ok(0) => break Progress::Failed(shake.closed()),
+                Ok(n) => match shake.received(&buf[..n]) {
+                    Progress::NeedMore | Progress::Send => {}
+                    done => break done,
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
-                Err(e) => {
-                    let e = format!("upstream proxy: {e}");
-                    return self.fail(e);
-                }
-            };
-            match shake.feed(&buf[..n]) {
-                Progress::NeedMore => {}
-                Progress::Send => *sent = 0,
-                Progress::Open { leftover } => {
-                    if leftover.len() > MAX_HANDSHAKE_REPLY {
-                        return self.fail("upstream proxy sent too much".into());
-                    }
-                    return self.start_relay(ctx.now, leftover);
-                }
-                Progress::Failed(reason) => return self.fail(reason),
+                Err(e) => break Progress::Failed(format!("upstream proxy: {e}")),
             }
+        };
+        match progress {
+            Progress::Open { leftover } => self.start_relay(ctx.now, leftover),
+            Progress::Failed(reason) => self.fail(reason),
+            Progress::NeedMore | Progress::Send => Step::Continue,
         }
     }
 

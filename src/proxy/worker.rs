@@ -123,7 +123,6 @@ impl Worker {
             registry: self.poll.registry(),
             resolver: self.resolver.as_mut(),
             now: Instant::now(),
-            client_token: Token(key * 2),
             upstream_token: Token(key * 2 + 1),
         };
         (ctx, &mut self.sessions)
@@ -314,7 +313,8 @@ impl Worker {
     }
 
     fn rebuild_resolver(&mut self, old: Option<&Runtime>) {
-        let dns = &self.runtime.config.dns;
+        let runtime = self.runtime.clone();
+        let dns = &runtime.config.dns;
         if old.is_some_and(|o| o.config.dns == *dns) {
             return;
         }
