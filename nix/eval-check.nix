@@ -33,7 +33,11 @@ let
         ++ modules;
       };
     in
-    evaluated.config // { inherit dir; };
+    evaluated.config
+    // {
+      inherit dir;
+      inherit (evaluated._module.args) pkgs;
+    };
 
   failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
 
@@ -388,6 +392,29 @@ let
     }
   ];
 
+  # The VM test's script as the test driver gets it, for eval-check.sh to
+  # compare with vm-tests/scenarios.txt and lint.
+  vmTest = import ../vm-tests/agent-egress.nix {
+    inherit (example) pkgs;
+    module = ./module.nix;
+    firewallBackend = "nftables";
+  };
+  vmScript = vmTest.testScript {
+    nodes = {
+      internet.networking = {
+        primaryIPAddress = "192.168.1.2";
+        primaryIPv6Address = "2001:db8:1::2";
+      };
+      agent = {
+        networking.primaryIPv6Address = "2001:db8:1::1";
+        system.build.toplevel = "/nix/store/eval-stub-toplevel";
+        services.agentEgress = example.services.agentEgress // {
+          agents.tester.slice = "agent-egress-agents-tester.slice";
+        };
+      };
+    };
+  };
+
   # What eval-check.sh runs: the JSON each case generated, the build command
   # that checks it (as the derivation would run it) and the shell scripts.
   generated = config: {
@@ -420,6 +447,7 @@ let
 in
 {
   failures = exampleFailures ++ fixtureFailures ++ flakeFailures ++ refusedFailures;
+  inherit vmScript;
   accepted = {
     example = generated example;
     fixture = generated fixture;

@@ -118,11 +118,11 @@ else
   missing "systemd-analyze is not installed"
 fi
 
-echo "== vm-tests: script and scenario list"
-python3 - "$root/vm-tests" <<'EOF'
-import ast, pathlib, sys
-tests = pathlib.Path(sys.argv[1])
-tree = ast.parse((tests / "script.py").read_text(), "vm-tests/script.py")
+echo "== vm-tests: the generated test script"
+jq -r .vmScript "$work/eval.json" >"$work/vm-script.py"
+python3 - "$work/vm-script.py" "$root/vm-tests/scenarios.txt" <<'EOF'
+import ast, sys
+tree = ast.parse(open(sys.argv[1]).read(), "the VM test script")
 subtests = [
     node.args[0].value
     for node in ast.walk(tree)
@@ -131,11 +131,23 @@ subtests = [
     and node.args
     and isinstance(node.args[0], ast.Constant)
 ]
-listed = (tests / "scenarios.txt").read_text().split()
+listed = open(sys.argv[2]).read().split()
 if subtests != listed:
-    sys.exit(f"vm-tests/script.py subtests {subtests} differ from vm-tests/scenarios.txt {listed}")
-print(f"ok: {len(listed)} scenarios")
+    sys.exit(f"the VM test's subtests {subtests} differ from vm-tests/scenarios.txt {listed}")
+print(f"ok: its {len(listed)} subtests are vm-tests/scenarios.txt")
 EOF
+# The test driver lints the script with pyflakes, its machines and helpers
+# being globals.
+if command -v pyflakes3 >/dev/null; then
+  {
+    echo "agent = internet = start_all = subtest = None"
+    cat "$work/vm-script.py"
+  } >"$work/vm-lint.py"
+  pyflakes3 "$work/vm-lint.py" || fail "pyflakes finds the VM test script wanting"
+  echo "ok: pyflakes"
+else
+  missing "pyflakes3 is not installed"
+fi
 
 echo "== agent-egress check on the generated configs"
 binary=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$root/target}/debug/agent-egress}

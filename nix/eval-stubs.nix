@@ -246,6 +246,7 @@ in
         outPath = packageDir;
         meta.mainProgram = "agent-egress";
       };
+      bash = stubPackage "bash";
       coreutils = stubPackage "coreutils";
       nftables = stubPackage "nftables";
       git = stubPackage "git";

@@ -85,6 +85,12 @@ in
     in
     {
       networking.firewall.enable = false;
+      # nginx binds the secondary addresses while IPv6 may still be doing
+      # duplicate address detection.
+      boot.kernel.sysctl = {
+        "net.ipv4.ip_nonlocal_bind" = 1;
+        "net.ipv6.ip_nonlocal_bind" = 1;
+      };
       networking.interfaces.eth1 = {
         ipv4.addresses = [
           {
@@ -274,6 +280,7 @@ in
       TESTER_SLICE = "${egress.agents.tester.slice}"
       AUDIT = "${egress.settings.audit.path}"
       FIREWALL_BACKEND = "${firewallBackend}"
+      TOPLEVEL = "${nodes.agent.system.build.toplevel}"
       SPECIALISATION = "wider"
     ''
     + builtins.readFile ./script.py;

@@ -1,7 +1,7 @@
 # The VM test's scenarios, one subtest each (the names are
 # vm-tests/scenarios.txt, shared with the e2e suite). agent-egress.nix
 # prepends the constants: CA, INTERNET4/6, BLOCKED4/6, METADATA4, AGENT6,
-# TABLE, TESTER_SLICE, AUDIT, FIREWALL_BACKEND, SPECIALISATION.
+# TABLE, TESTER_SLICE, AUDIT, FIREWALL_BACKEND, TOPLEVEL, SPECIALISATION.
 # SPDX-License-Identifier: GPL-3.0-or-later
 
 import base64
@@ -284,16 +284,19 @@ with subtest("reload_keeps_connections"):
     agent.succeed(f"rm -f {PROBE_DIR}/big {PROBE_DIR}/download.result")
     agent.succeed("systemctl start --no-block agent-download.service")
     agent.wait_until_succeeds(f"test $(stat -c %s {PROBE_DIR}/big 2>/dev/null || echo 0) -gt 1048576")
-    agent.succeed(f"/run/current-system/specialisation/{SPECIALISATION}/bin/switch-to-configuration test")
+    agent.succeed(f"{TOPLEVEL}/specialisation/{SPECIALISATION}/bin/switch-to-configuration test")
     assert agent.succeed("systemctl show --property=MainPID --value agent-egress.service").strip() == main_pid, (
         "the config change restarted the daemon instead of reloading it"
     )
     expect_page("https://later.test/?c=reload_keeps_connections_after", "later-site-marker")
-    agent.wait_until_fails("systemctl is-active agent-download.service", timeout=60)
+    agent.wait_until_succeeds(
+        "systemctl show --property=ActiveState --value agent-download.service | grep -qx -e inactive -e failed",
+        timeout=60,
+    )
     result = agent.succeed(f"cat {PROBE_DIR}/download.result").split()
     assert result == ["200", str(20 * 1024 * 1024)], f"the download was cut: {result}"
     assert agent.succeed("systemctl show --property=Result --value agent-download.service").strip() == "success"
-    agent.succeed("/run/booted-system/bin/switch-to-configuration test")
+    agent.succeed(f"{TOPLEVEL}/bin/switch-to-configuration test")
     expect_refused("https://later.test/?c=reload_keeps_connections_back")
 
 with subtest("chromium_allowed_page_blocked_subresource"):
