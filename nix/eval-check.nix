@@ -305,6 +305,27 @@ let
     failedAssertions flakeModule
     ++ expect "flake module: package" flakeModule.services.agentEgress.package.name "callPackage package.nix";
 
+  # nix/package.nix with a stand-in rustPlatform: what the build is given.
+  # lib.fileset needs builtins this Nix may lack (lib's minfeatures.nix).
+  packageEvaluable =
+    !builtins.pathExists "${libPath}/minfeatures.nix"
+    || (import "${libPath}/minfeatures.nix").missing == [ ];
+  package = import ./package.nix {
+    inherit lib;
+    rustPlatform = {
+      buildRustPackage = args: args;
+      bindgenHook = "bindgen-hook";
+    };
+    linuxHeaders = "linux-headers";
+  };
+  packageFailures = lib.optionals packageEvaluable (
+    expect "package: version" package.version (lib.importTOML ../Cargo.toml).package.version
+    ++ expect "package: Cargo.lock" package.cargoLock.lockFile ../Cargo.lock
+    ++ expectMatch "package: sources" "/nix/store/[a-z0-9]{32}-source" "${package.src}"
+    ++ expect "package: bindgen" package.nativeBuildInputs [ "bindgen-hook" ]
+    ++ expect "package: mainProgram" package.meta.mainProgram "agent-egress"
+  );
+
   # Configurations the module must refuse, each with the message it gives.
   refused = {
     unknown-list = {
@@ -446,7 +467,8 @@ let
   };
 in
 {
-  failures = exampleFailures ++ fixtureFailures ++ flakeFailures ++ refusedFailures;
+  failures = exampleFailures ++ fixtureFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
+  inherit packageEvaluable;
   inherit vmScript;
   accepted = {
     example = generated example;

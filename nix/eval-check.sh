@@ -74,6 +74,8 @@ if [ "$(jq '.failures | length' "$work/eval.json")" -ne 0 ]; then
   fail "the module's output does not meet the expectations above"
 fi
 echo "ok: expectations of nix/eval-check.nix hold"
+[ "$(jq .packageEvaluable "$work/eval.json")" = true ] ||
+  echo "note: nix/package.nix not evaluated: this lib's lib.fileset needs a newer Nix than $(nix-instantiate --version)"
 
 echo "== shell scripts the module writes"
 for case in $(jq -r '.accepted | keys[]' "$work/eval.json"); do

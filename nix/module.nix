@@ -54,7 +54,12 @@ let
   isTemplate = unit: lib.hasSuffix "@" (unitName unit);
 
   agents = lib.mapAttrs (name: agent: rec {
-    inherit (agent) slice units;
+    inherit (agent)
+      slice
+      units
+      allow
+      block
+      ;
     cgroup = sliceCgroupPath slice;
     # A template's instances get cgroups whose names are not known here; the
     # agent's slice covers them.
@@ -62,7 +67,6 @@ let
       lib.filter (unit: !isTemplate unit) units
     );
     outbound = if agent.outbound == null then cfg.outbound else agent.outbound;
-    inherit (agent) allow block;
   }) cfg.agents;
 
   unknownLists = names: lib.filter (list: !(cfg.lists ? ${list})) names;
@@ -631,8 +635,8 @@ in
           agent-egress = {
             description = "agent-egress: egress control for AI agents";
             wantedBy = [ "multi-user.target" ];
-            # Both firewalls' units: a ruleset they load must not land on top
-            # of ours half-way through our start.
+            # After either firewall: a ruleset it loads (nftables may flush
+            # everything) comes before our table, not over it.
             after = [
               "network.target"
               "nftables.service"
