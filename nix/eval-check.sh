@@ -68,7 +68,7 @@ nix_eval --eval --strict --json "$here/eval-check.nix" \
   --argstr libPath "$lib_path" \
   --argstr packageDir "$package_dir" \
   --argstr generatedDir "$work/generated" >"$work/eval.json" ||
-  fail "the module does not evaluate"
+  fail "nix/eval-check.nix does not evaluate (error above)"
 if [ "$(jq '.failures | length' "$work/eval.json")" -ne 0 ]; then
   jq -r '.failures[]' "$work/eval.json" >&2
   fail "the module's output does not meet the expectations above"

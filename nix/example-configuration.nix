@@ -69,20 +69,26 @@
       pkgs.git
       pkgs.nodejs
     ];
+    environment.HOME = "/var/lib/codex-nightly";
     script = "exec npx --yes @openai/codex exec 'fix the failing tests'";
     serviceConfig = {
       User = "agent";
+      StateDirectory = "codex-nightly";
       WorkingDirectory = "/srv/agent/repo";
+      EnvironmentFile = "/etc/agent-secrets/openai.env";
     };
   };
 
   systemd.services."claude-code@" = {
     description = "Claude Code on %i";
     path = [ pkgs.nodejs ];
+    environment.HOME = "/var/lib/claude-code/%i";
     script = ''exec npx --yes @anthropic-ai/claude-code -p "review the open pull requests"'';
     serviceConfig = {
       User = "agent";
+      StateDirectory = "claude-code/%i";
       WorkingDirectory = "/srv/agent/%i";
+      EnvironmentFile = "/etc/agent-secrets/anthropic.env";
     };
   };
 }
