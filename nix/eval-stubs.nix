@@ -35,42 +35,24 @@ let
         lib.mergeEqualOption loc defs';
   };
 
-  units = types.listOf types.str;
-
-  commonUnitOptions = {
-    description = mkOption {
-      type = types.str;
-      default = "";
+  commonUnitOptions =
+    lib.genAttrs [ "wantedBy" "after" "before" "bindsTo" "wants" "requires" ] (
+      _:
+      mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      }
+    )
+    // {
+      description = mkOption {
+        type = types.str;
+        default = "";
+      };
+      unitConfig = mkOption {
+        type = types.attrsOf unitOption;
+        default = { };
+      };
     };
-    wantedBy = mkOption {
-      type = units;
-      default = [ ];
-    };
-    after = mkOption {
-      type = units;
-      default = [ ];
-    };
-    before = mkOption {
-      type = units;
-      default = [ ];
-    };
-    bindsTo = mkOption {
-      type = units;
-      default = [ ];
-    };
-    wants = mkOption {
-      type = units;
-      default = [ ];
-    };
-    requires = mkOption {
-      type = units;
-      default = [ ];
-    };
-    unitConfig = mkOption {
-      type = types.attrsOf unitOption;
-      default = { };
-    };
-  };
 
   serviceType = types.submodule {
     options = commonUnitOptions // {

@@ -210,13 +210,18 @@ let
       };
     };
 
+  # A JSON object whose listed keys are typed, the others free.
+  jsonObject =
+    options:
+    types.submodule {
+      freeformType = format.type;
+      inherit options;
+    };
+
   freeformSection =
     description: options:
     mkOption {
-      type = types.submodule {
-        freeformType = format.type;
-        inherit options;
-      };
+      type = jsonObject options;
       default = { };
       inherit description;
     };
@@ -247,153 +252,144 @@ in
         shared block list, each agent's block list, each agent's allow list
         and the shared allow list. The first rule that matches decides.
       '';
-      type = types.submodule {
-        freeformType = format.type;
-        options = {
-          listen = freeformSection "Where the proxy listens for captured connections." {
-            port = mkOption {
-              type = types.port;
-              default = 15001;
-              description = "Port of the TPROXY listener.";
-            };
-            addresses = mkOption {
-              type = types.listOf types.str;
-              default = [ "127.0.0.1" ] ++ lib.optional config.networking.enableIPv6 "::1";
-              defaultText = literalExpression ''[ "127.0.0.1" ] ++ lib.optional config.networking.enableIPv6 "::1"'';
-              description = "Loopback addresses of the TPROXY listener.";
-            };
+      type = jsonObject {
+        listen = freeformSection "Where the proxy listens for captured connections." {
+          port = mkOption {
+            type = types.port;
+            default = 15001;
+            description = "Port of the TPROXY listener.";
           };
-
-          interception = freeformSection "How agents' traffic is captured." {
-            manage_kernel = mkOption {
-              type = types.bool;
-              default = true;
-              description = ''
-                Let the daemon install and keep its nftables table and policy
-                routing. Off is "proxy only": the table named below, with a
-                set `agents` of cgroup ids, must then come from elsewhere.
-              '';
-            };
-            cgroups = mkOption {
-              type = types.listOf types.str;
-              default = [ ];
-              description = ''
-                Cgroups (relative to the cgroup2 root) whose sockets are
-                captured. The agents' slice and each agent's slice and units
-                are added by the module; add others here.
-              '';
-            };
-            table = mkOption {
-              type = types.strMatching "[A-Za-z0-9_]{1,64}";
-              default = "agent_egress";
-              description = "Name of the daemon's `inet` nftables table.";
-            };
-            mark = mkOption {
-              type = types.ints.between 1 4294967295;
-              default = 2785;
-              description = "Firewall mark of captured packets (2785 = 0xae1).";
-            };
+          addresses = mkOption {
+            type = types.listOf types.str;
+            default = [ "127.0.0.1" ] ++ lib.optional config.networking.enableIPv6 "::1";
+            defaultText = literalExpression ''[ "127.0.0.1" ] ++ lib.optional config.networking.enableIPv6 "::1"'';
+            description = "Loopback addresses of the TPROXY listener.";
           };
+        };
 
-          dns = freeformSection "The resolvers the daemon uses." {
-            servers = mkOption {
-              type = types.listOf types.str;
-              default = lib.optional config.services.resolved.enable "127.0.0.53";
-              defaultText = literalExpression ''lib.optional config.services.resolved.enable "127.0.0.53"'';
-              description = ''
-                Resolvers (IP or IP:port) the daemon queries, and the only
-                ones the agents may send DNS to. Agents whose interfaces are
-                restricted to loopback reach only a resolver on loopback:
-                systemd-resolved's stub (127.0.0.53, the default when
-                {option}`services.resolved.enable` is set) or a local
-                dnsmasq or unbound.
-              '';
-            };
-          };
-
-          outbounds = mkOption {
-            type = types.attrsOf (
-              types.submodule {
-                freeformType = format.type;
-                options.type = mkOption {
-                  type = types.enum [
-                    "direct"
-                    "block"
-                    "socks5"
-                    "http"
-                  ];
-                  description = "Kind of egress.";
-                };
-              }
-            );
-            default = { };
-            example = literalExpression ''
-              {
-                tor = { type = "socks5"; server = "127.0.0.1:9050"; };
-                wan2 = { type = "direct"; interface = "wg0"; mark = 100; };
-              }
-            '';
+        interception = freeformSection "How agents' traffic is captured." {
+          manage_kernel = mkOption {
+            type = types.bool;
+            default = true;
             description = ''
-              Named egresses besides the built-in `direct` and `block`.
-              Credentials given here end up in the Nix store, readable by
-              every local user.
+              Let the daemon install and keep its nftables table and policy
+              routing. Off is "proxy only": the table named below, with a
+              set `agents` of cgroup ids, must then come from elsewhere.
             '';
           };
-
-          rules = mkOption {
-            type = types.listOf (
-              types.submodule {
-                freeformType = format.type;
-                options.outbound = mkOption {
-                  type = types.str;
-                  description = "Name of the outbound a matching connection takes.";
-                };
-              }
-            );
+          cgroups = mkOption {
+            type = types.listOf types.str;
             default = [ ];
             description = ''
-              Ordered rules, first match wins; each has `name`, `domains`,
-              `ips`, `ports` and `agents` (fields AND, values within a field
-              OR) and names an `outbound`.
+              Cgroups (relative to the cgroup2 root) whose sockets are
+              captured. The agents' slice and each agent's slice and units
+              are added by the module; add others here.
             '';
           };
-
-          default = mkOption {
-            type = types.str;
-            default = "block";
-            description = "Outbound of connections no rule matches.";
+          table = mkOption {
+            type = types.strMatching "[A-Za-z0-9_]{1,64}";
+            default = "agent_egress";
+            description = "Name of the daemon's `inet` nftables table.";
           };
-
-          audit = freeformSection "The audit log: one JSON line per connection." {
-            path = mkOption {
-              type = types.str;
-              default = "/var/log/agent-egress/audit.jsonl";
-              description = ''
-                File the records are appended to, or `-` for standard output
-                (the journal). The file is reopened on reload, for rotation.
-                The daemon cannot see /var/lib: keep the file elsewhere.
-              '';
-            };
+          mark = mkOption {
+            type = types.ints.between 1 4294967295;
+            default = 2785;
+            description = "Firewall mark of captured packets (2785 = 0xae1).";
           };
+        };
 
-          mode = mkOption {
-            type = types.enum [
-              "enforce"
-              "audit"
-            ];
-            default = "enforce";
+        dns = freeformSection "The resolvers the daemon uses." {
+          servers = mkOption {
+            type = types.listOf types.str;
+            default = lib.optional config.services.resolved.enable "127.0.0.53";
+            defaultText = literalExpression ''lib.optional config.services.resolved.enable "127.0.0.53"'';
             description = ''
-              `audit` lets everything out direct and records what `enforce`
-              would have done.
+              Resolvers (IP or IP:port) the daemon queries, and the only
+              ones the agents may send DNS to. Agents whose interfaces are
+              restricted to loopback reach only a resolver on loopback:
+              systemd-resolved's stub (127.0.0.53, the default when
+              {option}`services.resolved.enable` is set) or a local
+              dnsmasq or unbound.
             '';
           };
+        };
 
-          limits = freeformSection "Bounds on the daemon's resources." {
-            connections = mkOption {
-              type = types.ints.between 1 1000000;
-              default = 8192;
-              description = "Most connections relayed at once.";
+        outbounds = mkOption {
+          type = types.attrsOf (jsonObject {
+            type = mkOption {
+              type = types.enum [
+                "direct"
+                "block"
+                "socks5"
+                "http"
+              ];
+              description = "Kind of egress.";
             };
+          });
+          default = { };
+          example = literalExpression ''
+            {
+              tor = { type = "socks5"; server = "127.0.0.1:9050"; };
+              wan2 = { type = "direct"; interface = "wg0"; mark = 100; };
+            }
+          '';
+          description = ''
+            Named egresses besides the built-in `direct` and `block`.
+            Credentials given here end up in the Nix store, readable by
+            every local user.
+          '';
+        };
+
+        rules = mkOption {
+          type = types.listOf (jsonObject {
+            outbound = mkOption {
+              type = types.str;
+              description = "Name of the outbound a matching connection takes.";
+            };
+          });
+          default = [ ];
+          description = ''
+            Ordered rules, first match wins; each has `name`, `domains`,
+            `ips`, `ports` and `agents` (fields AND, values within a field
+            OR) and names an `outbound`.
+          '';
+        };
+
+        default = mkOption {
+          type = types.str;
+          default = "block";
+          description = "Outbound of connections no rule matches.";
+        };
+
+        audit = freeformSection "The audit log: one JSON line per connection." {
+          path = mkOption {
+            type = types.str;
+            default = "/var/log/agent-egress/audit.jsonl";
+            description = ''
+              File the records are appended to, or `-` for standard output
+              (the journal). The file is reopened on reload, for rotation.
+              The daemon cannot see /var/lib: keep the file elsewhere.
+            '';
+          };
+        };
+
+        mode = mkOption {
+          type = types.enum [
+            "enforce"
+            "audit"
+          ];
+          default = "enforce";
+          description = ''
+            `audit` lets everything out direct and records what `enforce`
+            would have done.
+          '';
+        };
+
+        limits = freeformSection "Bounds on the daemon's resources." {
+          connections = mkOption {
+            type = types.ints.between 1 1000000;
+            default = 8192;
+            description = "Most connections relayed at once.";
           };
         };
       };
