@@ -167,45 +167,49 @@ let
     "CAP_DAC_READ_SEARCH" # list /proc/PID/fd of agents running as other users
   ];
 
-  policyListType =
-    verb:
-    types.submodule {
-      options = {
-        domains = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-          example = [
-            "example.com"
-            "=exact.example.org"
-            "*.cdn.example.net"
-          ];
-          description = ''
-            Domain patterns to ${verb}: `example.com` is that name and its
-            subdomains, `=example.com` that name only, `*.example.com` its
-            subdomains only. Names are compared after normalisation (case,
-            trailing dot, IDN).
-          '';
-        };
-        lists = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-          example = [
-            "crates"
-            "github"
-          ];
-          description = ''
-            Names of entries of {option}`services.agentEgress.lists` (the
-            presets included) whose domains to ${verb}.
-          '';
-        };
-        ips = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-          example = [ "192.0.2.0/24" ];
-          description = ''
-            Addresses or CIDRs to ${verb}. A connection to an IP literal
-            with no name in it is matched only by these.
-          '';
+  policyOption =
+    verb: description:
+    mkOption {
+      inherit description;
+      default = { };
+      type = types.submodule {
+        options = {
+          domains = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [
+              "example.com"
+              "=exact.example.org"
+              "*.cdn.example.net"
+            ];
+            description = ''
+              Domain patterns to ${verb}: `example.com` is that name and its
+              subdomains, `=example.com` that name only, `*.example.com` its
+              subdomains only. Names are compared after normalisation (case,
+              trailing dot, IDN).
+            '';
+          };
+          lists = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [
+              "crates"
+              "github"
+            ];
+            description = ''
+              Names of entries of {option}`services.agentEgress.lists` (the
+              presets included) whose domains to ${verb}.
+            '';
+          };
+          ips = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "192.0.2.0/24" ];
+            description = ''
+              Addresses or CIDRs to ${verb}. A connection to an IP literal
+              with no name in it is matched only by these.
+            '';
+          };
         };
       };
     };
@@ -423,20 +427,12 @@ in
       description = "Outbound of the traffic {option}`services.agentEgress.allow` lets through.";
     };
 
-    allow = mkOption {
-      type = policyListType "allow";
-      default = { };
-      description = "What every agent may reach.";
-    };
+    allow = policyOption "allow" "What every agent may reach.";
 
-    block = mkOption {
-      type = policyListType "block";
-      default = { };
-      description = ''
-        What no agent may reach. Block lists are matched before allow lists,
-        so a block here also wins over an agent's own allow list.
-      '';
-    };
+    block = policyOption "block" ''
+      What no agent may reach. Block lists are matched before allow lists,
+      so a block here also wins over an agent's own allow list.
+    '';
 
     blockCloudMetadata = mkOption {
       type = types.bool;
@@ -497,16 +493,8 @@ in
                   A name ending in `@` is a template: all its instances.
                 '';
               };
-              allow = mkOption {
-                type = policyListType "allow";
-                default = { };
-                description = "What this agent may reach besides the shared allow list.";
-              };
-              block = mkOption {
-                type = policyListType "block";
-                default = { };
-                description = "What this agent may not reach even if the shared allow list has it.";
-              };
+              allow = policyOption "allow" "What this agent may reach besides the shared allow list.";
+              block = policyOption "block" "What this agent may not reach even if the shared allow list has it.";
               outbound = mkOption {
                 type = types.nullOr types.str;
                 default = null;
