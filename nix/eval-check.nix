@@ -1,0 +1,483 @@
+# Evaluates nix/module.nix with nixpkgs' lib and nix/eval-stubs.nix, for
+# nix/eval-check.sh: what the module generates, and every expectation that
+# does not hold. Each case evaluates in its own directory for generated files.
+# SPDX-License-Identifier: GPL-3.0-or-later
+{
+  libPath,
+  packageDir,
+  generatedDir,
+}:
+
+let
+  lib = import libPath;
+  inherit (builtins) toJSON;
+
+  table = "agent_egress";
+  nftSet = "cgroup:inet:${table}:agents";
+  topSlice = "agent-egress-agents.slice";
+  topCgroup = "agent.slice/agent-egress.slice/${topSlice}";
+  daemonUnit = "agent-egress.service";
+
+  evaluate =
+    name: modules:
+    let
+      dir = "${generatedDir}/${name}";
+      evaluated = lib.evalModules {
+        modules = [
+          (import ./eval-stubs.nix {
+            inherit packageDir;
+            generatedDir = dir;
+          })
+          ./module.nix
+        ]
+        ++ modules;
+      };
+    in
+    evaluated.config
+    // {
+      inherit dir;
+      inherit (evaluated._module.args) pkgs;
+    };
+
+  failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+
+  expect =
+    what: actual: expected:
+    lib.optional (actual != expected) "${what}: expected ${toJSON expected}, got ${toJSON actual}";
+  expectAll =
+    what: actual: wanted:
+    lib.optional (!lib.all (w: lib.elem w actual) wanted) "${what}: expected to contain ${toJSON wanted}, got ${toJSON actual}";
+  expectMatch =
+    what: regex: actual:
+    lib.optional (builtins.match regex actual == null) "${what}: ${toJSON actual} does not match ${regex}";
+
+  # What every enabled configuration must have: the daemon unit as the issue
+  # lays it out, the agents' units and slices wired to the capture.
+  commonExpectations =
+    name: config: agentUnits: agentSlices:
+    let
+      daemon = config.systemd.services.agent-egress;
+      sc = daemon.serviceConfig;
+      settings = config.services.agentEgress.settings;
+      configFile = "${config.dir}/agent-egress-checked.json.out";
+      caps = [
+        "CAP_NET_ADMIN"
+        "CAP_SYS_PTRACE"
+        "CAP_DAC_READ_SEARCH"
+      ];
+      unitExpectations =
+        unit: slice:
+        let
+          svc = config.systemd.services.${unit};
+        in
+        expect "${name}: ${unit} Slice" svc.serviceConfig.Slice slice
+        ++ expect "${name}: ${unit} NFTSet" svc.serviceConfig.NFTSet [ nftSet ]
+        ++ expect "${name}: ${unit} RestrictNetworkInterfaces" svc.serviceConfig.RestrictNetworkInterfaces [
+          "lo"
+        ]
+        ++ expectAll "${name}: ${unit} bindsTo" svc.bindsTo [ daemonUnit ]
+        ++ expectAll "${name}: ${unit} after" svc.after [ daemonUnit ]
+        # The agent's own settings survive the merge.
+        ++ expect "${name}: ${unit} User" svc.serviceConfig.User "agent";
+      sliceExpectations =
+        slice:
+        let
+          unit = config.systemd.slices.${lib.removeSuffix ".slice" slice};
+        in
+        expect "${name}: ${slice} NFTSet" unit.sliceConfig.NFTSet [ nftSet ]
+        ++ expect "${name}: ${slice} RestrictNetworkInterfaces" unit.sliceConfig.RestrictNetworkInterfaces [
+          "lo"
+        ]
+        ++ expect "${name}: ${slice} is not bound to the daemon" unit.bindsTo [ ];
+    in
+    failedAssertions config
+    ++ expect "${name}: Type" sc.Type "simple"
+    ++ expect "${name}: ExecStart" sc.ExecStart "${packageDir}/bin/agent-egress run --config /etc/agent-egress/config.json"
+    ++ expect "${name}: ExecReload" sc.ExecReload "/nix/store/eval-stub-coreutils/bin/kill -HUP $MAINPID"
+    ++ expect "${name}: reloadTriggers" (map toString daemon.reloadTriggers) [ configFile ]
+    ++ expect "${name}: /etc/agent-egress/config.json" (toString
+      config.environment.etc."agent-egress/config.json".source
+    ) configFile
+    ++ expectAll "${name}: after" daemon.after [
+      "nftables.service"
+      "firewall.service"
+    ]
+    ++ expectAll "${name}: wantedBy" daemon.wantedBy [ "multi-user.target" ]
+    ++ expect "${name}: AmbientCapabilities" sc.AmbientCapabilities caps
+    ++ expect "${name}: CapabilityBoundingSet" sc.CapabilityBoundingSet caps
+    ++ expect "${name}: User" sc.User "agent-egress"
+    ++ expect "${name}: NoNewPrivileges" sc.NoNewPrivileges true
+    ++ expect "${name}: ProtectSystem" sc.ProtectSystem "strict"
+    ++ expect "${name}: ProtectHome" sc.ProtectHome true
+    ++ expect "${name}: PrivateTmp" sc.PrivateTmp true
+    ++ expect "${name}: ProtectControlGroups" sc.ProtectControlGroups true
+    ++ expect "${name}: RestrictAddressFamilies" sc.RestrictAddressFamilies [
+      "AF_INET"
+      "AF_INET6"
+      "AF_NETLINK"
+      "AF_UNIX"
+    ]
+    ++ expect "${name}: SystemCallFilter" sc.SystemCallFilter [
+      "@system-service"
+      "~@privileged"
+    ]
+    ++ expect "${name}: LogsDirectory" sc.LogsDirectory "agent-egress"
+    ++ expect "${name}: ExecStartPost" (map toString sc.ExecStartPost) [
+      "${config.dir}/agent-egress-wait-for-table"
+    ]
+    ++ expect "${name}: daemon user" config.users.users.agent-egress.isSystemUser true
+    ++ expect "${name}: audit rotation" config.services.logrotate.settings.agent-egress.files settings.audit.path
+    ++ expect "${name}: interception.table" settings.interception.table table
+    ++ expectAll "${name}: interception.cgroups" settings.interception.cgroups [ topCgroup ]
+    ++ lib.concatMap (rule: expectAll "${name}: agents of rule ${rule.name}" settings.interception.cgroups (rule.agents or [ ])) settings.rules
+    ++ lib.concatLists (lib.mapAttrsToList unitExpectations agentUnits)
+    ++ lib.concatMap sliceExpectations ([ topSlice ] ++ agentSlices);
+
+  ruleNames = config: map (rule: rule.name) config.services.agentEgress.settings.rules;
+  ruleNamed =
+    config: name: lib.findFirst (rule: rule.name == name) { } config.services.agentEgress.settings.rules;
+  presetDomains = preset: (lib.importJSON (../presets + "/${preset}.json")).domains;
+
+  example = evaluate "example" [ ./example-configuration.nix ];
+  claudeSlice = "agent-egress-agents-claude\\x2dcode.slice";
+  exampleFailures =
+    commonExpectations "example" example
+      {
+        codex-nightly = "agent-egress-agents-codex.slice";
+        "claude-code@" = claudeSlice;
+      }
+      [
+        "agent-egress-agents-codex.slice"
+        claudeSlice
+      ]
+    ++ expect "example: rules in order" (ruleNames example) [
+      "metadata"
+      "block"
+      "agent/claude-code/block"
+      "agent/claude-code/allow"
+      "agent/codex/allow"
+      "allow"
+    ]
+    ++ expect "example: interception.cgroups" example.services.agentEgress.settings.interception.cgroups [
+      topCgroup
+      "${topCgroup}/${claudeSlice}"
+      "${topCgroup}/agent-egress-agents-codex.slice"
+      "${topCgroup}/agent-egress-agents-codex.slice/codex-nightly.service"
+    ]
+    ++ expect "example: shared allow list expands presets" (ruleNamed example "allow").domains (
+      presetDomains "npm" ++ presetDomains "github"
+    )
+    ++ expect "example: agent allow list" (ruleNamed example "agent/codex/allow").domains (
+      presetDomains "openai"
+      ++ [
+        "git.example.com"
+        "ci.example.com"
+      ]
+    )
+    ++ expect "example: template units are covered by the agent's slice" (ruleNamed example
+      "agent/claude-code/allow"
+    ).agents [ "${topCgroup}/${claudeSlice}" ]
+    ++ expect "example: dns.servers" example.services.agentEgress.settings.dns.servers [ "127.0.0.53" ]
+    ++ expect "example: freeform settings pass through" example.services.agentEgress.settings.dns.domain_dial "verify"
+    ++ expectMatch "example: nftables rpfilter exception"
+      ''.*iifname "lo" meta mark 2785 accept.*''
+      example.networking.firewall.extraReversePathFilterRules
+    ++ expect "example: no iptables commands with the nftables firewall" example.networking.firewall.extraCommands "";
+
+  # Every knob at once, with the iptables firewall.
+  fixture = evaluate "fixture" [
+    {
+      services.resolved.enable = true;
+      users.users.agent.isSystemUser = true;
+      systemd.services.research-bot.serviceConfig.User = "agent";
+      systemd.services."agent-probe@".serviceConfig = {
+        User = "agent";
+        NFTSet = "cgroup:inet:other:set";
+      };
+      services.agentEgress = {
+        enable = true;
+        slice = "ai-agents.slice";
+        allow.domains = [ "allowed.test" ];
+        block = {
+          domains = [ "blocked.test" ];
+          ips = [ "198.51.100.0/24" ];
+        };
+        lists.shared.domains = [ "shared.example" ];
+        lists.github.domains = [ "github.example" ];
+        agents.research-bot = {
+          units = [ "research-bot.service" ];
+          outbound = "tor";
+          allow.lists = [
+            "shared"
+            "github"
+          ];
+        };
+        agents.tester.units = [ "agent-probe@" ];
+        settings = {
+          outbounds.tor = {
+            type = "socks5";
+            server = "127.0.0.1:9050";
+          };
+          rules = [
+            {
+              name = "intranet";
+              ips = [ "10.0.0.0/8" ];
+              outbound = "direct";
+            }
+          ];
+          audit.path = "/srv/audit/agent-egress.jsonl";
+          interception.mark = 4242;
+          limits.connections = 100;
+        };
+      };
+    }
+  ];
+  fixtureTop = "ai.slice/ai-agents.slice";
+  fixtureFailures =
+    failedAssertions fixture
+    ++ expect "fixture: rules in order" (ruleNames fixture) [
+      "metadata"
+      "intranet"
+      "block"
+      "agent/research-bot/allow"
+      "agent/research-bot/shared-allow"
+      "allow"
+    ]
+    ++ expect "fixture: interception.cgroups" fixture.services.agentEgress.settings.interception.cgroups [
+      fixtureTop
+      "${fixtureTop}/ai-agents-research\\x2dbot.slice"
+      "${fixtureTop}/ai-agents-research\\x2dbot.slice/research-bot.service"
+      "${fixtureTop}/ai-agents-tester.slice"
+    ]
+    ++ expect "fixture: redefined list replaces the preset" (ruleNamed fixture "agent/research-bot/allow")
+      .domains
+      [
+        "shared.example"
+        "github.example"
+      ]
+    ++ expect "fixture: agent outbound" (ruleNamed fixture "agent/research-bot/allow").outbound "tor"
+    ++ expect "fixture: shared allow list via the agent's outbound" (ruleNamed fixture
+      "agent/research-bot/shared-allow"
+    ) {
+      name = "agent/research-bot/shared-allow";
+      outbound = "tor";
+      domains = [ "allowed.test" ];
+      agents = [
+        "${fixtureTop}/ai-agents-research\\x2dbot.slice"
+        "${fixtureTop}/ai-agents-research\\x2dbot.slice/research-bot.service"
+      ];
+    }
+    ++ expect "fixture: block rule" (ruleNamed fixture "block") {
+      name = "block";
+      outbound = "block";
+      domains = [ "blocked.test" ];
+      ips = [ "198.51.100.0/24" ];
+    }
+    ++ expect "fixture: .service suffix accepted" fixture.systemd.services.research-bot.serviceConfig.Slice "ai-agents-research\\x2dbot.slice"
+    ++ expect "fixture: a unit's own NFTSet is kept" (lib.sort lib.lessThan
+      fixture.systemd.services."agent-probe@".serviceConfig.NFTSet
+    ) [
+      nftSet
+      "cgroup:inet:other:set"
+    ]
+    ++ expect "fixture: audit file outside the logs directory is writable" fixture.systemd.services.agent-egress.serviceConfig.ReadWritePaths [
+      "-/srv/audit"
+    ]
+    ++ expect "fixture: LimitNOFILE follows limits.connections" fixture.systemd.services.agent-egress.serviceConfig.LimitNOFILE 1824
+    ++ expectMatch "fixture: iptables rpfilter exception"
+      ".*ip46tables -t mangle -I nixos-fw-rpfilter -i lo -m mark --mark 4242 -j RETURN.*"
+      fixture.networking.firewall.extraCommands
+    ++ expect "fixture: no nftables rules with the iptables firewall" fixture.networking.firewall.extraReversePathFilterRules "";
+
+  # The flake's module builds the package from the system's nixpkgs.
+  flake = (import ../flake.nix).outputs {
+    self = flake;
+    nixpkgs = { inherit lib; };
+  };
+  flakeModule = evaluate "flake-module" [
+    flake.nixosModules.default
+    {
+      services.resolved.enable = true;
+      services.agentEgress.enable = true;
+    }
+  ];
+  flakeFailures =
+    failedAssertions flakeModule
+    ++ expect "flake module: package" flakeModule.services.agentEgress.package.name "callPackage package.nix";
+
+  # nix/package.nix with a stand-in rustPlatform: what the build is given.
+  # lib.fileset needs builtins this Nix may lack (lib's minfeatures.nix).
+  packageEvaluable =
+    !builtins.pathExists "${libPath}/minfeatures.nix"
+    || (import "${libPath}/minfeatures.nix").missing == [ ];
+  package = import ./package.nix {
+    inherit lib;
+    rustPlatform = {
+      buildRustPackage = args: args;
+      bindgenHook = "bindgen-hook";
+    };
+    linuxHeaders = "linux-headers";
+  };
+  packageFailures = lib.optionals packageEvaluable (
+    expect "package: version" package.version (lib.importTOML ../Cargo.toml).package.version
+    ++ expect "package: Cargo.lock" package.cargoLock.lockFile ../Cargo.lock
+    ++ expectMatch "package: sources" "/nix/store/[a-z0-9]{32}-source" "${package.src}"
+    ++ expect "package: bindgen" package.nativeBuildInputs [ "bindgen-hook" ]
+    ++ expect "package: mainProgram" package.meta.mainProgram "agent-egress"
+  );
+
+  # Configurations the module must refuse, each with the message it gives.
+  refused = {
+    unknown-list = {
+      modules = [
+        {
+          services.resolved.enable = true;
+          services.agentEgress = {
+            enable = true;
+            agents.a.allow.lists = [ "no-such-list" ];
+          };
+        }
+      ];
+      message = "services.agentEgress.agents.a.allow.lists names unknown lists no-such-list;";
+    };
+    remote-resolver = {
+      modules = [
+        {
+          services.agentEgress = {
+            enable = true;
+            settings.dns.servers = [ "192.0.2.53" ];
+          };
+        }
+      ];
+      message = "services.agentEgress.settings.dns.servers must listen on loopback";
+    };
+    no-resolver = {
+      modules = [ { services.agentEgress.enable = true; } ];
+      message = "services.agentEgress.settings.dns.servers is empty";
+    };
+    unknown-outbound = {
+      modules = [
+        {
+          services.resolved.enable = true;
+          services.agentEgress = {
+            enable = true;
+            agents.a.outbound = "tor";
+          };
+        }
+      ];
+      message = ''services.agentEgress.agents.a: outbound "tor" is not one of direct block'';
+    };
+    unit-in-two-agents = {
+      modules = [
+        {
+          services.resolved.enable = true;
+          services.agentEgress = {
+            enable = true;
+            agents.a.units = [ "shared" ];
+            agents.b.units = [ "shared.service" ];
+          };
+        }
+      ];
+      message = "systemd service shared is listed by several agents (a b)";
+    };
+  };
+  refusedFailures = lib.concatLists (
+    lib.mapAttrsToList (
+      name: case:
+      let
+        messages = failedAssertions (evaluate name case.modules);
+      in
+      lib.optional (!lib.any (lib.hasPrefix case.message) messages) "refused ${name}: expected an assertion starting ${toJSON case.message}, got ${toJSON messages}"
+    ) refused
+  );
+
+  # Every preset's patterns go through the daemon's check.
+  allPresets = evaluate "all-presets" [
+    {
+      services.resolved.enable = true;
+      services.agentEgress = {
+        enable = true;
+        allow.lists = map (lib.removeSuffix ".json") (lib.attrNames (builtins.readDir ../presets));
+      };
+    }
+  ];
+
+  # The daemon refuses this one: Nix lets it through, `check` must not.
+  daemonRejects = evaluate "daemon-rejects" [
+    {
+      services.resolved.enable = true;
+      services.agentEgress = {
+        enable = true;
+        settings.limits.sniff_bytes = 100;
+      };
+    }
+  ];
+
+  # The VM test's script as the test driver gets it, for eval-check.sh to
+  # compare with vm-tests/scenarios.txt and lint.
+  vmTest = import ../vm-tests/agent-egress.nix {
+    inherit (example) pkgs;
+    module = ./module.nix;
+    firewallBackend = "nftables";
+  };
+  vmScript = vmTest.testScript {
+    nodes = {
+      internet.networking = {
+        primaryIPAddress = "192.168.1.2";
+        primaryIPv6Address = "2001:db8:1::2";
+      };
+      agent = {
+        networking.primaryIPv6Address = "2001:db8:1::1";
+        system.build.toplevel = "/nix/store/eval-stub-toplevel";
+        services.agentEgress = example.services.agentEgress // {
+          agents.tester.slice = "agent-egress-agents-tester.slice";
+        };
+      };
+    };
+  };
+
+  # What eval-check.sh runs: the JSON each case generated, the build command
+  # that checks it (as the derivation would run it) and the shell scripts.
+  generated = config: {
+    inherit (config) dir;
+    json = toJSON config.services.agentEgress.settings;
+    checkCommand = config.environment.etc."agent-egress/config.json".source.buildCommand;
+    waitScript = (lib.head config.systemd.services.agent-egress.serviceConfig.ExecStartPost).text;
+    # Unit sections for systemd-analyze verify: the daemon, the agents'
+    # units and every slice.
+    units =
+      {
+        "agent-egress.service".Service = config.systemd.services.agent-egress.serviceConfig;
+      }
+      // lib.listToAttrs (
+        lib.concatMap (
+          agent:
+          map (
+            unit:
+            let
+              name = lib.removeSuffix ".service" unit;
+            in
+            lib.nameValuePair "${name}.service" { Service = config.systemd.services.${name}.serviceConfig; }
+          ) agent.units
+        ) (lib.attrValues config.services.agentEgress.agents)
+      )
+      // lib.mapAttrs' (
+        name: slice: lib.nameValuePair "${name}.slice" { Slice = slice.sliceConfig; }
+      ) config.systemd.slices;
+  };
+in
+{
+  failures = exampleFailures ++ fixtureFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
+  inherit packageEvaluable;
+  inherit vmScript;
+  accepted = {
+    example = generated example;
+    fixture = generated fixture;
+    all-presets = generated allPresets;
+  };
+  rejected = {
+    sniff-bytes = generated daemonRejects // {
+      message = "limits.sniff_bytes";
+    };
+  };
+}

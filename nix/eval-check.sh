@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Checks the Nix side without nixpkgs, a Nix store or a network:
+#  1. every .nix file parses;
+#  2. nix/module.nix evaluates with nixpkgs' lib and nix/eval-stubs.nix, and
+#     what it generates (daemon unit, agents' units and slices, firewall
+#     rules, JSON config) meets nix/eval-check.nix's expectations, including
+#     the configurations it must refuse;
+#  3. the build-time check the module's derivation runs (`agent-egress check`
+#     on the generated JSON) accepts the generated configs and refuses a bad
+#     one with the daemon's message;
+#  4. the VM test script compiles and its subtests are vm-tests/scenarios.txt.
+#
+# Usage: nix/eval-check.sh LIB_PATH
+#   LIB_PATH: a nixpkgs or nixpkgs.lib checkout, or its lib/ directory.
+#   AGENT_EGRESS: the binary (default: $CARGO_TARGET_DIR or target/, debug/agent-egress).
+# Without LIB_PATH it skips. With CI set, a missing tool or binary fails
+# instead of skipping.
+# SPDX-License-Identifier: GPL-3.0-or-later
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+
+skip() {
+  echo "eval-check: SKIPPED: $*" >&2
+  exit 0
+}
+fail() {
+  echo "eval-check: FAILED: $*" >&2
+  exit 1
+}
+# A missing prerequisite: a failure in CI, a loud skip elsewhere.
+missing() {
+  if [ -n "${CI:-}" ]; then fail "$*"; else skip "$*"; fi
+}
+
+[ $# -ge 1 ] && [ -n "$1" ] || skip "no nixpkgs lib given (usage: $0 LIB_PATH)"
+if [ -f "$1/lib/default.nix" ]; then
+  lib_path=$(cd "$1/lib" && pwd)
+elif [ -f "$1/default.nix" ]; then
+  lib_path=$(cd "$1" && pwd)
+else
+  fail "$1 is neither nixpkgs' lib nor a checkout holding lib/"
+fi
+command -v nix-instantiate >/dev/null || missing "nix-instantiate is not installed"
+command -v jq >/dev/null || missing "jq is not installed"
+command -v python3 >/dev/null || missing "python3 is not installed"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# Evaluation only: no store writes (--readonly-mode, dummy store), no daemon.
+export XDG_CACHE_HOME="$work/cache" NIX_REMOTE=
+nix_eval() {
+  nix-instantiate --readonly-mode --store dummy:// "$@"
+}
+
+echo "== parse every .nix file"
+mapfile -t nix_files < <(cd "$root" && find . -name '*.nix' -not -path './target/*' | sort)
+for file in "${nix_files[@]}"; do
+  nix_eval --parse "$root/$file" >/dev/null || fail "$file does not parse"
+done
+echo "ok: ${#nix_files[@]} files"
+
+echo "== evaluate the module with $lib_path"
+package_dir="$work/package"
+mkdir -p "$package_dir/bin" "$work/generated"
+nix_eval --eval --strict --json "$here/eval-check.nix" \
+  --argstr libPath "$lib_path" \
+  --argstr packageDir "$package_dir" \
+  --argstr generatedDir "$work/generated" >"$work/eval.json" ||
+  fail "nix/eval-check.nix does not evaluate (error above)"
+if [ "$(jq '.failures | length' "$work/eval.json")" -ne 0 ]; then
+  jq -r '.failures[]' "$work/eval.json" >&2
+  fail "the module's output does not meet the expectations above"
+fi
+echo "ok: expectations of nix/eval-check.nix hold"
+[ "$(jq .packageEvaluable "$work/eval.json")" = true ] ||
+  echo "note: nix/package.nix not evaluated: this lib's lib.fileset needs a newer Nix than $(nix-instantiate --version)"
+
+echo "== shell scripts the module writes"
+for case in $(jq -r '.accepted | keys[]' "$work/eval.json"); do
+  jq -r --arg c "$case" '.accepted[$c].waitScript' "$work/eval.json" | bash -n ||
+    fail "$case: the wait-for-table script is not valid shell"
+done
+echo "ok"
+
+echo "== systemd-analyze verify on the units"
+if command -v systemd-analyze >/dev/null; then
+  python3 - "$work/eval.json" "$work/units" <<'EOF'
+import json, os, sys
+# Renders unit sections as NixOS does: one line per list item, booleans as
+# true/false. Exec* commands become /bin/true: store paths are absent here.
+generated = json.load(open(sys.argv[1]))
+for case, out in generated["accepted"].items():
+    directory = os.path.join(sys.argv[2], case)
+    os.makedirs(directory, exist_ok=True)
+    for unit, sections in out["units"].items():
+        lines = ["[Unit]", "Description=eval-check"]
+        for section, settings in sections.items():
+            lines.append(f"[{section}]")
+            if section == "Service" and "ExecStart" not in settings:
+                lines.append("ExecStart=/bin/true")
+            for key, value in settings.items():
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, bool):
+                        item = "true" if item else "false"
+                    lines.append(f"{key}={'/bin/true' if key.startswith('Exec') else item}")
+        with open(os.path.join(directory, unit.replace("@.service", "@x.service")), "w") as f:
+            f.write("\n".join(lines) + "\n")
+EOF
+  # systemd older than 254 does not know NFTSet= yet; nothing else may warn.
+  for unit in "$work"/units/*/*; do
+    if (cd "$(dirname "$unit")" && systemd-analyze verify "./$(basename "$unit")" 2>&1) |
+      grep -v "Unknown key 'NFTSet'" | grep .; then
+      fail "systemd-analyze verify complains about $unit"
+    fi
+  done
+  echo "ok: $(find "$work/units" -type f | wc -l) units ($(systemd-analyze --version | head -n 1))"
+else
+  missing "systemd-analyze is not installed"
+fi
+
+echo "== vm-tests: the generated test script"
+jq -r .vmScript "$work/eval.json" >"$work/vm-script.py"
+python3 - "$work/vm-script.py" "$root/vm-tests/scenarios.txt" <<'EOF'
+import ast, sys
+tree = ast.parse(open(sys.argv[1]).read(), "the VM test script")
+subtests = [
+    node.args[0].value
+    for node in ast.walk(tree)
+    if isinstance(node, ast.Call)
+    and getattr(node.func, "id", None) == "subtest"
+    and node.args
+    and isinstance(node.args[0], ast.Constant)
+]
+listed = open(sys.argv[2]).read().split()
+if subtests != listed:
+    sys.exit(f"the VM test's subtests {subtests} differ from vm-tests/scenarios.txt {listed}")
+print(f"ok: its {len(listed)} subtests are vm-tests/scenarios.txt")
+EOF
+# The test driver lints the script with pyflakes, its machines and helpers
+# being globals.
+if command -v pyflakes3 >/dev/null; then
+  {
+    echo "agent = internet = start_all = subtest = None"
+    cat "$work/vm-script.py"
+  } >"$work/vm-lint.py"
+  pyflakes3 "$work/vm-lint.py" || fail "pyflakes finds the VM test script wanting"
+  echo "ok: pyflakes"
+else
+  missing "pyflakes3 is not installed"
+fi
+
+echo "== agent-egress check on the generated configs"
+binary=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$root/target}/debug/agent-egress}
+[ -x "$binary" ] || missing "no binary at $binary (cargo build, or set AGENT_EGRESS)"
+"$binary" check --help 2>&1 | grep -q -- '--config' ||
+  missing "$binary has no 'check --config' subcommand yet: the build-time check was not run"
+ln -s "$(cd "$(dirname "$binary")" && pwd)/$(basename "$binary")" "$package_dir/bin/agent-egress"
+
+case_dir() {
+  jq -r --arg c "$2" ".$1[\$c].dir" "$work/eval.json"
+}
+# Runs a case's build command as the derivation would, with $out in its directory.
+run_check() {
+  local section=$1 case=$2 dir
+  dir=$(case_dir "$section" "$case")
+  mkdir -p "$dir"
+  jq -r --arg c "$case" ".$section[\$c].json" "$work/eval.json" >"$dir/agent-egress.json"
+  jq -r --arg c "$case" ".$section[\$c].checkCommand" "$work/eval.json" >"$dir/build.sh"
+  (cd "$dir" && out="$dir/out" bash -euo pipefail build.sh) >"$dir/log" 2>&1
+}
+for case in $(jq -r '.accepted | keys[]' "$work/eval.json"); do
+  dir=$(case_dir accepted "$case")
+  run_check accepted "$case" || {
+    cat "$dir/log" >&2
+    fail "$case: agent-egress check refused the generated config"
+  }
+  cmp -s "$dir/out" "$dir/agent-egress.json" || fail "$case: the checked config differs from the generated one"
+  echo "ok: $case accepted"
+done
+for case in $(jq -r '.rejected | keys[]' "$work/eval.json"); do
+  dir=$(case_dir rejected "$case")
+  message=$(jq -r --arg c "$case" '.rejected[$c].message' "$work/eval.json")
+  run_check rejected "$case" && fail "$case: agent-egress check accepted a config with a bad $message"
+  grep -q -- "$message" "$dir/log" || {
+    cat "$dir/log" >&2
+    fail "$case: agent-egress check refused the config without naming $message"
+  }
+  echo "ok: $case refused: $(head -n 1 "$dir/log")"
+done
+echo "eval-check: PASSED"

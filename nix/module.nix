@@ -1,0 +1,758 @@
+# NixOS module for agent-egress: the daemon, its JSON config, the slice the
+# agents live in, and the wiring of the agents' units.
+# SPDX-License-Identifier: GPL-3.0-or-later
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    mkOption
+    mkIf
+    mkMerge
+    mkOrder
+    mkDefault
+    types
+    literalExpression
+    ;
+
+  cfg = config.services.agentEgress;
+  settings = cfg.settings;
+  format = pkgs.formats.json { };
+
+  daemonUnit = "agent-egress.service";
+  builtinOutbounds = [
+    "direct"
+    "block"
+  ];
+
+  # presets/*.json, the same files the binary embeds for `exec --preset`.
+  presets = lib.mapAttrs' (
+    file: _:
+    lib.nameValuePair (lib.removeSuffix ".json" file) (lib.importJSON (../presets + "/${file}"))
+  ) (lib.filterAttrs (file: kind: kind == "regular" && lib.hasSuffix ".json" file) (builtins.readDir ../presets));
+
+  # systemd nests slices by the dashes in their names: a-b-c.slice lives in
+  # a.slice/a-b.slice/a-b-c.slice below the cgroup2 root.
+  sliceCgroupPath =
+    slice:
+    let
+      parts = lib.splitString "-" (lib.removeSuffix ".slice" slice);
+      prefixes = lib.genList (i: lib.concatStringsSep "-" (lib.take (i + 1) parts)) (lib.length parts);
+    in
+    lib.concatMapStringsSep "/" (prefix: "${prefix}.slice") prefixes;
+
+  # An agent's name becomes one component of its slice's name, where a dash
+  # would mean one more level of nesting; systemd-escape spells it \x2d.
+  agentSliceName =
+    name: "${lib.removeSuffix ".slice" cfg.slice}-${lib.replaceStrings [ "-" ] [ "\\x2d" ] name}.slice";
+
+  unitName = unit: lib.removeSuffix ".service" unit;
+  isTemplate = unit: lib.hasSuffix "@" (unitName unit);
+
+  agents = lib.mapAttrs (name: agent: rec {
+    inherit (agent)
+      slice
+      units
+      allow
+      block
+      ;
+    cgroup = sliceCgroupPath slice;
+    # A template's instances get cgroups whose names are not known here; the
+    # agent's slice covers them.
+    cgroups = [ cgroup ] ++ map (unit: "${cgroup}/${unitName unit}.service") (
+      lib.filter (unit: !isTemplate unit) units
+    );
+    outbound = if agent.outbound == null then cfg.outbound else agent.outbound;
+  }) cfg.agents;
+
+  unknownLists = names: lib.filter (list: !(cfg.lists ? ${list})) names;
+  listDomains = names: lib.concatMap (list: cfg.lists.${list}.domains or [ ]) names;
+
+  # The match fields of an allow or block list, without the empty ones the
+  # daemon refuses ("an empty list matches nothing").
+  matchFields =
+    policy:
+    lib.filterAttrs (_: values: values != [ ]) {
+      domains = lib.unique (policy.domains ++ listDomains policy.lists);
+      inherit (policy) ips;
+    };
+
+  rule =
+    name: outbound: policy: extra:
+    let
+      fields = matchFields policy;
+    in
+    lib.optional (fields != { }) ({ inherit name outbound; } // fields // extra);
+
+  agentRules =
+    order: f: mkOrder order (lib.concatLists (lib.mapAttrsToList (name: agent: f name agent) agents));
+
+  generatedRules = [
+    (mkOrder 500 (
+      lib.optional cfg.blockCloudMetadata {
+        name = "metadata";
+        ips = [
+          "169.254.0.0/16"
+          "fd00:ec2::254/128"
+        ];
+        outbound = "block";
+      }
+    ))
+    (mkOrder 1100 (rule "block" "block" cfg.block { }))
+    (agentRules 1200 (
+      name: agent: rule "agent/${name}/block" "block" agent.block { agents = agent.cgroups; }
+    ))
+    (agentRules 1300 (
+      name: agent: rule "agent/${name}/allow" agent.outbound agent.allow { agents = agent.cgroups; }
+    ))
+    # An agent with its own outbound takes it for the shared allow list too.
+    (agentRules 1400 (
+      name: agent:
+      lib.optionals (agent.outbound != cfg.outbound) (
+        rule "agent/${name}/shared-allow" agent.outbound cfg.allow { agents = agent.cgroups; }
+      )
+    ))
+    (mkOrder 1500 (rule "allow" cfg.outbound cfg.allow { }))
+  ];
+
+  nftSet = "cgroup:inet:${settings.interception.table}:agents";
+
+  # Lists, so that a unit's own NFTSet= or RestrictNetworkInterfaces= adds to ours.
+  captureConfig = {
+    NFTSet = [ nftSet ];
+  }
+  // lib.optionalAttrs (cfg.agentInterfaces != null) {
+    RestrictNetworkInterfaces = cfg.agentInterfaces;
+  };
+
+  loopbackServer =
+    server: builtins.match "(127\\.[0-9.]+(:[0-9]+)?|::1|[[]::1[]](:[0-9]+)?)" server != null;
+
+  auditFile = settings.audit.path != "-";
+  auditInLogsDirectory = lib.hasPrefix "/var/log/agent-egress/" settings.audit.path;
+
+  configFile =
+    let
+      unchecked = format.generate "agent-egress.json" settings;
+    in
+    if cfg.checkConfig then
+      pkgs.runCommand "agent-egress-checked.json" { } ''
+        ${lib.getExe cfg.package} check --config ${unchecked}
+        cp ${unchecked} "$out"
+      ''
+    else
+      unchecked;
+
+  # Type=simple is "started" once the process runs; agents ordered after the
+  # daemon must find the table and its set, or systemd cannot add their
+  # cgroups to it.
+  waitForTable = pkgs.writeShellScript "agent-egress-wait-for-table" ''
+    for _ in $(seq 300); do
+      ${lib.getExe' pkgs.nftables "nft"} list set inet ${settings.interception.table} agents >/dev/null 2>&1 && exit 0
+      sleep 0.1
+    done
+    echo "agent-egress: table inet ${settings.interception.table} did not appear within 30 s" >&2
+    exit 1
+  '';
+
+  # /proc/PID/fd of an agent's processes (another user's) is mode 0500 and
+  # its links need ptrace access: attribution needs both capabilities.
+  capabilities = [
+    "CAP_NET_ADMIN" # nftables, policy routing, IP_TRANSPARENT, SO_MARK
+    "CAP_SYS_PTRACE" # readlink /proc/PID/fd/* and /proc/PID/exe of agents
+    "CAP_DAC_READ_SEARCH" # list /proc/PID/fd of agents running as other users
+  ];
+
+  policyOption =
+    verb: description:
+    mkOption {
+      inherit description;
+      default = { };
+      type = types.submodule {
+        options = {
+          domains = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [
+              "example.com"
+              "=exact.example.org"
+              "*.cdn.example.net"
+            ];
+            description = ''
+              Domain patterns to ${verb}: `example.com` is that name and its
+              subdomains, `=example.com` that name only, `*.example.com` its
+              subdomains only. Names are compared after normalisation (case,
+              trailing dot, IDN).
+            '';
+          };
+          lists = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [
+              "crates"
+              "github"
+            ];
+            description = ''
+              Names of entries of {option}`services.agentEgress.lists` (the
+              presets included) whose domains to ${verb}.
+            '';
+          };
+          ips = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "192.0.2.0/24" ];
+            description = ''
+              Addresses or CIDRs to ${verb}. A connection to an IP literal
+              with no name in it is matched only by these.
+            '';
+          };
+        };
+      };
+    };
+
+  # A JSON object whose listed keys are typed, the others free.
+  jsonObject =
+    options:
+    types.submodule {
+      freeformType = format.type;
+      inherit options;
+    };
+
+  freeformSection =
+    description: options:
+    mkOption {
+      type = jsonObject options;
+      default = { };
+      inherit description;
+    };
+in
+{
+  options.services.agentEgress = {
+    enable = lib.mkEnableOption "agent-egress, egress control for the network traffic of AI agents";
+
+    package = lib.mkPackageOption pkgs "agent-egress" { };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Check the generated configuration at build time with the package's
+        own `agent-egress check`, so that a bad configuration fails the
+        build with the daemon's error message. Turn off when cross-compiling.
+      '';
+    };
+
+    settings = mkOption {
+      default = { };
+      description = ''
+        The daemon's JSON configuration (see the README for every key).
+        Anything the daemon accepts may be set here; the common parts have
+        typed options. `rules` holds, in this order: the cloud metadata
+        block, the rules given here, then the rules generated from the
+        shared block list, each agent's block list, each agent's allow list
+        and the shared allow list. The first rule that matches decides.
+      '';
+      type = jsonObject {
+        listen = freeformSection "Where the proxy listens for captured connections." {
+          port = mkOption {
+            type = types.port;
+            default = 15001;
+            description = "Port of the TPROXY listener.";
+          };
+          addresses = mkOption {
+            type = types.listOf types.str;
+            default = [ "127.0.0.1" ] ++ lib.optional config.networking.enableIPv6 "::1";
+            defaultText = literalExpression ''[ "127.0.0.1" ] ++ lib.optional config.networking.enableIPv6 "::1"'';
+            description = "Loopback addresses of the TPROXY listener.";
+          };
+        };
+
+        interception = freeformSection "How agents' traffic is captured." {
+          manage_kernel = mkOption {
+            type = types.bool;
+            default = true;
+            description = ''
+              Let the daemon install and keep its nftables table and policy
+              routing. Off is "proxy only": the table named below, with a
+              set `agents` of cgroup ids, must then come from elsewhere.
+            '';
+          };
+          cgroups = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            description = ''
+              Cgroups (relative to the cgroup2 root) whose sockets are
+              captured. The agents' slice and each agent's slice and units
+              are added by the module; add others here.
+            '';
+          };
+          table = mkOption {
+            type = types.strMatching "[A-Za-z0-9_]{1,64}";
+            default = "agent_egress";
+            description = "Name of the daemon's `inet` nftables table.";
+          };
+          mark = mkOption {
+            type = types.ints.between 1 4294967295;
+            default = 2785;
+            description = "Firewall mark of captured packets (2785 = 0xae1).";
+          };
+        };
+
+        dns = freeformSection "The resolvers the daemon uses." {
+          servers = mkOption {
+            type = types.listOf types.str;
+            default = lib.optional config.services.resolved.enable "127.0.0.53";
+            defaultText = literalExpression ''lib.optional config.services.resolved.enable "127.0.0.53"'';
+            description = ''
+              Resolvers (IP or IP:port) the daemon queries, and the only
+              ones the agents may send DNS to. Agents whose interfaces are
+              restricted to loopback reach only a resolver on loopback:
+              systemd-resolved's stub (127.0.0.53, the default when
+              {option}`services.resolved.enable` is set) or a local
+              dnsmasq or unbound.
+            '';
+          };
+        };
+
+        outbounds = mkOption {
+          type = types.attrsOf (jsonObject {
+            type = mkOption {
+              type = types.enum [
+                "direct"
+                "block"
+                "socks5"
+                "http"
+              ];
+              description = "Kind of egress.";
+            };
+          });
+          default = { };
+          example = literalExpression ''
+            {
+              tor = { type = "socks5"; server = "127.0.0.1:9050"; };
+              wan2 = { type = "direct"; interface = "wg0"; mark = 100; };
+            }
+          '';
+          description = ''
+            Named egresses besides the built-in `direct` and `block`.
+            Credentials given here end up in the Nix store, readable by
+            every local user.
+          '';
+        };
+
+        rules = mkOption {
+          type = types.listOf (jsonObject {
+            outbound = mkOption {
+              type = types.str;
+              description = "Name of the outbound a matching connection takes.";
+            };
+          });
+          default = [ ];
+          description = ''
+            Ordered rules, first match wins; each has `name`, `domains`,
+            `ips`, `ports` and `agents` (fields AND, values within a field
+            OR) and names an `outbound`.
+          '';
+        };
+
+        default = mkOption {
+          type = types.str;
+          default = "block";
+          description = "Outbound of connections no rule matches.";
+        };
+
+        audit = freeformSection "The audit log: one JSON line per connection." {
+          path = mkOption {
+            type = types.str;
+            default = "/var/log/agent-egress/audit.jsonl";
+            description = ''
+              File the records are appended to, or `-` for standard output
+              (the journal). The file is reopened on reload, for rotation.
+              The daemon cannot see /var/lib: keep the file elsewhere.
+            '';
+          };
+        };
+
+        mode = mkOption {
+          type = types.enum [
+            "enforce"
+            "audit"
+          ];
+          default = "enforce";
+          description = ''
+            `audit` lets everything out direct and records what `enforce`
+            would have done.
+          '';
+        };
+
+        limits = freeformSection "Bounds on the daemon's resources." {
+          connections = mkOption {
+            type = types.ints.between 1 1000000;
+            default = 8192;
+            description = "Most connections relayed at once.";
+          };
+        };
+      };
+    };
+
+    slice = mkOption {
+      type = types.strMatching "[A-Za-z0-9_]+(-[A-Za-z0-9_]+)*\\.slice";
+      default = "agent-egress-agents.slice";
+      description = ''
+        The slice every agent lives in: all its members are captured, and
+        `systemd-run --slice=` puts an ad-hoc command under control. Each
+        agent gets a slice of its own below it.
+      '';
+    };
+
+    agentInterfaces = mkOption {
+      type = types.nullOr (types.listOf types.str);
+      default = [ "lo" ];
+      description = ''
+        `RestrictNetworkInterfaces=` of the agents' slices and units: a
+        kernel backstop that holds even with the nftables table gone and the
+        daemon frozen, since captured traffic leaves through `lo`. `null`
+        turns the backstop off (needed for bypassed destinations on other
+        interfaces).
+      '';
+    };
+
+    outbound = mkOption {
+      type = types.str;
+      default = "direct";
+      description = "Outbound of the traffic {option}`services.agentEgress.allow` lets through.";
+    };
+
+    allow = policyOption "allow" "What every agent may reach.";
+
+    block = policyOption "block" ''
+      What no agent may reach. Block lists are matched before allow lists,
+      so a block here also wins over an agent's own allow list.
+    '';
+
+    blockCloudMetadata = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Block link-local addresses (169.254.0.0/16, where cloud metadata
+        services answer, and AWS's fd00:ec2::254) before any other rule.
+      '';
+    };
+
+    lists = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            description = mkOption {
+              type = types.str;
+              default = "";
+              description = "What the list is for.";
+            };
+            domains = mkOption {
+              type = types.listOf types.str;
+              description = "Domain patterns.";
+            };
+          };
+        }
+      );
+      default = { };
+      example = literalExpression ''
+        {
+          internal = { description = "Our forge and CI"; domains = [ "git.example.com" "ci.example.com" ]; };
+        }
+      '';
+      description = ''
+        Named domain lists that allow and block lists refer to. The presets
+        (${lib.concatStringsSep ", " (lib.attrNames presets)}) are defined
+        here from presets/*.json; defining one again replaces its domains.
+      '';
+    };
+
+    agents = mkOption {
+      type = types.attrsOf (
+        types.submodule (
+          { name, ... }:
+          {
+            options = {
+              units = mkOption {
+                type = types.listOf types.str;
+                default = [ ];
+                example = [
+                  "openclaw"
+                  "codex-worker@"
+                ];
+                description = ''
+                  systemd services (defined elsewhere) that run this agent. Each
+                  is moved into the agent's slice, joins the nftables set,
+                  is bound to the daemon (stopped with it, started after it)
+                  and restricted to {option}`services.agentEgress.agentInterfaces`.
+                  A name ending in `@` is a template: all its instances.
+                '';
+              };
+              allow = policyOption "allow" "What this agent may reach besides the shared allow list.";
+              block = policyOption "block" "What this agent may not reach even if the shared allow list has it.";
+              outbound = mkOption {
+                type = types.nullOr types.str;
+                default = null;
+                description = ''
+                  Outbound of this agent's allowed traffic (its own allow list
+                  and the shared one); `null` is {option}`services.agentEgress.outbound`.
+                '';
+              };
+              slice = mkOption {
+                type = types.str;
+                readOnly = true;
+                default = agentSliceName name;
+                defaultText = literalExpression ''"agent-egress-agents-''${name}.slice"'';
+                description = ''
+                  This agent's slice (dashes in the name escaped as `\x2d`):
+                  `systemd-run --slice=` it to run a command as this agent.
+                '';
+              };
+            };
+          }
+        )
+      );
+      default = { };
+      description = "The agents: their units and their own policy.";
+    };
+  };
+
+  config = mkMerge [
+    {
+      services.agentEgress.lists = lib.mapAttrs (_: preset: {
+        description = mkDefault preset.description;
+        domains = mkDefault preset.domains;
+      }) presets;
+    }
+
+    (mkIf cfg.enable {
+      assertions =
+        let
+          outbounds = builtinOutbounds ++ lib.attrNames settings.outbounds;
+          unitOwners = lib.zipAttrs (
+            lib.concatLists (
+              lib.mapAttrsToList (name: agent: map (unit: { ${unitName unit} = name; }) agent.units) cfg.agents
+            )
+          );
+          policies =
+            [
+              {
+                where = "services.agentEgress.allow";
+                policy = cfg.allow;
+              }
+              {
+                where = "services.agentEgress.block";
+                policy = cfg.block;
+              }
+            ]
+            ++ lib.concatLists (
+              lib.mapAttrsToList (name: agent: [
+                {
+                  where = "services.agentEgress.agents.${name}.allow";
+                  policy = agent.allow;
+                }
+                {
+                  where = "services.agentEgress.agents.${name}.block";
+                  policy = agent.block;
+                }
+              ]) cfg.agents
+            );
+        in
+        map (
+          { where, policy }:
+          {
+            assertion = unknownLists policy.lists == [ ];
+            message = "${where}.lists names unknown lists ${toString (unknownLists policy.lists)}; known: ${toString (lib.attrNames cfg.lists)}.";
+          }
+        ) policies
+        ++ lib.mapAttrsToList (name: agent: {
+          assertion = builtins.match "[A-Za-z0-9_-]+" name != null;
+          message = "services.agentEgress.agents.\"${name}\": use letters, digits, '_' and '-' in agent names.";
+        }) cfg.agents
+        ++ lib.mapAttrsToList (name: agent: {
+          assertion = lib.elem agent.outbound outbounds;
+          message = "services.agentEgress.agents.${name}: outbound \"${agent.outbound}\" is not one of ${toString outbounds} (define it in services.agentEgress.settings.outbounds).";
+        }) agents
+        ++ lib.mapAttrsToList (unit: owners: {
+          assertion = lib.length owners == 1;
+          message = "systemd service ${unit} is listed by several agents (${toString owners}); a unit lives in one slice.";
+        }) unitOwners
+        ++ [
+          {
+            assertion = lib.elem cfg.outbound outbounds;
+            message = "services.agentEgress.outbound \"${cfg.outbound}\" is not one of ${toString outbounds}.";
+          }
+          {
+            assertion = settings.dns.servers != [ ];
+            message = "services.agentEgress.settings.dns.servers is empty: enable services.resolved (its stub 127.0.0.53 is then the default) or list a resolver that listens on loopback (dnsmasq, unbound).";
+          }
+          {
+            assertion = cfg.agentInterfaces != [ "lo" ] || lib.all loopbackServer settings.dns.servers;
+            message = "services.agentEgress.settings.dns.servers must listen on loopback (e.g. 127.0.0.53 of services.resolved): the agents may use only lo (services.agentEgress.agentInterfaces). Found: ${toString settings.dns.servers}.";
+          }
+        ];
+
+      warnings = lib.optional (settings.mode == "audit") "agent-egress runs in audit mode: agents' traffic is recorded, not blocked.";
+
+      services.agentEgress.settings = {
+        interception.cgroups = [ (sliceCgroupPath cfg.slice) ] ++ lib.concatMap (agent: agent.cgroups) (lib.attrValues agents);
+        rules = mkMerge generatedRules;
+      };
+
+      environment.etc."agent-egress/config.json".source = configFile;
+      environment.systemPackages = [ cfg.package ];
+
+      users.users.agent-egress = {
+        isSystemUser = true;
+        group = "agent-egress";
+        description = "agent-egress daemon";
+      };
+      users.groups.agent-egress = { };
+
+      systemd.services = mkMerge [
+        {
+          agent-egress = {
+            description = "agent-egress: egress control for AI agents";
+            wantedBy = [ "multi-user.target" ];
+            # After either firewall: a ruleset it loads (nftables may flush
+            # everything) comes before our table, not over it.
+            after = [
+              "network.target"
+              "nftables.service"
+              "firewall.service"
+            ];
+            # A changed config is a reload (SIGHUP), which keeps open
+            # connections and the agents bound to this unit running.
+            reloadTriggers = [ configFile ];
+            stopIfChanged = false;
+            serviceConfig = {
+              Type = "simple";
+              ExecStart = "${lib.getExe cfg.package} run --config /etc/agent-egress/config.json";
+              ExecStartPost = lib.optional settings.interception.manage_kernel waitForTable;
+              ExecReload = "${lib.getExe' pkgs.coreutils "kill"} -HUP $MAINPID";
+              Restart = "on-failure";
+              RestartSec = "1s";
+
+              User = "agent-egress";
+              Group = "agent-egress";
+              AmbientCapabilities = capabilities;
+              CapabilityBoundingSet = capabilities;
+              NoNewPrivileges = true;
+
+              LogsDirectory = "agent-egress";
+              LogsDirectoryMode = "0750";
+              UMask = "0027";
+              ReadWritePaths = lib.optional (auditFile && !auditInLogsDirectory) "-${dirOf settings.audit.path}";
+              LimitNOFILE = 8 * settings.limits.connections + 1024;
+
+              ProtectSystem = "strict";
+              ProtectHome = true;
+              PrivateTmp = true;
+              PrivateDevices = true;
+              # DAC_READ_SEARCH reads any file; keep the secrets out of view.
+              InaccessiblePaths = [
+                "-/etc/shadow"
+                "-/etc/gshadow"
+                "-/etc/ssh"
+                "-/var/lib"
+                "-/run/keys"
+                "-/run/secrets"
+              ];
+              # The daemon only reads cgroups (inotify and stat): read-only is enough.
+              ProtectControlGroups = true;
+              ProtectKernelTunables = true;
+              ProtectKernelModules = true;
+              ProtectKernelLogs = true;
+              ProtectClock = true;
+              ProtectHostname = true;
+              # ProtectProc and ProcSubset keep their defaults: the daemon reads
+              # the agents' /proc entries to name the process of a connection.
+              RestrictAddressFamilies = [
+                "AF_INET"
+                "AF_INET6"
+                "AF_NETLINK"
+                "AF_UNIX"
+              ];
+              RestrictNamespaces = true;
+              RestrictRealtime = true;
+              RestrictSUIDSGID = true;
+              LockPersonality = true;
+              MemoryDenyWriteExecute = true;
+              RemoveIPC = true;
+              SystemCallArchitectures = "native";
+              SystemCallFilter = [
+                "@system-service"
+                "~@privileged"
+              ];
+              SystemCallErrorNumber = "EPERM";
+            };
+          };
+        }
+        (lib.mkMerge (
+          lib.mapAttrsToList (
+            _: agent:
+            lib.genAttrs (map unitName agent.units) (_: {
+              bindsTo = [ daemonUnit ];
+              after = [ daemonUnit ];
+              serviceConfig = captureConfig // {
+                Slice = agent.slice;
+              };
+            })
+          ) agents
+        ))
+      ];
+
+      # Slices carry the capture too, so ad-hoc members (systemd-run
+      # --slice=...) are captured and restricted like declared units. They
+      # are not bound to the daemon: a stopped daemon leaves such members
+      # locked out rather than killed.
+      systemd.slices = {
+        ${lib.removeSuffix ".slice" cfg.slice} = {
+          description = "AI agents under agent-egress control";
+          # Created in the daemon's start transaction after its set exists.
+          after = [ daemonUnit ];
+          sliceConfig = captureConfig;
+        };
+      }
+      // lib.mapAttrs' (
+        name: agent:
+        lib.nameValuePair (lib.removeSuffix ".slice" agent.slice) {
+          description = "agent-egress agent ${name}";
+          after = [ daemonUnit ];
+          sliceConfig = captureConfig;
+        }
+      ) agents;
+
+      # TPROXY'd packets come back in on lo carrying the mark. The kernel's
+      # reverse-path checks (nft fib, xt_rpfilter) already pass packets on
+      # lo; this keeps them passing whatever else the rpfilter chain grows.
+      networking.firewall = mkIf config.networking.firewall.enable {
+        extraReversePathFilterRules = mkIf (config.networking.firewall.backend == "nftables") ''
+          iifname "lo" meta mark ${toString settings.interception.mark} accept comment "agent-egress: captured agent traffic"
+        '';
+        extraCommands = mkIf (config.networking.firewall.backend == "iptables") ''
+          if ip46tables -t mangle -S nixos-fw-rpfilter >/dev/null 2>&1; then
+            ip46tables -t mangle -I nixos-fw-rpfilter -i lo -m mark --mark ${toString settings.interception.mark} -j RETURN
+          fi
+        '';
+      };
+
+      services.logrotate.settings.agent-egress = mkIf auditFile {
+        files = settings.audit.path;
+        frequency = "weekly";
+        rotate = 8;
+        compress = true;
+        delaycompress = true;
+        missingok = true;
+        notifempty = true;
+        su = "agent-egress agent-egress";
+        postrotate = "${lib.getExe' config.systemd.package "systemctl"} reload ${daemonUnit}";
+      };
+    })
+  ];
+}

@@ -1,0 +1,339 @@
+# The VM test's scenarios, one subtest each (the names are
+# vm-tests/scenarios.txt, shared with the e2e suite). agent-egress.nix
+# prepends the constants: CA, INTERNET4/6, BLOCKED4/6, METADATA4, AGENT6,
+# TABLE, TESTER_SLICE, AUDIT, FIREWALL_BACKEND, TOPLEVEL, SPECIALISATION.
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+import base64
+import json
+import re
+import shlex
+import time
+
+PROBE_DIR = "/run/agent-probe"
+NGINX_LOG = "/var/log/nginx/probe.log"
+CHROMIUM = (
+    "chromium --headless=new --no-sandbox --disable-gpu --no-first-run"
+    " --disable-background-networking --disable-component-update --disable-sync"
+    " --ignore-certificate-errors --virtual-time-budget=10000"
+)
+# A refused connection must fail at once, not after a timeout.
+FAST_MS = 2000
+
+probe_serial = 0
+
+
+class Probe:
+    def __init__(self, rc: int, out: str, pid: int, ms: int):
+        self.rc, self.out, self.pid, self.ms = rc, out, pid, ms
+
+
+def in_agent(script: str, instance: str = "") -> Probe:
+    """Runs a shell script as the test agent, in a fresh instance of agent-probe@.service."""
+    global probe_serial
+    probe_serial += 1
+    name = instance or str(probe_serial)
+    encoded = base64.b64encode(script.encode()).decode()
+    agent.succeed(f"echo {encoded} | base64 -d > {PROBE_DIR}/{name}.cmd")
+    agent.succeed(f"systemctl start agent-probe@{name}.service")
+
+    def read(suffix: str) -> str:
+        return agent.succeed(f"cat {PROBE_DIR}/{name}.{suffix}")
+
+    return Probe(int(read("rc")), read("out"), int(read("pid")), int(read("ms")))
+
+
+def fetch(url: str, options: str = "") -> Probe:
+    return in_agent(f"exec curl --silent --show-error --max-time 10 --cacert {CA} {options} '{url}'")
+
+
+def expect_page(url: str, marker: str, options: str = "") -> Probe:
+    probe = fetch(url, options)
+    assert probe.rc == 0 and marker in probe.out, f"{url}: expected {marker!r}, got rc {probe.rc}: {probe.out}"
+    return probe
+
+
+def expect_refused(url: str, options: str = "") -> Probe:
+    probe = fetch(url, options)
+    assert probe.rc != 0, f"{url} was reachable from the agent: {probe.out}"
+    assert probe.ms < FAST_MS, f"{url} took {probe.ms} ms to fail: refusals must be fast"
+    return probe
+
+
+def served(canary: str, server: str = "") -> list[str]:
+    """The internet's nginx log lines for requests holding canary, at server (an address) if given."""
+    lines = internet.succeed(f"cat {NGINX_LOG} || true").splitlines()
+    return [line for line in lines if canary in line and (not server or line.split()[0] == server)]
+
+
+def audit_records() -> list[dict]:
+    text = agent.succeed(f"cat {AUDIT} 2>/dev/null || true")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def wait_for_audit(what: str, **fields) -> dict:
+    """The first audit record with all these fields, waiting for the connection to end."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for record in audit_records():
+            if all(record.get(key) == value for key, value in fields.items()):
+                return record
+        time.sleep(0.5)
+    raise AssertionError(f"no audit record {what} ({fields}); last: {audit_records()[-5:]}")
+
+
+def wait_for_daemon() -> None:
+    agent.wait_for_unit("agent-egress.service")
+    agent.wait_until_succeeds(f"nft list set inet {TABLE} agents")
+
+
+def in_slice(command: str) -> tuple[int, str]:
+    """Runs a command as the agent user in a scope of the tester's slice (not bound to the daemon)."""
+    timed = f"s=$(date +%s%N); {command}; rc=$?; echo elapsed_ms=$(( ($(date +%s%N) - s) / 1000000 )); exit $rc"
+    return agent.execute(
+        f"systemd-run --scope --quiet --uid=agent --slice={TESTER_SLICE} -- bash -c {shlex.quote(timed)}"
+    )
+
+
+def elapsed_ms(output: str) -> int:
+    match = re.search(r"elapsed_ms=(\d+)", output)
+    assert match, output
+    return int(match.group(1))
+
+
+def restore_firewall() -> None:
+    unit = "nftables.service" if FIREWALL_BACKEND == "nftables" else "firewall.service"
+    agent.succeed(f"systemctl restart {unit}")
+
+
+start_all()
+internet.wait_for_unit("nginx.service")
+internet.wait_for_unit("dnsmasq.service")
+internet.wait_for_unit("udp-sink.service")
+agent.wait_for_unit("multi-user.target")
+wait_for_daemon()
+
+with subtest("allowed_https"):
+    # The firewall is on and checks reverse paths; our exception is in place.
+    if FIREWALL_BACKEND == "nftables":
+        agent.succeed("nft list chain inet nixos-fw rpfilter")
+        agent.succeed("nft list chain inet nixos-fw rpfilter-allow | grep -q 'meta mark'")
+    else:
+        agent.succeed("iptables -t mangle -S nixos-fw-rpfilter | grep -q -- '-i lo -m mark --mark'")
+    # Names resolve under RestrictNetworkInterfaces=lo both ways a program may
+    # ask: glibc (through nscd) and a DNS client of its own (127.0.0.53 on lo).
+    probe = in_agent("getent hosts allowed.test && dig +short +time=2 +tries=1 @127.0.0.53 allowed.test")
+    assert probe.rc == 0 and probe.out.count(INTERNET4) >= 1, probe.out
+    expect_page("https://allowed.test/?c=allowed_https", "allowed-site-marker")
+    wait_for_audit("for the allowed HTTPS request", host="allowed.test", rule="allow", outbound="direct")
+
+with subtest("allowed_http"):
+    expect_page("http://allowed.test/?c=allowed_http", "allowed-site-marker")
+    assert served("c=allowed_http", INTERNET4), "the HTTP request did not reach the allowed server"
+
+with subtest("allowed_ipv6"):
+    expect_page("https://allowed.test/?c=allowed_ipv6", "allowed-site-marker", "--ipv6")
+    lines = served("c=allowed_ipv6", INTERNET6)
+    assert lines and lines[0].split()[1] == AGENT6, f"expected a request from {AGENT6}: {lines}"
+
+with subtest("blocked_fails_fast"):
+    expect_refused("https://blocked.test/?c=blocked_fails_fast")
+    expect_refused("http://blocked.test/?c=blocked_fails_fast")
+    expect_refused("https://later.test/?c=blocked_fails_fast")
+    assert not served("c=blocked_fails_fast"), "a blocked request reached a server"
+    wait_for_audit("for the blocked request", host="blocked.test", rule="block", outbound="block")
+
+with subtest("name_spelling"):
+    expect_page("http://ALLOWED.Test./?c=name_spelling", "allowed-site-marker")
+    expect_page("https://AlLoWeD.tEsT./?c=name_spelling", "allowed-site-marker")
+    # The allow list says bücher.test; the wire says xn--bcher-kva.test.
+    expect_page("http://xn--bcher-kva.test/?c=name_spelling", "idn-site-marker")
+    expect_refused("http://BLOCKED.test./?c=name_spelling_blocked")
+    expect_refused("https://Blocked.TEST./?c=name_spelling_blocked")
+    assert not served("c=name_spelling_blocked")
+
+with subtest("sni_spoofing"):
+    # An allowed name in the SNI or Host header, aimed at the blocked server's
+    # address: whatever the agent gets, it is not the blocked server.
+    probe = fetch("https://allowed.test/?c=sni_spoofing", f"--resolve allowed.test:443:{BLOCKED4}")
+    assert "blocked-site-marker" not in probe.out, probe.out
+    probe = fetch(f"http://{BLOCKED4}/?c=sni_spoofing", "--header 'Host: allowed.test'")
+    assert "blocked-site-marker" not in probe.out, probe.out
+    probe = fetch("https://allowed.test/?c=sni_spoofing", f"--resolve allowed.test:443:[{BLOCKED6}]")
+    assert "blocked-site-marker" not in probe.out, probe.out
+    assert not served("c=sni_spoofing", BLOCKED4) and not served("c=sni_spoofing", BLOCKED6)
+    # And the other way round: a blocked name stays blocked at an allowed address.
+    expect_refused("https://blocked.test/?c=sni_spoofing_reverse", f"--insecure --resolve blocked.test:443:{INTERNET4}")
+    assert not served("c=sni_spoofing_reverse")
+
+with subtest("ip_literal"):
+    # No name, so only IP rules apply, and none allows these.
+    expect_refused(f"https://{INTERNET4}/?c=ip_literal", "--insecure")
+    expect_refused(f"http://{INTERNET4}/?c=ip_literal")
+    expect_refused(f"http://[{INTERNET6}]/?c=ip_literal")
+    assert not served("c=ip_literal")
+
+with subtest("metadata_blocked"):
+    expect_refused(f"http://{METADATA4}/?c=metadata_blocked")
+    # The service answers anyone outside the agents' slice.
+    agent.succeed(f"curl --silent --max-time 5 http://{METADATA4}/?c=metadata_control | grep -q metadata-marker")
+    assert not served("c=metadata_blocked")
+
+with subtest("udp_dropped"):
+    in_agent(
+        f"printf udp-canary-4 | socat -u - UDP4-SENDTO:{INTERNET4}:9999;"
+        f" printf udp-canary-6 | socat -u - UDP6-SENDTO:[{INTERNET6}]:9999;"
+        f" dig +time=2 +tries=1 @{INTERNET4} udp-canary.test; true"
+    )
+    # The same datagram from outside the slice arrives: the sink works.
+    agent.succeed(f"printf udp-control | socat -u - UDP4-SENDTO:{INTERNET4}:9999")
+    internet.wait_until_succeeds("grep -q udp-control /var/lib/udp-sink/received")
+    internet.fail("grep -q udp-canary /var/lib/udp-sink/received")
+    internet.fail("journalctl -u dnsmasq.service | grep -q udp-canary.test")
+
+with subtest("audit_names_process"):
+    probe = expect_page("https://allowed.test/?c=audit_names_process", "allowed-site-marker")
+    record = wait_for_audit("naming the curl process", pid=probe.pid, host="allowed.test")
+    assert record["exe"].endswith("/curl"), record
+    assert "agent-egress-agents-tester.slice" in record["agent"], record
+    assert (record["rule"], record["outbound"]) == ("allow", "direct"), record
+    assert record["bytes_up"] > 0 and record["bytes_down"] > 0, record
+    assert not record.get("error"), record
+    for key in ["ts", "src", "dst", "proto", "duration_ms"]:
+        assert key in record, f"{key} missing: {record}"
+
+with subtest("agent_restart_captured"):
+    # Each start of a unit makes a new cgroup, with a new id; systemd adds it
+    # to the set (NFTSet=) and the capture follows.
+    ids = []
+    for _ in range(2):
+        probe = in_agent(
+            "stat -c %i /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup);"
+            f" curl --silent --show-error --max-time 10 --cacert {CA} 'https://allowed.test/?c=agent_restart_captured' &"
+            " echo curl_pid=$!; wait $!",
+            instance="restarted",
+        )
+        assert probe.rc == 0 and "allowed-site-marker" in probe.out, probe.out
+        ids.append(probe.out.split()[0])
+        match = re.search(r"curl_pid=(\d+)", probe.out)
+        assert match, probe.out
+        wait_for_audit("for the restarted agent", pid=int(match.group(1)), host="allowed.test")
+    assert ids[0] != ids[1], f"the restarted unit kept cgroup id {ids[0]}"
+    expect_refused("https://blocked.test/?c=agent_restart_captured")
+
+with subtest("ruleset_flush_reinstalled"):
+    agent.succeed("nft flush ruleset")
+    # At once, before any reinstall: still no way out.
+    expect_refused("https://blocked.test/?c=ruleset_flush_reinstalled")
+    agent.wait_until_succeeds(f"nft list set inet {TABLE} agents", timeout=10)
+    expect_page("https://allowed.test/?c=ruleset_flush_reinstalled", "allowed-site-marker")
+    expect_refused("https://blocked.test/?c=ruleset_flush_reinstalled")
+    restore_firewall()
+    agent.wait_until_succeeds(f"nft list set inet {TABLE} agents", timeout=10)
+    expect_page("https://allowed.test/?c=ruleset_flush_reinstalled", "allowed-site-marker")
+    expect_refused("https://blocked.test/?c=ruleset_flush_reinstalled")
+    assert not served("c=ruleset_flush_reinstalled", BLOCKED4)
+
+with subtest("proxy_killed_fails_closed"):
+    # No restart for this once, so that the kernel state outlives the proxy.
+    agent.succeed(
+        "mkdir -p /run/systemd/system/agent-egress.service.d"
+        " && printf '[Service]\\nRestart=no\\n' > /run/systemd/system/agent-egress.service.d/no-restart.conf"
+        " && systemctl daemon-reload"
+    )
+    agent.succeed("systemctl start agent-idle.service")
+    agent.succeed("systemctl kill --signal=SIGKILL agent-egress.service")
+    agent.wait_until_fails("systemctl is-active agent-egress.service")
+    agent.succeed(f"nft list set inet {TABLE} agents")
+    status, out = in_slice(
+        f"curl --silent --show-error --max-time 10 --cacert {CA} 'https://allowed.test/?c=proxy_killed_fails_closed'"
+    )
+    assert status != 0, f"the agent got out with the proxy dead: {out}"
+    assert elapsed_ms(out) < FAST_MS, f"with the proxy dead, connections must be refused at once: {out}"
+    assert not served("c=proxy_killed_fails_closed")
+    # The agent units bound to the daemon went down with it.
+    agent.wait_until_fails("systemctl is-active agent-idle.service")
+    agent.succeed(
+        "rm /run/systemd/system/agent-egress.service.d/no-restart.conf"
+        " && systemctl daemon-reload && systemctl reset-failed agent-egress.service"
+        " && systemctl start agent-egress.service"
+    )
+    wait_for_daemon()
+    expect_page("https://allowed.test/?c=proxy_killed_fails_closed_after", "allowed-site-marker")
+
+with subtest("daemon_stop_takes_agents_down"):
+    agent.succeed("systemctl start agent-idle.service")
+    agent.succeed("systemctl stop agent-egress.service")
+    agent.wait_until_fails("systemctl is-active agent-idle.service")
+    # A graceful stop leaves the agents locked out.
+    agent.succeed(f"nft list set inet {TABLE} agents")
+    status, out = in_slice(
+        f"curl --silent --show-error --max-time 10 --cacert {CA} 'https://allowed.test/?c=daemon_stop_takes_agents_down'"
+    )
+    assert status != 0 and elapsed_ms(out) < FAST_MS, out
+    assert not served("c=daemon_stop_takes_agents_down")
+    agent.succeed("systemctl start agent-egress.service")
+    wait_for_daemon()
+    agent.succeed("systemctl start agent-idle.service")
+    expect_page("https://allowed.test/?c=daemon_stop_takes_agents_down_after", "allowed-site-marker")
+
+with subtest("reload_keeps_connections"):
+    main_pid = agent.succeed("systemctl show --property=MainPID --value agent-egress.service").strip()
+    expect_refused("https://later.test/?c=reload_keeps_connections_before")
+    # A 20 MiB download at 2 MiB/s is under way while the configuration changes.
+    agent.succeed(f"rm -f {PROBE_DIR}/big {PROBE_DIR}/download.result")
+    agent.succeed("systemctl start --no-block agent-download.service")
+    agent.wait_until_succeeds(f"test $(stat -c %s {PROBE_DIR}/big 2>/dev/null || echo 0) -gt 1048576")
+    agent.succeed(f"{TOPLEVEL}/specialisation/{SPECIALISATION}/bin/switch-to-configuration test")
+    assert agent.succeed("systemctl show --property=MainPID --value agent-egress.service").strip() == main_pid, (
+        "the config change restarted the daemon instead of reloading it"
+    )
+    expect_page("https://later.test/?c=reload_keeps_connections_after", "later-site-marker")
+    agent.wait_until_succeeds(
+        "systemctl show --property=ActiveState --value agent-download.service | grep -qx -e inactive -e failed",
+        timeout=60,
+    )
+    result = agent.succeed(f"cat {PROBE_DIR}/download.result").split()
+    assert result == ["200", str(20 * 1024 * 1024)], f"the download was cut: {result}"
+    assert agent.succeed("systemctl show --property=Result --value agent-download.service").strip() == "success"
+    agent.succeed(f"{TOPLEVEL}/bin/switch-to-configuration test")
+    expect_refused("https://later.test/?c=reload_keeps_connections_back")
+
+with subtest("chromium_allowed_page_blocked_subresource"):
+    probe = in_agent(f"exec {CHROMIUM} --user-data-dir=$HOME/chromium --dump-dom https://allowed.test/page.html")
+    assert "allowed-page-marker" in probe.out, probe.out
+    assert "subresource-blocked" in probe.out, probe.out
+    assert not served("pixel.png", BLOCKED4) and not served("pixel.png", BLOCKED6)
+    wait_for_audit("for the blocked subresource", host="blocked.test", outbound="block")
+
+with subtest("chromium_quic_fallback"):
+    # Count the agent's QUIC attempts before anything can drop them.
+    agent.succeed(
+        "nft add table inet quic_attempts"
+        " && nft 'add chain inet quic_attempts output { type filter hook output priority -400; }'"
+        " && nft add rule inet quic_attempts output udp dport 443 counter"
+    )
+    # The first visit learns Alt-Svc h3; the second, from the same profile,
+    # tries QUIC (UDP, dropped) and must fall back to TCP.
+    profile = f"{PROBE_DIR}/chromium-quic"
+    for _ in range(2):
+        probe = in_agent(f"exec {CHROMIUM} --enable-quic --user-data-dir={profile} --dump-dom https://allowed.test/quic.html")
+        assert "quic-page-marker" in probe.out, probe.out
+    counter = agent.succeed("nft list chain inet quic_attempts output")
+    match = re.search(r"packets (\d+)", counter)
+    assert match and int(match.group(1)) > 0, f"Chromium never tried QUIC: {counter}"
+    agent.succeed("nft delete table inet quic_attempts")
+    assert not [line for line in served("quic.html") if line.endswith("HTTP/3.0")], "a QUIC request got through"
+
+with subtest("kernel_backstop"):
+    # Table gone and daemon frozen: only RestrictNetworkInterfaces=lo is left.
+    agent.succeed("systemctl kill --signal=SIGSTOP agent-egress.service")
+    agent.succeed(f"nft delete table inet {TABLE}")
+    probe = fetch("https://allowed.test/?c=kernel_backstop", "--max-time 5")
+    assert probe.rc != 0, f"the agent got out with no table: {probe.out}"
+    probe = fetch(f"http://{BLOCKED4}/?c=kernel_backstop", "--max-time 5")
+    assert probe.rc != 0, f"the agent got out with no table: {probe.out}"
+    assert not served("c=kernel_backstop")
+    agent.succeed("systemctl kill --signal=SIGCONT agent-egress.service")
+    agent.wait_until_succeeds(f"nft list set inet {TABLE} agents", timeout=10)
+    expect_page("https://allowed.test/?c=kernel_backstop_after", "allowed-site-marker")
