@@ -54,6 +54,7 @@
 
 pub mod arrivals;
 mod cgroup;
+pub mod daemon;
 mod dns;
 mod files;
 mod leftovers;
