@@ -1,2 +1,3 @@
 //! agent-egress: a Linux egress controller for AI agents.
 pub mod cli;
+pub mod sniff;
