@@ -8,6 +8,8 @@ pub mod daemon;
 pub mod exec;
 pub mod names;
 pub mod netfilter;
+pub mod presets;
 pub mod procinfo;
 pub mod proxy;
 pub mod routing;
+pub mod sniff;
