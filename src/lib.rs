@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod exec;
 pub mod names;
 pub mod netfilter;
+pub mod policy;
 pub mod presets;
 pub mod procinfo;
 pub mod proxy;
