@@ -327,8 +327,8 @@ fn proxy_killed_fails_closed() {
 fn daemon_stop_takes_agents_down() {
     let (world, d) = world_with_daemon(json!({}));
     let config = d.config.clone();
-    let (status, killed) = d.guard.stop(Duration::from_secs(5));
-    assert!(!killed && status.success(), "graceful stop: {status}");
+    let (status, in_time) = d.guard.stop(Duration::from_secs(5));
+    assert!(in_time && status.success(), "graceful stop: {status}");
     // Locked out: the table stays, the agents' connections are reset.
     let before = world.count_arrived(ALLOWED.counter);
     let (out, took) = curl(&world, &["https://allowed.test/"]);
