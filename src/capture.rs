@@ -77,7 +77,9 @@ impl Capture {
         apply_changes(&mut members, watcher.poll_changes());
         for path in &config.interception.cgroups {
             if !members.values().any(|(p, _): &(String, u32)| p == path) {
-                log::warn!("cgroup {path} does not exist yet: it is captured as soon as it appears");
+                log::warn!(
+                    "cgroup {path} does not exist yet: it is captured as soon as it appears"
+                );
             }
         }
         let plan = table_plan(config, member_list(&members));
@@ -89,7 +91,11 @@ impl Capture {
         }
         let monitors = TableMonitor::new(&plan.table)
             .map_err(|e| e.to_string())
-            .and_then(|t| RuleMonitor::new(&route).map(|r| (t, r)).map_err(|e| e.to_string()));
+            .and_then(|t| {
+                RuleMonitor::new(&route)
+                    .map(|r| (t, r))
+                    .map_err(|e| e.to_string())
+            });
         let (table_monitor, rule_monitor) = match monitors {
             Ok(m) => m,
             Err(e) => {
@@ -113,7 +119,9 @@ impl Capture {
             shared,
         };
         keeper.publish_agents();
-        keeper.register().map_err(|e| format!("watching the kernel state: {e}"))?;
+        keeper
+            .register()
+            .map_err(|e| format!("watching the kernel state: {e}"))?;
         let (control, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("kernel-keeper".into())
@@ -289,7 +297,10 @@ impl Status {
 /// cgroup id → (configured path, level).
 type Members = BTreeMap<u64, (String, u32)>;
 
-fn apply_changes(members: &mut Members, changes: Vec<Change>) -> (Vec<CgroupMatch>, Vec<CgroupMatch>) {
+fn apply_changes(
+    members: &mut Members,
+    changes: Vec<Change>,
+) -> (Vec<CgroupMatch>, Vec<CgroupMatch>) {
     let (mut added, mut removed) = (Vec::new(), Vec::new());
     for change in changes {
         match change {
@@ -395,7 +406,10 @@ impl Keeper {
                         self.plan.table,
                         started.elapsed()
                     ),
-                    Err(e) => log::error!("table inet {} was deleted and cannot be re-installed: {e}", self.plan.table),
+                    Err(e) => log::error!(
+                        "table inet {} was deleted and cannot be re-installed: {e}",
+                        self.plan.table
+                    ),
                 }
             }
             Err(e) => log::error!("reading nftables events: {e}"),

@@ -57,7 +57,9 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<mio::net::TcpListene
         let e = io::Error::last_os_error();
         return Err(io::Error::new(e.kind(), format!("listen on {addr}: {e}")));
     }
-    Ok(mio::net::TcpListener::from_std(std::net::TcpListener::from(owned)))
+    Ok(mio::net::TcpListener::from_std(
+        std::net::TcpListener::from(owned),
+    ))
 }
 
 fn need_net_admin(e: io::Error) -> io::Error {

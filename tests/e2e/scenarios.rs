@@ -20,7 +20,10 @@ pub const ALL: &[Scenario] = &[
     ("agent_restart_captured", agent_restart_captured),
     ("ruleset_flush_reinstalled", ruleset_flush_reinstalled),
     ("proxy_killed_fails_closed", proxy_killed_fails_closed),
-    ("daemon_stop_takes_agents_down", daemon_stop_takes_agents_down),
+    (
+        "daemon_stop_takes_agents_down",
+        daemon_stop_takes_agents_down,
+    ),
     ("reload_keeps_connections", reload_keeps_connections),
     (
         "chromium_allowed_page_blocked_subresource",
@@ -115,12 +118,19 @@ fn blocked_fails_fast() {
     let (out, took) = curl(&world, &["-i", "http://blocked.test/"]);
     let text = stdout(&out);
     assert!(text.starts_with("HTTP/1.1 403"), "{text}");
-    assert!(text.contains("agent-egress") && text.contains("default"), "{text}");
+    assert!(
+        text.contains("agent-egress") && text.contains("default"),
+        "{text}"
+    );
     assert!(took < Duration::from_secs(1), "blocked HTTP took {took:?}");
     // The default blocks a name no rule names, too.
     let (out, _) = curl(&world, &["https://other.test/"]);
     assert!(!out.status.success());
-    assert_eq!(world.count_arrived(BLOCKED.counter), before, "a packet reached blocked.test");
+    assert_eq!(
+        world.count_arrived(BLOCKED.counter),
+        before,
+        "a packet reached blocked.test"
+    );
     let r = d.wait_record("blocked.test", |r| r["host"] == "blocked.test");
     assert_eq!(r["verdict"], "block");
     assert_eq!(r["rule"], "default");
@@ -142,7 +152,12 @@ fn name_spelling() {
     // A look-alike with a Cyrillic "а" is another name, and blocked.
     let (out, _) = curl(
         &world,
-        &["-i", "-H", "Host: \u{0430}llowed.test", "http://198.51.100.10/"],
+        &[
+            "-i",
+            "-H",
+            "Host: \u{0430}llowed.test",
+            "http://198.51.100.10/",
+        ],
     );
     assert!(stdout(&out).starts_with("HTTP/1.1 403"), "{}", stdout(&out));
 }
@@ -153,11 +168,19 @@ fn sni_spoofing() {
     let before = world.count_arrived(OTHER.counter);
     let (out, _) = curl(
         &world,
-        &["--resolve", "allowed.test:443:203.0.113.30", "https://allowed.test/"],
+        &[
+            "--resolve",
+            "allowed.test:443:203.0.113.30",
+            "https://allowed.test/",
+        ],
     );
     // Dialed as our resolver resolves the name: the real allowed.test answers.
     assert_body(&out, &ALLOWED.body());
-    assert_eq!(world.count_arrived(OTHER.counter), before, "the spoofed address was dialed");
+    assert_eq!(
+        world.count_arrived(OTHER.counter),
+        before,
+        "the spoofed address was dialed"
+    );
     let r = d.wait_record("spoofed SNI", |r| r["dst"] == "203.0.113.30:443");
     assert_eq!(r["dial"], "resolved");
     assert_eq!(r["upstream"], "198.51.100.10:443");
@@ -171,9 +194,16 @@ fn sni_spoofing() {
     let d = Daemon::start(&world, config);
     let (out, _) = curl(
         &world,
-        &["--resolve", "allowed.test:443:203.0.113.30", "https://allowed.test/"],
+        &[
+            "--resolve",
+            "allowed.test:443:203.0.113.30",
+            "https://allowed.test/",
+        ],
     );
-    assert!(!out.status.success(), "verify mode let a spoofed SNI through");
+    assert!(
+        !out.status.success(),
+        "verify mode let a spoofed SNI through"
+    );
     let r = d.wait_record("spoofed SNI, verify", |r| r["dial"] == "refused_mismatch");
     assert_eq!(r["verdict"], "block");
     assert_eq!(world.count_arrived(OTHER.counter), before);
@@ -204,7 +234,11 @@ fn metadata_blocked() {
     let (out, took) = curl(&world, &["-i", "http://169.254.169.254/latest/meta-data/"]);
     assert!(stdout(&out).starts_with("HTTP/1.1 403"), "{}", stdout(&out));
     assert!(took < Duration::from_secs(1));
-    assert_eq!(world.count_arrived(METADATA.counter), before, "the metadata server was reached");
+    assert_eq!(
+        world.count_arrived(METADATA.counter),
+        before,
+        "the metadata server was reached"
+    );
     let r = d.wait_record("metadata", |r| r["dst"] == "169.254.169.254:80");
     assert_eq!(r["verdict"], "block");
 }
@@ -219,7 +253,13 @@ fn udp_dropped() {
         .agent_cmd(["sh", "-c", "echo quic > /dev/udp/198.51.100.10/443"])
         .output();
     let _ = world
-        .agent_cmd(["dig", "+time=1", "+tries=1", "@203.0.113.53", "allowed.test"])
+        .agent_cmd([
+            "dig",
+            "+time=1",
+            "+tries=1",
+            "@203.0.113.53",
+            "allowed.test",
+        ])
         .output();
     // DNS to the configured resolver works.
     let out = world
@@ -227,7 +267,11 @@ fn udp_dropped() {
         .output()
         .expect("dig");
     assert_eq!(stdout(&out).trim(), "198.51.100.10");
-    assert_eq!(world.count_arrived(arrivals::QUIC), quic, "QUIC left the agent host");
+    assert_eq!(
+        world.count_arrived(arrivals::QUIC),
+        quic,
+        "QUIC left the agent host"
+    );
     assert_eq!(
         world.count_arrived(arrivals::FORBIDDEN_DNS),
         forbidden,
@@ -302,7 +346,10 @@ fn ruleset_flush_reinstalled() {
         if stdout(&rules).contains("fwmark 0xae1") {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(1), "ip rule not re-installed");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "ip rule not re-installed"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let before = world.count_arrived(BLOCKED.counter);
@@ -319,9 +366,19 @@ fn proxy_killed_fails_closed() {
     d.signal(libc::SIGKILL);
     std::thread::sleep(Duration::from_millis(100));
     let (out, took) = curl(&world, &["https://allowed.test/"]);
-    assert!(!out.status.success(), "a connection went through a dead proxy");
-    assert!(took < Duration::from_secs(1), "refusal took {took:?}: a hang, not a reset");
-    assert_eq!(world.count_arrived(ALLOWED.counter), before, "a connection leaked direct");
+    assert!(
+        !out.status.success(),
+        "a connection went through a dead proxy"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "refusal took {took:?}: a hang, not a reset"
+    );
+    assert_eq!(
+        world.count_arrived(ALLOWED.counter),
+        before,
+        "a connection leaked direct"
+    );
 }
 
 fn daemon_stop_takes_agents_down() {
@@ -339,7 +396,10 @@ fn daemon_stop_takes_agents_down() {
     let mut down = world.host_cmd([daemon::binary(), "down", "--config"]);
     let out = down.arg(&config).output().expect("down");
     assert!(out.status.success(), "{}", stderr(&out));
-    let listed = world.host_cmd(["nft", "list", "tables"]).output().expect("nft");
+    let listed = world
+        .host_cmd(["nft", "list", "tables"])
+        .output()
+        .expect("nft");
     assert!(!stdout(&listed).contains("agent_egress"));
 }
 
@@ -357,7 +417,10 @@ fn reload_keeps_connections() {
     let mut download = download.spawn().expect("curl");
     std::thread::sleep(Duration::from_millis(700));
     let (out, _) = curl(&world, &["https://other.test/"]);
-    assert!(!out.status.success(), "other.test allowed before the reload");
+    assert!(
+        !out.status.success(),
+        "other.test allowed before the reload"
+    );
     // The new allowlist names other.test too.
     let config = daemon::config(
         &world,
@@ -374,7 +437,11 @@ fn reload_keeps_connections() {
     std::thread::sleep(Duration::from_millis(300));
     let (out, _) = curl(&world, &["https://other.test/"]);
     assert_body(&out, &OTHER.body());
-    assert!(d.guard.log().contains("rules[0].outbound"), "{}", d.guard.log());
+    assert!(
+        d.guard.log().contains("rules[0].outbound"),
+        "{}",
+        d.guard.log()
+    );
     let status = download.wait().expect("curl");
     assert!(status.success(), "the download broke during the reload");
     assert_eq!(harness_sha256(&output), file.sha256);
