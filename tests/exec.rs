@@ -41,7 +41,10 @@ fn text(o: &Output) -> (String, String) {
 
 /// Nothing of any exec is left in the agent netns or the cgroup tree.
 fn assert_clean(world: &World) {
-    let tables = world.host_cmd(["nft", "list", "tables"]).output().expect("nft");
+    let tables = world
+        .host_cmd(["nft", "list", "tables"])
+        .output()
+        .expect("nft");
     assert!(
         !text(&tables).0.contains("agent_egress_exec"),
         "table left: {}",
@@ -49,7 +52,11 @@ fn assert_clean(world: &World) {
     );
     for family in ["-4", "-6"] {
         let rules = world.host_cmd(["ip", family, "rule"]).output().expect("ip");
-        assert!(!text(&rules).0.contains("fwmark"), "ip rule left: {}", text(&rules).0);
+        assert!(
+            !text(&rules).0.contains("fwmark"),
+            "ip rule left: {}",
+            text(&rules).0
+        );
     }
     let root = harness::cgroup2_root().expect("cgroup2");
     let left: Vec<_> = std::fs::read_dir(&root)
@@ -71,13 +78,20 @@ fn exec_allows_blocks_summarises_and_cleans_up() {
     let audit_arg = audit.to_string_lossy().into_owned();
     let allowed = curl_args(&world, "https://allowed.test/", "198.51.100.10");
     let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
-    let out = exec(&world, &["--allow", "allowed.test", "--audit", &audit_arg], &allowed)
-        .output()
-        .expect("exec");
+    let out = exec(
+        &world,
+        &["--allow", "allowed.test", "--audit", &audit_arg],
+        &allowed,
+    )
+    .output()
+    .expect("exec");
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(stdout, "hello from allowed.test\n");
-    assert!(stderr.contains("allow") && stderr.contains("allowed.test"), "{stderr}");
+    assert!(
+        stderr.contains("allow") && stderr.contains("allowed.test"),
+        "{stderr}"
+    );
     let records = std::fs::read_to_string(&audit).expect("audit file");
     assert!(records.contains(r#""host":"allowed.test""#), "{records}");
     assert!(records.contains(r#""exe":"/usr/bin/curl""#), "{records}");
@@ -91,7 +105,10 @@ fn exec_allows_blocks_summarises_and_cleans_up() {
         .expect("exec");
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(35), "{stderr}");
-    assert!(stderr.contains("block") && stderr.contains("blocked.test"), "{stderr}");
+    assert!(
+        stderr.contains("block") && stderr.contains("blocked.test"),
+        "{stderr}"
+    );
     assert_clean(&world);
 }
 
@@ -128,7 +145,10 @@ fn exec_interrupted_tears_everything_down() {
             .trim()
             .is_empty()
     {
-        assert!(started.elapsed() < Duration::from_secs(10), "exec never ran its command");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "exec never ran its command"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: signalling our own child.
