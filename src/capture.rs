@@ -6,6 +6,7 @@
 //! cgroups (a restarted unit gets a new cgroup id, which must join the set
 //! within milliseconds; systemd units close even that window with `NFTSet=`).
 
+use crate::audit::{Record, EVENT_DROPS};
 use crate::cgroup::{self, Change, Watcher};
 use crate::config::Config;
 use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
@@ -28,6 +29,10 @@ const CGROUP_EVENTS: Token = Token(2);
 const CONTROL: Token = Token(3);
 /// Checks that need no event (routes lost with a downed `lo` send none).
 const PERIODIC: Duration = Duration::from_secs(2);
+/// Drops are summarised at most this often (log line and audit records).
+const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Destinations named per drop report, most dropped first.
+const DROP_REPORT_DESTINATIONS: usize = 32;
 /// Bound on the cgroup tree walk that maps socket cgroups to agents.
 const MAX_INDEXED_CGROUPS: usize = 65_536;
 
@@ -117,6 +122,7 @@ impl Capture {
             table_monitor,
             rule_monitor,
             shared,
+            drops: DropReport::default(),
         };
         keeper.publish_agents();
         keeper
@@ -342,6 +348,15 @@ struct Keeper {
     table_monitor: TableMonitor,
     rule_monitor: RuleMonitor,
     shared: Arc<Shared>,
+    drops: DropReport,
+}
+
+/// What the last drop report covered, so the next one says what is new.
+#[derive(Default)]
+struct DropReport {
+    total: u64,
+    by_destination: HashMap<std::net::SocketAddr, u64>,
+    next: Option<Instant>,
 }
 
 impl Keeper {
@@ -389,6 +404,7 @@ impl Keeper {
             if Instant::now() >= next_periodic {
                 self.ensure_routing();
                 self.publish_agents();
+                self.report_drops();
                 next_periodic = Instant::now() + PERIODIC;
             }
         }
@@ -489,6 +505,70 @@ impl Keeper {
             }
         }
         self.publish_agents();
+    }
+
+    /// The agents' dropped non-TCP traffic since the last report: one log
+    /// line, and an audit record per destination that had new drops.
+    fn report_drops(&mut self) {
+        let now = Instant::now();
+        if self.drops.next.is_some_and(|t| now < t) {
+            return;
+        }
+        let counters = match netfilter::counters(&self.plan.table) {
+            Ok(c) => c,
+            Err(e) => {
+                log::debug!("reading drop counters: {e}");
+                return;
+            }
+        };
+        // A re-installed table starts its counters again from zero.
+        let new_total = counters.packets.saturating_sub(self.drops.total);
+        self.drops.total = counters.packets;
+        if new_total == 0 {
+            return;
+        }
+        self.drops.next = Some(now + DROP_REPORT_INTERVAL);
+        let mut fresh: Vec<(std::net::SocketAddr, u64)> = counters
+            .by_udp_destination
+            .iter()
+            .map(|d| {
+                let seen = self.drops.by_destination.get(&d.addr).copied().unwrap_or(0);
+                (d.addr, d.packets.saturating_sub(seen))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        fresh.sort_by(|a, b| b.1.cmp(&a.1));
+        self.drops.by_destination = counters
+            .by_udp_destination
+            .iter()
+            .map(|d| (d.addr, d.packets))
+            .collect();
+        let named: Vec<String> = fresh
+            .iter()
+            .take(DROP_REPORT_DESTINATIONS)
+            .map(|(a, n)| format!("{a} ×{n}"))
+            .collect();
+        log::warn!(
+            "dropped {new_total} non-TCP packet(s) from agents (UDP by destination: {})",
+            if named.is_empty() {
+                "none".into()
+            } else {
+                named.join(", ")
+            }
+        );
+        for (addr, packets) in fresh.into_iter().take(DROP_REPORT_DESTINATIONS) {
+            self.shared.audit.submit(
+                Record {
+                    event: EVENT_DROPS,
+                    dst: addr.to_string(),
+                    proto: "udp",
+                    verdict: "block",
+                    dropped: Some(packets),
+                    ..Record::default()
+                }
+                .into(),
+            );
+        }
     }
 
     fn remove(&mut self) {

@@ -398,3 +398,20 @@ fn connection_limit_refuses_and_counts() {
     curl_ok(&world, "https://allowed.test/");
     alive(&mut d);
 }
+
+#[test]
+fn audit_mode_lets_everything_through_and_records_the_verdict() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let d = start(&world, json!({"mode": "audit"}));
+    let out = world.curl_agent(["https://blocked.test/"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from blocked.test\n");
+    let r = d.wait_record("blocked.test in audit mode", |r| r["host"] == "blocked.test");
+    assert_eq!(r["verdict"], "would_block");
+    assert_eq!(r["rule"], "default");
+    curl_ok(&world, "https://allowed.test/");
+    let r = d.wait_record("allowed.test in audit mode", |r| r["host"] == "allowed.test");
+    assert_eq!(r["verdict"], "allow");
+}

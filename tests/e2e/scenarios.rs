@@ -244,13 +244,13 @@ fn metadata_blocked() {
 }
 
 fn udp_dropped() {
-    let (world, _d) = world_with_daemon(json!({}));
+    let (world, d) = world_with_daemon(json!({}));
     let quic = world.count_arrived(arrivals::QUIC);
     let forbidden = world.count_arrived(arrivals::FORBIDDEN_DNS);
     let dns = world.count_arrived(arrivals::DNS);
     // QUIC to an allowed host and DNS to a resolver not in dns.servers.
     let _ = world
-        .agent_cmd(["sh", "-c", "echo quic > /dev/udp/198.51.100.10/443"])
+        .agent_cmd(["bash", "-c", "echo quic > /dev/udp/198.51.100.10/443"])
         .output();
     let _ = world
         .agent_cmd([
@@ -278,6 +278,10 @@ fn udp_dropped() {
         "DNS reached a resolver not in dns.servers"
     );
     assert!(world.count_arrived(arrivals::DNS) > dns);
+    // The daemon reports what the kernel dropped, per destination.
+    let r = d.wait_event("drops", "dropped QUIC", |r| r["dst"] == "198.51.100.10:443");
+    assert!(r["dropped"].as_u64().unwrap_or(0) >= 1, "{r}");
+    assert!(d.guard.log().contains("dropped"), "{}", d.guard.log());
 }
 
 fn audit_names_process() {

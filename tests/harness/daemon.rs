@@ -110,12 +110,17 @@ impl Daemon {
 
     /// Waits (up to 5 s) for an "end" record that `matches`.
     pub fn wait_record(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        self.wait_event("end", what, matches)
+    }
+
+    /// Waits (up to 5 s) for a record of `event` that `matches`.
+    pub fn wait_event(&self, event: &str, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
         let started = Instant::now();
         loop {
             if let Some(r) = self
                 .records()
                 .into_iter()
-                .find(|r| r["event"] == "end" && matches(r))
+                .find(|r| r["event"] == event && matches(r))
             {
                 return r;
             }
