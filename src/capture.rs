@@ -537,7 +537,7 @@ impl Keeper {
             })
             .filter(|(_, n)| *n > 0)
             .collect();
-        fresh.sort_by(|a, b| b.1.cmp(&a.1));
+        fresh.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
         self.drops.by_destination = counters
             .by_udp_destination
             .iter()
