@@ -86,6 +86,7 @@ fn exec_allows_blocks_summarises_and_cleans_up() {
     .output()
     .expect("exec");
     let (stdout, stderr) = text(&out);
+    eprintln!("exec printed:\n{stdout}{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(stdout, "hello from allowed.test\n");
     assert!(
