@@ -407,11 +407,73 @@ fn audit_mode_lets_everything_through_and_records_the_verdict() {
     let world = World::new();
     let d = start(&world, json!({"mode": "audit"}));
     let out = world.curl_agent(["https://blocked.test/"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from blocked.test\n");
-    let r = d.wait_record("blocked.test in audit mode", |r| r["host"] == "blocked.test");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from blocked.test\n"
+    );
+    let r = d.wait_record("blocked.test in audit mode", |r| {
+        r["host"] == "blocked.test"
+    });
     assert_eq!(r["verdict"], "would_block");
     assert_eq!(r["rule"], "default");
     curl_ok(&world, "https://allowed.test/");
-    let r = d.wait_record("allowed.test in audit mode", |r| r["host"] == "allowed.test");
+    let r = d.wait_record("allowed.test in audit mode", |r| {
+        r["host"] == "allowed.test"
+    });
     assert_eq!(r["verdict"], "allow");
+}
+
+#[test]
+fn running_out_of_fds_refuses_without_spinning() {
+    if !harness::require_root_and_tools(&["curl", "prlimit", PYTHON]) {
+        return;
+    }
+    let world = World::new();
+    let config = daemon::config(
+        &world,
+        json!({"listen": {"port": daemon::PORT, "workers": 1}, "limits": {"sniff_timeout_ms": 3000}}),
+    );
+    let mut d = Daemon::start_with(&world, config, &["prlimit", "--nofile=48:48"]);
+    // Silent clients until the daemon has no fd left for the next one.
+    let holders: Vec<_> = (0..60)
+        .map(|_| {
+            world
+                .agent_cmd([
+                    PYTHON,
+                    "-c",
+                    CLIENT,
+                    "198.51.100.10",
+                    "443",
+                    "b''",
+                    "1",
+                    "0",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("python3")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        d.guard.log().contains("out of file descriptors"),
+        "{}",
+        d.guard.log()
+    );
+    // Not spinning: the daemon used well under a second of CPU meanwhile.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.guard.pid())).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    assert!(ticks < 100, "the daemon burnt {ticks} ticks of CPU");
+    for mut h in holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    std::thread::sleep(Duration::from_millis(3500));
+    curl_ok(&world, "https://allowed.test/");
+    alive(&mut d);
 }

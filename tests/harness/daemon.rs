@@ -49,13 +49,18 @@ impl Daemon {
     /// Start `run --config` and wait until its table is installed and its
     /// listener accepts.
     pub fn start(world: &World, config: Value) -> Daemon {
+        Daemon::start_with(world, config, &[])
+    }
+
+    /// Like `start`, with `wrapper` (e.g. `prlimit --nofile=64`) before the binary.
+    pub fn start_with(world: &World, config: Value, wrapper: &[&str]) -> Daemon {
         let table = config["interception"]["table"]
             .as_str()
             .unwrap_or("agent_egress")
             .to_string();
         let audit = PathBuf::from(config["audit"]["path"].as_str().unwrap_or("/dev/null"));
         let path = world.write_config(&config);
-        let mut cmd = world.host_cmd([binary(), "run", "--config"]);
+        let mut cmd = world.host_cmd(wrapper.iter().copied().chain([binary(), "run", "--config"]));
         cmd.arg(&path);
         cmd.env("RUST_LOG", "debug");
         let guard = world.spawn("agent-egress", cmd);
