@@ -43,9 +43,12 @@ pub enum Step {
 
 enum Phase {
     Sniffing,
+    /// Waiting for `query`: an answer to any other query is not ours (the
+    /// worker's slot may have been reused since that query was sent).
     Resolving {
         host: String,
         port: u16,
+        query: QueryId,
     },
     Connecting {
         candidates: Vec<SocketAddr>,
@@ -190,10 +193,23 @@ impl Session {
     }
 
     /// The DNS answer this session waited for.
-    pub fn on_resolved(&mut self, ctx: &mut Ctx, answer: Result<Vec<IpAddr>, String>) -> Step {
-        let Phase::Resolving { ref host, port } = self.phase else {
+    pub fn on_resolved(
+        &mut self,
+        ctx: &mut Ctx,
+        query: QueryId,
+        answer: Result<Vec<IpAddr>, String>,
+    ) -> Step {
+        let Phase::Resolving {
+            ref host,
+            port,
+            query: awaited,
+        } = self.phase
+        else {
             return Step::Continue;
         };
+        if awaited != query {
+            return Step::Continue;
+        }
         match answer {
             Ok(addrs) if !addrs.is_empty() => {
                 let host = host.clone();
@@ -382,7 +398,11 @@ impl Session {
             Lookup::Cached(Ok(addrs)) => self.dial_resolved(ctx, &host, port, &addrs),
             Lookup::Cached(Err(e)) => self.fail(format!("dns: {host}: {e}")),
             Lookup::Pending(id) => {
-                self.phase = Phase::Resolving { host, port };
+                self.phase = Phase::Resolving {
+                    host,
+                    port,
+                    query: id,
+                };
                 self.deadline = Some(ctx.now + timeout);
                 Step::AwaitDns(id)
             }

@@ -328,9 +328,9 @@ impl Worker {
         }
         // Sessions waiting on the old resolver get an error: their answer is gone.
         let waiting: Vec<_> = self.waiting_dns.drain().collect();
-        for (_, keys) in waiting {
+        for (id, keys) in waiting {
             for key in keys {
-                self.deliver_one(key, Err("resolver reconfigured".into()));
+                self.deliver_one(key, id, Err("resolver reconfigured".into()));
             }
         }
         self.resolver = None;
@@ -363,17 +363,22 @@ impl Worker {
         for (id, answer) in answers {
             let answer = answer.map_err(|e| e.to_string());
             for key in self.waiting_dns.remove(&id).unwrap_or_default() {
-                self.deliver_one(key, answer.clone());
+                self.deliver_one(key, id, answer.clone());
             }
         }
     }
 
-    fn deliver_one(&mut self, key: usize, answer: Result<Vec<std::net::IpAddr>, String>) {
+    fn deliver_one(
+        &mut self,
+        key: usize,
+        id: QueryId,
+        answer: Result<Vec<std::net::IpAddr>, String>,
+    ) {
         let (mut ctx, sessions) = self.ctx_parts(key);
         let Some(session) = sessions.get_mut(key) else {
             return;
         };
-        let step = session.on_resolved(&mut ctx, answer);
+        let step = session.on_resolved(&mut ctx, id, answer);
         self.after(key, step);
     }
 
