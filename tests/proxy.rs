@@ -477,3 +477,115 @@ fn running_out_of_fds_refuses_without_spinning() {
     curl_ok(&world, "https://allowed.test/");
     alive(&mut d);
 }
+
+#[test]
+fn two_hundred_parallel_connections_all_complete() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let d = start(&world, json!({}));
+    let dir = world.dir().join("parallel");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let pattern = dir.join("out_#1").to_string_lossy().into_owned();
+    let out = world.curl_agent([
+        "-Z",
+        "--parallel-max",
+        "200",
+        "--parallel-immediate",
+        "--http1.1",
+        "-H",
+        "Connection: close",
+        "-o",
+        &pattern,
+        "https://allowed.test/?n=[1-200]",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in 1..=200 {
+        let body = std::fs::read_to_string(dir.join(format!("out_{n}"))).unwrap_or_default();
+        assert_eq!(body, ALLOWED.body(), "response {n}");
+    }
+    let allowed = d
+        .records()
+        .iter()
+        .filter(|r| r["host"] == "allowed.test" && r["verdict"] == "allow")
+        .count();
+    assert!(allowed >= 200, "{allowed} records for 200 connections");
+}
+
+#[test]
+fn one_gigabyte_download_arrives_intact() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let d = start(&world, json!({}));
+    let file = world.make_file("gigabyte", 1 << 30);
+    let output = world.dir().join("gigabyte.out");
+    let url = format!("https://allowed.test{}", file.big_path);
+    let mut cmd = world.agent_cmd(["curl", "-sS", "--max-time", "300", "--cacert"]);
+    let out = cmd
+        .arg(world.ca_cert())
+        .arg("-o")
+        .arg(&output)
+        .arg(&url)
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(harness::sha256_file(&output).expect("sha256"), file.sha256);
+    let r = d.wait_record("1 GiB download", |r| {
+        r["bytes_down"].as_u64() > Some(1 << 30)
+    });
+    assert!(r["error"].is_null(), "{r}");
+    let _ = std::fs::remove_file(&output);
+}
+
+#[test]
+fn a_slow_upstream_does_not_delay_others() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let _d = start(
+        &world,
+        json!({"listen": {"port": daemon::PORT, "workers": 1}}),
+    );
+    let file = world.make_file("slow", 1 << 20);
+    let url = format!("https://allowed.test{}?rate=16k", file.slow_path);
+    let mut slow: Vec<_> = (0..8)
+        .map(|_| {
+            let mut cmd = world.agent_cmd([
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                "-o",
+                "/dev/null",
+                "--cacert",
+            ]);
+            cmd.arg(world.ca_cert()).arg(&url).spawn().expect("curl")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..20 {
+        let started = Instant::now();
+        curl_ok(&world, "https://allowed.test/");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "a quick request took {:?} beside slow ones",
+            started.elapsed()
+        );
+    }
+    for s in &mut slow {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}
