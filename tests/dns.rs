@@ -343,3 +343,43 @@ fn answers_to_other_questions_are_ignored() {
     assert_eq!(d.resolve("spoof.test"), Ok(ips(&["192.0.2.3"])));
     fake.join().unwrap();
 }
+
+#[test]
+fn a_lost_query_is_sent_again_before_the_timeout() {
+    // A fake server that drops the first copy of every query, as a lossy
+    // path would, and answers the second.
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut answered = 0;
+        let mut buf = [0u8; 1500];
+        while answered < 2 {
+            let (n, client) = server.recv_from(&mut buf).unwrap();
+            let query = Message::from_vec(&buf[..n]).unwrap();
+            let key = (query.metadata.id, query.queries[0].query_type);
+            if !seen.contains(&key) {
+                seen.push(key);
+                continue;
+            }
+            let mut reply = Message::new(key.0, MessageType::Response, OpCode::Query);
+            reply.add_query(query.queries[0].clone());
+            if key.1 == hickory_proto::rr::RecordType::A {
+                reply.add_answer(Record::from_rdata(
+                    query.queries[0].name.clone(),
+                    60,
+                    RData::A(A::new(192, 0, 2, 9)),
+                ));
+            }
+            server.send_to(&reply.to_vec().unwrap(), client).unwrap();
+            answered += 1;
+        }
+    });
+    let timeout = Duration::from_millis(600);
+    let mut d = Driver::new(&[addr], timeout);
+    let start = Instant::now();
+    assert_eq!(d.resolve("lossy.test"), Ok(ips(&["192.0.2.9"])));
+    let took = start.elapsed();
+    assert!(took >= timeout / 2 && took < timeout, "{took:?}");
+    fake.join().unwrap();
+}

@@ -2,7 +2,9 @@
 //!
 //! A static glibc binary must not call getaddrinfo (NSS), and an event loop
 //! must never wait on a lookup, so names are resolved here: A and AAAA queries
-//! over UDP to the configured servers, one server after another.
+//! over UDP to the configured servers, one server after another. Each server
+//! gets `timeout`; what it has not answered halfway through is sent to it
+//! once more, so one lost datagram does not fail a lookup.
 //!
 //! Every lookup in flight (a "transaction": both questions for one name) has its
 //! own UDP socket, so each gets a fresh kernel-chosen random source port on top
@@ -138,6 +140,9 @@ struct Transaction {
     server: usize,
     socket: Option<UdpSocket>,
     deadline: Instant,
+    /// When to send the questions still waiting once more (to the same server,
+    /// same ids): one lost datagram should not fail a lookup.
+    resend_at: Option<Instant>,
     questions: [Question; 2],
     /// What the servers asked before this one did.
     failures: Vec<(SocketAddr, Failure)>,
@@ -201,6 +206,11 @@ impl Resolver {
         if let Ok(ip) = name.parse::<IpAddr>() {
             return Lookup::Cached(Ok(vec![ip]));
         }
+        // Keys are normalised names, so a hit on the name as given is a true
+        // hit, found without the cost of normalising it.
+        if let Some(result) = self.cache.get(name, now) {
+            return Lookup::Cached(result);
+        }
         let name = match crate::names::normalize_host(name) {
             Ok(n) => n,
             Err(reason) => return Lookup::Cached(Err(DnsError::InvalidName(reason))),
@@ -235,6 +245,7 @@ impl Resolver {
             server: 0,
             socket: None,
             deadline: now,
+            resend_at: None,
             questions: [fresh(RecordType::A), fresh(RecordType::AAAA)],
             failures: Vec::new(),
             waiters: vec![id],
@@ -274,18 +285,26 @@ impl Resolver {
         finished
     }
 
-    /// Moves on from servers that have had their time; call at `next_deadline`.
+    /// Resends unanswered questions halfway through a server's time, and moves
+    /// on from servers whose time is up; call at `next_deadline`.
     pub fn on_timer(&mut self, now: Instant) -> Vec<(QueryId, LookupResult)> {
         let mut finished = Vec::new();
-        let expired: Vec<Token> = self
+        let due: Vec<Token> = self
             .in_flight
             .iter()
-            .filter(|(_, t)| t.deadline <= now)
+            .filter(|(_, t)| t.next_deadline() <= now)
             .map(|(token, _)| *token)
             .collect();
-        for token in expired {
+        for token in due {
             if let Some(transaction) = self.in_flight.get_mut(&token) {
-                transaction.give_up_waiting(Failure::TimedOut(self.timeout));
+                if transaction.deadline <= now {
+                    transaction.give_up_waiting(Failure::TimedOut(self.timeout));
+                } else {
+                    transaction.resend_at = None;
+                    if let Err(e) = transaction.send_waiting() {
+                        transaction.give_up_waiting(Failure::Io(e.to_string()));
+                    }
+                }
             }
             self.settle(token, now, &mut finished);
         }
@@ -293,7 +312,10 @@ impl Resolver {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.in_flight.values().map(|t| t.deadline).min()
+        self.in_flight
+            .values()
+            .map(Transaction::next_deadline)
+            .min()
     }
 
     fn new_query_id(&mut self) -> QueryId {
@@ -311,25 +333,24 @@ impl Resolver {
             let _ = self.poll.registry().deregister(&mut old);
         }
         transaction.deadline = now + self.timeout;
+        transaction.resend_at = Some(now + self.timeout / 2);
+        for q in &mut transaction.questions {
+            if matches!(q.state, QuestionState::ToAsk) {
+                q.state = QuestionState::Waiting {
+                    id: rand::random::<u16>(),
+                };
+            }
+        }
         let server = self.servers[transaction.server];
         let asked = open_socket(server).and_then(|mut socket| {
             self.poll
                 .registry()
                 .register(&mut socket, token, Interest::READABLE)?;
-            for q in &mut transaction.questions {
-                if matches!(q.state, QuestionState::ToAsk) {
-                    let id = rand::random::<u16>();
-                    let packet = wire::encode_query(id, &transaction.qname, q.qtype)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                    socket.send(&packet)?;
-                    q.state = QuestionState::Waiting { id };
-                }
-            }
-            Ok(socket)
+            transaction.socket = Some(socket);
+            transaction.send_waiting()
         });
-        match asked {
-            Ok(socket) => transaction.socket = Some(socket),
-            Err(e) => transaction.give_up_waiting(Failure::Io(e.to_string())),
+        if let Err(e) = asked {
+            transaction.give_up_waiting(Failure::Io(e.to_string()));
         }
     }
 
@@ -412,6 +433,25 @@ impl Resolver {
 }
 
 impl Transaction {
+    fn next_deadline(&self) -> Instant {
+        self.resend_at.unwrap_or(self.deadline).min(self.deadline)
+    }
+
+    /// Sends the questions waiting for an answer on the current socket.
+    fn send_waiting(&self) -> io::Result<()> {
+        let Some(socket) = &self.socket else {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "no socket"));
+        };
+        for q in &self.questions {
+            if let QuestionState::Waiting { id } = q.state {
+                let packet = wire::encode_query(id, &self.qname, q.qtype)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                socket.send(&packet)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Settles every question not answered yet (sent or not) as failed.
     fn give_up_waiting(&mut self, failure: Failure) {
         for q in &mut self.questions {
