@@ -9,11 +9,14 @@
 //! Every lookup in flight (a "transaction": both questions for one name) has its
 //! own UDP socket, so each gets a fresh kernel-chosen random source port on top
 //! of its random query ids; the socket is connected to the server, so the
-//! kernel drops datagrams from anyone else. Those sockets live in an epoll set
-//! of our own, and that one fd is what the caller registers: readiness of any
-//! socket wakes the caller, and we learn which socket from our own set.
+//! kernel drops datagrams from anyone else. A question whose answer comes back
+//! truncated is asked again over TCP. Those sockets live in an epoll set of our
+//! own, and that one fd is what the caller registers: readiness of any socket
+//! wakes the caller, and we learn which transaction from our own set. A socket
+//! leaves the set when it is closed (dropped): none is ever duplicated.
 
 mod cache;
+mod tcp;
 mod wire;
 
 use cache::Cache;
@@ -27,6 +30,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
+use tcp::TcpQuery;
 use wire::Answer;
 
 /// Names kept in the cache at most.
@@ -159,6 +163,11 @@ enum QuestionState {
     ToAsk,
     Waiting {
         id: u16,
+    },
+    /// Asked again over TCP after a truncated answer.
+    OverTcp {
+        id: u16,
+        query: TcpQuery,
     },
     Settled(Answer),
 }
@@ -329,9 +338,7 @@ impl Resolver {
         let Some(transaction) = self.in_flight.get_mut(&token) else {
             return;
         };
-        if let Some(mut old) = transaction.socket.take() {
-            let _ = self.poll.registry().deregister(&mut old);
-        }
+        transaction.socket = None;
         transaction.deadline = now + self.timeout;
         transaction.resend_at = Some(now + self.timeout / 2);
         for q in &mut transaction.questions {
@@ -354,24 +361,28 @@ impl Resolver {
         }
     }
 
-    /// Drains one transaction's socket, settling the questions it answers.
+    /// Drains one transaction's sockets, settling the questions they answer.
     fn receive(&mut self, token: Token) {
         let Some(transaction) = self.in_flight.get_mut(&token) else {
             return;
         };
         let server = self.servers[transaction.server];
-        let Some(socket) = &transaction.socket else {
-            return;
-        };
-        loop {
+        let registry = self.poll.registry();
+        while let Some(socket) = &transaction.socket {
             let (n, from) = match socket.recv_from(&mut self.buffer) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // An ICMP error on a connected socket: nobody serves DNS there.
-                    transaction.give_up_waiting(Failure::Io(e.to_string()));
-                    return;
+                    // An ICMP error on a connected socket: nobody serves DNS
+                    // there over UDP. Questions gone over TCP carry on.
+                    for q in &mut transaction.questions {
+                        if matches!(q.state, QuestionState::Waiting { .. }) {
+                            q.state =
+                                QuestionState::Settled(Answer::Failed(Failure::Io(e.to_string())));
+                        }
+                    }
+                    break;
                 }
             };
             if from != server {
@@ -381,15 +392,25 @@ impl Resolver {
                 continue;
             };
             for q in &mut transaction.questions {
-                if let QuestionState::Waiting { id } = q.state {
-                    if let Some(answer) =
-                        wire::answer_to(&response, id, &transaction.qname, q.qtype)
-                    {
-                        q.state = QuestionState::Settled(answer);
+                let QuestionState::Waiting { id } = q.state else {
+                    continue;
+                };
+                q.state = match wire::answer_to(&response, id, &transaction.qname, q.qtype) {
+                    None => continue,
+                    Some(Answer::Truncated) => {
+                        match ask_over_tcp(server, id, &transaction.qname, q.qtype, registry, token)
+                        {
+                            Ok(query) => QuestionState::OverTcp { id, query },
+                            Err(e) => QuestionState::Settled(Answer::Failed(Failure::Io(format!(
+                                "over TCP: {e}"
+                            )))),
+                        }
                     }
-                }
+                    Some(answer) => QuestionState::Settled(answer),
+                };
             }
         }
+        transaction.advance_tcp(server);
     }
 
     /// Finishes the transaction, moves it on to the next server, or leaves it.
@@ -411,13 +432,10 @@ impl Resolver {
                     self.ask_current_server(token, now);
                 }
                 Verdict::Done(result, ttl) => {
-                    let Some(mut transaction) = self.in_flight.remove(&token) else {
+                    let Some(transaction) = self.in_flight.remove(&token) else {
                         return;
                     };
                     self.by_name.remove(&transaction.name);
-                    if let Some(mut socket) = transaction.socket.take() {
-                        let _ = self.poll.registry().deregister(&mut socket);
-                    }
                     if let Some(ttl) = ttl {
                         self.cache
                             .insert(transaction.name, result.clone(), ttl, now);
@@ -455,12 +473,34 @@ impl Transaction {
     /// Settles every question not answered yet (sent or not) as failed.
     fn give_up_waiting(&mut self, failure: Failure) {
         for q in &mut self.questions {
-            if matches!(
-                q.state,
-                QuestionState::ToAsk | QuestionState::Waiting { .. }
-            ) {
+            if !matches!(q.state, QuestionState::Settled(_)) {
                 q.state = QuestionState::Settled(Answer::Failed(failure.clone()));
             }
+        }
+    }
+
+    /// Moves the questions asked over TCP on as far as their sockets allow.
+    fn advance_tcp(&mut self, server: SocketAddr) {
+        for q in &mut self.questions {
+            let QuestionState::OverTcp { id, query } = &mut q.state else {
+                continue;
+            };
+            let answer = match query.advance() {
+                Ok(None) => continue,
+                Ok(Some(message)) => match wire::decode_response(message)
+                    .and_then(|r| wire::answer_to(&r, *id, &self.qname, q.qtype))
+                {
+                    Some(Answer::Truncated) => Answer::Failed(Failure::Answered(
+                        "answered with a truncated message over TCP".into(),
+                    )),
+                    Some(answer) => answer,
+                    None => Answer::Failed(Failure::Answered(format!(
+                        "answered something else than our question over TCP ({server})"
+                    ))),
+                },
+                Err(e) => Answer::Failed(Failure::Io(format!("over TCP: {e}"))),
+            };
+            q.state = QuestionState::Settled(answer);
         }
     }
 
@@ -485,7 +525,9 @@ impl Transaction {
         let mut answers = Vec::with_capacity(self.questions.len());
         for q in &self.questions {
             match &q.state {
-                QuestionState::ToAsk | QuestionState::Waiting { .. } => return Verdict::Wait,
+                QuestionState::ToAsk
+                | QuestionState::Waiting { .. }
+                | QuestionState::OverTcp { .. } => return Verdict::Wait,
                 QuestionState::Settled(answer) => answers.push(answer),
             }
         }
@@ -516,6 +558,19 @@ impl Transaction {
             Verdict::Done(Err(DnsError::NoAddresses), Some(NEGATIVE_TTL))
         }
     }
+}
+
+fn ask_over_tcp(
+    server: SocketAddr,
+    id: u16,
+    qname: &Name,
+    qtype: RecordType,
+    registry: &Registry,
+    token: Token,
+) -> io::Result<TcpQuery> {
+    let packet = wire::encode_query(id, qname, qtype)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    TcpQuery::start(server, &packet, registry, token)
 }
 
 fn open_socket(server: SocketAddr) -> io::Result<UdpSocket> {
