@@ -35,7 +35,8 @@ use wire::Answer;
 
 /// Names kept in the cache at most.
 pub const CACHE_ENTRIES: usize = 4096;
-/// Lookups in flight at most (each holds one socket); more are refused.
+/// Lookups in flight at most (each holds a UDP socket, and a TCP one per
+/// truncated answer); more are refused.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// Bounds on how long an answer is believed, whatever TTL it carries.
 pub const MIN_TTL: Duration = Duration::from_secs(5);
