@@ -10,6 +10,7 @@ use hickory_proto::rr::{RData, Record};
 use local_servers::{free_port, tool, Scratch, Server};
 use mio::{Events, Poll, Token};
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -342,4 +343,135 @@ fn answers_to_other_questions_are_ignored() {
     let mut d = Driver::new(&[addr], Duration::from_secs(2));
     assert_eq!(d.resolve("spoof.test"), Ok(ips(&["192.0.2.3"])));
     fake.join().unwrap();
+}
+
+#[test]
+fn a_lost_query_is_sent_again_before_the_timeout() {
+    // A fake server that drops the first copy of every query, as a lossy
+    // path would, and answers the second.
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut answered = 0;
+        let mut buf = [0u8; 1500];
+        while answered < 2 {
+            let (n, client) = server.recv_from(&mut buf).unwrap();
+            let query = Message::from_vec(&buf[..n]).unwrap();
+            let key = (query.metadata.id, query.queries[0].query_type);
+            if !seen.contains(&key) {
+                seen.push(key);
+                continue;
+            }
+            let mut reply = Message::new(key.0, MessageType::Response, OpCode::Query);
+            reply.add_query(query.queries[0].clone());
+            if key.1 == hickory_proto::rr::RecordType::A {
+                reply.add_answer(Record::from_rdata(
+                    query.queries[0].name.clone(),
+                    60,
+                    RData::A(A::new(192, 0, 2, 9)),
+                ));
+            }
+            server.send_to(&reply.to_vec().unwrap(), client).unwrap();
+            answered += 1;
+        }
+    });
+    let timeout = Duration::from_millis(600);
+    let mut d = Driver::new(&[addr], timeout);
+    let start = Instant::now();
+    assert_eq!(d.resolve("lossy.test"), Ok(ips(&["192.0.2.9"])));
+    let took = start.elapsed();
+    assert!(took >= timeout / 2 && took < timeout, "{took:?}");
+    fake.join().unwrap();
+}
+
+#[test]
+fn truncated_answers_are_asked_again_over_tcp() {
+    // A fake server whose UDP answers are all truncated, and whose TCP
+    // answers (on the same port) carry more addresses than fit in 1232 bytes.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let tcp = std::net::TcpListener::bind(addr).unwrap();
+    let many: Vec<std::net::Ipv4Addr> = (0..100).map(|i| [198, 51, 100, i].into()).collect();
+    let answer_for = {
+        let many = many.clone();
+        move |query: &Message, truncated: bool| {
+            let mut m = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+            m.add_query(query.queries[0].clone());
+            m.metadata.truncation = truncated;
+            if !truncated && query.queries[0].query_type == hickory_proto::rr::RecordType::A {
+                for ip in &many {
+                    m.add_answer(Record::from_rdata(
+                        query.queries[0].name.clone(),
+                        60,
+                        RData::A(A::from(*ip)),
+                    ));
+                }
+            }
+            m.to_vec().unwrap()
+        }
+    };
+    let udp_answer = answer_for.clone();
+    let udp_side = std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        for _ in 0..2 {
+            let (n, client) = udp.recv_from(&mut buf).unwrap();
+            let query = Message::from_vec(&buf[..n]).unwrap();
+            udp.send_to(&udp_answer(&query, true), client).unwrap();
+        }
+    });
+    let tcp_side = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut conn, _) = tcp.accept().unwrap();
+            let mut len = [0u8; 2];
+            conn.read_exact(&mut len).unwrap();
+            let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            conn.read_exact(&mut query).unwrap();
+            let query = Message::from_vec(&query).unwrap();
+            let reply = answer_for(&query, false);
+            if query.queries[0].query_type == hickory_proto::rr::RecordType::A {
+                assert!(reply.len() > 1232, "would not need TCP");
+            }
+            let mut framed = u16::try_from(reply.len()).unwrap().to_be_bytes().to_vec();
+            framed.extend_from_slice(&reply);
+            // In two pieces, as a slow path would deliver it.
+            let (first, rest) = framed.split_at(framed.len() / 2);
+            conn.write_all(first).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            conn.write_all(rest).unwrap();
+        }
+    });
+    let mut d = Driver::new(&[addr], Duration::from_secs(2));
+    let want: Vec<IpAddr> = many.into_iter().map(IpAddr::V4).collect();
+    assert_eq!(d.resolve("big.test"), Ok(want));
+    udp_side.join().unwrap();
+    tcp_side.join().unwrap();
+}
+
+#[test]
+fn a_tcp_retry_that_fails_is_reported() {
+    // Truncated over UDP, and the TCP side hangs up without answering.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let tcp = std::net::TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, client)) = udp.recv_from(&mut buf) {
+            let query = Message::from_vec(&buf[..n]).unwrap();
+            let mut m = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+            m.add_query(query.queries[0].clone());
+            m.metadata.truncation = true;
+            udp.send_to(&m.to_vec().unwrap(), client).unwrap();
+        }
+    });
+    std::thread::spawn(move || {
+        for conn in tcp.incoming() {
+            drop(conn);
+        }
+    });
+    let mut d = Driver::new(&[addr], Duration::from_secs(2));
+    let err = d.resolve("big.test").unwrap_err().to_string();
+    // EOF or a reset, depending on whether our query was read before the close.
+    let want = format!("no usable DNS answer: {addr} failed: over TCP: ");
+    assert!(err.starts_with(&want), "{err}");
 }

@@ -451,6 +451,7 @@ fn dial_options_mark_and_interface() {
 
     let plain = dial(addr, &DialOptions::default()).unwrap();
     assert_eq!(socket_mark(&plain), 0);
+    assert!(plain.nodelay().unwrap());
 
     let opts = DialOptions {
         interface: Some("lo".into()),

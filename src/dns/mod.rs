@@ -2,16 +2,21 @@
 //!
 //! A static glibc binary must not call getaddrinfo (NSS), and an event loop
 //! must never wait on a lookup, so names are resolved here: A and AAAA queries
-//! over UDP to the configured servers, one server after another.
+//! over UDP to the configured servers, one server after another. Each server
+//! gets `timeout`; what it has not answered halfway through is sent to it
+//! once more, so one lost datagram does not fail a lookup.
 //!
 //! Every lookup in flight (a "transaction": both questions for one name) has its
 //! own UDP socket, so each gets a fresh kernel-chosen random source port on top
 //! of its random query ids; the socket is connected to the server, so the
-//! kernel drops datagrams from anyone else. Those sockets live in an epoll set
-//! of our own, and that one fd is what the caller registers: readiness of any
-//! socket wakes the caller, and we learn which socket from our own set.
+//! kernel drops datagrams from anyone else. A question whose answer comes back
+//! truncated is asked again over TCP. Those sockets live in an epoll set of our
+//! own, and that one fd is what the caller registers: readiness of any socket
+//! wakes the caller, and we learn which transaction from our own set. A socket
+//! leaves the set when it is closed (dropped): none is ever duplicated.
 
 mod cache;
+mod tcp;
 mod wire;
 
 use cache::Cache;
@@ -25,11 +30,13 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
+use tcp::TcpQuery;
 use wire::Answer;
 
 /// Names kept in the cache at most.
 pub const CACHE_ENTRIES: usize = 4096;
-/// Lookups in flight at most (each holds one socket); more are refused.
+/// Lookups in flight at most (each holds a UDP socket, and a TCP one per
+/// truncated answer); more are refused.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// Bounds on how long an answer is believed, whatever TTL it carries.
 pub const MIN_TTL: Duration = Duration::from_secs(5);
@@ -138,6 +145,9 @@ struct Transaction {
     server: usize,
     socket: Option<UdpSocket>,
     deadline: Instant,
+    /// When to send the questions still waiting once more (to the same server,
+    /// same ids): one lost datagram should not fail a lookup.
+    resend_at: Option<Instant>,
     questions: [Question; 2],
     /// What the servers asked before this one did.
     failures: Vec<(SocketAddr, Failure)>,
@@ -154,6 +164,11 @@ enum QuestionState {
     ToAsk,
     Waiting {
         id: u16,
+    },
+    /// Asked again over TCP after a truncated answer.
+    OverTcp {
+        id: u16,
+        query: TcpQuery,
     },
     Settled(Answer),
 }
@@ -201,6 +216,11 @@ impl Resolver {
         if let Ok(ip) = name.parse::<IpAddr>() {
             return Lookup::Cached(Ok(vec![ip]));
         }
+        // Keys are normalised names, so a hit on the name as given is a true
+        // hit, found without the cost of normalising it.
+        if let Some(result) = self.cache.get(name, now) {
+            return Lookup::Cached(result);
+        }
         let name = match crate::names::normalize_host(name) {
             Ok(n) => n,
             Err(reason) => return Lookup::Cached(Err(DnsError::InvalidName(reason))),
@@ -235,6 +255,7 @@ impl Resolver {
             server: 0,
             socket: None,
             deadline: now,
+            resend_at: None,
             questions: [fresh(RecordType::A), fresh(RecordType::AAAA)],
             failures: Vec::new(),
             waiters: vec![id],
@@ -274,18 +295,26 @@ impl Resolver {
         finished
     }
 
-    /// Moves on from servers that have had their time; call at `next_deadline`.
+    /// Resends unanswered questions halfway through a server's time, and moves
+    /// on from servers whose time is up; call at `next_deadline`.
     pub fn on_timer(&mut self, now: Instant) -> Vec<(QueryId, LookupResult)> {
         let mut finished = Vec::new();
-        let expired: Vec<Token> = self
+        let due: Vec<Token> = self
             .in_flight
             .iter()
-            .filter(|(_, t)| t.deadline <= now)
+            .filter(|(_, t)| t.next_deadline() <= now)
             .map(|(token, _)| *token)
             .collect();
-        for token in expired {
+        for token in due {
             if let Some(transaction) = self.in_flight.get_mut(&token) {
-                transaction.give_up_waiting(Failure::TimedOut(self.timeout));
+                if transaction.deadline <= now {
+                    transaction.give_up_waiting(Failure::TimedOut(self.timeout));
+                } else {
+                    transaction.resend_at = None;
+                    if let Err(e) = transaction.send_waiting() {
+                        transaction.give_up_waiting(Failure::Io(e.to_string()));
+                    }
+                }
             }
             self.settle(token, now, &mut finished);
         }
@@ -293,7 +322,10 @@ impl Resolver {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.in_flight.values().map(|t| t.deadline).min()
+        self.in_flight
+            .values()
+            .map(Transaction::next_deadline)
+            .min()
     }
 
     fn new_query_id(&mut self) -> QueryId {
@@ -307,50 +339,51 @@ impl Resolver {
         let Some(transaction) = self.in_flight.get_mut(&token) else {
             return;
         };
-        if let Some(mut old) = transaction.socket.take() {
-            let _ = self.poll.registry().deregister(&mut old);
-        }
+        transaction.socket = None;
         transaction.deadline = now + self.timeout;
+        transaction.resend_at = Some(now + self.timeout / 2);
+        for q in &mut transaction.questions {
+            if matches!(q.state, QuestionState::ToAsk) {
+                q.state = QuestionState::Waiting {
+                    id: rand::random::<u16>(),
+                };
+            }
+        }
         let server = self.servers[transaction.server];
         let asked = open_socket(server).and_then(|mut socket| {
             self.poll
                 .registry()
                 .register(&mut socket, token, Interest::READABLE)?;
-            for q in &mut transaction.questions {
-                if matches!(q.state, QuestionState::ToAsk) {
-                    let id = rand::random::<u16>();
-                    let packet = wire::encode_query(id, &transaction.qname, q.qtype)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                    socket.send(&packet)?;
-                    q.state = QuestionState::Waiting { id };
-                }
-            }
-            Ok(socket)
+            transaction.socket = Some(socket);
+            transaction.send_waiting()
         });
-        match asked {
-            Ok(socket) => transaction.socket = Some(socket),
-            Err(e) => transaction.give_up_waiting(Failure::Io(e.to_string())),
+        if let Err(e) = asked {
+            transaction.give_up_waiting(Failure::Io(e.to_string()));
         }
     }
 
-    /// Drains one transaction's socket, settling the questions it answers.
+    /// Drains one transaction's sockets, settling the questions they answer.
     fn receive(&mut self, token: Token) {
         let Some(transaction) = self.in_flight.get_mut(&token) else {
             return;
         };
         let server = self.servers[transaction.server];
-        let Some(socket) = &transaction.socket else {
-            return;
-        };
-        loop {
+        let registry = self.poll.registry();
+        while let Some(socket) = &transaction.socket {
             let (n, from) = match socket.recv_from(&mut self.buffer) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // An ICMP error on a connected socket: nobody serves DNS there.
-                    transaction.give_up_waiting(Failure::Io(e.to_string()));
-                    return;
+                    // An ICMP error on a connected socket: nobody serves DNS
+                    // there over UDP. Questions gone over TCP carry on.
+                    for q in &mut transaction.questions {
+                        if matches!(q.state, QuestionState::Waiting { .. }) {
+                            q.state =
+                                QuestionState::Settled(Answer::Failed(Failure::Io(e.to_string())));
+                        }
+                    }
+                    break;
                 }
             };
             if from != server {
@@ -360,15 +393,25 @@ impl Resolver {
                 continue;
             };
             for q in &mut transaction.questions {
-                if let QuestionState::Waiting { id } = q.state {
-                    if let Some(answer) =
-                        wire::answer_to(&response, id, &transaction.qname, q.qtype)
-                    {
-                        q.state = QuestionState::Settled(answer);
+                let QuestionState::Waiting { id } = q.state else {
+                    continue;
+                };
+                q.state = match wire::answer_to(&response, id, &transaction.qname, q.qtype) {
+                    None => continue,
+                    Some(Answer::Truncated) => {
+                        match ask_over_tcp(server, id, &transaction.qname, q.qtype, registry, token)
+                        {
+                            Ok(query) => QuestionState::OverTcp { id, query },
+                            Err(e) => QuestionState::Settled(Answer::Failed(Failure::Io(format!(
+                                "over TCP: {e}"
+                            )))),
+                        }
                     }
-                }
+                    Some(answer) => QuestionState::Settled(answer),
+                };
             }
         }
+        transaction.advance_tcp(server);
     }
 
     /// Finishes the transaction, moves it on to the next server, or leaves it.
@@ -390,13 +433,10 @@ impl Resolver {
                     self.ask_current_server(token, now);
                 }
                 Verdict::Done(result, ttl) => {
-                    let Some(mut transaction) = self.in_flight.remove(&token) else {
+                    let Some(transaction) = self.in_flight.remove(&token) else {
                         return;
                     };
                     self.by_name.remove(&transaction.name);
-                    if let Some(mut socket) = transaction.socket.take() {
-                        let _ = self.poll.registry().deregister(&mut socket);
-                    }
                     if let Some(ttl) = ttl {
                         self.cache
                             .insert(transaction.name, result.clone(), ttl, now);
@@ -412,15 +452,56 @@ impl Resolver {
 }
 
 impl Transaction {
+    fn next_deadline(&self) -> Instant {
+        self.resend_at.unwrap_or(self.deadline).min(self.deadline)
+    }
+
+    /// Sends the questions waiting for an answer on the current socket.
+    fn send_waiting(&self) -> io::Result<()> {
+        let Some(socket) = &self.socket else {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "no socket"));
+        };
+        for q in &self.questions {
+            if let QuestionState::Waiting { id } = q.state {
+                let packet = wire::encode_query(id, &self.qname, q.qtype)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                socket.send(&packet)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Settles every question not answered yet (sent or not) as failed.
     fn give_up_waiting(&mut self, failure: Failure) {
         for q in &mut self.questions {
-            if matches!(
-                q.state,
-                QuestionState::ToAsk | QuestionState::Waiting { .. }
-            ) {
+            if !matches!(q.state, QuestionState::Settled(_)) {
                 q.state = QuestionState::Settled(Answer::Failed(failure.clone()));
             }
+        }
+    }
+
+    /// Moves the questions asked over TCP on as far as their sockets allow.
+    fn advance_tcp(&mut self, server: SocketAddr) {
+        for q in &mut self.questions {
+            let QuestionState::OverTcp { id, query } = &mut q.state else {
+                continue;
+            };
+            let answer = match query.advance() {
+                Ok(None) => continue,
+                Ok(Some(message)) => match wire::decode_response(message)
+                    .and_then(|r| wire::answer_to(&r, *id, &self.qname, q.qtype))
+                {
+                    Some(Answer::Truncated) => Answer::Failed(Failure::Answered(
+                        "answered with a truncated message over TCP".into(),
+                    )),
+                    Some(answer) => answer,
+                    None => Answer::Failed(Failure::Answered(format!(
+                        "answered something else than our question over TCP ({server})"
+                    ))),
+                },
+                Err(e) => Answer::Failed(Failure::Io(format!("over TCP: {e}"))),
+            };
+            q.state = QuestionState::Settled(answer);
         }
     }
 
@@ -445,7 +526,9 @@ impl Transaction {
         let mut answers = Vec::with_capacity(self.questions.len());
         for q in &self.questions {
             match &q.state {
-                QuestionState::ToAsk | QuestionState::Waiting { .. } => return Verdict::Wait,
+                QuestionState::ToAsk
+                | QuestionState::Waiting { .. }
+                | QuestionState::OverTcp { .. } => return Verdict::Wait,
                 QuestionState::Settled(answer) => answers.push(answer),
             }
         }
@@ -476,6 +559,19 @@ impl Transaction {
             Verdict::Done(Err(DnsError::NoAddresses), Some(NEGATIVE_TTL))
         }
     }
+}
+
+fn ask_over_tcp(
+    server: SocketAddr,
+    id: u16,
+    qname: &Name,
+    qtype: RecordType,
+    registry: &Registry,
+    token: Token,
+) -> io::Result<TcpQuery> {
+    let packet = wire::encode_query(id, qname, qtype)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    TcpQuery::start(server, &packet, registry, token)
 }
 
 fn open_socket(server: SocketAddr) -> io::Result<UdpSocket> {

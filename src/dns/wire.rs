@@ -27,6 +27,8 @@ pub(super) enum Answer {
     },
     /// The name exists but has no record of the type asked.
     NoData,
+    /// Cut short: ask again over TCP for the whole answer.
+    Truncated,
     NoSuchName,
     /// No answer from this server; another server may give one.
     Failed(Failure),
@@ -70,6 +72,8 @@ pub(super) fn answer_to(
         return None;
     }
     Some(match response.metadata.response_code {
+        // A partial set of addresses could miss the one a connection went to.
+        ResponseCode::NoError if response.metadata.truncation => Answer::Truncated,
         ResponseCode::NoError => addresses(response, name, qtype),
         ResponseCode::NXDomain => Answer::NoSuchName,
         code => Answer::Failed(Failure::Answered(format!(
@@ -116,15 +120,10 @@ fn addresses(response: &Message, name: &Name, qtype: RecordType) -> Answer {
         }
         ttl = ttl.min(record.ttl);
     }
-    if !addrs.is_empty() {
-        Answer::Addresses { addrs, ttl }
-    } else if response.metadata.truncation {
-        // Only a retry over TCP would tell; we do not speak DNS over TCP.
-        Answer::Failed(Failure::Answered(
-            "answered with a truncated message and no address".into(),
-        ))
-    } else {
+    if addrs.is_empty() {
         Answer::NoData
+    } else {
+        Answer::Addresses { addrs, ttl }
     }
 }
 
@@ -249,12 +248,17 @@ mod tests {
     }
 
     #[test]
-    fn truncated_without_addresses_is_a_failure() {
+    fn truncated_is_truncated_even_with_some_addresses() {
         let mut m = response_to(1, "a.example.", RecordType::A);
         m.metadata.truncation = true;
+        m.add_answer(Record::from_rdata(
+            name("a.example."),
+            60,
+            RData::A(A::new(192, 0, 2, 1)),
+        ));
         assert!(matches!(
             answer_to(&roundtrip(&m), 1, &name("a.example."), RecordType::A),
-            Some(Answer::Failed(Failure::Answered(reason))) if reason.contains("truncated")
+            Some(Answer::Truncated)
         ));
     }
 

@@ -17,7 +17,7 @@ pub struct DialOptions {
     pub mark: Option<u32>,
 }
 
-/// Starts connecting to `addr`. The connection is usually still in progress
+/// Starts connecting to `addr` (TCP_NODELAY set). The connection is usually still in progress
 /// when this returns: wait for the stream to be writable, then ask
 /// `connect_outcome`. Errors name the address and what failed.
 pub fn dial(addr: SocketAddr, opts: &DialOptions) -> io::Result<TcpStream> {
@@ -50,7 +50,12 @@ pub fn dial(addr: SocketAddr, opts: &DialOptions) -> io::Result<TcpStream> {
             .map_err(context(format!("SO_BINDTODEVICE {interface:?}")))?;
     }
     connect(socket.as_raw_fd(), addr).map_err(context("connect".into()))?;
-    Ok(TcpStream::from_std(std::net::TcpStream::from(socket)))
+    let stream = std::net::TcpStream::from(socket);
+    // We relay writes whose sizes the client chose: Nagle would only delay them.
+    stream
+        .set_nodelay(true)
+        .map_err(context("TCP_NODELAY".into()))?;
+    Ok(TcpStream::from_std(stream))
 }
 
 /// After a writable event on a dialed stream: Ok(true) once connected,
