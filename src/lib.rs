@@ -16,3 +16,4 @@ pub mod procinfo;
 pub mod proxy;
 pub mod routing;
 pub mod sniff;
+pub mod sockaddr;

@@ -3,7 +3,6 @@
 
 use mio::net::TcpStream;
 use std::io;
-use std::mem::size_of;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -111,39 +110,7 @@ fn setsockopt(fd: RawFd, option: libc::c_int, value: &[u8]) -> io::Result<()> {
 
 /// A non-blocking connect: EINPROGRESS is the normal outcome.
 fn connect(fd: RawFd, addr: SocketAddr) -> io::Result<()> {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    // The sizes above are a few dozen bytes.
-    let len = len as libc::socklen_t;
+    let (storage, len) = crate::sockaddr::from_socket_addr(addr);
     // SAFETY: storage holds a sockaddr of len bytes for the whole call.
     let rc = unsafe { libc::connect(fd, (&raw const storage).cast(), len) };
     if rc == 0 {
