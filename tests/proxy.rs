@@ -351,6 +351,24 @@ fn http_connect_upstream_and_unreachable_upstream() {
     assert!(r["error"].as_str().unwrap_or("").contains("refused"), "{r}");
 }
 
+/// A client that connects and sends nothing, left running.
+fn silent_client(world: &World) -> std::process::Child {
+    world
+        .agent_cmd([
+            PYTHON,
+            "-c",
+            CLIENT,
+            "198.51.100.10",
+            "443",
+            "b''",
+            "1",
+            "0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("python3")
+}
+
 #[test]
 fn connection_limit_refuses_and_counts() {
     if !harness::require_root_and_tools(&["curl", PYTHON]) {
@@ -362,24 +380,7 @@ fn connection_limit_refuses_and_counts() {
         json!({"limits": {"connections": 4, "sniff_timeout_ms": 3000}, "listen": {"port": daemon::PORT, "workers": 1}}),
     );
     // Four silent clients hold every slot; the fifth is refused at once.
-    let holders: Vec<_> = (0..4)
-        .map(|_| {
-            world
-                .agent_cmd([
-                    PYTHON,
-                    "-c",
-                    CLIENT,
-                    "198.51.100.10",
-                    "443",
-                    "b''",
-                    "1",
-                    "0",
-                ])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("python3")
-        })
-        .collect();
+    let holders: Vec<_> = (0..4).map(|_| silent_client(&world)).collect();
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let out = world.curl_agent(["https://allowed.test/"]);
@@ -435,24 +436,7 @@ fn running_out_of_fds_refuses_without_spinning() {
     );
     let mut d = Daemon::start_with(&world, config, &["prlimit", "--nofile=48:48"]);
     // Silent clients until the daemon has no fd left for the next one.
-    let holders: Vec<_> = (0..60)
-        .map(|_| {
-            world
-                .agent_cmd([
-                    PYTHON,
-                    "-c",
-                    CLIENT,
-                    "198.51.100.10",
-                    "443",
-                    "b''",
-                    "1",
-                    "0",
-                ])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("python3")
-        })
-        .collect();
+    let holders: Vec<_> = (0..60).map(|_| silent_client(&world)).collect();
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         d.guard.log().contains("out of file descriptors"),
