@@ -5,8 +5,13 @@
 //! the ruleset or deleted it), the ip rules and routes, and the agents'
 //! cgroups (a restarted unit gets a new cgroup id, which must join the set
 //! within milliseconds; systemd units close even that window with `NFTSet=`).
+//!
+//! With `interception.backstop`, every captured cgroup also gets the kernel
+//! backstop (see [`crate::backstop`]), which stays when the daemon stops
+//! without cleaning up, dies or is frozen.
 
 use crate::audit::{Record, EVENT_DROPS};
+use crate::backstop::{self, Backstop};
 use crate::cgroup::{self, Change, Watcher};
 use crate::config::Config;
 use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
@@ -75,6 +80,11 @@ impl Capture {
     /// Install everything, or nothing and an error that says what is missing.
     pub fn start(config: &Config, shared: Arc<Shared>) -> Result<Capture, String> {
         netfilter::check_kernel_support().map_err(|e| format!("kernel support: {e}"))?;
+        let backstop = if config.interception.backstop {
+            Some(Backstop::load().map_err(|e| format!("interception.backstop: {e}"))?)
+        } else {
+            None
+        };
         let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
         let mut watcher = Watcher::new(&root, config.interception.cgroups.iter().cloned())
             .map_err(|e| format!("watching cgroups: {e}"))?;
@@ -109,6 +119,13 @@ impl Capture {
                 return Err(format!("watching the kernel state: {e}"));
             }
         };
+        if let Some(b) = &backstop {
+            if let Err(e) = attach_everywhere(b, &root, &members) {
+                let _ = routing::remove(&route);
+                let _ = netfilter::remove(&plan.table);
+                return Err(e);
+            }
+        }
         let poll = Poll::new().map_err(|e| e.to_string())?;
         let waker = Arc::new(Waker::new(poll.registry(), CONTROL).map_err(|e| e.to_string())?);
         let mut keeper = Keeper {
@@ -123,6 +140,7 @@ impl Capture {
             rule_monitor,
             shared,
             drops: DropReport::default(),
+            backstop,
         };
         keeper.publish_agents();
         keeper
@@ -182,8 +200,16 @@ impl Capture {
     pub fn remove_for(config: &Config) -> Result<(), String> {
         let table = netfilter::remove(&config.interception.table);
         let route = routing::remove(&route_plan(config));
+        let backstop = if config.interception.backstop {
+            cgroup::cgroup2_root()
+                .map_err(|e| format!("removing the kernel backstop: {e}"))
+                .and_then(|root| detach_everywhere(&root, config.interception.cgroups.iter()))
+        } else {
+            Ok(())
+        };
         table.map_err(|e| format!("removing table inet {}: {e}", config.interception.table))?;
-        route.map_err(|e| format!("removing policy routing: {e}"))
+        route.map_err(|e| format!("removing policy routing: {e}"))?;
+        backstop
     }
 
     pub fn status(config: &Config) -> Result<Status, String> {
@@ -327,6 +353,40 @@ fn apply_changes(
     (added, removed)
 }
 
+/// Attach the backstop to every member, or to none and an error.
+fn attach_everywhere(b: &Backstop, root: &Path, members: &Members) -> Result<(), String> {
+    for (path, _) in members.values() {
+        if let Err(e) = b.attach(&root.join(path)) {
+            let _ = detach_everywhere(root, members.values().map(|(p, _)| p));
+            return Err(format!("interception.backstop: {e}"));
+        }
+    }
+    if !members.is_empty() {
+        log::info!(
+            "kernel backstop on {} cgroup(s): their packets leave only through lo (ifindex {})",
+            members.len(),
+            b.lo_ifindex()
+        );
+    }
+    Ok(())
+}
+
+/// Detach the backstop from these configured cgroups, as many as can be.
+fn detach_everywhere<'a>(
+    root: &Path,
+    paths: impl Iterator<Item = &'a String>,
+) -> Result<(), String> {
+    let errors: Vec<String> = paths
+        .filter_map(|p| backstop::detach(&root.join(p)).err())
+        .map(|e| format!("removing the kernel backstop: {e}"))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
 fn member_list(members: &Members) -> Vec<CgroupMatch> {
     members
         .iter()
@@ -349,6 +409,7 @@ struct Keeper {
     rule_monitor: RuleMonitor,
     shared: Arc<Shared>,
     drops: DropReport,
+    backstop: Option<Backstop>,
 }
 
 /// What the last drop report covered, so the next one says what is new.
@@ -471,12 +532,14 @@ impl Keeper {
         for m in &added {
             if let Some((path, _)) = self.members.get(&m.id) {
                 log::info!("cgroup {path} (id {}) captured", m.id);
+                self.attach_backstop(path);
             }
         }
         self.publish_agents();
     }
 
     fn update(&mut self, config: &Config) {
+        let before = self.member_paths();
         if config.interception.cgroups != self.configured {
             match Watcher::new(&self.root, config.interception.cgroups.iter().cloned()) {
                 Ok(mut w) => {
@@ -504,6 +567,7 @@ impl Keeper {
                 Err(e) => log::error!("re-installing the table for the new config: {e}"),
             }
         }
+        self.update_backstop(config.interception.backstop, &before);
         self.publish_agents();
     }
 
@@ -571,6 +635,42 @@ impl Keeper {
         }
     }
 
+    fn member_paths(&self) -> Vec<String> {
+        self.members.values().map(|(p, _)| p.clone()).collect()
+    }
+
+    fn attach_backstop(&self, path: &str) {
+        if let Some(b) = &self.backstop {
+            if let Err(e) = b.attach(&self.root.join(path)) {
+                log::error!("kernel backstop: {e}");
+            }
+        }
+    }
+
+    /// After a reload: the backstop on (or off) as configured, on every
+    /// member, and off the cgroups that are no longer captured.
+    fn update_backstop(&mut self, wanted: bool, before: &[String]) {
+        if wanted && self.backstop.is_none() {
+            match Backstop::load() {
+                Ok(b) => self.backstop = Some(b),
+                Err(e) => log::error!("interception.backstop: {e}"),
+            }
+        }
+        let now = self.member_paths();
+        if self.backstop.is_some() {
+            let released = before.iter().filter(|p| !wanted || !now.contains(p));
+            if let Err(e) = detach_everywhere(&self.root, released) {
+                log::error!("{e}");
+            }
+        }
+        if !wanted {
+            self.backstop = None;
+        }
+        for path in &now {
+            self.attach_backstop(path);
+        }
+    }
+
     fn remove(&mut self) {
         // Stop listening first: our own removal is not an attack to repair.
         if let Err(e) = routing::remove(&self.route) {
@@ -578,6 +678,11 @@ impl Keeper {
         }
         if let Err(e) = netfilter::remove(&self.plan.table) {
             log::error!("removing table inet {}: {e}", self.plan.table);
+        }
+        if self.backstop.is_some() {
+            if let Err(e) = detach_everywhere(&self.root, self.members.values().map(|(p, _)| p)) {
+                log::error!("{e}");
+            }
         }
     }
 

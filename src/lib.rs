@@ -1,5 +1,6 @@
 //! agent-egress: a Linux egress controller for AI agents.
 pub mod audit;
+pub mod backstop;
 pub mod capture;
 pub mod cgroup;
 pub mod cli;
