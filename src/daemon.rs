@@ -173,7 +173,7 @@ pub fn down(config: &Config) -> i32 {
     match Capture::remove_for(config) {
         Ok(()) => {
             println!(
-                "removed table inet {} and its policy routing",
+                "removed table inet {}, its policy routing and any kernel backstop",
                 config.interception.table
             );
             0
