@@ -39,8 +39,20 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
-/// Nothing of any exec is left in the agent netns or the cgroup tree.
-fn assert_clean(world: &World) {
+/// Runs an `exec` command to its end; its pid names its cgroup and table.
+fn run(mut cmd: Command) -> (Output, u32) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("exec");
+    let pid = child.id();
+    (child.wait_with_output().expect("exec"), pid)
+}
+
+/// Nothing of the exec with this pid is left in the agent netns or the
+/// cgroup tree (other tests' execs may be running meanwhile).
+fn assert_clean(world: &World, pid: u32) {
     let tables = world
         .host_cmd(["nft", "list", "tables"])
         .output()
@@ -63,7 +75,7 @@ fn assert_clean(world: &World) {
         .expect("cgroup root")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("agent-egress-exec-"))
+        .filter(|n| *n == format!("agent-egress-exec-{pid}"))
         .collect();
     assert!(left.is_empty(), "cgroups left: {left:?}");
 }
@@ -78,13 +90,11 @@ fn exec_allows_blocks_summarises_and_cleans_up() {
     let audit_arg = audit.to_string_lossy().into_owned();
     let allowed = curl_args(&world, "https://allowed.test/", "198.51.100.10");
     let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
-    let out = exec(
+    let (out, pid) = run(exec(
         &world,
         &["--allow", "allowed.test", "--audit", &audit_arg],
         &allowed,
-    )
-    .output()
-    .expect("exec");
+    ));
     let (stdout, stderr) = text(&out);
     eprintln!("exec printed:\n{stdout}{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -96,21 +106,19 @@ fn exec_allows_blocks_summarises_and_cleans_up() {
     let records = std::fs::read_to_string(&audit).expect("audit file");
     assert!(records.contains(r#""host":"allowed.test""#), "{records}");
     assert!(records.contains(r#""exe":"/usr/bin/curl""#), "{records}");
-    assert_clean(&world);
+    assert_clean(&world, pid);
 
     // Blocked: CMD's own exit code comes back (curl 35: TLS alert).
     let blocked = curl_args(&world, "https://blocked.test/", "198.51.100.20");
     let blocked: Vec<&str> = blocked.iter().map(String::as_str).collect();
-    let out = exec(&world, &["--allow", "allowed.test"], &blocked)
-        .output()
-        .expect("exec");
+    let (out, pid) = run(exec(&world, &["--allow", "allowed.test"], &blocked));
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(35), "{stderr}");
     assert!(
         stderr.contains("block") && stderr.contains("blocked.test"),
         "{stderr}"
     );
-    assert_clean(&world);
+    assert_clean(&world, pid);
 }
 
 #[test]
@@ -119,11 +127,9 @@ fn exec_returns_the_signal_of_a_killed_command_and_cleans_up() {
         return;
     }
     let world = World::new();
-    let out = exec(&world, &[], &["sh", "-c", "kill -9 $$"])
-        .output()
-        .expect("exec");
+    let (out, pid) = run(exec(&world, &[], &["sh", "-c", "kill -9 $$"]));
     assert_eq!(out.status.code(), Some(137), "{}", text(&out).1);
-    assert_clean(&world);
+    assert_clean(&world, pid);
 }
 
 #[test]
@@ -156,5 +162,5 @@ fn exec_interrupted_tears_everything_down() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().expect("exec");
     assert_eq!(status.code(), Some(130));
-    assert_clean(&world);
+    assert_clean(&world, child.id());
 }
