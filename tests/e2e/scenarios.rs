@@ -284,20 +284,47 @@ fn udp_dropped() {
     assert!(d.guard.log().contains("dropped"), "{}", d.guard.log());
 }
 
+/// A TLS client that is refused and keeps its socket open a second more,
+/// so the refused connection's process is surely there to be named.
+const REFUSED_TLS_CLIENT: &str = r#"
+import socket, ssl, time
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection(("198.51.100.20", 443)), server_hostname="blocked.test", do_handshake_on_connect=False)
+try:
+    s.do_handshake()
+except ssl.SSLError as e:
+    print(e.reason)
+time.sleep(1)
+"#;
+
 fn audit_names_process() {
     let (world, d) = world_with_daemon(json!({}));
     let (out, _) = curl(&world, &["https://allowed.test/?who"]);
     assert_body(&out, &ALLOWED.body());
-    let _ = curl(&world, &["https://blocked.test/?who"]);
-    for host in ["allowed.test", "blocked.test"] {
-        let r = d.wait_record(host, |r| r["host"] == host);
-        assert!(
-            r["exe"].as_str().unwrap_or("").ends_with("/curl"),
-            "exe not named: {r}"
-        );
+    let r = d.wait_record("allowed.test", |r| r["host"] == "allowed.test");
+    assert!(
+        r["exe"].as_str().unwrap_or("").ends_with("/curl"),
+        "exe not named: {r}"
+    );
+    assert!(
+        r["cmdline"]
+            .to_string()
+            .contains("https://allowed.test/?who"),
+        "{r}"
+    );
+    let refused = world
+        .agent_cmd(["/usr/bin/python3", "-c", REFUSED_TLS_CLIENT])
+        .output()
+        .expect("python3");
+    assert_eq!(stdout(&refused).trim(), "TLSV1_ALERT_ACCESS_DENIED");
+    let b = d.wait_record("blocked.test", |r| r["host"] == "blocked.test");
+    assert!(
+        b["exe"].as_str().unwrap_or("").contains("python3"),
+        "exe not named: {b}"
+    );
+    assert_eq!(b["verdict"], "block");
+    for r in [r, b] {
         assert!(r["pid"].as_u64().unwrap_or(0) > 1, "{r}");
-        let cmdline = r["cmdline"].to_string();
-        assert!(cmdline.contains(&format!("https://{host}/?who")), "{r}");
         assert_eq!(r["agent"], world.agent().relative_path());
         assert_eq!(r["cgroup_id"], world.agent().id());
         assert_eq!(r["uid"], 0);
