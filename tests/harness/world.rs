@@ -350,8 +350,11 @@ fn build_network(names: &Names) -> Result<(), String> {
             "veth",
         ])
         .args(["peer", "name", NET_IFACE, "netns", &net_ns]))?;
+    // lo at an Ethernet MTU: what the agent sends is captured over lo, and a
+    // 1500-byte MTU makes a large ClientHello (Chromium's ~2 KB) reach the
+    // proxy in two TCP segments, as it would from a real network.
     let agent_side = format!(
-        "link set lo up\n\
+        "link set lo up mtu 1500\n\
          link set {AGENT_IFACE} up\n\
          addr add {AGENT_LINK_V4}/24 dev {AGENT_IFACE}\n\
          addr add {AGENT_LINK_V6}/64 dev {AGENT_IFACE} nodad\n\
