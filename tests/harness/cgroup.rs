@@ -7,41 +7,9 @@ use std::time::{Duration, Instant};
 /// How long a killed cgroup may take to become unpopulated.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The first cgroup2 mount point listed in /proc/self/mountinfo.
+/// The cgroup2 mount, found as the daemon finds it.
 pub fn cgroup2_root() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
-        // Fields: id parent major:minor root mount-point options [optional...] - fstype ...
-        let (before, after) = line.split_once(" - ")?;
-        if after.split(' ').next()? != "cgroup2" {
-            return None;
-        }
-        before
-            .split(' ')
-            .nth(4)
-            .map(|p| PathBuf::from(unescape_mountinfo(p)))
-    })
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escape = bytes.get(i + 1..i + 4).filter(|_| bytes[i] == b'\\');
-        match escape.and_then(|oct| u8::from_str_radix(std::str::from_utf8(oct).ok()?, 8).ok()) {
-            Some(byte) => {
-                out.push(byte);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    agent_egress::cgroup::cgroup2_root().ok()
 }
 
 /// A cgroup directory made by the harness.
