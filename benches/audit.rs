@@ -31,6 +31,8 @@ fn typical_record() -> Record {
         outbound: "direct".into(),
         verdict: "allow",
         dial: Some("resolved".into()),
+        upstream: Some("198.51.100.10:443".into()),
+        sniff: None,
         bytes_up: 1_834,
         bytes_down: 48_211,
         duration_ms: 412,

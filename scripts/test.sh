@@ -40,8 +40,11 @@ for file in "${nix_files[@]}"; do
 done
 echo "${#nix_files[@]} .nix file(s) parse"
 
-step "cargo test --all-targets (timeout $test_timeout)"
-timeout "$test_timeout" cargo test --locked --all-targets -- --test-threads=2
+step "cargo test: unit, integration and end-to-end tests (timeout $test_timeout)"
+timeout "$test_timeout" cargo test --locked --lib --bins --tests -- --test-threads=2
+
+step "cargo test --benches (each criterion benchmark run once, as a test)"
+timeout "$test_timeout" cargo test --locked --benches
 
 step "cargo test --doc"
 timeout "$test_timeout" cargo test --locked --doc

@@ -34,6 +34,8 @@ use crate::procinfo::{Attributor, OwnerQuery, ProcessInfo};
 pub const EVENT_START: &str = "start";
 pub const EVENT_END: &str = "end";
 pub const EVENT_AUDIT_DROPS: &str = "audit_drops";
+/// Agents' non-TCP packets the kernel dropped, per destination.
+pub const EVENT_DROPS: &str = "drops";
 
 #[derive(Serialize, Clone, Debug, Default, PartialEq)]
 pub struct Record {

@@ -5,7 +5,13 @@
 //! the ruleset or deleted it), the ip rules and routes, and the agents'
 //! cgroups (a restarted unit gets a new cgroup id, which must join the set
 //! within milliseconds; systemd units close even that window with `NFTSet=`).
+//!
+//! With `interception.backstop`, every captured cgroup also gets the kernel
+//! backstop (see [`crate::backstop`]), which stays when the daemon stops
+//! without cleaning up, dies or is frozen.
 
+use crate::audit::{Record, EVENT_DROPS};
+use crate::backstop::{self, Backstop};
 use crate::cgroup::{self, Change, Watcher};
 use crate::config::Config;
 use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
@@ -28,6 +34,10 @@ const CGROUP_EVENTS: Token = Token(2);
 const CONTROL: Token = Token(3);
 /// Checks that need no event (routes lost with a downed `lo` send none).
 const PERIODIC: Duration = Duration::from_secs(2);
+/// Drops are summarised at most this often (log line and audit records).
+const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Destinations named per drop report, most dropped first.
+const DROP_REPORT_DESTINATIONS: usize = 32;
 /// Bound on the cgroup tree walk that maps socket cgroups to agents.
 const MAX_INDEXED_CGROUPS: usize = 65_536;
 
@@ -70,6 +80,11 @@ impl Capture {
     /// Install everything, or nothing and an error that says what is missing.
     pub fn start(config: &Config, shared: Arc<Shared>) -> Result<Capture, String> {
         netfilter::check_kernel_support().map_err(|e| format!("kernel support: {e}"))?;
+        let backstop = if config.interception.backstop {
+            Some(Backstop::load().map_err(|e| format!("interception.backstop: {e}"))?)
+        } else {
+            None
+        };
         let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
         let mut watcher = Watcher::new(&root, config.interception.cgroups.iter().cloned())
             .map_err(|e| format!("watching cgroups: {e}"))?;
@@ -77,7 +92,9 @@ impl Capture {
         apply_changes(&mut members, watcher.poll_changes());
         for path in &config.interception.cgroups {
             if !members.values().any(|(p, _): &(String, u32)| p == path) {
-                log::warn!("cgroup {path} does not exist yet: it is captured as soon as it appears");
+                log::warn!(
+                    "cgroup {path} does not exist yet: it is captured as soon as it appears"
+                );
             }
         }
         let plan = table_plan(config, member_list(&members));
@@ -89,7 +106,11 @@ impl Capture {
         }
         let monitors = TableMonitor::new(&plan.table)
             .map_err(|e| e.to_string())
-            .and_then(|t| RuleMonitor::new(&route).map(|r| (t, r)).map_err(|e| e.to_string()));
+            .and_then(|t| {
+                RuleMonitor::new(&route)
+                    .map(|r| (t, r))
+                    .map_err(|e| e.to_string())
+            });
         let (table_monitor, rule_monitor) = match monitors {
             Ok(m) => m,
             Err(e) => {
@@ -98,6 +119,13 @@ impl Capture {
                 return Err(format!("watching the kernel state: {e}"));
             }
         };
+        if let Some(b) = &backstop {
+            if let Err(e) = attach_everywhere(b, &root, &members) {
+                let _ = routing::remove(&route);
+                let _ = netfilter::remove(&plan.table);
+                return Err(e);
+            }
+        }
         let poll = Poll::new().map_err(|e| e.to_string())?;
         let waker = Arc::new(Waker::new(poll.registry(), CONTROL).map_err(|e| e.to_string())?);
         let mut keeper = Keeper {
@@ -111,9 +139,13 @@ impl Capture {
             table_monitor,
             rule_monitor,
             shared,
+            drops: DropReport::default(),
+            backstop,
         };
         keeper.publish_agents();
-        keeper.register().map_err(|e| format!("watching the kernel state: {e}"))?;
+        keeper
+            .register()
+            .map_err(|e| format!("watching the kernel state: {e}"))?;
         let (control, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("kernel-keeper".into())
@@ -168,8 +200,16 @@ impl Capture {
     pub fn remove_for(config: &Config) -> Result<(), String> {
         let table = netfilter::remove(&config.interception.table);
         let route = routing::remove(&route_plan(config));
+        let backstop = if config.interception.backstop {
+            cgroup::cgroup2_root()
+                .map_err(|e| format!("removing the kernel backstop: {e}"))
+                .and_then(|root| detach_everywhere(&root, config.interception.cgroups.iter()))
+        } else {
+            Ok(())
+        };
         table.map_err(|e| format!("removing table inet {}: {e}", config.interception.table))?;
-        route.map_err(|e| format!("removing policy routing: {e}"))
+        route.map_err(|e| format!("removing policy routing: {e}"))?;
+        backstop
     }
 
     pub fn status(config: &Config) -> Result<Status, String> {
@@ -289,7 +329,10 @@ impl Status {
 /// cgroup id → (configured path, level).
 type Members = BTreeMap<u64, (String, u32)>;
 
-fn apply_changes(members: &mut Members, changes: Vec<Change>) -> (Vec<CgroupMatch>, Vec<CgroupMatch>) {
+fn apply_changes(
+    members: &mut Members,
+    changes: Vec<Change>,
+) -> (Vec<CgroupMatch>, Vec<CgroupMatch>) {
     let (mut added, mut removed) = (Vec::new(), Vec::new());
     for change in changes {
         match change {
@@ -308,6 +351,40 @@ fn apply_changes(members: &mut Members, changes: Vec<Change>) -> (Vec<CgroupMatc
         }
     }
     (added, removed)
+}
+
+/// Attach the backstop to every member, or to none and an error.
+fn attach_everywhere(b: &Backstop, root: &Path, members: &Members) -> Result<(), String> {
+    for (path, _) in members.values() {
+        if let Err(e) = b.attach(&root.join(path)) {
+            let _ = detach_everywhere(root, members.values().map(|(p, _)| p));
+            return Err(format!("interception.backstop: {e}"));
+        }
+    }
+    if !members.is_empty() {
+        log::info!(
+            "kernel backstop on {} cgroup(s): their packets leave only through lo (ifindex {})",
+            members.len(),
+            b.lo_ifindex()
+        );
+    }
+    Ok(())
+}
+
+/// Detach the backstop from these configured cgroups, as many as can be.
+fn detach_everywhere<'a>(
+    root: &Path,
+    paths: impl Iterator<Item = &'a String>,
+) -> Result<(), String> {
+    let errors: Vec<String> = paths
+        .filter_map(|p| backstop::detach(&root.join(p)).err())
+        .map(|e| format!("removing the kernel backstop: {e}"))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 fn member_list(members: &Members) -> Vec<CgroupMatch> {
@@ -331,6 +408,16 @@ struct Keeper {
     table_monitor: TableMonitor,
     rule_monitor: RuleMonitor,
     shared: Arc<Shared>,
+    drops: DropReport,
+    backstop: Option<Backstop>,
+}
+
+/// What the last drop report covered, so the next one says what is new.
+#[derive(Default)]
+struct DropReport {
+    total: u64,
+    by_destination: HashMap<std::net::SocketAddr, u64>,
+    next: Option<Instant>,
 }
 
 impl Keeper {
@@ -378,6 +465,7 @@ impl Keeper {
             if Instant::now() >= next_periodic {
                 self.ensure_routing();
                 self.publish_agents();
+                self.report_drops();
                 next_periodic = Instant::now() + PERIODIC;
             }
         }
@@ -395,7 +483,10 @@ impl Keeper {
                         self.plan.table,
                         started.elapsed()
                     ),
-                    Err(e) => log::error!("table inet {} was deleted and cannot be re-installed: {e}", self.plan.table),
+                    Err(e) => log::error!(
+                        "table inet {} was deleted and cannot be re-installed: {e}",
+                        self.plan.table
+                    ),
                 }
             }
             Err(e) => log::error!("reading nftables events: {e}"),
@@ -441,12 +532,14 @@ impl Keeper {
         for m in &added {
             if let Some((path, _)) = self.members.get(&m.id) {
                 log::info!("cgroup {path} (id {}) captured", m.id);
+                self.attach_backstop(path);
             }
         }
         self.publish_agents();
     }
 
     fn update(&mut self, config: &Config) {
+        let before = self.member_paths();
         if config.interception.cgroups != self.configured {
             match Watcher::new(&self.root, config.interception.cgroups.iter().cloned()) {
                 Ok(mut w) => {
@@ -474,7 +567,108 @@ impl Keeper {
                 Err(e) => log::error!("re-installing the table for the new config: {e}"),
             }
         }
+        self.update_backstop(config.interception.backstop, &before);
         self.publish_agents();
+    }
+
+    /// The agents' dropped non-TCP traffic since the last report: one log
+    /// line, and an audit record per destination that had new drops.
+    fn report_drops(&mut self) {
+        let now = Instant::now();
+        if self.drops.next.is_some_and(|t| now < t) {
+            return;
+        }
+        let counters = match netfilter::counters(&self.plan.table) {
+            Ok(c) => c,
+            Err(e) => {
+                log::debug!("reading drop counters: {e}");
+                return;
+            }
+        };
+        // A re-installed table starts its counters again from zero.
+        let new_total = counters.packets.saturating_sub(self.drops.total);
+        self.drops.total = counters.packets;
+        if new_total == 0 {
+            return;
+        }
+        self.drops.next = Some(now + DROP_REPORT_INTERVAL);
+        let mut fresh: Vec<(std::net::SocketAddr, u64)> = counters
+            .by_udp_destination
+            .iter()
+            .map(|d| {
+                let seen = self.drops.by_destination.get(&d.addr).copied().unwrap_or(0);
+                (d.addr, d.packets.saturating_sub(seen))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        fresh.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        self.drops.by_destination = counters
+            .by_udp_destination
+            .iter()
+            .map(|d| (d.addr, d.packets))
+            .collect();
+        let named: Vec<String> = fresh
+            .iter()
+            .take(DROP_REPORT_DESTINATIONS)
+            .map(|(a, n)| format!("{a} ×{n}"))
+            .collect();
+        log::warn!(
+            "dropped {new_total} non-TCP packet(s) from agents (UDP by destination: {})",
+            if named.is_empty() {
+                "none".into()
+            } else {
+                named.join(", ")
+            }
+        );
+        for (addr, packets) in fresh.into_iter().take(DROP_REPORT_DESTINATIONS) {
+            self.shared.audit.submit(
+                Record {
+                    event: EVENT_DROPS,
+                    dst: addr.to_string(),
+                    proto: "udp",
+                    verdict: "block",
+                    dropped: Some(packets),
+                    ..Record::default()
+                }
+                .into(),
+            );
+        }
+    }
+
+    fn member_paths(&self) -> Vec<String> {
+        self.members.values().map(|(p, _)| p.clone()).collect()
+    }
+
+    fn attach_backstop(&self, path: &str) {
+        if let Some(b) = &self.backstop {
+            if let Err(e) = b.attach(&self.root.join(path)) {
+                log::error!("kernel backstop: {e}");
+            }
+        }
+    }
+
+    /// After a reload: the backstop on (or off) as configured, on every
+    /// member, and off the cgroups that are no longer captured.
+    fn update_backstop(&mut self, wanted: bool, before: &[String]) {
+        if wanted && self.backstop.is_none() {
+            match Backstop::load() {
+                Ok(b) => self.backstop = Some(b),
+                Err(e) => log::error!("interception.backstop: {e}"),
+            }
+        }
+        let now = self.member_paths();
+        if self.backstop.is_some() {
+            let released = before.iter().filter(|p| !wanted || !now.contains(p));
+            if let Err(e) = detach_everywhere(&self.root, released) {
+                log::error!("{e}");
+            }
+        }
+        if !wanted {
+            self.backstop = None;
+        }
+        for path in &now {
+            self.attach_backstop(path);
+        }
     }
 
     fn remove(&mut self) {
@@ -484,6 +678,11 @@ impl Keeper {
         }
         if let Err(e) = netfilter::remove(&self.plan.table) {
             log::error!("removing table inet {}: {e}", self.plan.table);
+        }
+        if self.backstop.is_some() {
+            if let Err(e) = detach_everywhere(&self.root, self.members.values().map(|(p, _)| p)) {
+                log::error!("{e}");
+            }
         }
     }
 

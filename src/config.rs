@@ -54,6 +54,12 @@ pub struct Interception {
     pub rule_priority: u32,
     /// Destinations the agents reach without the proxy (loopback always).
     pub bypass: Vec<Cidr>,
+    /// Also attach to each agent cgroup a BPF program that lets packets out
+    /// through `lo` only (systemd's `RestrictNetworkInterfaces=lo`): captured
+    /// traffic leaves through `lo`, so this stops nothing the proxy handles,
+    /// and everything if the table is deleted while the daemon cannot repair
+    /// it. The agents then need a resolver on loopback.
+    pub backstop: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -316,6 +322,7 @@ impl Default for Config {
                 route_table: DEFAULT_ROUTE_TABLE,
                 rule_priority: DEFAULT_RULE_PRIORITY,
                 bypass: Vec::new(),
+                backstop: false,
             },
             dns: Dns {
                 servers: Vec::new(),
@@ -590,13 +597,19 @@ impl Reader {
                 "route_table",
                 "rule_priority",
                 "bypass",
+                "backstop",
             ],
         ) else {
             return;
         };
-        if let Some(v) = map.get("manage_kernel") {
-            if let Some(b) = self.bool("interception.manage_kernel", v) {
-                ic.manage_kernel = b;
+        for (key, slot) in [
+            ("manage_kernel", &mut ic.manage_kernel),
+            ("backstop", &mut ic.backstop),
+        ] {
+            if let Some(v) = map.get(key) {
+                if let Some(b) = self.bool(&join("interception", key), v) {
+                    *slot = b;
+                }
             }
         }
         if let Some(v) = map.get("cgroups") {

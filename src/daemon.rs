@@ -1,10 +1,10 @@
 //! `run`, `down` and `status`: the daemon's life around the proxy.
 
 use crate::audit::{AuditLog, AuditThread, Sink};
-use crate::procinfo::Attributor;
 use crate::capture::Capture;
 use crate::cli::{load, RunArgs};
 use crate::config::Config;
+use crate::procinfo::Attributor;
 use crate::proxy::{Proxy, Runtime};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -22,13 +22,14 @@ pub fn run(args: &RunArgs) -> i32 {
         }
     };
     raise_fd_limit();
-    let (audit, audit_thread) = match start_audit(Sink::from_config(config.audit.path.as_deref()), &config) {
-        Ok(a) => a,
-        Err(e) => {
-            log::error!("{e}");
-            return 1;
-        }
-    };
+    let (audit, audit_thread) =
+        match start_audit(Sink::from_config(config.audit.path.as_deref()), &config) {
+            Ok(a) => a,
+            Err(e) => {
+                log::error!("{e}");
+                return 1;
+            }
+        };
     let runtime = Runtime::new(config);
     let proxy = match Proxy::start(runtime.clone(), audit.clone()) {
         Ok(p) => p,
@@ -110,8 +111,14 @@ fn reload(path: &std::path::Path, current: &Runtime) -> Option<std::sync::Arc<Ru
     let old = &current.config;
     let fixed = [
         ("listen", old.listen != next.listen),
-        ("interception.table", old.interception.table != next.interception.table),
-        ("interception.mark", old.interception.mark != next.interception.mark),
+        (
+            "interception.table",
+            old.interception.table != next.interception.table,
+        ),
+        (
+            "interception.mark",
+            old.interception.mark != next.interception.mark,
+        ),
         (
             "interception.route_table",
             old.interception.route_table != next.interception.route_table,
@@ -166,7 +173,7 @@ pub fn down(config: &Config) -> i32 {
     match Capture::remove_for(config) {
         Ok(()) => {
             println!(
-                "removed table inet {} and its policy routing",
+                "removed table inet {}, its policy routing and any kernel backstop",
                 config.interception.table
             );
             0

@@ -5,10 +5,10 @@
 //! torn down when CMD ends (or is killed, or we are interrupted).
 
 use crate::audit::{AuditLog, Sink};
-use crate::daemon;
 use crate::capture::Capture;
 use crate::cgroup;
 use crate::config::{Config, DomainPattern, Rule};
+use crate::daemon;
 use crate::presets;
 use crate::proxy::{Proxy, Runtime};
 use clap::Args;
@@ -79,9 +79,8 @@ fn exec_config(args: &ExecArgs) -> Result<Config, String> {
         domains.push(DomainPattern::parse(d).map_err(|e| format!("--allow[{i}]: {e}"))?);
     }
     for name in &args.presets {
-        let preset = presets::get(name).ok_or_else(|| {
-            format!("no preset named {name:?} (`--preset list` names them)")
-        })?;
+        let preset = presets::get(name)
+            .ok_or_else(|| format!("no preset named {name:?} (`--preset list` names them)"))?;
         for d in &preset.domains {
             domains.push(DomainPattern::parse(d).map_err(|e| format!("preset {name}: {e}"))?);
         }
@@ -100,7 +99,9 @@ fn exec_config(args: &ExecArgs) -> Result<Config, String> {
             },
         );
         if !config.outbounds.contains_key("direct") {
-            return Err("the config redefines away the \"direct\" outbound that --allow uses".into());
+            return Err(
+                "the config redefines away the \"direct\" outbound that --allow uses".into(),
+            );
         }
     }
     if config.dns.servers.is_empty() {

@@ -265,7 +265,7 @@ fn command_starts_inside_the_cgroup_and_remove_kills_it() {
     assert_eq!(cgroup::procs_recursive(&root, &test.name).unwrap(), [pid]);
     assert_eq!(
         cgroup::procs_recursive(&root, &test.rel("absent")).unwrap(),
-        []
+        Vec::<u32>::new()
     );
 
     // Mapping the socket's cgroup id back to the agent's path.

@@ -453,7 +453,7 @@ fn worlds_side_by_side_are_independent() {
 
 #[test]
 fn chromium_trusts_the_test_server() {
-    if !harness::require_root_and_tools(&["chromium", "timeout"]) {
+    if !harness::require_root_and_tools(&["chromium", "timeout", "certutil"]) {
         return;
     }
     let world = timed_world();

@@ -45,7 +45,7 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<mio::net::TcpListene
             .map_err(need_net_admin)?;
         }
     }
-    let (storage, len) = sockaddr(addr);
+    let (storage, len) = crate::sockaddr::from_socket_addr(addr);
     // SAFETY: storage holds a valid sockaddr of `len` bytes for this family.
     let rc = unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) };
     if rc != 0 {
@@ -57,7 +57,9 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<mio::net::TcpListene
         let e = io::Error::last_os_error();
         return Err(io::Error::new(e.kind(), format!("listen on {addr}: {e}")));
     }
-    Ok(mio::net::TcpListener::from_std(std::net::TcpListener::from(owned)))
+    Ok(mio::net::TcpListener::from_std(
+        std::net::TcpListener::from(owned),
+    ))
 }
 
 fn need_net_admin(e: io::Error) -> io::Error {
@@ -84,39 +86,4 @@ pub fn set_int(fd: RawFd, level: i32, name: i32, value: i32, what: &str) -> io::
         let e = io::Error::last_os_error();
         Err(io::Error::new(e.kind(), format!("setsockopt {what}: {e}")))
     }
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is a valid value.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: as above, for sockaddr_in6.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
 }

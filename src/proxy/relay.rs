@@ -28,8 +28,16 @@ pub enum Pump {
 enum Channel {
     /// Not needed yet: nothing has flowed (idle connections hold no pipe).
     Unset,
-    Pipe { read: OwnedFd, write: OwnedFd, held: usize },
-    Buffer { buf: Box<[u8]>, start: usize, end: usize },
+    Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+        held: usize,
+    },
+    Buffer {
+        buf: Box<[u8]>,
+        start: usize,
+        end: usize,
+    },
 }
 
 /// One direction of a relayed connection.
@@ -308,7 +316,10 @@ mod tests {
         });
         loop {
             let mut budget = 1 << 20;
-            match flow.pump(src.as_raw_fd(), dst.as_raw_fd(), &mut budget).unwrap() {
+            match flow
+                .pump(src.as_raw_fd(), dst.as_raw_fd(), &mut budget)
+                .unwrap()
+            {
                 Pump::Finished => break,
                 _ => std::thread::sleep(std::time::Duration::from_millis(1)),
             }

@@ -6,7 +6,6 @@
 use super::relay::{write_fd, Flow, Pump};
 use super::Runtime;
 use crate::audit::Record;
-use crate::procinfo::OwnerQuery;
 use crate::config::{DomainDial, Mode, Outbound};
 use crate::dns::{Lookup, QueryId, Resolver};
 use crate::names::normalize_host;
@@ -14,6 +13,7 @@ use crate::outbound::{
     self, DialOptions, Handshake, HttpConnectHandshake, Progress, Socks5Handshake, Target,
 };
 use crate::policy::Query;
+use crate::procinfo::OwnerQuery;
 use crate::sniff::{self, Sniff, Sniffed};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -43,9 +43,20 @@ pub enum Step {
 
 enum Phase {
     Sniffing,
-    Resolving { host: String, port: u16 },
-    Connecting { candidates: Vec<SocketAddr>, via: Via },
-    Handshaking { shake: Box<dyn Handshake + Send> },
+    /// Waiting for `query`: an answer to any other query is not ours (the
+    /// worker's slot may have been reused since that query was sent).
+    Resolving {
+        host: String,
+        port: u16,
+        query: QueryId,
+    },
+    Connecting {
+        candidates: Vec<SocketAddr>,
+        via: Via,
+    },
+    Handshaking {
+        shake: Box<dyn Handshake + Send>,
+    },
     Relaying,
     /// A refusal was written; wait for the client to close, briefly.
     Refused,
@@ -182,10 +193,23 @@ impl Session {
     }
 
     /// The DNS answer this session waited for.
-    pub fn on_resolved(&mut self, ctx: &mut Ctx, answer: Result<Vec<IpAddr>, String>) -> Step {
-        let Phase::Resolving { ref host, port } = self.phase else {
+    pub fn on_resolved(
+        &mut self,
+        ctx: &mut Ctx,
+        query: QueryId,
+        answer: Result<Vec<IpAddr>, String>,
+    ) -> Step {
+        let Phase::Resolving {
+            ref host,
+            port,
+            query: awaited,
+        } = self.phase
+        else {
             return Step::Continue;
         };
+        if awaited != query {
+            return Step::Continue;
+        }
         match answer {
             Ok(addrs) if !addrs.is_empty() => {
                 let host = host.clone();
@@ -278,20 +302,24 @@ impl Session {
             }
         };
         // An IP literal names no host: it gets IP rules only.
-        self.record.host = raw
-            .filter(|h| h.parse::<IpAddr>().is_err())
-            .and_then(|h| match normalize_host(&h) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    self.record.sniff = Some(format!("name not usable: {e}"));
-                    None
-                }
-            });
+        self.record.host =
+            raw.filter(|h| h.parse::<IpAddr>().is_err())
+                .and_then(|h| match normalize_host(&h) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        self.record.sniff = Some(format!("name not usable: {e}"));
+                        None
+                    }
+                });
     }
 
     fn decide(&mut self, ctx: &mut Ctx, sniff_ended: Option<&str>) -> Step {
         if let Some(why) = sniff_ended {
-            self.record.proto = if self.sniffed.is_empty() { "tcp" } else { self.record.proto };
+            self.record.proto = if self.sniffed.is_empty() {
+                "tcp"
+            } else {
+                self.record.proto
+            };
             self.record.sniff = Some(why.to_string());
         }
         self.deadline = None;
@@ -370,7 +398,11 @@ impl Session {
             Lookup::Cached(Ok(addrs)) => self.dial_resolved(ctx, &host, port, &addrs),
             Lookup::Cached(Err(e)) => self.fail(format!("dns: {host}: {e}")),
             Lookup::Pending(id) => {
-                self.phase = Phase::Resolving { host, port };
+                self.phase = Phase::Resolving {
+                    host,
+                    port,
+                    query: id,
+                };
                 self.deadline = Some(ctx.now + timeout);
                 Step::AwaitDns(id)
             }
@@ -469,7 +501,8 @@ impl Session {
                             Socks5Handshake::new(target, auth.as_ref()).map(|h| Box::new(h) as _)
                         }
                         Some(Outbound::Http { auth, .. }) => {
-                            HttpConnectHandshake::new(target, auth.as_ref()).map(|h| Box::new(h) as _)
+                            HttpConnectHandshake::new(target, auth.as_ref())
+                                .map(|h| Box::new(h) as _)
                         }
                         _ => Err(format!("outbound {name:?} is not an upstream proxy")),
                     };

@@ -226,7 +226,10 @@ impl Worker {
         if let Some(listener) = self.listeners.get(index) {
             if let Ok((stream, _)) = listener.accept() {
                 reset(&stream);
-                self.shared.stats.refused_over_limit.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .refused_over_limit
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         self.spare_fd = open_spare_fd();
@@ -239,7 +242,10 @@ impl Worker {
         let limit = runtime.config.limits.connections;
         let per_worker = limit.div_ceil(self.shared_workers()).max(1);
         if self.sessions.len() >= per_worker {
-            self.shared.stats.refused_over_limit.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .refused_over_limit
+                .fetch_add(1, Ordering::Relaxed);
             log::warn!("connection limit ({limit}) reached: refusing {peer}");
             reset(&stream);
             return;
@@ -271,7 +277,9 @@ impl Worker {
         {
             record.uid = Some(owner.uid);
             record.cgroup_id = owner.cgroup_id;
-            record.agent = owner.cgroup_id.and_then(|id| self.shared.agents.agent_of(id));
+            record.agent = owner
+                .cgroup_id
+                .and_then(|id| self.shared.agents.agent_of(id));
             if let (Some(agent), Some(root)) = (&record.agent, &self.shared.cgroup_root) {
                 let query = OwnerQuery {
                     owner,
@@ -320,21 +328,20 @@ impl Worker {
         }
         // Sessions waiting on the old resolver get an error: their answer is gone.
         let waiting: Vec<_> = self.waiting_dns.drain().collect();
-        for (_, keys) in waiting {
+        for (id, keys) in waiting {
             for key in keys {
-                self.deliver_one(key, Err("resolver reconfigured".into()));
+                self.deliver_one(key, id, Err("resolver reconfigured".into()));
             }
         }
         self.resolver = None;
         if dns.servers.is_empty() {
             return;
         }
-        let made = Resolver::new(&dns.servers, Duration::from_millis(dns.timeout_ms)).and_then(
-            |mut r| {
+        let made =
+            Resolver::new(&dns.servers, Duration::from_millis(dns.timeout_ms)).and_then(|mut r| {
                 r.register(self.poll.registry(), RESOLVER)?;
                 Ok(r)
-            },
-        );
+            });
         match made {
             Ok(r) => self.resolver = Some(r),
             Err(e) => log::error!("cannot start the DNS client: {e}"),
@@ -349,21 +356,29 @@ impl Worker {
         self.deliver_dns(answers);
     }
 
-    fn deliver_dns<E: ToString>(&mut self, answers: Vec<(QueryId, Result<Vec<std::net::IpAddr>, E>)>) {
+    fn deliver_dns<E: ToString>(
+        &mut self,
+        answers: Vec<(QueryId, Result<Vec<std::net::IpAddr>, E>)>,
+    ) {
         for (id, answer) in answers {
             let answer = answer.map_err(|e| e.to_string());
             for key in self.waiting_dns.remove(&id).unwrap_or_default() {
-                self.deliver_one(key, answer.clone());
+                self.deliver_one(key, id, answer.clone());
             }
         }
     }
 
-    fn deliver_one(&mut self, key: usize, answer: Result<Vec<std::net::IpAddr>, String>) {
+    fn deliver_one(
+        &mut self,
+        key: usize,
+        id: QueryId,
+        answer: Result<Vec<std::net::IpAddr>, String>,
+    ) {
         let (mut ctx, sessions) = self.ctx_parts(key);
         let Some(session) = sessions.get_mut(key) else {
             return;
         };
-        let step = session.on_resolved(&mut ctx, answer);
+        let step = session.on_resolved(&mut ctx, id, answer);
         self.after(key, step);
     }
 

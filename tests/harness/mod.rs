@@ -37,8 +37,11 @@
 //!   in-process code: [`in_netns`]`(&world.agent_ns(), || ...)`.
 //! - servers: every path on every host answers `hello from NAME\n`
 //!   ([`TestHost::body`]) from the host whose ADDRESS was reached; `/big/NAME` and
-//!   `/slow/NAME[?rate=8k]` serve files from `make_file`; every response carries
-//!   `Alt-Svc: h3=":443"`. HTTPS certificates chain to `world.ca_cert()`.
+//!   `/slow/NAME[?rate=8k]` serve files from `make_file`; `/page.html` is a page
+//!   showing [`PAGE_CONTENT`] that fetches from blocked.test and loads
+//!   `https://blocked.test/evil.js`, which would add [`EVIL_MARKER`]; every response
+//!   carries `Alt-Svc: h3=":443"`. HTTPS certificates chain to `world.ca_cert()`,
+//!   which `chromium_agent` trusts through an NSS database in its HOME.
 //! - DNS: dnsmasq answers the three names (and their subdomains), NXDOMAIN for the
 //!   rest; quirk: an AAAA query for a subdomain of the IPv4-only other.test is
 //!   NXDOMAIN rather than empty.
@@ -54,6 +57,7 @@
 
 pub mod arrivals;
 mod cgroup;
+pub mod daemon;
 mod dns;
 mod files;
 mod leftovers;
@@ -70,6 +74,7 @@ pub use cgroup::{cgroup2_root, Cgroup};
 pub use files::{sha256_bytes, sha256_file, ServedFile};
 pub use leftovers::{assert_no_leftovers, assert_world_gone};
 pub use netns::in_netns;
+pub use nginx::{EVIL_MARKER, PAGE_CONTENT};
 pub use process::ChildGuard;
 pub use requirements::require_root_and_tools;
 pub use tls::TestCa;

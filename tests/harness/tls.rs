@@ -54,27 +54,34 @@ impl TestCa {
         })
     }
 
-    /// base64(sha256(SubjectPublicKeyInfo)) of the server certificate: the value for
-    /// Chromium's `--ignore-certificate-errors-spki-list` (Chromium ignores --cacert
-    /// style options and has no NSS database here).
-    pub fn server_spki_pin(&self) -> Result<String, String> {
-        let pin = run(Command::new("sh")
-            .arg("-c")
-            .arg(
-                r#"openssl x509 -pubkey -noout -in "$0" | openssl pkey -pubin -outform der \
-                   | openssl dgst -sha256 -binary | openssl base64 -A"#,
-            )
-            .arg(&self.server_cert))?;
-        let pin = String::from_utf8_lossy(&pin.stdout).trim().to_owned();
-        // base64 of 32 bytes is 44 characters; anything else means a stage failed.
-        if pin.len() == 44 {
-            Ok(pin)
-        } else {
-            Err(format!(
-                "cannot compute the SPKI pin of {}: got {pin:?}",
-                self.server_cert.display()
-            ))
-        }
+    /// Makes an NSS database in `home/.pki/nssdb` (where Chromium on Linux looks
+    /// when HOME is `home`) that trusts the test CA for TLS servers: Chromium has no
+    /// `--cacert`, and trusting the CA keeps its certificate checks whole.
+    pub fn trust_in_nss_db(&self, home: &Path) -> Result<(), String> {
+        let nssdb = home.join(".pki").join("nssdb");
+        std::fs::create_dir_all(&nssdb)
+            .map_err(|e| format!("cannot create {}: {e}", nssdb.display()))?;
+        let db = format!("sql:{}", nssdb.display());
+        let certutil = |args: &[&str]| {
+            let mut cmd = Command::new("certutil");
+            cmd.arg("-d").arg(&db).args(args);
+            run(&mut cmd).map_err(|e| {
+                format!("NSS database for Chromium (certutil is in libnss3-tools): {e}")
+            })
+        };
+        certutil(&["-N", "--empty-password"])?;
+        let ca_cert = self.ca_cert.to_string_lossy();
+        // "C,,": a CA trusted to issue TLS server certificates, nothing else.
+        certutil(&[
+            "-A",
+            "-n",
+            "agent-egress test CA",
+            "-t",
+            "C,,",
+            "-i",
+            &ca_cert,
+        ])?;
+        Ok(())
     }
 }
 

@@ -72,7 +72,8 @@ pub const NAMED_HOSTS: [TestHost; 3] = [ALLOWED, BLOCKED, OTHER];
 pub const ALL_HOSTS: [TestHost; 4] = [ALLOWED, BLOCKED, OTHER, METADATA];
 
 impl TestHost {
-    /// The body every path (but `/big/` and `/slow/`) returns: `hello from NAME\n`.
+    /// The body every path (but `/big/`, `/slow/`, `/page.html` and `/evil.js`)
+    /// returns: `hello from NAME\n`.
     pub fn body(&self) -> String {
         format!("hello from {}\n", self.name)
     }

@@ -36,7 +36,8 @@ pub struct World {
     dnsmasq: DnsmasqFiles,
     /// Numbers the files the world writes on request (configs, logs, profiles).
     next_file: AtomicU32,
-    chromium_pin: OnceLock<String>,
+    /// Chromium's HOME, holding the NSS database that trusts the test CA.
+    chromium_home: OnceLock<PathBuf>,
 }
 
 impl World {
@@ -96,7 +97,7 @@ impl World {
             nginx,
             dnsmasq,
             next_file: AtomicU32::new(0),
-            chromium_pin: OnceLock::new(),
+            chromium_home: OnceLock::new(),
         }
     }
 
@@ -235,32 +236,50 @@ impl World {
         self.spawn(&name, cmd)
     }
 
-    /// Headless Chromium as the agent, trusting the test servers, with a fresh
-    /// profile, bounded to 60 s; add e.g. `--dump-dom URL` and
+    /// Headless Chromium as the agent, trusting the test CA, with a fresh profile,
+    /// bounded to 60 s; add e.g. `--dump-dom URL` and
     /// `--host-resolver-rules=MAP allowed.test 198.51.100.10` (without rules it
     /// resolves through the agent netns' resolv.conf).
     pub fn chromium_agent<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(&self, args: I) -> Command {
-        let pin = self
-            .chromium_pin
-            .get_or_init(|| self.ca.server_spki_pin().unwrap_or_else(|e| panic!("{e}")));
+        self.chromium_agent_with_profile(&self.chromium_profile(), args)
+    }
+
+    /// A new profile directory's path for [`World::chromium_agent_with_profile`].
+    pub fn chromium_profile(&self) -> PathBuf {
         let n = self.next_file.fetch_add(1, Ordering::Relaxed);
-        let profile = self.dir().join(format!("chromium-{n}"));
+        self.dir().join(format!("chromium-{n}"))
+    }
+
+    /// Like [`World::chromium_agent`] with the profile in `profile`: runs sharing it
+    /// share what Chromium remembers (e.g. a server's `Alt-Svc`).
+    pub fn chromium_agent_with_profile<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(
+        &self,
+        profile: &Path,
+        args: I,
+    ) -> Command {
+        let home = self.chromium_home.get_or_init(|| {
+            let home = self.dir().join("chromium-home");
+            self.ca
+                .trust_in_nss_db(&home)
+                .unwrap_or_else(|e| panic!("{e}"));
+            home
+        });
         let mut cmd = self.agent_cmd(["timeout", "--kill-after=5", "60", "chromium"]);
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-        ])
-        .args([
-            "--disable-background-networking",
-            "--disable-component-update",
-        ])
-        .arg("--disable-sync")
-        .arg(format!("--user-data-dir={}", profile.display()))
-        // Chromium has no --cacert and no NSS database here: trust by key pin.
-        .arg(format!("--ignore-certificate-errors-spki-list={pin}"))
-        .args(args);
+        // Chromium on Linux trusts the roots in $HOME/.pki/nssdb.
+        cmd.env("HOME", home)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .args([
+                "--disable-background-networking",
+                "--disable-component-update",
+            ])
+            .arg("--disable-sync")
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(args);
         cmd
     }
 

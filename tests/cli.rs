@@ -1,0 +1,117 @@
+//! The command line: `check`, `explain`, `status`, `--help` everywhere.
+
+mod harness;
+
+use harness::daemon::{self, binary, Daemon};
+use harness::World;
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .output()
+        .expect("agent-egress");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn temp_config(name: &str, json: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("ae-cli-{}-{name}.json", std::process::id()));
+    std::fs::write(&path, json).expect("write config");
+    path
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in [
+        "run", "check", "explain", "exec", "down", "status", "version",
+    ] {
+        let (code, out, _) = run(&[sub, "--help"]);
+        assert_eq!(code, 0, "{sub} --help");
+        assert!(out.contains("Usage"), "{sub} --help: {out}");
+    }
+}
+
+#[test]
+fn check_reports_every_error_with_its_path() {
+    let bad = temp_config(
+        "bad",
+        r#"{"listen": {"port": 70000}, "rules": [{"ips": ["10.0.0.300/8"], "outbound": "direct"},
+            {"domains": ["a.com"], "outbound": "nowhere"}]}"#,
+    );
+    let (code, _, err) = run(&["check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    for want in [
+        "listen.port: 70000 is out of range",
+        "rules[0].ips[0]: \"10.0.0.300/8\" is not a CIDR",
+        "rules[1].outbound: no outbound named \"nowhere\"",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    let good = temp_config(
+        "good",
+        r#"{"rules": [{"domains": ["a.com"], "outbound": "direct"}]}"#,
+    );
+    let (code, out, _) = run(&["check", "--config", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let _ = std::fs::remove_file(bad);
+    let _ = std::fs::remove_file(good);
+}
+
+#[test]
+fn explain_names_rule_outbound_and_why() {
+    let config = temp_config(
+        "explain",
+        r#"{"rules": [{"name": "registries", "domains": ["crates.io"], "outbound": "direct"}]}"#,
+    );
+    let path = config.to_str().unwrap();
+    let (code, out, _) = run(&["explain", "--config", path, "Static.Crates.IO.:443"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("registries") && out.contains("direct"),
+        "{out}"
+    );
+    let (_, out, _) = run(&["explain", "--config", path, "example.com"]);
+    assert!(out.contains("default") && out.contains("block"), "{out}");
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn status_shows_table_set_and_listener() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let d = Daemon::start(&world, daemon::config(&world, serde_json::json!({})));
+    let out = world
+        .host_cmd([binary(), "status", "--json", "--config"])
+        .arg(&d.config)
+        .output()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["table_installed"], true, "{status}");
+    assert_eq!(status["routing_installed"], true, "{status}");
+    assert_eq!(
+        status["agents_set"][0]["id"],
+        world.agent().id(),
+        "{status}"
+    );
+    assert_eq!(
+        status["agents_set"][0]["path"],
+        world.agent().relative_path()
+    );
+    assert_eq!(status["listener"]["127.0.0.1:15001"], true, "{status}");
+    let text = world
+        .host_cmd([binary(), "status", "--config"])
+        .arg(&d.config)
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("table inet agent_egress: installed"),
+        "{text}"
+    );
+}

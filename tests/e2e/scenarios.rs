@@ -1,0 +1,460 @@
+//! One function per scenario of vm-tests/scenarios.txt, in the same order.
+
+use crate::harness::daemon::{self, Daemon};
+use crate::harness::{arrivals, World, ALLOWED, BLOCKED, METADATA, OTHER};
+use crate::Scenario;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+pub const ALL: &[Scenario] = &[
+    ("allowed_https", allowed_https),
+    ("allowed_http", allowed_http),
+    ("allowed_ipv6", allowed_ipv6),
+    ("blocked_fails_fast", blocked_fails_fast),
+    ("name_spelling", name_spelling),
+    ("sni_spoofing", sni_spoofing),
+    ("ip_literal", ip_literal),
+    ("metadata_blocked", metadata_blocked),
+    ("udp_dropped", udp_dropped),
+    ("audit_names_process", audit_names_process),
+    ("agent_restart_captured", agent_restart_captured),
+    ("ruleset_flush_reinstalled", ruleset_flush_reinstalled),
+    ("proxy_killed_fails_closed", proxy_killed_fails_closed),
+    (
+        "daemon_stop_takes_agents_down",
+        daemon_stop_takes_agents_down,
+    ),
+    ("reload_keeps_connections", reload_keeps_connections),
+    (
+        "chromium_allowed_page_blocked_subresource",
+        crate::chromium::allowed_page_blocked_subresource,
+    ),
+    ("chromium_quic_fallback", crate::chromium::quic_fallback),
+    ("kernel_backstop", kernel_backstop),
+];
+
+/// A world with the daemon running the default test policy.
+fn world_with_daemon(extra: Value) -> (World, Daemon) {
+    let world = World::new();
+    let config = daemon::config(&world, extra);
+    let d = Daemon::start(&world, config);
+    (world, d)
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// curl as the agent, timed.
+fn curl(world: &World, args: &[&str]) -> (std::process::Output, Duration) {
+    let started = Instant::now();
+    let out = world.curl_agent(args);
+    (out, started.elapsed())
+}
+
+fn assert_body(out: &std::process::Output, want: &str) {
+    assert!(
+        out.status.success() && stdout(out) == want,
+        "expected {want:?}; curl {}: stdout {:?} stderr {:?}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+fn allowed_https() {
+    let (world, d) = world_with_daemon(json!({}));
+    let (out, _) = curl(&world, &["https://allowed.test/"]);
+    assert_body(&out, &ALLOWED.body());
+    let r = d.wait_record("allowed.test over TLS", |r| r["host"] == "allowed.test");
+    assert_eq!(r["proto"], "tls");
+    assert_eq!(r["sni"], "allowed.test");
+    assert_eq!(r["verdict"], "allow");
+    assert_eq!(r["rule"], "allowed");
+    assert_eq!(r["outbound"], "direct");
+    assert_eq!(r["dial"], "original_verified");
+    assert!(r["bytes_down"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert!(r["error"].is_null(), "{r}");
+}
+
+fn allowed_http() {
+    let (world, d) = world_with_daemon(json!({}));
+    let (out, _) = curl(&world, &["http://allowed.test/"]);
+    assert_body(&out, &ALLOWED.body());
+    let r = d.wait_record("allowed.test over HTTP", |r| r["host"] == "allowed.test");
+    assert_eq!(r["proto"], "http");
+    assert_eq!(r["http_host"], "allowed.test");
+    assert_eq!(r["verdict"], "allow");
+}
+
+fn allowed_ipv6() {
+    let (world, d) = world_with_daemon(json!({}));
+    for url in ["https://allowed.test/", "http://allowed.test/"] {
+        let (out, _) = curl(&world, &["-6", url]);
+        assert_body(&out, &ALLOWED.body());
+    }
+    let r = d.wait_record("allowed.test over IPv6", |r| {
+        r["host"] == "allowed.test" && r["dst"].as_str().unwrap_or("").starts_with('[')
+    });
+    assert_eq!(r["dst"], "[2001:db8:100::10]:443");
+    assert_eq!(r["verdict"], "allow");
+}
+
+fn blocked_fails_fast() {
+    let (world, d) = world_with_daemon(json!({}));
+    let before = world.count_arrived(BLOCKED.counter);
+    let (out, took) = curl(&world, &["https://blocked.test/"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("access denied"),
+        "curl should report the TLS access_denied alert: {}",
+        stderr(&out)
+    );
+    assert!(took < Duration::from_secs(1), "blocked HTTPS took {took:?}");
+    let (out, took) = curl(&world, &["-i", "http://blocked.test/"]);
+    let text = stdout(&out);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(
+        text.contains("agent-egress") && text.contains("default"),
+        "{text}"
+    );
+    assert!(took < Duration::from_secs(1), "blocked HTTP took {took:?}");
+    // The default blocks a name no rule names, too.
+    let (out, _) = curl(&world, &["https://other.test/"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        world.count_arrived(BLOCKED.counter),
+        before,
+        "a packet reached blocked.test"
+    );
+    let r = d.wait_record("blocked.test", |r| r["host"] == "blocked.test");
+    assert_eq!(r["verdict"], "block");
+    assert_eq!(r["rule"], "default");
+    assert_eq!(r["outbound"], "block");
+}
+
+fn name_spelling() {
+    let (world, d) = world_with_daemon(json!({}));
+    let (out, _) = curl(&world, &["https://ALLOWED.Test./"]);
+    assert_body(&out, &ALLOWED.body());
+    let (out, _) = curl(
+        &world,
+        &["-H", "Host: AlLoWeD.tEsT.", "http://198.51.100.10/"],
+    );
+    assert_body(&out, &ALLOWED.body());
+    let r = d.wait_record("Host: AlLoWeD.tEsT.", |r| r["http_host"] == "AlLoWeD.tEsT.");
+    assert_eq!(r["host"], "allowed.test");
+    assert_eq!(r["verdict"], "allow");
+    // A look-alike with a Cyrillic "а" is another name, and blocked.
+    let (out, _) = curl(
+        &world,
+        &[
+            "-i",
+            "-H",
+            "Host: \u{0430}llowed.test",
+            "http://198.51.100.10/",
+        ],
+    );
+    assert!(stdout(&out).starts_with("HTTP/1.1 403"), "{}", stdout(&out));
+}
+
+fn sni_spoofing() {
+    // The agent names allowed.test but sends it to other.test's address.
+    let (world, d) = world_with_daemon(json!({}));
+    let before = world.count_arrived(OTHER.counter);
+    let (out, _) = curl(
+        &world,
+        &[
+            "--resolve",
+            "allowed.test:443:203.0.113.30",
+            "https://allowed.test/",
+        ],
+    );
+    // Dialed as our resolver resolves the name: the real allowed.test answers.
+    assert_body(&out, &ALLOWED.body());
+    assert_eq!(
+        world.count_arrived(OTHER.counter),
+        before,
+        "the spoofed address was dialed"
+    );
+    let r = d.wait_record("spoofed SNI", |r| r["dst"] == "203.0.113.30:443");
+    assert_eq!(r["dial"], "resolved");
+    assert_eq!(r["upstream"], "198.51.100.10:443");
+    drop(d);
+
+    // dns.domain_dial = verify refuses instead.
+    let config = daemon::config(
+        &world,
+        json!({"dns": {"servers": ["198.51.100.53"], "domain_dial": "verify"}}),
+    );
+    let d = Daemon::start(&world, config);
+    let (out, _) = curl(
+        &world,
+        &[
+            "--resolve",
+            "allowed.test:443:203.0.113.30",
+            "https://allowed.test/",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "verify mode let a spoofed SNI through"
+    );
+    let r = d.wait_record("spoofed SNI, verify", |r| r["dial"] == "refused_mismatch");
+    assert_eq!(r["verdict"], "block");
+    assert_eq!(world.count_arrived(OTHER.counter), before);
+}
+
+fn ip_literal() {
+    let rules = json!({"rules": [
+        {"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"},
+        {"name": "other-by-ip", "ips": ["203.0.113.30/32"], "ports": [80], "outbound": "direct"}
+    ]});
+    let (world, d) = world_with_daemon(rules);
+    // An IP literal names no host: a domain rule cannot let it through.
+    let (out, _) = curl(&world, &["-k", "https://198.51.100.10/"]);
+    assert!(!out.status.success(), "an IP literal passed a domain rule");
+    let (out, _) = curl(&world, &["-i", "http://198.51.100.10/"]);
+    assert!(stdout(&out).starts_with("HTTP/1.1 403"), "{}", stdout(&out));
+    // An IP rule lets its address through.
+    let (out, _) = curl(&world, &["http://203.0.113.30/"]);
+    assert_body(&out, &OTHER.body());
+    let r = d.wait_record("IP rule", |r| r["rule"] == "other-by-ip");
+    assert_eq!(r["dial"], "original");
+    assert!(r["host"].is_null(), "{r}");
+}
+
+fn metadata_blocked() {
+    let (world, d) = world_with_daemon(json!({}));
+    let before = world.count_arrived(METADATA.counter);
+    let (out, took) = curl(&world, &["-i", "http://169.254.169.254/latest/meta-data/"]);
+    assert!(stdout(&out).starts_with("HTTP/1.1 403"), "{}", stdout(&out));
+    assert!(took < Duration::from_secs(1));
+    assert_eq!(
+        world.count_arrived(METADATA.counter),
+        before,
+        "the metadata server was reached"
+    );
+    let r = d.wait_record("metadata", |r| r["dst"] == "169.254.169.254:80");
+    assert_eq!(r["verdict"], "block");
+}
+
+fn udp_dropped() {
+    let (world, d) = world_with_daemon(json!({}));
+    let quic = world.count_arrived(arrivals::QUIC);
+    let forbidden = world.count_arrived(arrivals::FORBIDDEN_DNS);
+    let dns = world.count_arrived(arrivals::DNS);
+    // QUIC to an allowed host and DNS to a resolver not in dns.servers.
+    let _ = world
+        .agent_cmd(["bash", "-c", "echo quic > /dev/udp/198.51.100.10/443"])
+        .output();
+    let _ = world
+        .agent_cmd([
+            "dig",
+            "+time=1",
+            "+tries=1",
+            "@203.0.113.53",
+            "allowed.test",
+        ])
+        .output();
+    // DNS to the configured resolver works.
+    let out = world
+        .agent_cmd(["dig", "+short", "+time=2", "@198.51.100.53", "allowed.test"])
+        .output()
+        .expect("dig");
+    assert_eq!(stdout(&out).trim(), "198.51.100.10");
+    assert_eq!(
+        world.count_arrived(arrivals::QUIC),
+        quic,
+        "QUIC left the agent host"
+    );
+    assert_eq!(
+        world.count_arrived(arrivals::FORBIDDEN_DNS),
+        forbidden,
+        "DNS reached a resolver not in dns.servers"
+    );
+    assert!(world.count_arrived(arrivals::DNS) > dns);
+    // The daemon reports what the kernel dropped, per destination.
+    let r = d.wait_event("drops", "dropped QUIC", |r| r["dst"] == "198.51.100.10:443");
+    assert!(r["dropped"].as_u64().unwrap_or(0) >= 1, "{r}");
+    assert!(d.guard.log().contains("dropped"), "{}", d.guard.log());
+}
+
+fn audit_names_process() {
+    let (world, d) = world_with_daemon(json!({}));
+    let (out, _) = curl(&world, &["https://allowed.test/?who"]);
+    assert_body(&out, &ALLOWED.body());
+    let _ = curl(&world, &["https://blocked.test/?who"]);
+    for host in ["allowed.test", "blocked.test"] {
+        let r = d.wait_record(host, |r| r["host"] == host);
+        assert!(
+            r["exe"].as_str().unwrap_or("").ends_with("/curl"),
+            "exe not named: {r}"
+        );
+        assert!(r["pid"].as_u64().unwrap_or(0) > 1, "{r}");
+        let cmdline = r["cmdline"].to_string();
+        assert!(cmdline.contains(&format!("https://{host}/?who")), "{r}");
+        assert_eq!(r["agent"], world.agent().relative_path());
+        assert_eq!(r["cgroup_id"], world.agent().id());
+        assert_eq!(r["uid"], 0);
+    }
+}
+
+fn agent_restart_captured() {
+    let (world, _d) = world_with_daemon(json!({}));
+    let before = world.count_arrived(BLOCKED.counter);
+    for _ in 0..3 {
+        let old = world.agent().id();
+        world.agent().recreate().expect("recreate the agent cgroup");
+        assert_ne!(world.agent().id(), old);
+        // At once, from the new cgroup.
+        let (out, _) = curl(&world, &["https://blocked.test/"]);
+        assert!(!out.status.success(), "the restarted agent escaped capture");
+        let (out, _) = curl(&world, &["https://allowed.test/"]);
+        assert_body(&out, &ALLOWED.body());
+    }
+    assert_eq!(world.count_arrived(BLOCKED.counter), before);
+}
+
+fn ruleset_flush_reinstalled() {
+    let (world, d) = world_with_daemon(json!({}));
+    for how in [
+        vec!["nft", "flush", "ruleset"],
+        vec!["nft", "delete", "table", "inet", "agent_egress"],
+    ] {
+        let out = world.host_cmd(&how).output().expect("nft");
+        assert!(out.status.success(), "{how:?}: {}", stderr(&out));
+        let started = Instant::now();
+        while !d.table_installed(&world) {
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "table not re-installed after {how:?}:\n{}",
+                d.guard.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!("re-installed {:?} after {how:?}", started.elapsed());
+    }
+    let out = world
+        .host_cmd(["ip", "rule", "del", "fwmark", "0xae1", "lookup", "2785"])
+        .output()
+        .expect("ip rule");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let started = Instant::now();
+    loop {
+        let rules = world.host_cmd(["ip", "rule"]).output().expect("ip rule");
+        if stdout(&rules).contains("fwmark 0xae1") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "ip rule not re-installed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = world.count_arrived(BLOCKED.counter);
+    let (out, _) = curl(&world, &["https://blocked.test/"]);
+    assert!(!out.status.success());
+    let (out, _) = curl(&world, &["https://allowed.test/"]);
+    assert_body(&out, &ALLOWED.body());
+    assert_eq!(world.count_arrived(BLOCKED.counter), before);
+}
+
+fn proxy_killed_fails_closed() {
+    let (world, d) = world_with_daemon(json!({}));
+    let before = world.count_arrived(ALLOWED.counter);
+    d.signal(libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(100));
+    let (out, took) = curl(&world, &["https://allowed.test/"]);
+    assert!(
+        !out.status.success(),
+        "a connection went through a dead proxy"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "refusal took {took:?}: a hang, not a reset"
+    );
+    assert_eq!(
+        world.count_arrived(ALLOWED.counter),
+        before,
+        "a connection leaked direct"
+    );
+}
+
+fn daemon_stop_takes_agents_down() {
+    let (world, d) = world_with_daemon(json!({}));
+    let config = d.config.clone();
+    let (status, in_time) = d.guard.stop(Duration::from_secs(5));
+    assert!(in_time && status.success(), "graceful stop: {status}");
+    // Locked out: the table stays, the agents' connections are reset.
+    let before = world.count_arrived(ALLOWED.counter);
+    let (out, took) = curl(&world, &["https://allowed.test/"]);
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(world.count_arrived(ALLOWED.counter), before);
+    // `down` lifts the lockdown.
+    let mut down = world.host_cmd([daemon::binary(), "down", "--config"]);
+    let out = down.arg(&config).output().expect("down");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = world
+        .host_cmd(["nft", "list", "tables"])
+        .output()
+        .expect("nft");
+    assert!(!stdout(&listed).contains("agent_egress"));
+}
+
+fn reload_keeps_connections() {
+    let (world, d) = world_with_daemon(json!({}));
+    let file = world.make_file("reload", 4 << 20);
+    let output = world.dir().join("reload.out");
+    let url = format!("https://allowed.test{}?rate=1m", file.slow_path);
+    let mut download = world.agent_cmd(["curl", "-sS", "--max-time", "30", "--cacert"]);
+    download
+        .arg(world.ca_cert())
+        .arg("-o")
+        .arg(&output)
+        .arg(&url);
+    let mut download = download.spawn().expect("curl");
+    std::thread::sleep(Duration::from_millis(700));
+    let (out, _) = curl(&world, &["https://other.test/"]);
+    assert!(
+        !out.status.success(),
+        "other.test allowed before the reload"
+    );
+    // The new allowlist names other.test too.
+    let config = daemon::config(
+        &world,
+        json!({"rules": [{"name": "allowed", "domains": ["allowed.test", "other.test"], "outbound": "direct"}]}),
+    );
+    std::fs::write(&d.config, config.to_string()).expect("write config");
+    d.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    let (out, _) = curl(&world, &["https://other.test/"]);
+    assert_body(&out, &OTHER.body());
+    // A bad config is refused and the running one stays.
+    std::fs::write(&d.config, r#"{"rules": [{"outbound": "nowhere"}]}"#).expect("write");
+    d.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    let (out, _) = curl(&world, &["https://other.test/"]);
+    assert_body(&out, &OTHER.body());
+    assert!(
+        d.guard.log().contains("rules[0].outbound"),
+        "{}",
+        d.guard.log()
+    );
+    let status = download.wait().expect("curl");
+    assert!(status.success(), "the download broke during the reload");
+    assert_eq!(harness_sha256(&output), file.sha256);
+}
+
+fn harness_sha256(path: &std::path::Path) -> String {
+    crate::harness::sha256_file(path).expect("sha256")
+}
+
+fn kernel_backstop() {
+    crate::backstop::table_deleted_and_daemon_frozen();
+}

@@ -1,0 +1,166 @@
+//! `agent-egress exec` end to end, inside a test world's agent netns (never
+//! on the machine's own tables): set up, run, tear down, exit code, summary.
+
+mod harness;
+
+use harness::daemon::binary;
+use harness::World;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `exec` in the agent netns; the world's resolver for the proxy, and names
+/// pinned for curl (the machine's resolv.conf is what `nsenter` leaves).
+fn exec(world: &World, args: &[&str], cmd: &[&str]) -> Command {
+    let config = world.write_config(r#"{"dns": {"servers": ["198.51.100.53"]}}"#);
+    let mut c = world.host_cmd([binary(), "exec", "--config"]);
+    c.arg(config).args(args).arg("--").args(cmd);
+    c
+}
+
+fn curl_args(world: &World, url: &str, ip: &str) -> Vec<String> {
+    let host = url.split('/').nth(2).unwrap_or_default();
+    vec![
+        "curl".into(),
+        "-sS".into(),
+        "--max-time".into(),
+        "5".into(),
+        "--cacert".into(),
+        world.ca_cert().to_string_lossy().into_owned(),
+        "--resolve".into(),
+        format!("{host}:443:{ip}"),
+        url.into(),
+    ]
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Runs an `exec` command to its end; its pid names its cgroup and table.
+fn run(mut cmd: Command) -> (Output, u32) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("exec");
+    let pid = child.id();
+    (child.wait_with_output().expect("exec"), pid)
+}
+
+/// Nothing of the exec with this pid is left in the agent netns or the
+/// cgroup tree (other tests' execs may be running meanwhile).
+fn assert_clean(world: &World, pid: u32) {
+    let tables = world
+        .host_cmd(["nft", "list", "tables"])
+        .output()
+        .expect("nft");
+    assert!(
+        !text(&tables).0.contains("agent_egress_exec"),
+        "table left: {}",
+        text(&tables).0
+    );
+    for family in ["-4", "-6"] {
+        let rules = world.host_cmd(["ip", family, "rule"]).output().expect("ip");
+        assert!(
+            !text(&rules).0.contains("fwmark"),
+            "ip rule left: {}",
+            text(&rules).0
+        );
+    }
+    let root = harness::cgroup2_root().expect("cgroup2");
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .expect("cgroup root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| *n == format!("agent-egress-exec-{pid}"))
+        .collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+}
+
+#[test]
+fn exec_allows_blocks_summarises_and_cleans_up() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let audit = world.dir().join("exec-audit.jsonl");
+    let audit_arg = audit.to_string_lossy().into_owned();
+    let allowed = curl_args(&world, "https://allowed.test/", "198.51.100.10");
+    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+    let (out, pid) = run(exec(
+        &world,
+        &["--allow", "allowed.test", "--audit", &audit_arg],
+        &allowed,
+    ));
+    let (stdout, stderr) = text(&out);
+    eprintln!("exec printed:\n{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout, "hello from allowed.test\n");
+    assert!(
+        stderr.contains("allow") && stderr.contains("allowed.test"),
+        "{stderr}"
+    );
+    let records = std::fs::read_to_string(&audit).expect("audit file");
+    assert!(records.contains(r#""host":"allowed.test""#), "{records}");
+    assert!(records.contains(r#""exe":"/usr/bin/curl""#), "{records}");
+    assert_clean(&world, pid);
+
+    // Blocked: CMD's own exit code comes back (curl 35: TLS alert).
+    let blocked = curl_args(&world, "https://blocked.test/", "198.51.100.20");
+    let blocked: Vec<&str> = blocked.iter().map(String::as_str).collect();
+    let (out, pid) = run(exec(&world, &["--allow", "allowed.test"], &blocked));
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(35), "{stderr}");
+    assert!(
+        stderr.contains("block") && stderr.contains("blocked.test"),
+        "{stderr}"
+    );
+    assert_clean(&world, pid);
+}
+
+#[test]
+fn exec_returns_the_signal_of_a_killed_command_and_cleans_up() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let (out, pid) = run(exec(&world, &[], &["sh", "-c", "kill -9 $$"]));
+    assert_eq!(out.status.code(), Some(137), "{}", text(&out).1);
+    assert_clean(&world, pid);
+}
+
+#[test]
+fn exec_interrupted_tears_everything_down() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let mut child = exec(&world, &[], &["sleep", "30"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("exec");
+    // Wait until the command runs in its cgroup, then Ctrl-C the exec.
+    let started = Instant::now();
+    let root = harness::cgroup2_root().expect("cgroup2");
+    let cgroup = root.join(format!("agent-egress-exec-{}", child.id()));
+    while !cgroup.join("cgroup.procs").exists()
+        || std::fs::read_to_string(cgroup.join("cgroup.procs"))
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "exec never ran its command"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().expect("exec");
+    assert_eq!(status.code(), Some(130));
+    assert_clean(&world, child.id());
+}
