@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The benchmark's own clients, for what curl and wrk do not measure well.
+
+latency  fresh TCP + TLS + GET, one at a time: p50/p99 of the whole exchange
+blocked  how long a connection to a blocked name takes to fail
+idle     hold N TLS connections open (handshake done, no request) and read a
+         process's resident memory before and with them
+
+Each prints one JSON object on stdout. Run inside the agent cgroup and netns;
+names resolve through that netns's hosts file.
+"""
+
+import argparse
+import json
+import resource
+import select
+import socket
+import ssl
+import statistics
+import sys
+import time
+
+TIMEOUT_S = 10
+
+
+def tls_context():
+    ctx = ssl.create_default_context()
+    # The bench server's certificate is self-signed: the test is of the path, not of PKI.
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def tls_connect(ctx, host, port):
+    raw = socket.create_connection((host, port), timeout=TIMEOUT_S)
+    try:
+        return ctx.wrap_socket(raw, server_hostname=host)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def one_exchange(ctx, host, port, path):
+    with tls_connect(ctx, host, port) as conn:
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        conn.sendall(request.encode())
+        response = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            response += chunk
+    if not response.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"unexpected response: {response[:60]!r}")
+
+
+def latency(args):
+    ctx = tls_context()
+    times_ms = []
+    errors = []
+    for _ in range(args.count):
+        start = time.perf_counter()
+        try:
+            one_exchange(ctx, args.host, args.port, args.path)
+        except (OSError, RuntimeError) as e:
+            errors.append(str(e))
+            continue
+        times_ms.append((time.perf_counter() - start) * 1000)
+    if not times_ms:
+        return {"error": f"all {args.count} exchanges failed: {errors[:3]}"}
+    return {
+        "count": len(times_ms),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "p50_ms": percentile(times_ms, 0.50),
+        "p99_ms": percentile(times_ms, 0.99),
+        "mean_ms": statistics.fmean(times_ms),
+    }
+
+
+def blocked(args):
+    ctx = tls_context()
+    times_ms = []
+    passed = 0
+    for _ in range(args.count):
+        start = time.perf_counter()
+        try:
+            one_exchange(ctx, args.host, args.port, args.path)
+            passed += 1
+        except (OSError, RuntimeError):
+            times_ms.append((time.perf_counter() - start) * 1000)
+    result = {"count": args.count, "not_blocked": passed}
+    if times_ms:
+        result["p50_ms"] = percentile(times_ms, 0.50)
+        result["p99_ms"] = percentile(times_ms, 0.99)
+    return result
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def closed_by_peer(conns):
+    """How many connections the other end has closed while they sat idle."""
+    poller = select.poll()
+    for conn in conns:
+        # Not POLLIN: TLS 1.3 session tickets arrive after the handshake.
+        poller.register(conn.fileno(), select.POLLRDHUP)
+    return len(poller.poll(0))
+
+
+def idle(args):
+    needed = args.count + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(needed, soft), max(needed, hard)))
+    ctx = tls_context()
+    before = rss_kib(args.pid)
+    conns = []
+    errors = []
+    start = time.perf_counter()
+    try:
+        for _ in range(args.count):
+            try:
+                conns.append(tls_connect(ctx, args.host, args.port))
+            except OSError as e:
+                errors.append(str(e))
+                if len(errors) > args.count // 100:
+                    break
+        opened_s = time.perf_counter() - start
+        # Let the proxy finish whatever each accepted connection set in motion.
+        time.sleep(args.settle)
+        with_conns = rss_kib(args.pid)
+        closed = closed_by_peer(conns)
+    finally:
+        for conn in conns:
+            conn.close()
+    return {
+        "opened": len(conns),
+        "closed_by_peer": closed,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "open_seconds": opened_s,
+        "rss_before_kib": before,
+        "rss_with_kib": with_conns,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="test", required=True)
+    for name in ("latency", "blocked", "idle"):
+        p = sub.add_parser(name)
+        p.add_argument("--host", required=True)
+        p.add_argument("--port", type=int, default=443)
+        p.add_argument("--count", type=int, required=True)
+        if name != "idle":
+            p.add_argument("--path", default="/hello.txt")
+        else:
+            p.add_argument("--pid", type=int, required=True, help="process whose RSS to read")
+            p.add_argument("--settle", type=float, default=1.0, help="seconds before reading")
+    args = parser.parse_args()
+    result = {"latency": latency, "blocked": blocked, "idle": idle}[args.test](args)
+    json.dump(result, sys.stdout)
+    print()
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

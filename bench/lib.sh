@@ -1,0 +1,331 @@
+# shellcheck shell=bash
+# SPDX-License-Identifier: GPL-3.0-or-later
+#
+# Helpers of bench/run.sh: the namespace world, the hand-made TPROXY capture,
+# the proxies under test, and how clients and measurements are run.
+# Sourced, not run. Everything it creates is named after $BENCH_ID and recorded
+# so that cleanup() removes it, whatever failed.
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# TEST-NET addresses only: the link between the agent and the "internet" netns,
+# the server, a second server address for the blocked name, and the resolver.
+AGENT_IP=192.0.2.1
+GATEWAY_IP=192.0.2.2
+SERVER_IP=198.51.100.10
+BLOCKED_IP=198.51.100.20
+ALLOWED_HOST=bench.example
+BLOCKED_HOST=blocked.example
+IPERF_PORT=5201
+
+# Every proxy listens on the same port behind the same capture.
+PROXY_PORT=15001
+# The hand-made capture's mark, routing table and rule priority: not agent-egress's
+# defaults (0xae1), so a leftover of one can never be mistaken for the other.
+CAPTURE_MARK=0xbe1
+CAPTURE_TABLE=3041
+CAPTURE_PRIORITY=3041
+CAPTURE_NFT_TABLE=aebench
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# Fill @NAME@ placeholders of a template from the shell variables of the same name.
+render() {
+    local template=$1 out=$2 text name
+    text=$(<"$template")
+    for name in WORK CGROUP PROXY_PORT SERVER_IP BLOCKED_IP ALLOWED_HOST BLOCKED_HOST \
+        IPERF_PORT CAPTURE_MARK CAPTURE_NFT_TABLE AUDIT_PATH; do
+        text=${text//@$name@/${!name-}}
+    done
+    if [[ $text =~ @[A-Z_]+@ ]]; then
+        die "$template: placeholder ${BASH_REMATCH[0]} has no value"
+    fi
+    printf '%s\n' "$text" >"$out"
+}
+
+cgroup2_root() {
+    awk '{ for (i = 1; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "cgroup2") { print $5; exit } } }' \
+        /proc/self/mountinfo
+}
+
+# Wait until CMD succeeds, at most SECONDS (in steps of 50 ms).
+wait_for() {
+    local seconds=$1
+    shift
+    local tries=$((seconds * 20))
+    while ((tries-- > 0)); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
+# --- the world -------------------------------------------------------------
+
+# The agent netns (client side, where proxies and the capture live) and the
+# "internet" netns with nginx (TLS and plain HTTP), iperf3 and dnsmasq.
+build_world() {
+    NS_AGENT=aeb${BENCH_ID}a
+    NS_NET=aeb${BENCH_ID}n
+    CGROUP=aebench-$BENCH_ID
+    local root
+    root=$(cgroup2_root)
+    [ -n "$root" ] || die "no cgroup2 mount in /proc/self/mountinfo"
+    CGROUP_DIR=$root/$CGROUP
+
+    ip netns add "$NS_AGENT"
+    ip netns add "$NS_NET"
+    ip link add "aeb${BENCH_ID}a" type veth peer name "aeb${BENCH_ID}n"
+    ip link set "aeb${BENCH_ID}a" netns "$NS_AGENT"
+    ip link set "aeb${BENCH_ID}n" netns "$NS_NET"
+    ip -n "$NS_AGENT" link set lo up
+    ip -n "$NS_NET" link set lo up
+    ip -n "$NS_AGENT" addr add "$AGENT_IP/24" dev "aeb${BENCH_ID}a"
+    ip -n "$NS_NET" addr add "$GATEWAY_IP/24" dev "aeb${BENCH_ID}n"
+    ip -n "$NS_NET" addr add "$SERVER_IP/32" dev lo
+    ip -n "$NS_NET" addr add "$BLOCKED_IP/32" dev lo
+    ip -n "$NS_AGENT" link set "aeb${BENCH_ID}a" up
+    ip -n "$NS_NET" link set "aeb${BENCH_ID}n" up
+    ip -n "$NS_AGENT" route add 198.51.100.0/24 via "$GATEWAY_IP"
+    # New connections per second through a proxy leave TIME_WAIT sockets on the
+    # proxy's client side; a wide port range keeps a 10 s run from reusing ports.
+    ip netns exec "$NS_AGENT" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"
+    ip netns exec "$NS_NET" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"
+
+    mkdir "$CGROUP_DIR"
+
+    # Clients run through `ip netns exec`, which reads /etc/netns/NAME: names
+    # resolve from this hosts file, never through a real resolver.
+    mkdir -p "/etc/netns/$NS_AGENT"
+    printf '127.0.0.1 localhost\n%s %s\n%s %s\n' "$SERVER_IP" "$ALLOWED_HOST" \
+        "$BLOCKED_IP" "$BLOCKED_HOST" >"/etc/netns/$NS_AGENT/hosts"
+    printf 'nameserver %s\n' "$SERVER_IP" >"/etc/netns/$NS_AGENT/resolv.conf"
+
+    make_content
+    start_servers
+}
+
+make_content() {
+    mkdir -p "$WORK/www" "$WORK/nginx-tmp"
+    printf 'ok\n' >"$WORK/www/hello.txt"
+    if [ -n "${BENCH_DATA_FILE-}" ]; then
+        ln -s "$BENCH_DATA_FILE" "$WORK/www/1g.bin"
+    else
+        # Content does not matter (no compression anywhere): an allocated file is instant.
+        fallocate -l 1G "$WORK/www/1g.bin" 2>/dev/null ||
+            head -c 1G /dev/zero >"$WORK/www/1g.bin"
+    fi
+    BULK_BYTES=$(stat -L -c %s "$WORK/www/1g.bin")
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj "/CN=$ALLOWED_HOST" -addext "subjectAltName=DNS:$ALLOWED_HOST,DNS:$BLOCKED_HOST" \
+        -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+}
+
+start_servers() {
+    render "$BENCH_DIR/nginx.conf.tmpl" "$WORK/nginx.conf"
+    ip netns exec "$NS_NET" nginx -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx-error.log" \
+        >"$WORK/nginx.out" 2>&1 &
+    track $!
+    ip netns exec "$NS_NET" iperf3 -s -B "$SERVER_IP" -p "$IPERF_PORT" >"$WORK/iperf3.out" 2>&1 &
+    track $!
+    ip netns exec "$NS_NET" dnsmasq -k -C /dev/null -u root --no-hosts --no-resolv \
+        --bind-interfaces --listen-address="$SERVER_IP" --pid-file="$WORK/dnsmasq.pid" \
+        --address="/$ALLOWED_HOST/$SERVER_IP" --address="/$BLOCKED_HOST/$BLOCKED_IP" \
+        >"$WORK/dnsmasq.out" 2>&1 &
+    track $!
+    wait_for 10 listening "$NS_NET" "$SERVER_IP:443" || die "nginx did not start: $(tail -3 "$WORK/nginx-error.log")"
+    wait_for 10 listening "$NS_NET" "$SERVER_IP:$IPERF_PORT" || die "iperf3 did not start: $(cat "$WORK/iperf3.out")"
+}
+
+# Is something listening on ADDR:PORT (or *:PORT) in netns NS?
+listening() {
+    local ns=$1 addr=${2%:*} port=${2##*:}
+    ip netns exec "$ns" ss -Hltn "sport = :$port" | grep -qE "($addr|\*|0\.0\.0\.0|\[::\]):$port"
+}
+
+# Remember a process to stop at the end.
+TRACKED=()
+track() { TRACKED+=("$1"); }
+
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    local tries=100
+    while ((tries-- > 0)) && kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# Everything, in reverse order of creation; each step may fail on a half-built world.
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    set +e
+    [ -n "${PROXY_PID-}" ] && stop_pid "$PROXY_PID"
+    if [ -n "${NS_AGENT-}" ] && [ -e "/run/netns/$NS_AGENT" ]; then
+        capture_remove
+        # agent-egress leaves its table behind unless told; it dies with the netns anyway.
+    fi
+    local pid
+    for pid in "${TRACKED[@]}"; do stop_pid "$pid"; done
+    if [ -n "${CGROUP_DIR-}" ] && [ -d "$CGROUP_DIR" ]; then
+        # Clients killed by a signal may still be in the cgroup.
+        while read -r pid; do kill -KILL "$pid"; done <"$CGROUP_DIR/cgroup.procs"
+        wait_for 5 rmdir "$CGROUP_DIR" || log "could not remove $CGROUP_DIR"
+    fi
+    [ -n "${NS_AGENT-}" ] && ip netns del "$NS_AGENT" 2>/dev/null
+    [ -n "${NS_NET-}" ] && ip netns del "$NS_NET" 2>/dev/null
+    [ -n "${NS_AGENT-}" ] && rm -rf "/etc/netns/$NS_AGENT"
+    if [ -n "${WORK-}" ] && [ -d "$WORK" ]; then
+        if [ "${BENCH_KEEP_WORK-}" = 1 ]; then
+            rm -f "$WORK/www/1g.bin"
+            log "kept $WORK (BENCH_KEEP_WORK=1)"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$status"
+}
+
+# --- capture and proxies ---------------------------------------------------
+
+# The capture agent-egress installs for itself, made by hand for the other
+# proxies: mark the agent cgroup's TCP, route marked packets to lo, TPROXY them
+# to the proxy port, and reset them if nothing listens.
+capture_install() {
+    render "$BENCH_DIR/capture.nft.tmpl" "$WORK/capture.nft"
+    # Debian's nft resolves `socket cgroupv2` paths under /sys/fs/cgroup only: give
+    # it a private mount of the cgroup2 hierarchy there.
+    # shellcheck disable=SC2016 # $1 is the inner shell's
+    nsenter --net="/run/netns/$NS_AGENT" unshare -m sh -c \
+        'mount -t cgroup2 none /sys/fs/cgroup && nft -f "$1"' sh "$WORK/capture.nft"
+    ip -n "$NS_AGENT" rule add fwmark "$CAPTURE_MARK" lookup "$CAPTURE_TABLE" priority "$CAPTURE_PRIORITY"
+    ip -n "$NS_AGENT" route add local default dev lo table "$CAPTURE_TABLE"
+}
+
+capture_remove() {
+    ip netns exec "$NS_AGENT" nft delete table inet "$CAPTURE_NFT_TABLE" 2>/dev/null
+    ip -n "$NS_AGENT" rule del priority "$CAPTURE_PRIORITY" 2>/dev/null
+    ip -n "$NS_AGENT" route flush table "$CAPTURE_TABLE" 2>/dev/null
+    return 0
+}
+
+# Packets the hand-made capture handed to the proxy so far.
+capture_count() {
+    ip netns exec "$NS_AGENT" nft list chain inet "$CAPTURE_NFT_TABLE" prerouting 2>/dev/null |
+        awk '/tproxy/ { for (i = 1; i < NF; i++) if ($i == "packets") print $(i + 1) }'
+}
+
+# Start PROXY (none, v2ray, haproxy, agent-egress) behind its capture; sets PROXY_PID.
+proxy_start() {
+    local proxy=$1
+    PROXY_PID=
+    case $proxy in
+    none) return 0 ;;
+    v2ray)
+        render "$BENCH_DIR/v2ray.json.tmpl" "$WORK/v2ray.json"
+        capture_install
+        nsenter --net="/run/netns/$NS_AGENT" v2ray -config "$WORK/v2ray.json" >"$WORK/v2ray.log" 2>&1 &
+        PROXY_PID=$!
+        ;;
+    haproxy)
+        render "$BENCH_DIR/haproxy.cfg.tmpl" "$WORK/haproxy.cfg"
+        capture_install
+        nsenter --net="/run/netns/$NS_AGENT" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+        PROXY_PID=$!
+        ;;
+    agent-egress)
+        AUDIT_PATH=$WORK/audit.jsonl
+        render "$BENCH_DIR/agent-egress.json.tmpl" "$WORK/agent-egress.json"
+        # Its own capture, the same shape as ours: ours must be gone.
+        capture_remove
+        # nsenter, not `ip netns exec`: the daemon needs the cgroup2 mount that
+        # ip netns exec's fresh /sys would hide.
+        nsenter --net="/run/netns/$NS_AGENT" "$AGENT_EGRESS" run --config "$WORK/agent-egress.json" \
+            --cleanup-on-exit >"$WORK/agent-egress.log" 2>&1 &
+        PROXY_PID=$!
+        wait_for 10 ip netns exec "$NS_AGENT" nft list table inet agent_egress ||
+            die "agent-egress did not install its table: $(tail -5 "$WORK/agent-egress.log")"
+        ;;
+    *) die "unknown proxy $proxy" ;;
+    esac
+    wait_for 10 proxy_ready "$PROXY_PID" ||
+        die "$proxy is not listening on 127.0.0.1:$PROXY_PORT: $(tail -5 "$WORK/$proxy.log")"
+    kill -0 "$PROXY_PID" 2>/dev/null || die "$proxy exited: $(tail -5 "$WORK/$proxy.log")"
+}
+
+# Listening, or dead (then waiting longer is pointless): either ends the wait.
+proxy_ready() {
+    ! kill -0 "$1" 2>/dev/null || listening "$NS_AGENT" "127.0.0.1:$PROXY_PORT"
+}
+
+proxy_stop() {
+    local proxy=$1
+    if [ -n "${PROXY_PID-}" ]; then
+        stop_pid "$PROXY_PID"
+        PROXY_PID=
+    fi
+    case $proxy in
+    agent-egress)
+        # --cleanup-on-exit removed the table; a crash would have left it.
+        ip netns exec "$NS_AGENT" nft list table inet agent_egress >/dev/null 2>&1 &&
+            die "agent-egress left its table behind after SIGTERM with --cleanup-on-exit"
+        ;;
+    none) ;;
+    *) capture_remove ;;
+    esac
+}
+
+# Was the last test's traffic really handed to the proxy? Guards against
+# measuring "direct" under another name.
+assert_captured() {
+    local proxy=$1 since=$2
+    case $proxy in
+    none)
+        if ip netns exec "$NS_AGENT" nft list tables | grep -q .; then
+            die "direct round with an nftables table in place: $(ip netns exec "$NS_AGENT" nft list tables)"
+        fi
+        ;;
+    agent-egress)
+        local lines
+        lines=$(wc -l <"$AUDIT_PATH" 2>/dev/null || echo 0)
+        ((lines > since)) || die "agent-egress wrote no audit record: traffic was not captured"
+        ;;
+    *)
+        local packets
+        packets=$(capture_count)
+        ((${packets:-0} > since)) || die "$proxy: the capture handed no packet to the proxy"
+        ;;
+    esac
+}
+
+# How far assert_captured's counter is now.
+capture_mark_now() {
+    case $1 in
+    none) echo 0 ;;
+    agent-egress) wc -l <"$AUDIT_PATH" 2>/dev/null || echo 0 ;;
+    *) capture_count ;;
+    esac
+}
+
+# --- clients and measurements ----------------------------------------------
+
+# Run CMD as an agent: inside the agent cgroup (joined before exec, so nothing
+# of CMD runs uncaptured) and the agent netns.
+as_agent() {
+    sh -c 'cg=$1 ns=$2; shift 2; echo $$ >"$cg/cgroup.procs" && exec ip netns exec "$ns" "$@"' \
+        sh "$CGROUP_DIR" "$NS_AGENT" "$@"
+}
+
+# utime + stime of PID in clock ticks (all threads, dead ones included).
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
+rss_kib() {
+    awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
+}

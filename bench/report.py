@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Turn bench/run.sh's measurements into the markdown report.
+
+usage: report.py RESULTS.tsv META.json > results.md
+
+RESULTS.tsv has one measurement a line: proxy, round, metric, value.
+"""
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+PROXIES = ["none", "v2ray", "haproxy", "agent-egress"]
+HIGHER, LOWER = "higher", "lower"
+
+# metric -> (what was measured, unit, which way is better)
+METRICS = {
+    "tls_bulk_MBps": ("TLS bulk download (curl, 1 GiB over https)", "MB/s", HIGHER),
+    "raw_bulk_MBps": ("raw TCP bulk, no name (iperf3 -R)", "MB/s", HIGHER),
+    "https_conn_per_s": ("new HTTPS connections (wrk, Connection: close)", "conn/s", HIGHER),
+    "http_conn_per_s": ("new plain-HTTP connections (wrk, Connection: close)", "conn/s", HIGHER),
+    "latency_p50_ms": ("one connection, TCP+TLS+GET, p50", "ms", LOWER),
+    "latency_p99_ms": ("one connection, TCP+TLS+GET, p99", "ms", LOWER),
+    "blocked_p50_ms": ("blocked connection fails after, p50", "ms", LOWER),
+    "blocked_p99_ms": ("blocked connection fails after, p99", "ms", LOWER),
+    "rss_before_MB": ("proxy RSS, fresh, no connection", "MB", LOWER),
+    "rss_idle_MB": ("proxy RSS with 2,000 idle TLS connections", "MB", LOWER),
+    "kB_per_idle_conn": ("proxy memory per idle TLS connection", "kB", LOWER),
+    "cpu_us_per_https_conn": ("proxy CPU per new HTTPS connection", "µs", LOWER),
+    "cpu_us_per_http_conn": ("proxy CPU per new plain-HTTP connection", "µs", LOWER),
+    "cpu_s_per_GB_tls": ("proxy CPU per GB, TLS bulk", "s/GB", LOWER),
+    "cpu_s_per_GB_raw": ("proxy CPU per GB, raw TCP bulk", "s/GB", LOWER),
+    "https_errors": ("wrk socket errors + non-2xx, HTTPS run", "count", LOWER),
+    "http_errors": ("wrk socket errors + non-2xx, HTTP run", "count", LOWER),
+}
+
+RATIOS = [
+    ("v2ray", "none"),
+    ("haproxy", "none"),
+    ("agent-egress", "none"),
+    ("agent-egress", "v2ray"),
+    ("agent-egress", "haproxy"),
+]
+
+AE = "agent-egress"
+
+
+def target_checks(median):
+    """The issue's targets: (target, measured, PASS/FAIL or n/a)."""
+
+    def get(proxy, metric):
+        return median.get((proxy, metric))
+
+    def ratio(metric, other, minimum):
+        mine, theirs = get(AE, metric), get(other, metric)
+        if mine is None or not theirs:
+            return "n/a", None
+        r = mine / theirs
+        return f"{mine:g} / {theirs:g} = {r:.2f}×", r >= minimum
+
+    checks = []
+    checks.append(("raw bulk ≥ 0.9× direct", *ratio("raw_bulk_MBps", "none", 0.9)))
+    checks.append(("TLS bulk ≥ 1.5× v2ray", *ratio("tls_bulk_MBps", "v2ray", 1.5)))
+    checks.append(("new HTTPS conn/s ≥ 1.2× haproxy", *ratio("https_conn_per_s", "haproxy", 1.2)))
+
+    mine, direct = get(AE, "latency_p99_ms"), get("none", "latency_p99_ms")
+    if mine is None or direct is None:
+        checks.append(("one-connection p99 ≤ direct + 0.3 ms", "n/a", None))
+    else:
+        checks.append(
+            (
+                "one-connection p99 ≤ direct + 0.3 ms",
+                f"{mine:g} ms vs {direct:g} + 0.3 = {direct + 0.3:.3f} ms",
+                mine <= direct + 0.3,
+            )
+        )
+
+    mine, theirs = get(AE, "rss_idle_MB"), get("haproxy", "rss_idle_MB")
+    if mine is None or not theirs:
+        checks.append(("RSS with 2,000 idle conns ≤ 0.5× haproxy and ≤ 11 MB", "n/a", None))
+    else:
+        checks.append(
+            (
+                "RSS with 2,000 idle conns ≤ 0.5× haproxy and ≤ 11 MB",
+                f"{mine:g} MB / {theirs:g} MB = {mine / theirs:.2f}×",
+                mine <= 0.5 * theirs and mine <= 11,
+            )
+        )
+
+    mine = get(AE, "blocked_p50_ms")
+    p99 = get(AE, "blocked_p99_ms")
+    if mine is None:
+        checks.append(("a blocked connection fails in < 5 ms (p50)", "n/a", None))
+    else:
+        checks.append(
+            (
+                "a blocked connection fails in < 5 ms (p50)",
+                f"p50 {mine:g} ms (p99 {p99:g} ms)",
+                mine < 5,
+            )
+        )
+    return checks
+
+
+def fmt(value):
+    if value is None:
+        return "n/a"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    values = defaultdict(list)  # (proxy, metric) -> [value per round]
+    with open(sys.argv[1]) as results:
+        for line in results:
+            proxy, round_, metric, value = line.rstrip("\n").split("\t")
+            values[(proxy, metric)].append((int(round_), float(value)))
+    with open(sys.argv[2]) as f:
+        meta = json.load(f)
+
+    proxies = [p for p in PROXIES if any(k[0] == p for k in values)]
+    median = {k: statistics.median(v for _, v in vs) for k, vs in values.items()}
+    metrics = [m for m in METRICS if any((p, m) in median for p in proxies)]
+
+    out = [f"# agent-egress side-by-side benchmark, {meta['date']}", ""]
+    out.append(
+        f"Medians of {meta['rounds']} interleaved rounds (each round runs every proxy once, "
+        f"in the order {', '.join(proxies)}). Every proxy sits behind the same TPROXY "
+        "capture of the same agent cgroup; `none` is the direct path without capture. "
+        "MB = 10^6 bytes. n/a: not measured (no proxy process, or no block configured)."
+    )
+    out.append("")
+    rows = []
+    for m in metrics:
+        what, unit, better = METRICS[m]
+        rows.append(
+            [f"{what} ({unit}, {better} is better)"] + [fmt(median.get((p, m))) for p in proxies]
+        )
+    out += ["## Medians", "", table(["test"] + proxies, rows), ""]
+
+    ratio_columns = [(a, b) for a, b in RATIOS if a in proxies and b in proxies]
+    if ratio_columns:
+        rows = []
+        for m in metrics:
+            row = [METRICS[m][0]]
+            for a, b in ratio_columns:
+                x, y = median.get((a, m)), median.get((b, m))
+                row.append(f"{x / y:.2f}×" if x is not None and y else "n/a")
+            rows.append(row)
+        out += [
+            "## Ratios of medians",
+            "",
+            "Above 1 is more of the quantity (better for rates, worse for times, memory and CPU).",
+            "",
+            table(["test"] + [f"{a} ÷ {b}" for a, b in ratio_columns], rows),
+            "",
+        ]
+
+    rows = []
+    for target, measured, ok in target_checks(median):
+        verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
+        rows.append([target, measured, verdict])
+    out += ["## The issue's targets (agent-egress)", "", table(["target", "measured", "result"], rows), ""]
+
+    rows = []
+    rounds = sorted({r for vs in values.values() for r, _ in vs})
+    for m in metrics:
+        for p in proxies:
+            by_round = dict(values.get((p, m), []))
+            if by_round:
+                rows.append([m, p] + [fmt(by_round.get(r)) for r in rounds])
+    out += [
+        "## Every round",
+        "",
+        table(["metric", "proxy"] + [f"round {r}" for r in rounds], rows),
+        "",
+    ]
+
+    out += ["## Setup", ""]
+    for key in (
+        "kernel", "cpu", "cores", "load", "load_end", "seconds", "proxies", "params",
+        "agent_egress", "commit", "v2ray", "haproxy", "nginx", "curl", "wrk", "iperf3", "python",
+    ):
+        if key in meta:
+            label = {"load": "load average at start", "load_end": "load average at end",
+                     "seconds": "run time (s)", "commit": "repository commit"}.get(key, key)
+            out.append(f"- {label}: {meta[key]}")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-3.0-or-later
+#
+# The side-by-side benchmark: agent-egress against no proxy, v2ray and haproxy,
+# each behind the same TPROXY capture of the same agent cgroup, in a world of
+# network namespaces with TEST-NET addresses only. Run as root:
+#
+#   bash bench/run.sh
+#
+# Rounds are interleaved (round 1: none, v2ray, haproxy, agent-egress; round 2:
+# the same; ...) so that a slow spell of a shared machine hits every proxy.
+# Prints a markdown report and writes it to bench/results-<date>.md.
+# See bench/README.md for the knobs (environment variables) and how to read it.
+set -euo pipefail
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+ROUNDS=${BENCH_ROUNDS:-3}
+PROXIES=${BENCH_PROXIES:-none v2ray haproxy agent-egress}
+WRK_SECONDS=${BENCH_WRK_SECONDS:-10}
+WRK_CONNECTIONS=${BENCH_WRK_CONNECTIONS:-32}
+IPERF_SECONDS=${BENCH_IPERF_SECONDS:-5}
+LATENCY_COUNT=${BENCH_LATENCY_COUNT:-300}
+BLOCKED_COUNT=${BENCH_BLOCKED_COUNT:-100}
+IDLE_COUNT=${BENCH_IDLE_COUNT:-2000}
+REPO=$(cd "$BENCH_DIR/.." && pwd)
+AGENT_EGRESS=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$REPO/target}/release/agent-egress}
+
+TICKS=$(getconf CLK_TCK)
+
+preflight() {
+    [ "$(id -u)" = 0 ] || die "run as root (it builds network namespaces and cgroups)"
+    local tool missing=()
+    for tool in ip nft nsenter unshare nginx iperf3 dnsmasq wrk curl openssl python3 jq ss awk; do
+        command -v "$tool" >/dev/null || missing+=("$tool")
+    done
+    for proxy in $PROXIES; do
+        case $proxy in
+        v2ray | haproxy) command -v "$proxy" >/dev/null || missing+=("$proxy") ;;
+        agent-egress)
+            if [ ! -x "$AGENT_EGRESS" ]; then
+                log "WARNING: no agent-egress binary at $AGENT_EGRESS (set AGENT_EGRESS or build with" \
+                    "cargo build --release): agent-egress is left out of this run"
+                PROXIES=${PROXIES//agent-egress/}
+            fi
+            ;;
+        none) ;;
+        *) die "unknown proxy $proxy in BENCH_PROXIES (none v2ray haproxy agent-egress)" ;;
+        esac
+    done
+    ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (apt-get install them)"
+    # 2,000 idle connections through a proxy: 4,000 sockets, and pipes for splicing.
+    ulimit -n "$(ulimit -Hn)"
+    (($(ulimit -n) >= 4 * IDLE_COUNT + 1024)) ||
+        die "the open-file limit ($(ulimit -n)) is too low for $IDLE_COUNT idle connections"
+}
+
+# One measurement: proxy, round, metric, value.
+record() {
+    printf '%s\t%s\t%s\t%s\n' "$PROXY" "$ROUND" "$1" "$2" >>"$RESULTS"
+    log "  $PROXY round $ROUND: $1 = $2"
+}
+
+proxy_cpu() {
+    if [ -n "$PROXY_PID" ]; then cpu_ticks "$PROXY_PID"; else echo 0; fi
+}
+
+# CPU seconds the proxy spent between two readings.
+cpu_seconds() {
+    awk -v a="$1" -v b="$2" -v t="$TICKS" 'BEGIN { printf "%.3f", (b - a) / t }'
+}
+
+test_idle_connections() {
+    [ -n "$PROXY_PID" ] || return 0
+    local out
+    out=$(as_agent python3 "$BENCH_DIR/client.py" idle --host "$ALLOWED_HOST" \
+        --count "$IDLE_COUNT" --pid "$PROXY_PID")
+    local opened closed before with
+    read -r opened closed before with < <(jq -r '"\(.opened) \(.closed_by_peer) \(.rss_before_kib) \(.rss_with_kib)"' <<<"$out")
+    ((opened == IDLE_COUNT && closed == 0)) ||
+        die "idle test: $opened of $IDLE_COUNT connections opened, $closed closed by the peer: $out"
+    record rss_before_MB "$(awk -v k="$before" 'BEGIN { printf "%.2f", k * 1024 / 1e6 }')"
+    record rss_idle_MB "$(awk -v k="$with" 'BEGIN { printf "%.2f", k * 1024 / 1e6 }')"
+    record kB_per_idle_conn "$(awk -v a="$before" -v b="$with" -v n="$opened" \
+        'BEGIN { printf "%.2f", (b - a) * 1024 / 1000 / n }')"
+}
+
+test_latency() {
+    local out
+    out=$(as_agent python3 "$BENCH_DIR/client.py" latency --host "$ALLOWED_HOST" --count "$LATENCY_COUNT")
+    [ "$(jq -r .errors <<<"$out")" = 0 ] || die "latency test had errors: $out"
+    record latency_p50_ms "$(jq -r '.p50_ms * 1000 | round / 1000' <<<"$out")"
+    record latency_p99_ms "$(jq -r '.p99_ms * 1000 | round / 1000' <<<"$out")"
+}
+
+test_blocked() {
+    [ "$PROXY" != none ] || return 0
+    local out
+    out=$(as_agent python3 "$BENCH_DIR/client.py" blocked --host "$BLOCKED_HOST" --count "$BLOCKED_COUNT")
+    [ "$(jq -r .not_blocked <<<"$out")" = 0 ] || die "$PROXY let $BLOCKED_HOST through: $out"
+    record blocked_p50_ms "$(jq -r '.p50_ms * 1000 | round / 1000' <<<"$out")"
+    record blocked_p99_ms "$(jq -r '.p99_ms * 1000 | round / 1000' <<<"$out")"
+}
+
+test_tls_bulk() {
+    local cpu0 cpu1 out speed size
+    cpu0=$(proxy_cpu)
+    out=$(as_agent curl -sSk -o /dev/null -w '%{speed_download} %{size_download}' \
+        "https://$ALLOWED_HOST/1g.bin")
+    cpu1=$(proxy_cpu)
+    read -r speed size <<<"$out"
+    [ "$size" = "$BULK_BYTES" ] || die "TLS bulk: got $size of $BULK_BYTES bytes"
+    record tls_bulk_MBps "$(awk -v s="$speed" 'BEGIN { printf "%.1f", s / 1e6 }')"
+    [ -n "$PROXY_PID" ] && record cpu_s_per_GB_tls "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" \
+        -v b="$size" 'BEGIN { printf "%.3f", c / (b / 1e9) }')"
+    return 0
+}
+
+test_raw_bulk() {
+    local cpu0 cpu1 out bps bytes
+    cpu0=$(proxy_cpu)
+    out=$(as_agent iperf3 -c "$SERVER_IP" -p "$IPERF_PORT" -R -t "$IPERF_SECONDS" -O 1 -J)
+    cpu1=$(proxy_cpu)
+    bps=$(jq -r '.end.sum_received.bits_per_second // empty' <<<"$out")
+    [ -n "$bps" ] || die "iperf3: $(jq -r '.error // "no result"' <<<"$out")"
+    record raw_bulk_MBps "$(awk -v b="$bps" 'BEGIN { printf "%.1f", b / 8 / 1e6 }')"
+    # -O 1 leaves the first second out of the rate but not out of the bytes sent:
+    # what the proxy's CPU time covers is every byte of the test.
+    bytes=$(jq -r '[.intervals[].sum.bytes] | add' <<<"$out")
+    [ -n "$PROXY_PID" ] && record cpu_s_per_GB_raw "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" \
+        -v b="$bytes" 'BEGIN { printf "%.3f", c / (b / 1e9) }')"
+    return 0
+}
+
+# New connections per second: wrk with Connection: close, so every request is a
+# fresh TCP (+ TLS) connection through the proxy.
+test_new_connections() {
+    local scheme=$1 cpu0 cpu1 out rate requests errors
+    cpu0=$(proxy_cpu)
+    out=$(as_agent wrk -t2 -c"$WRK_CONNECTIONS" -d"${WRK_SECONDS}s" -H 'Connection: close' \
+        "$scheme://$ALLOWED_HOST/hello.txt")
+    cpu1=$(proxy_cpu)
+    rate=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
+    requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+    if [ -z "$rate" ] || [ -z "$requests" ]; then die "wrk $scheme: no result: $out"; fi
+    errors=$(awk '/Socket errors:/ { gsub(",", ""); print $4 + $6 + $8 + $10 } /Non-2xx/ { print $NF }' <<<"$out" |
+        awk '{ s += $1 } END { print s + 0 }')
+    record "${scheme}_conn_per_s" "$(printf '%.0f' "$rate")"
+    record "${scheme}_errors" "$errors"
+    [ -n "$PROXY_PID" ] && record "cpu_us_per_${scheme}_conn" "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" \
+        -v n="$requests" 'BEGIN { printf "%.0f", c * 1e6 / n }')"
+    return 0
+}
+
+run_proxy_round() {
+    PROXY=$1
+    log "round $ROUND: $PROXY"
+    proxy_start "$PROXY"
+    local mark
+    mark=$(capture_mark_now "$PROXY")
+    as_agent curl -sSk -o /dev/null --max-time 5 "https://$ALLOWED_HOST/hello.txt" ||
+        die "$PROXY: a first request failed"
+    sleep 0.2 # agent-egress writes the audit record when the connection ends
+    assert_captured "$PROXY" "$mark"
+    # Memory first: a fresh process, as after a restart.
+    test_idle_connections
+    test_latency
+    test_blocked
+    test_tls_bulk
+    test_raw_bulk
+    test_new_connections https
+    test_new_connections http
+    proxy_stop "$PROXY"
+}
+
+write_meta() {
+    local ae_version=n/a ae_commit=n/a
+    if [[ " $PROXIES " == *" agent-egress "* ]]; then
+        ae_version="$("$AGENT_EGRESS" --version 2>&1 | head -1) ($AGENT_EGRESS)"
+        ae_commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    fi
+    jq -n \
+        --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        --arg kernel "$(uname -r)" \
+        --arg cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
+        --arg cores "$(nproc)" \
+        --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
+        --arg v2ray "$(v2ray -version 2>/dev/null | head -1)" \
+        --arg haproxy "$(haproxy -v 2>/dev/null | head -1)" \
+        --arg nginx "$(nginx -v 2>&1)" \
+        --arg curl "$(curl --version | head -1 | cut -d' ' -f1-2,5)" \
+        --arg wrk "$(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)" \
+        --arg iperf3 "$(iperf3 --version | head -1)" \
+        --arg python "$(python3 -c 'import ssl, sys; print(sys.version.split()[0], ssl.OPENSSL_VERSION)')" \
+        --arg agent_egress "$ae_version" --arg commit "$ae_commit" \
+        --arg rounds "$ROUNDS" --arg proxies "$PROXIES" \
+        --arg params "wrk -t2 -c$WRK_CONNECTIONS -d${WRK_SECONDS}s; iperf3 -R -t $IPERF_SECONDS -O 1; latency $LATENCY_COUNT; blocked $BLOCKED_COUNT; idle $IDLE_COUNT; TLS bulk $BULK_BYTES bytes" \
+        '$ARGS.named' >"$WORK/meta.json"
+}
+
+main() {
+    preflight
+    BENCH_ID=$(printf '%04x' "$$")
+    WORK=$(mktemp -d "/tmp/aebench-$BENCH_ID.XXXX")
+    RESULTS=$WORK/results.tsv
+    : >"$RESULTS"
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    local started=$SECONDS
+    log "world: netns aeb${BENCH_ID}a (agent) and aeb${BENCH_ID}n (internet), work dir $WORK"
+    build_world
+    write_meta
+    log "proxies: $PROXIES; $ROUNDS rounds"
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        for proxy in $PROXIES; do run_proxy_round "$proxy"; done
+    done
+    jq --arg load_end "$(cut -d' ' -f1-3 /proc/loadavg)" --arg seconds "$((SECONDS - started))" \
+        '. + {load_end: $load_end, seconds: $seconds}' "$WORK/meta.json" >"$WORK/meta.json.new"
+    mv "$WORK/meta.json.new" "$WORK/meta.json"
+    local report
+    report=$BENCH_DIR/results-$(date +%Y-%m-%d-%H%M).md
+    python3 "$BENCH_DIR/report.py" "$RESULTS" "$WORK/meta.json" >"$report"
+    cat "$report"
+    log "written to $report (took $((SECONDS - started)) s)"
+}
+
+main "$@"
