@@ -82,6 +82,41 @@ pub struct Record {
     pub dropped: Option<u64>,
 }
 
+/// Set once an early attribution is finished (found or not), waking the event
+/// loop that waits on it: a refusal is held until then (briefly), because a
+/// refused client may close its socket, and with it the trace of its process,
+/// as soon as it reads the refusal.
+#[derive(Clone)]
+pub struct AttributionDone {
+    flag: Arc<AtomicBool>,
+    waker: Arc<mio::Waker>,
+}
+
+impl AttributionDone {
+    pub fn new(waker: Arc<mio::Waker>) -> AttributionDone {
+        AttributionDone {
+            flag: Arc::new(AtomicBool::new(false)),
+            waker,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        // A loop that cannot be woken finds the flag at its next deadline.
+        let _ = self.waker.wake();
+    }
+}
+
+impl fmt::Debug for AttributionDone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AttributionDone({})", self.is_done())
+    }
+}
+
 /// A record on its way to the writer, with what the writer needs to attribute it.
 #[derive(Clone, Debug, Default)]
 pub struct PendingRecord {
@@ -186,7 +221,11 @@ pub fn encode_line(record: &Record, out: &mut Vec<u8>) -> Result<(), AuditError>
 
 enum Message {
     Record(Box<PendingRecord>),
-    Attribute { conn_id: u64, query: OwnerQuery },
+    Attribute {
+        conn_id: u64,
+        query: OwnerQuery,
+        done: AttributionDone,
+    },
     Stop,
 }
 
@@ -277,10 +316,18 @@ impl AuditLog {
     /// Ask the writer to find the owning process now, while it surely exists, and keep
     /// it for this connection's records. Never blocks; on a full queue the request is
     /// skipped and the end record falls back to late attribution.
-    pub fn attribute_early(&self, conn_id: u64, query: OwnerQuery) {
+    pub fn attribute_early(&self, conn_id: u64, query: OwnerQuery, done: AttributionDone) {
         if self.attributing {
-            let _ = self.queue.try_send(Message::Attribute { conn_id, query });
+            let message = Message::Attribute {
+                conn_id,
+                query,
+                done: done.clone(),
+            };
+            if self.queue.try_send(message).is_ok() {
+                return;
+            }
         }
+        done.set();
     }
 
     /// Records dropped so far because the queue was full.
@@ -395,7 +442,14 @@ impl Writer {
     fn handle(&mut self, message: Message) -> bool {
         match message {
             Message::Record(pending) => self.write_pending(*pending),
-            Message::Attribute { conn_id, query } => self.attribute_early(conn_id, &query),
+            Message::Attribute {
+                conn_id,
+                query,
+                done,
+            } => {
+                self.attribute_early(conn_id, &query);
+                done.set();
+            }
             Message::Stop => return true,
         }
         false

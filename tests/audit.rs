@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use agent_egress::audit::{AuditError, AuditLog, PendingRecord, Record, Sink, EVENT_END};
+use agent_egress::audit::{
+    AttributionDone, AuditError, AuditLog, PendingRecord, Record, Sink, EVENT_END,
+};
 use agent_egress::procinfo::{
     describe, lookup_socket, pid_of_socket, Attributor, OwnerQuery, SockDiag,
 };
@@ -420,7 +422,18 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
         record: connection(id, "agent.example"),
         owner: Some(query.clone()),
     };
-    log.attribute_early(early_id, query.clone());
+    let poll = mio::Poll::new().unwrap();
+    let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+    let done = AttributionDone::new(waker);
+    log.attribute_early(early_id, query.clone(), done.clone());
+    let asked = std::time::Instant::now();
+    while !done.is_done() {
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(5),
+            "never attributed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     log.submit(pending(late_alive_id));
     assert_eq!(wait_for_records(&path, 1).len(), 1);
 

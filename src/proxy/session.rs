@@ -5,7 +5,7 @@
 
 use super::relay::{write_fd, Flow, Pump};
 use super::Runtime;
-use crate::audit::Record;
+use crate::audit::{AttributionDone, Record};
 use crate::config::{DomainDial, Mode, Outbound};
 use crate::dns::{Lookup, QueryId, Resolver};
 use crate::names::normalize_host;
@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 const RELAY_BUDGET: usize = 1 << 20;
 /// How long a refused client may take to read our refusal before we reset.
 const LINGER_AFTER_REFUSAL: Duration = Duration::from_secs(1);
+/// The longest a refusal waits for the client's process to be named.
+const HOLD_REFUSAL: Duration = Duration::from_millis(100);
 /// A relay idle this long gives its pipes back.
 const RELEASE_PIPES_AFTER: Duration = Duration::from_secs(5);
 
@@ -37,6 +39,8 @@ pub enum Step {
     Again,
     /// Waiting for a DNS answer to this query.
     AwaitDns(QueryId),
+    /// A refusal is held: call `poll_hold` until it is sent.
+    Hold,
     /// Done: the record is final, the sockets are closed on drop.
     Close,
 }
@@ -58,6 +62,11 @@ enum Phase {
         shake: Box<dyn Handshake + Send>,
     },
     Relaying,
+    /// A refusal waits for the audit writer to name the client's process
+    /// (at most `HOLD_REFUSAL`): once refused, the client may close at once.
+    Holding {
+        rule: String,
+    },
     /// A refusal was written; wait for the client to close, briefly.
     Refused,
 }
@@ -85,6 +94,8 @@ pub struct Session {
     pub record: Record,
     /// Where the audit writer finds the owning process.
     pub owner: Option<OwnerQuery>,
+    /// Set when the writer has looked for the owning process.
+    pub attribution: Option<AttributionDone>,
     /// Set when the policy decided, until the worker has seen it.
     decided: bool,
 }
@@ -121,6 +132,7 @@ impl Session {
             dial_options: DialOptions::default(),
             record,
             owner: None,
+            attribution: None,
             decided: false,
         }
     }
@@ -154,6 +166,7 @@ impl Session {
             Phase::Connecting { .. } => self.check_connected(ctx),
             Phase::Handshaking { .. } => self.handshake(ctx),
             Phase::Relaying => self.relay(ctx.now),
+            Phase::Holding { .. } => Step::Continue,
             Phase::Refused => self.drain_refused(),
         };
         self.record_bytes();
@@ -174,6 +187,7 @@ impl Session {
                     Phase::Connecting { .. } | Phase::Handshaking { .. } => {
                         self.fail("upstream connect timed out".into())
                     }
+                    Phase::Holding { .. } => self.poll_hold(now),
                     Phase::Refused | Phase::Relaying => Step::Close,
                 };
             }
@@ -601,8 +615,33 @@ impl Session {
     // ---- endings -----------------------------------------------------------------------
 
     /// Refuse saying why where the protocol allows: a TLS access_denied alert
-    /// before any ServerHello, an HTTP 403, else a reset.
+    /// before any ServerHello, an HTTP 403, else a reset. Held first, briefly,
+    /// until the audit writer has named the client's process.
     fn refuse_politely(&mut self, rule: &str) -> Step {
+        if self.attribution.as_ref().is_some_and(|a| !a.is_done()) {
+            self.phase = Phase::Holding {
+                rule: rule.to_string(),
+            };
+            self.deadline = Some(Instant::now() + HOLD_REFUSAL);
+            return Step::Hold;
+        }
+        self.send_refusal(rule)
+    }
+
+    /// A held refusal goes out once the process is named or the hold is over.
+    pub fn poll_hold(&mut self, now: Instant) -> Step {
+        let Phase::Holding { ref rule } = self.phase else {
+            return Step::Continue;
+        };
+        let named = self.attribution.as_ref().is_none_or(|a| a.is_done());
+        if !named && self.deadline.is_some_and(|d| now < d) {
+            return Step::Hold;
+        }
+        let rule = rule.clone();
+        self.send_refusal(&rule)
+    }
+
+    fn send_refusal(&mut self, rule: &str) -> Step {
         let message = match self.record.proto {
             "tls" => outbound::tls_access_denied_alert().to_vec(),
             "http" => outbound::http_forbidden(rule, self.record.host.as_deref().unwrap_or("")),

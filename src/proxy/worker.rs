@@ -3,7 +3,7 @@
 
 use super::session::{set_linger_zero, Ctx, Session, Step};
 use super::{Runtime, Shared};
-use crate::audit::{PendingRecord, Record, EVENT_END, EVENT_START};
+use crate::audit::{AttributionDone, PendingRecord, Record, EVENT_END, EVENT_START};
 use crate::dns::{QueryId, Resolver};
 use crate::procinfo::{OwnerQuery, SockDiag};
 use mio::net::TcpListener;
@@ -23,6 +23,8 @@ const RESOLVER: Token = Token(usize::MAX - 2);
 const LISTENER_BASE: usize = usize::MAX - 64;
 /// How often deadlines and idle timeouts are checked.
 const TICK: Duration = Duration::from_millis(50);
+/// How often held refusals are looked at when no wake-up comes.
+const HOLD_POLL: Duration = Duration::from_millis(1);
 /// How long to stop accepting after running out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -38,6 +40,8 @@ pub struct Worker {
     sock_diag: Option<SockDiag>,
     /// Work left over from a byte budget, run before sleeping again.
     again: Vec<usize>,
+    /// Sessions holding a refusal until their client's process is named.
+    holding: Vec<usize>,
     accept_paused_until: Option<Instant>,
     /// Held so that accept can still take (and refuse) a connection when the
     /// process runs out of fds: close it, accept, reset, reopen.
@@ -67,6 +71,7 @@ impl Worker {
             waiting_dns: HashMap::new(),
             sock_diag,
             again: Vec::new(),
+            holding: Vec::new(),
             accept_paused_until: None,
             spare_fd: open_spare_fd(),
         };
@@ -83,10 +88,13 @@ impl Worker {
         let mut next_tick = Instant::now() + TICK;
         loop {
             let now = Instant::now();
-            let timeout = if self.again.is_empty() {
-                next_tick.saturating_duration_since(now)
-            } else {
+            let timeout = if !self.again.is_empty() {
                 Duration::ZERO
+            } else if !self.holding.is_empty() {
+                // Holds are a few milliseconds: look again soon.
+                next_tick.saturating_duration_since(now).min(HOLD_POLL)
+            } else {
+                next_tick.saturating_duration_since(now)
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -109,6 +117,7 @@ impl Worker {
             for key in std::mem::take(&mut self.again) {
                 self.on_session_event(key);
             }
+            self.poll_holds();
             let now = Instant::now();
             if now >= next_tick {
                 self.tick(now);
@@ -149,7 +158,23 @@ impl Worker {
             Step::Continue => {}
             Step::Again => self.again.push(key),
             Step::AwaitDns(id) => self.waiting_dns.entry(id).or_default().push(key),
+            Step::Hold => {
+                if !self.holding.contains(&key) {
+                    self.holding.push(key);
+                }
+            }
             Step::Close => self.close(key),
+        }
+    }
+
+    fn poll_holds(&mut self) {
+        let now = Instant::now();
+        for key in std::mem::take(&mut self.holding) {
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            let step = session.poll_hold(now);
+            self.after(key, step);
         }
     }
 
@@ -270,6 +295,7 @@ impl Worker {
             ..Record::default()
         };
         let mut owner_query = None;
+        let mut attribution = None;
         if let Some(owner) = self
             .sock_diag
             .as_mut()
@@ -287,7 +313,9 @@ impl Worker {
                 };
                 // Now, while the agent's process surely still exists.
                 if let Some(id) = record.conn_id {
-                    audit.attribute_early(id, query.clone());
+                    let done = AttributionDone::new(self.waker.clone());
+                    audit.attribute_early(id, query.clone(), done.clone());
+                    attribution = Some(done);
                 }
                 owner_query = Some(query);
             }
@@ -296,6 +324,7 @@ impl Worker {
         let key = entry.key();
         let mut session = Session::new(stream, original_dst, runtime, record, now);
         session.owner = owner_query;
+        session.attribution = attribution;
         if let Err(e) = session.register(self.poll.registry(), Token(key * 2)) {
             log::warn!("cannot watch connection from {peer}: {e}");
             return;
