@@ -138,7 +138,7 @@ def main():
     out = [f"# agent-egress side-by-side benchmark, {meta['date']}", ""]
     out.append(
         f"Medians of {meta['rounds']} interleaved rounds (each round runs every proxy once, "
-        f"in the order {', '.join(proxies)}). Every proxy sits behind the same TPROXY "
+        f"in the order {', '.join(meta['proxies'].split())}). Every proxy sits behind the same TPROXY "
         "capture of the same agent cgroup; `none` is the direct path without capture. "
         "MB = 10^6 bytes. n/a: not measured (no proxy process, or no block configured)."
     )
@@ -155,11 +155,12 @@ def main():
     if ratio_columns:
         rows = []
         for m in metrics:
-            row = [METRICS[m][0]]
+            cells = []
             for a, b in ratio_columns:
                 x, y = median.get((a, m)), median.get((b, m))
-                row.append(f"{x / y:.2f}×" if x is not None and y else "n/a")
-            rows.append(row)
+                cells.append(f"{x / y:.2f}×" if x is not None and y else "n/a")
+            if any(c != "n/a" for c in cells):
+                rows.append([METRICS[m][0]] + cells)
         out += [
             "## Ratios of medians",
             "",

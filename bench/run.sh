@@ -35,6 +35,7 @@ preflight() {
     for tool in ip nft nsenter unshare nginx iperf3 dnsmasq wrk curl openssl python3 jq ss awk; do
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
+    local proxy selected=()
     for proxy in $PROXIES; do
         case $proxy in
         v2ray | haproxy) command -v "$proxy" >/dev/null || missing+=("$proxy") ;;
@@ -42,13 +43,16 @@ preflight() {
             if [ ! -x "$AGENT_EGRESS" ]; then
                 log "WARNING: no agent-egress binary at $AGENT_EGRESS (set AGENT_EGRESS or build with" \
                     "cargo build --release): agent-egress is left out of this run"
-                PROXIES=${PROXIES//agent-egress/}
+                continue
             fi
             ;;
         none) ;;
         *) die "unknown proxy $proxy in BENCH_PROXIES (none v2ray haproxy agent-egress)" ;;
         esac
+        selected+=("$proxy")
     done
+    PROXIES=${selected[*]}
+    [ -n "$PROXIES" ] || die "nothing to measure"
     ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (apt-get install them)"
     # 2,000 idle connections through a proxy: 4,000 sockets, and pipes for splicing.
     ulimit -n "$(ulimit -Hn)"
@@ -112,9 +116,10 @@ test_tls_bulk() {
     read -r speed size <<<"$out"
     [ "$size" = "$BULK_BYTES" ] || die "TLS bulk: got $size of $BULK_BYTES bytes"
     record tls_bulk_MBps "$(awk -v s="$speed" 'BEGIN { printf "%.1f", s / 1e6 }')"
-    [ -n "$PROXY_PID" ] && record cpu_s_per_GB_tls "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" \
-        -v b="$size" 'BEGIN { printf "%.3f", c / (b / 1e9) }')"
-    return 0
+    if [ -n "$PROXY_PID" ]; then
+        record cpu_s_per_GB_tls "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v b="$size" \
+            'BEGIN { printf "%.3f", c / (b / 1e9) }')"
+    fi
 }
 
 test_raw_bulk() {
@@ -128,9 +133,10 @@ test_raw_bulk() {
     # -O 1 leaves the first second out of the rate but not out of the bytes sent:
     # what the proxy's CPU time covers is every byte of the test.
     bytes=$(jq -r '[.intervals[].sum.bytes] | add' <<<"$out")
-    [ -n "$PROXY_PID" ] && record cpu_s_per_GB_raw "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" \
-        -v b="$bytes" 'BEGIN { printf "%.3f", c / (b / 1e9) }')"
-    return 0
+    if [ -n "$PROXY_PID" ]; then
+        record cpu_s_per_GB_raw "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v b="$bytes" \
+            'BEGIN { printf "%.3f", c / (b / 1e9) }')"
+    fi
 }
 
 # New connections per second: wrk with Connection: close, so every request is a
@@ -148,9 +154,10 @@ test_new_connections() {
         awk '{ s += $1 } END { print s + 0 }')
     record "${scheme}_conn_per_s" "$(printf '%.0f' "$rate")"
     record "${scheme}_errors" "$errors"
-    [ -n "$PROXY_PID" ] && record "cpu_us_per_${scheme}_conn" "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" \
-        -v n="$requests" 'BEGIN { printf "%.0f", c * 1e6 / n }')"
-    return 0
+    if [ -n "$PROXY_PID" ]; then
+        record "cpu_us_per_${scheme}_conn" "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
+            'BEGIN { printf "%.0f", c * 1e6 / n }')"
+    fi
 }
 
 run_proxy_round() {
@@ -190,7 +197,7 @@ write_meta() {
         --arg haproxy "$(haproxy -v 2>/dev/null | head -1)" \
         --arg nginx "$(nginx -v 2>&1)" \
         --arg curl "$(curl --version | head -1 | cut -d' ' -f1-2,5)" \
-        --arg wrk "$(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)" \
+        --arg wrk "$({ wrk -v 2>&1 || true; } | head -1 | cut -d' ' -f1-2)" \
         --arg iperf3 "$(iperf3 --version | head -1)" \
         --arg python "$(python3 -c 'import ssl, sys; print(sys.version.split()[0], ssl.OPENSSL_VERSION)')" \
         --arg agent_egress "$ae_version" --arg commit "$ae_commit" \
@@ -206,6 +213,8 @@ main() {
     RESULTS=$WORK/results.tsv
     : >"$RESULTS"
     trap cleanup EXIT
+    set -E
+    trap 'log "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
     trap 'exit 130' INT TERM
     local started=$SECONDS
     log "world: netns aeb${BENCH_ID}a (agent) and aeb${BENCH_ID}n (internet), work dir $WORK"
