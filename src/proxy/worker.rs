@@ -42,6 +42,9 @@ pub struct Worker {
     again: Vec<usize>,
     /// Sessions holding a refusal until their client's process is named.
     holding: Vec<usize>,
+    /// Worker threads in all (counted once: `available_parallelism` reads
+    /// cgroup files, too slow for every accept).
+    workers: usize,
     accept_paused_until: Option<Instant>,
     /// Held so that accept can still take (and refuse) a connection when the
     /// process runs out of fds: close it, accept, reset, reopen.
@@ -72,6 +75,7 @@ impl Worker {
             sock_diag,
             again: Vec::new(),
             holding: Vec::new(),
+            workers: runtime.config.workers(),
             accept_paused_until: None,
             spare_fd: open_spare_fd(),
         };
@@ -265,7 +269,7 @@ impl Worker {
         self.shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let runtime = self.shared.runtime();
         let limit = runtime.config.limits.connections;
-        let per_worker = limit.div_ceil(self.shared_workers()).max(1);
+        let per_worker = limit.div_ceil(self.workers).max(1);
         if self.sessions.len() >= per_worker {
             self.shared
                 .stats
@@ -333,10 +337,6 @@ impl Worker {
         self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
         // Clients that speak first usually have bytes waiting already.
         self.on_session_event(key);
-    }
-
-    fn shared_workers(&self) -> usize {
-        self.runtime.config.workers()
     }
 
     /// A reload may have changed the DNS servers.
