@@ -21,8 +21,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{
+    sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -82,32 +84,51 @@ pub struct Record {
     pub dropped: Option<u64>,
 }
 
-/// Set once an early attribution is finished (found or not), waking the event
-/// loop that waits on it: a refusal is held until then (briefly), because a
-/// refused client may close its socket, and with it the trace of its process,
-/// as soon as it reads the refusal.
+/// Set once an early attribution is finished (found or not). A refusal is held
+/// until then (briefly), because a refused client may close its socket, and
+/// with it the trace of its process, as soon as it reads the refusal. The
+/// event loop is woken only when it watches (holds a refusal): most
+/// connections are not refused, and their loops need no wake-up.
 #[derive(Clone)]
 pub struct AttributionDone {
-    flag: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
     waker: Arc<mio::Waker>,
 }
+
+const ATTRIBUTION_PENDING: u8 = 0;
+const ATTRIBUTION_WATCHED: u8 = 1;
+const ATTRIBUTION_DONE: u8 = 2;
 
 impl AttributionDone {
     pub fn new(waker: Arc<mio::Waker>) -> AttributionDone {
         AttributionDone {
-            flag: Arc::new(AtomicBool::new(false)),
+            state: Arc::new(AtomicU8::new(ATTRIBUTION_PENDING)),
             waker,
         }
     }
 
     pub fn is_done(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) == ATTRIBUTION_DONE
+    }
+
+    /// True if done already; otherwise the loop is woken when it is.
+    pub fn watch(&self) -> bool {
+        match self.state.compare_exchange(
+            ATTRIBUTION_PENDING,
+            ATTRIBUTION_WATCHED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => false,
+            Err(state) => state == ATTRIBUTION_DONE,
+        }
     }
 
     fn set(&self) {
-        self.flag.store(true, Ordering::Release);
-        // A loop that cannot be woken finds the flag at its next deadline.
-        let _ = self.waker.wake();
+        if self.state.swap(ATTRIBUTION_DONE, Ordering::AcqRel) == ATTRIBUTION_WATCHED {
+            // A loop that cannot be woken finds the state at its next deadline.
+            let _ = self.waker.wake();
+        }
     }
 }
 
@@ -241,6 +262,7 @@ pub struct AuditLog {
     queue: SyncSender<Message>,
     shared: Arc<Shared>,
     attributing: bool,
+    writer: thread::Thread,
 }
 
 /// Owns the writer thread; stop it with [`AuditThread::flush_and_stop`].
@@ -254,6 +276,10 @@ pub struct AuditThread {
 const EARLY_ATTRIBUTIONS_MAX: usize = 8192;
 /// Upper bound on the time a written record sits in the buffer.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// After work, the writer sleeps this long and takes what queued up meanwhile,
+/// instead of being woken (a futex call on each side) for every message. A
+/// held refusal cuts the sleep short ([`AuditLog::hurry`]).
+const LINGER: Duration = Duration::from_millis(1);
 /// How long to wait before retrying a failed reopen.
 const REOPEN_RETRY: Duration = Duration::from_secs(1);
 
@@ -294,6 +320,7 @@ impl AuditLog {
                 queue: queue.clone(),
                 shared,
                 attributing,
+                writer: handle.thread().clone(),
             },
             AuditThread { queue, handle },
         ))
@@ -328,6 +355,11 @@ impl AuditLog {
             }
         }
         done.set();
+    }
+
+    /// Someone waits for an early attribution: end the writer's linger now.
+    pub fn hurry(&self) {
+        self.writer.unpark();
     }
 
     /// Records dropped so far because the queue was full.
@@ -403,17 +435,32 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, queue: Receiver<Message>, capacity: usize) {
+        let mut lingering = false;
         loop {
-            // Idle with nothing buffered: sleep until work arrives. Drops cannot
-            // happen meanwhile (they need a full queue). With bytes stuck after a
+            // Busy: linger, then take the batch that queued up. Idle with
+            // nothing buffered: sleep until work arrives. Drops cannot happen
+            // meanwhile (they need a full queue). With bytes stuck after a
             // failed flush, wake up to retry.
-            let received = if self.output.writer.buffer().is_empty() {
+            let received = if lingering {
+                thread::park_timeout(LINGER);
+                match queue.try_recv() {
+                    Ok(message) => Ok(message),
+                    Err(TryRecvError::Empty) => {
+                        lingering = false;
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+                }
+            } else if self.output.writer.buffer().is_empty() {
                 queue.recv().map_err(|_| RecvTimeoutError::Disconnected)
             } else {
                 queue.recv_timeout(FLUSH_INTERVAL)
             };
             let mut stop = match received {
-                Ok(message) => self.handle(message),
+                Ok(message) => {
+                    lingering = true;
+                    self.handle(message)
+                }
                 Err(RecvTimeoutError::Timeout) => false,
                 Err(RecvTimeoutError::Disconnected) => true,
             };

@@ -6,14 +6,17 @@
 //! cgroups (a restarted unit gets a new cgroup id, which must join the set
 //! within milliseconds; systemd units close even that window with `NFTSet=`).
 //!
-//! With `interception.backstop`, every captured cgroup also gets the kernel
-//! backstop (see [`crate::backstop`]), which stays when the daemon stops
-//! without cleaning up, dies or is frozen.
+//! Every captured cgroup gets the connect log (see [`crate::connect_log`]),
+//! which names the process behind each connection for the audit records;
+//! with `interception.backstop`, also the kernel backstop (see
+//! [`crate::backstop`]), which stays when the daemon stops without cleaning
+//! up, dies or is frozen.
 
 use crate::audit::{Record, EVENT_DROPS};
 use crate::backstop::{self, Backstop};
 use crate::cgroup::{self, Change, Watcher};
 use crate::config::Config;
+use crate::connect_log::{self, ConnectLog};
 use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
 use crate::proxy::Shared;
 use crate::routing::{self, RoutePlan, RuleMonitor};
@@ -126,6 +129,7 @@ impl Capture {
                 return Err(e);
             }
         }
+        start_connect_log(&shared, &root, &members);
         let poll = Poll::new().map_err(|e| e.to_string())?;
         let waker = Arc::new(Waker::new(poll.registry(), CONTROL).map_err(|e| e.to_string())?);
         let mut keeper = Keeper {
@@ -200,16 +204,20 @@ impl Capture {
     pub fn remove_for(config: &Config) -> Result<(), String> {
         let table = netfilter::remove(&config.interception.table);
         let route = routing::remove(&route_plan(config));
+        let root = cgroup::cgroup2_root().map_err(|e| e.to_string());
+        let connects = root
+            .clone()
+            .and_then(|root| detach_connect_log(&root, config.interception.cgroups.iter()));
         let backstop = if config.interception.backstop {
-            cgroup::cgroup2_root()
-                .map_err(|e| format!("removing the kernel backstop: {e}"))
+            root.map_err(|e| format!("removing the kernel backstop: {e}"))
                 .and_then(|root| detach_everywhere(&root, config.interception.cgroups.iter()))
         } else {
             Ok(())
         };
         table.map_err(|e| format!("removing table inet {}: {e}", config.interception.table))?;
         route.map_err(|e| format!("removing policy routing: {e}"))?;
-        backstop
+        backstop?;
+        connects
     }
 
     pub fn status(config: &Config) -> Result<Status, String> {
@@ -369,6 +377,49 @@ fn attach_everywhere(b: &Backstop, root: &Path, members: &Members) -> Result<(),
         );
     }
     Ok(())
+}
+
+/// Load the connect log into `shared` (once per process) and attach it to
+/// every member. Without it, attribution falls back to searching /proc.
+fn start_connect_log(shared: &Shared, root: &Path, members: &Members) {
+    if shared.connect_log.get().is_none() {
+        match ConnectLog::load() {
+            Ok(connects) => {
+                let _ = shared.connect_log.set(connects);
+            }
+            Err(e) => {
+                log::warn!("{e}; audit records find processes by searching /proc instead");
+                return;
+            }
+        }
+    }
+    for (path, _) in members.values() {
+        attach_connect_log(shared, &root.join(path));
+    }
+}
+
+fn attach_connect_log(shared: &Shared, dir: &Path) {
+    if let Some(connects) = shared.connect_log.get() {
+        if let Err(e) = connects.attach(dir) {
+            log::warn!("{e}; audit records find its processes by searching /proc instead");
+        }
+    }
+}
+
+/// Detach the connect log from these cgroups, as many as can be.
+fn detach_connect_log<'a>(
+    root: &Path,
+    paths: impl Iterator<Item = &'a String>,
+) -> Result<(), String> {
+    let errors: Vec<String> = paths
+        .filter_map(|p| connect_log::detach(&root.join(p)).err())
+        .map(|e| format!("removing {e}"))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 /// Detach the backstop from these configured cgroups, as many as can be.
@@ -532,6 +583,7 @@ impl Keeper {
         for m in &added {
             if let Some((path, _)) = self.members.get(&m.id) {
                 log::info!("cgroup {path} (id {}) captured", m.id);
+                attach_connect_log(&self.shared, &self.root.join(path));
                 self.attach_backstop(path);
             }
         }
@@ -568,7 +620,20 @@ impl Keeper {
             }
         }
         self.update_backstop(config.interception.backstop, &before);
+        self.update_connect_log(&before);
         self.publish_agents();
+    }
+
+    /// After a reload: the connect log on every member, off released cgroups.
+    fn update_connect_log(&self, before: &[String]) {
+        let now = self.member_paths();
+        let released = before.iter().filter(|p| !now.contains(p));
+        if let Err(e) = detach_connect_log(&self.root, released) {
+            log::warn!("{e}");
+        }
+        for path in &now {
+            attach_connect_log(&self.shared, &self.root.join(path));
+        }
     }
 
     /// The agents' dropped non-TCP traffic since the last report: one log
@@ -683,6 +748,9 @@ impl Keeper {
             if let Err(e) = detach_everywhere(&self.root, self.members.values().map(|(p, _)| p)) {
                 log::error!("{e}");
             }
+        }
+        if let Err(e) = detach_connect_log(&self.root, self.members.values().map(|(p, _)| p)) {
+            log::warn!("{e}");
         }
     }
 

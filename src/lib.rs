@@ -1,10 +1,12 @@
 //! agent-egress: a Linux egress controller for AI agents.
 pub mod audit;
 pub mod backstop;
+pub mod bpf;
 pub mod capture;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod connect_log;
 pub mod daemon;
 pub mod dns;
 pub mod exec;

@@ -25,6 +25,8 @@ use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NetlinkAdd
 pub struct SocketOwner {
     pub inode: u64,
     pub uid: u32,
+    /// The socket's cookie, the key of [`crate::connect_log`].
+    pub cookie: u64,
     /// The cgroup v2 id (inode of the cgroup directory) the socket was created in.
     /// `None` on kernels built without socket cgroup data.
     pub cgroup_id: Option<u64>,
@@ -84,6 +86,7 @@ const NLM_F_REQUEST: u16 = 1;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_REQ_V2_LEN: usize = 56;
 const INET_DIAG_MSG_LEN: usize = 72;
+const INET_DIAG_MSG_COOKIE: usize = 44;
 const INET_DIAG_MSG_UID: usize = 64;
 const INET_DIAG_MSG_INODE: usize = 68;
 const INET_DIAG_CGROUP_ID: u16 = 21;
@@ -260,6 +263,11 @@ fn parse_diag_msg(body: &[u8]) -> Result<SocketOwner, ProcInfoError> {
     }
     let uid = read_u32(body, INET_DIAG_MSG_UID).ok_or(ProcInfoError::Malformed("no uid"))?;
     let inode = read_u32(body, INET_DIAG_MSG_INODE).ok_or(ProcInfoError::Malformed("no inode"))?;
+    // idiag_cookie[2]: the low half first, each in host byte order.
+    let cookie_low =
+        read_u32(body, INET_DIAG_MSG_COOKIE).ok_or(ProcInfoError::Malformed("no cookie"))?;
+    let cookie_high =
+        read_u32(body, INET_DIAG_MSG_COOKIE + 4).ok_or(ProcInfoError::Malformed("no cookie"))?;
     let mut cgroup_id = None;
     let mut attrs = &body[INET_DIAG_MSG_LEN..];
     while attrs.len() >= 4 {
@@ -277,6 +285,7 @@ fn parse_diag_msg(body: &[u8]) -> Result<SocketOwner, ProcInfoError> {
     Ok(SocketOwner {
         inode: u64::from(inode),
         uid,
+        cookie: u64::from(cookie_low) | (u64::from(cookie_high) << 32),
         cgroup_id,
     })
 }
@@ -307,14 +316,23 @@ pub struct OwnerQuery {
     /// Absolute path of the agent's cgroup directory (the configured one, which the
     /// socket's own cgroup may be below).
     pub cgroup_dir: PathBuf,
+    /// The pid that connected the socket, when the kernel recorded it
+    /// ([`crate::connect_log`]): no search needed.
+    pub connector: Option<u32>,
 }
 
 impl Attributor {
-    /// The process holding the queried socket, with its exe and cmdline, searched among
-    /// the processes of the agent's cgroup subtree (the socket's own cgroup first).
+    /// The process that connected the queried socket when the kernel recorded it;
+    /// else the process holding it, searched among the processes of the agent's
+    /// cgroup subtree (the socket's own cgroup first). With its exe and cmdline.
     pub fn resolve(&self, query: &OwnerQuery) -> Option<ProcessInfo> {
-        let candidates = self.candidate_pids(&query.cgroup_dir, query.owner.cgroup_id);
-        let pid = pid_of_socket(query.owner.inode, &candidates)?;
+        let pid = match query.connector {
+            Some(pid) => pid,
+            None => {
+                let candidates = self.candidate_pids(&query.cgroup_dir, query.owner.cgroup_id);
+                pid_of_socket(query.owner.inode, &candidates)?
+            }
+        };
         let (exe, cmdline) = describe(pid);
         Some(ProcessInfo { pid, exe, cmdline })
     }
@@ -379,7 +397,7 @@ pub fn pid_of_socket(inode: u64, candidate_pids: &[u32]) -> Option<u32> {
 }
 
 /// Upper bound on the bytes of /proc/PID/cmdline read; longer command lines are cut.
-const MAX_CMDLINE_BYTES: u64 = 16 * 1024;
+const MAX_CMDLINE_BYTES: usize = 16 * 1024;
 
 /// A process's executable path and command line, when it still exists and is readable.
 /// Non-UTF-8 bytes are replaced (U+FFFD); a command line longer than 16 KiB is cut.
@@ -387,12 +405,15 @@ pub fn describe(pid: u32) -> (Option<String>, Option<Vec<String>>) {
     let exe = fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
-    let mut raw = Vec::new();
+    let mut raw = vec![0u8; MAX_CMDLINE_BYTES];
+    // One read: the kernel copies the whole argument area up to the count asked
+    // (proc_pid_cmdline_read loops page by page), so a short read is the end.
     let cmdline = fs::File::open(format!("/proc/{pid}/cmdline"))
-        .and_then(|f| f.take(MAX_CMDLINE_BYTES).read_to_end(&mut raw))
+        .and_then(|mut f| f.read(&mut raw))
         .ok()
         .filter(|&n| n > 0)
-        .map(|_| {
+        .map(|n| {
+            raw.truncate(n);
             raw.strip_suffix(&[0])
                 .unwrap_or(&raw)
                 .split(|&b| b == 0)
@@ -455,6 +476,9 @@ mod tests {
         let mut body = vec![0u8; INET_DIAG_MSG_LEN];
         body[INET_DIAG_MSG_UID..INET_DIAG_MSG_UID + 4].copy_from_slice(&1000u32.to_ne_bytes());
         body[INET_DIAG_MSG_INODE..INET_DIAG_MSG_INODE + 4].copy_from_slice(&4242u32.to_ne_bytes());
+        body[INET_DIAG_MSG_COOKIE..INET_DIAG_MSG_COOKIE + 4].copy_from_slice(&5u32.to_ne_bytes());
+        body[INET_DIAG_MSG_COOKIE + 4..INET_DIAG_MSG_COOKIE + 8]
+            .copy_from_slice(&1u32.to_ne_bytes());
         // a pad attribute, then the cgroup id
         body.extend_from_slice(&4u16.to_ne_bytes());
         body.extend_from_slice(&22u16.to_ne_bytes());
@@ -464,6 +488,7 @@ mod tests {
         let owner = SocketOwner {
             inode: 4242,
             uid: 1000,
+            cookie: (1 << 32) | 5,
             cgroup_id: Some(77),
         };
         assert_eq!(

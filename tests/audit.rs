@@ -397,9 +397,11 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
     let attributor = Attributor::default();
     let candidates = attributor.candidate_pids(&agent_dir, owner.cgroup_id);
     assert_eq!(candidates, vec![child_pid]);
+    // No connect log here: the /proc search finds the process.
     let query = OwnerQuery {
         owner,
         cgroup_dir: agent_dir.clone(),
+        connector: None,
     };
     let info = attributor.resolve(&query).unwrap();
     assert_eq!(info.pid, child_pid);

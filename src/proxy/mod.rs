@@ -8,12 +8,13 @@ mod worker;
 
 use crate::audit::{AuditLog, Record};
 use crate::config::Config;
+use crate::connect_log::ConnectLog;
 use crate::policy::Policy;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 
 /// One config and its compiled policy. A connection keeps the one it was
@@ -89,6 +90,9 @@ pub struct Shared {
     pub stats: Stats,
     /// The cgroup2 mount, for finding an agent's processes; None without cgroup2.
     pub cgroup_root: Option<std::path::PathBuf>,
+    /// Which pid connected each agent socket; set by the capture when the
+    /// kernel takes the programs.
+    pub connect_log: OnceLock<ConnectLog>,
     stop: AtomicBool,
     summary_enabled: AtomicBool,
     summary: Mutex<Summary>,
@@ -156,6 +160,7 @@ impl Proxy {
             audit,
             stats: Stats::default(),
             cgroup_root: crate::cgroup::cgroup2_root().ok(),
+            connect_log: OnceLock::new(),
             stop: AtomicBool::new(false),
             summary_enabled: AtomicBool::new(false),
             summary: Mutex::new(Summary::default()),

@@ -150,14 +150,6 @@ impl Session {
         )
     }
 
-    pub fn deregister(&mut self, registry: &Registry) {
-        // Errors only mean the fd was not registered; it is closed on drop anyway.
-        let _ = registry.deregister(&mut self.client);
-        if let Some(up) = self.upstream.as_mut() {
-            let _ = registry.deregister(up);
-        }
-    }
-
     /// A readiness event on either socket, or a retry.
     pub fn on_event(&mut self, ctx: &mut Ctx) -> Step {
         let step = match self.phase {
@@ -588,13 +580,15 @@ impl Session {
         let (client, upstream) = (self.client.as_raw_fd(), up.as_raw_fd());
         let before = self.up.delivered + self.down.delivered;
         let mut budget = RELAY_BUDGET;
+        let down_finished = self.down.is_finished();
         let result = self
             .up
-            .pump(client, upstream, &mut budget)
+            .pump(client, upstream, &mut budget, down_finished)
             .map_err(|e| ("client→upstream", e))
             .and_then(|a| {
+                let up_finished = self.up.is_finished();
                 self.down
-                    .pump(upstream, client, &mut budget)
+                    .pump(upstream, client, &mut budget, up_finished)
                     .map(|b| (a, b))
                     .map_err(|e| ("upstream→client", e))
             });
@@ -618,7 +612,7 @@ impl Session {
     /// before any ServerHello, an HTTP 403, else a reset. Held first, briefly,
     /// until the audit writer has named the client's process.
     fn refuse_politely(&mut self, rule: &str) -> Step {
-        if self.attribution.as_ref().is_some_and(|a| !a.is_done()) {
+        if self.attribution.as_ref().is_some_and(|a| !a.watch()) {
             self.phase = Phase::Holding {
                 rule: rule.to_string(),
             };

@@ -165,6 +165,7 @@ impl Worker {
             Step::Hold => {
                 if !self.holding.contains(&key) {
                     self.holding.push(key);
+                    self.shared.audit.hurry();
                 }
             }
             Step::Close => self.close(key),
@@ -186,8 +187,9 @@ impl Worker {
         if !self.sessions.contains(key) {
             return;
         }
+        // Closing the sockets (when the session drops) takes them out of the
+        // epoll set: no deregister calls needed.
         let mut session = self.sessions.remove(key);
-        session.deregister(self.poll.registry());
         session.finish_record();
         self.shared.stats.active.fetch_sub(1, Ordering::Relaxed);
         self.shared.count(&session.record);
@@ -311,9 +313,17 @@ impl Worker {
                 .cgroup_id
                 .and_then(|id| self.shared.agents.agent_of(id));
             if let (Some(agent), Some(root)) = (&record.agent, &self.shared.cgroup_root) {
+                let connector = self.shared.connect_log.get().and_then(|connects| {
+                    connects
+                        .take(owner.cookie)
+                        .map_err(|e| log::debug!("reading the connect log: {e}"))
+                        .ok()
+                        .flatten()
+                });
                 let query = OwnerQuery {
                     owner,
                     cgroup_dir: root.join(agent),
+                    connector,
                 };
                 // Now, while the agent's process surely still exists.
                 if let Some(id) = record.conn_id {

@@ -70,7 +70,7 @@ mod tls;
 mod topology;
 mod world;
 
-pub use cgroup::{cgroup2_root, Cgroup};
+pub use cgroup::{cgroup2_root, remove_tree, Cgroup};
 pub use files::{sha256_bytes, sha256_file, ServedFile};
 pub use leftovers::{assert_no_leftovers, assert_world_gone};
 pub use netns::in_netns;

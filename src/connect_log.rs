@@ -1,0 +1,146 @@
+//! Who called connect(): a cgroup BPF program on the agents' cgroups writes
+//! the calling process's pid into a map, under the socket's cookie, at the
+//! moment the agent connects. The proxy learns the client socket's cookie from
+//! its sock_diag lookup and takes the pid out of the map: attribution in two
+//! syscalls, exact even when the process has exited since, instead of a
+//! search through the fd tables of the agent's processes.
+//!
+//! It names the process that made the connection. A socket handed to another
+//! process later (fork, SCM_RIGHTS) is still attributed to the one that
+//! connected. Connections the map does not know (made before the program was
+//! attached, or evicted from the LRU map) fall back to the /proc search.
+//!
+//! Pids are those of the initial pid namespace (bpf_get_current_pid_tgid), so
+//! the log is only used by a daemon that sees that namespace.
+
+use crate::bpf::{op, BpfError, Insn, Map, Program, ProgramKind, BPF_MAP_TYPE_LRU_HASH};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+
+const WHAT: &str = "the connect log";
+
+static KIND_V4: ProgramKind = ProgramKind {
+    what: WHAT,
+    name: c"ae_connect4_pid",
+    prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+    attach_type: BPF_CGROUP_INET4_CONNECT,
+};
+
+static KIND_V6: ProgramKind = ProgramKind {
+    what: WHAT,
+    name: c"ae_connect6_pid",
+    prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+    attach_type: BPF_CGROUP_INET6_CONNECT,
+};
+
+/// Entries live from connect() until the proxy accepts the connection
+/// (microseconds to milliseconds). Connections that never reach the proxy
+/// (bypassed destinations) leave theirs behind for the LRU to evict. Kernel
+/// memory: about 100 bytes per entry, allocated up front.
+const MAP_ENTRIES: u32 = 16_384;
+
+/// `PROC_PID_INIT_INO`: the inode of the initial pid namespace.
+const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
+
+// Helper numbers (`enum bpf_func_id`).
+const MAP_UPDATE_ELEM: i32 = 2;
+const GET_CURRENT_PID_TGID: i32 = 14;
+const GET_SOCKET_COOKIE: i32 = 46;
+
+/// ```text
+/// r6 = r1                          // struct bpf_sock_addr *
+/// r0 = bpf_get_current_pid_tgid()  // tgid << 32 | tid
+/// *(u64 *)(r10 - 8) = r0           // value
+/// r1 = r6
+/// r0 = bpf_get_socket_cookie(r1)
+/// *(u64 *)(r10 - 16) = r0          // key
+/// r1 = map
+/// r2 = r10 - 16
+/// r3 = r10 - 8
+/// r4 = 0                           // BPF_ANY
+/// bpf_map_update_elem(r1, r2, r3, r4)
+/// r0 = 1                           // let the connect proceed
+/// exit
+/// ```
+fn program(map: &Map) -> Vec<Insn> {
+    let mut insns = vec![
+        Insn::new(op::MOV64_REG, 6, 1, 0, 0),
+        Insn::new(op::CALL, 0, 0, 0, GET_CURRENT_PID_TGID),
+        Insn::new(op::STX_MEM_DW, 10, 0, -8, 0),
+        Insn::new(op::MOV64_REG, 1, 6, 0, 0),
+        Insn::new(op::CALL, 0, 0, 0, GET_SOCKET_COOKIE),
+        Insn::new(op::STX_MEM_DW, 10, 0, -16, 0),
+    ];
+    insns.extend(Insn::load_map_fd(1, map));
+    insns.extend([
+        Insn::new(op::MOV64_REG, 2, 10, 0, 0),
+        Insn::new(op::ADD64_IMM, 2, 0, 0, -16),
+        Insn::new(op::MOV64_REG, 3, 10, 0, 0),
+        Insn::new(op::ADD64_IMM, 3, 0, 0, -8),
+        Insn::new(op::MOV64_IMM, 4, 0, 0, 0),
+        Insn::new(op::CALL, 0, 0, 0, MAP_UPDATE_ELEM),
+        Insn::new(op::MOV64_IMM, 0, 0, 0, 1),
+        Insn::new(op::EXIT, 0, 0, 0, 0),
+    ]);
+    insns
+}
+
+/// The map and the two programs (IPv4 and IPv6 connects) that fill it.
+pub struct ConnectLog {
+    map: Map,
+    v4: Program,
+    v6: Program,
+}
+
+impl ConnectLog {
+    pub fn load() -> Result<ConnectLog, BpfError> {
+        let ns = std::fs::metadata("/proc/self/ns/pid").map_err(|e| BpfError::Prepare {
+            what: WHAT,
+            reason: format!("cannot read /proc/self/ns/pid: {e}"),
+        })?;
+        if ns.ino() != INIT_PID_NS_INO {
+            return Err(BpfError::Prepare {
+                what: WHAT,
+                reason: "this process is not in the initial pid namespace, \
+                         whose pids the kernel would record"
+                    .into(),
+            });
+        }
+        let map = Map::create(WHAT, c"ae_connect_pids", BPF_MAP_TYPE_LRU_HASH, MAP_ENTRIES)?;
+        let insns = program(&map);
+        let v4 = Program::load(&KIND_V4, &insns)?;
+        let v6 = Program::load(&KIND_V6, &insns)?;
+        Ok(ConnectLog { map, v4, v6 })
+    }
+
+    /// Attaches both programs to `cgroup_dir` (idempotent; replaces copies an
+    /// earlier daemon left).
+    pub fn attach(&self, cgroup_dir: &Path) -> Result<(), BpfError> {
+        self.v4.attach(cgroup_dir)?;
+        self.v6.attach(cgroup_dir)
+    }
+
+    /// The pid of the process that connected the socket with this cookie,
+    /// once: the entry is removed.
+    pub fn take(&self, socket_cookie: u64) -> io::Result<Option<u32>> {
+        Ok(self
+            .map
+            .take(socket_cookie)?
+            .map(|pid_tgid| (pid_tgid >> 32) as u32))
+    }
+}
+
+/// Detaches every copy of both programs from `cgroup_dir`; how many.
+pub fn detach(cgroup_dir: &Path) -> Result<usize, BpfError> {
+    Ok(KIND_V4.detach_all(cgroup_dir)? + KIND_V6.detach_all(cgroup_dir)?)
+}
+
+/// How many copies of the programs are attached to `cgroup_dir` itself.
+pub fn attached_count(cgroup_dir: &Path) -> Result<usize, BpfError> {
+    Ok(KIND_V4.attached_count(cgroup_dir)? + KIND_V6.attached_count(cgroup_dir)?)
+}
