@@ -163,6 +163,7 @@ test_new_connections() {
 run_proxy_round() {
     PROXY=$1
     log "round $ROUND: $PROXY"
+    build_world
     proxy_start "$PROXY"
     local mark
     mark=$(capture_mark_now "$PROXY")
@@ -179,6 +180,7 @@ run_proxy_round() {
     test_new_connections https
     test_new_connections http
     proxy_stop "$PROXY"
+    teardown_world
 }
 
 write_meta() {
@@ -218,7 +220,7 @@ main() {
     trap 'exit 130' INT TERM
     local started=$SECONDS
     log "world: netns aeb${BENCH_ID}a (agent) and aeb${BENCH_ID}n (internet), work dir $WORK"
-    build_world
+    make_content
     write_meta
     log "proxies: $PROXIES; $ROUNDS rounds"
     for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do

@@ -162,7 +162,8 @@ let
   # /proc/PID/fd of an agent's processes (another user's) is mode 0500 and
   # its links need ptrace access: attribution needs both capabilities.
   capabilities = [
-    "CAP_NET_ADMIN" # nftables, policy routing, IP_TRANSPARENT, SO_MARK
+    "CAP_NET_ADMIN" # nftables, policy routing, IP_TRANSPARENT, SO_MARK, cgroup BPF attach
+    "CAP_BPF" # load the connect log (which pid connected; src/connect_log.rs) and its map
     "CAP_SYS_PTRACE" # readlink /proc/PID/fd/* and /proc/PID/exe of agents
     "CAP_DAC_READ_SEARCH" # list /proc/PID/fd of agents running as other users
   ];
@@ -688,6 +689,7 @@ in
               SystemCallFilter = [
                 "@system-service"
                 "~@privileged"
+                "bpf" # the connect log; without it attribution searches /proc
               ];
               SystemCallErrorNumber = "EPERM";
             };

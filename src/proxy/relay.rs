@@ -3,7 +3,9 @@
 //! splice(2) through a pipe keeps the payload in the kernel; when no pipe can be
 //! had (fd exhaustion) a small user-space buffer does the same job. Both are
 //! driven edge-triggered: every call drains until the kernel says EAGAIN, so the
-//! next readiness edge is guaranteed to come.
+//! next readiness edge is guaranteed to come. A side that said EAGAIN is not
+//! tried again until the event loop reports it ready: an event on one socket
+//! costs no probing syscall on the other.
 //!
 //! Empty pipes are kept for reuse by their worker thread: with short
 //! connections, pipe2(2) and the closes of both pipes were six of the
@@ -139,6 +141,10 @@ pub struct Flow {
     channel: Channel,
     source_ended: bool,
     finished: bool,
+    /// The source may have bytes: no EAGAIN from it since it was last reported readable.
+    source_ready: bool,
+    /// The destination may take bytes: no EAGAIN since it was last reported writable.
+    dest_ready: bool,
     /// Payload bytes delivered to the destination.
     pub delivered: u64,
 }
@@ -151,8 +157,20 @@ impl Flow {
             channel: Channel::Unset,
             source_ended: false,
             finished: false,
+            source_ready: true,
+            dest_ready: true,
             delivered: 0,
         }
+    }
+
+    /// The event loop reported the source readable (or closed, or in error).
+    pub fn source_readable(&mut self) {
+        self.source_ready = true;
+    }
+
+    /// The event loop reported the destination writable (or closed, or in error).
+    pub fn dest_writable(&mut self) {
+        self.dest_ready = true;
     }
 
     /// True when no byte is held between the two sockets.
@@ -191,13 +209,19 @@ impl Flow {
         if self.finished {
             return Ok(Pump::Finished);
         }
+        if !self.dest_ready {
+            return Ok(Pump::WaitWrite);
+        }
         while self.prefix_sent < self.prefix.len() {
             match write_fd(dst, &self.prefix[self.prefix_sent..]) {
                 Ok(n) => {
                     self.prefix_sent += n;
                     self.delivered += n as u64;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pump::WaitWrite),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.dest_ready = false;
+                    return Ok(Pump::WaitWrite);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -207,6 +231,7 @@ impl Flow {
         }
         loop {
             if self.flush(dst)? {
+                self.dest_ready = false;
                 return Ok(Pump::WaitWrite);
             }
             if self.source_ended {
@@ -219,6 +244,9 @@ impl Flow {
             }
             if *budget == 0 {
                 return Ok(Pump::Budget);
+            }
+            if !self.source_ready {
+                return Ok(Pump::WaitRead);
             }
             if matches!(self.channel, Channel::Unset) {
                 self.channel = make_channel();
@@ -247,7 +275,10 @@ impl Flow {
                 Ok(0) => self.source_ended = true,
                 Ok(n) => *budget = budget.saturating_sub(n),
                 // The channel was empty, so EAGAIN means the source is drained.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Pump::WaitRead),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.source_ready = false;
+                    return Ok(Pump::WaitRead);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -412,6 +443,9 @@ mod tests {
             out
         });
         loop {
+            // As if the event loop reported both sockets ready each time.
+            flow.source_readable();
+            flow.dest_writable();
             let mut budget = 1 << 20;
             match flow
                 .pump(src.as_raw_fd(), dst.as_raw_fd(), &mut budget, false)
@@ -443,6 +477,38 @@ mod tests {
                 .collect()
         });
         assert_eq!(sizes, vec![PIPE_BULK as i32]);
+    }
+
+    #[test]
+    fn a_drained_source_is_not_read_again_until_reported_readable() {
+        let (mut client, src) = pair();
+        let (dst, mut server) = pair();
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        let (src, dst) = (src.as_raw_fd(), dst.as_raw_fd());
+        let mut flow = Flow::new(Vec::new());
+        let mut budget = 1 << 20;
+        assert_eq!(
+            flow.pump(src, dst, &mut budget, false).unwrap(),
+            Pump::WaitRead
+        );
+        client.write_all(b"ping").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // No readiness reported: the bytes wait in the socket, untried.
+        assert_eq!(
+            flow.pump(src, dst, &mut budget, false).unwrap(),
+            Pump::WaitRead
+        );
+        assert_eq!(flow.delivered, 0);
+        flow.source_readable();
+        assert_eq!(
+            flow.pump(src, dst, &mut budget, false).unwrap(),
+            Pump::WaitRead
+        );
+        assert_eq!(flow.delivered, 4);
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
     }
 
     #[test]

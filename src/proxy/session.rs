@@ -100,6 +100,16 @@ pub struct Session {
     decided: bool,
 }
 
+/// One readiness event, for [`Session::note_readiness`].
+pub struct Readiness {
+    /// The upstream socket (else the client's).
+    pub upstream: bool,
+    /// Readable, read-closed or in error.
+    pub readable: bool,
+    /// Writable, write-closed or in error.
+    pub writable: bool,
+}
+
 /// What a step may touch besides the session itself.
 pub struct Ctx<'a> {
     pub registry: &'a Registry,
@@ -148,6 +158,24 @@ impl Session {
             token,
             Interest::READABLE | Interest::WRITABLE,
         )
+    }
+
+    /// What the event loop reported for one of the two sockets; the relay
+    /// tries a side again only once it is reported ready.
+    pub fn note_readiness(&mut self, readiness: Readiness) {
+        // client→upstream reads the client and writes the upstream; the
+        // other flow the reverse.
+        let (reading, writing) = if readiness.upstream {
+            (&mut self.down, &mut self.up)
+        } else {
+            (&mut self.up, &mut self.down)
+        };
+        if readiness.readable {
+            reading.source_readable();
+        }
+        if readiness.writable {
+            writing.dest_writable();
+        }
     }
 
     /// A readiness event on either socket, or a retry.

@@ -1,7 +1,7 @@
 //! One event-loop thread: its own listeners (SO_REUSEPORT), sessions, DNS
 //! client and socket-owner lookups.
 
-use super::session::{set_linger_zero, Ctx, Session, Step};
+use super::session::{set_linger_zero, Ctx, Readiness, Session, Step};
 use super::{Runtime, Shared};
 use crate::audit::{AttributionDone, PendingRecord, Record, EVENT_END, EVENT_START};
 use crate::dns::{QueryId, Resolver};
@@ -115,7 +115,21 @@ impl Worker {
                     WAKER => self.follow_runtime(),
                     RESOLVER => self.on_dns_readable(),
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
-                    Token(t) => self.on_session_event(t / 2),
+                    Token(t) => {
+                        let readiness = Readiness {
+                            upstream: t % 2 == 1,
+                            readable: event.is_readable()
+                                || event.is_read_closed()
+                                || event.is_error(),
+                            writable: event.is_writable()
+                                || event.is_write_closed()
+                                || event.is_error(),
+                        };
+                        if let Some(session) = self.sessions.get_mut(t / 2) {
+                            session.note_readiness(readiness);
+                        }
+                        self.on_session_event(t / 2);
+                    }
                 }
             }
             for key in std::mem::take(&mut self.again) {
