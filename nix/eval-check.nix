@@ -62,6 +62,7 @@ let
       configFile = "${config.dir}/agent-egress-checked.json.out";
       caps = [
         "CAP_NET_ADMIN"
+        "CAP_BPF"
         "CAP_SYS_PTRACE"
         "CAP_DAC_READ_SEARCH"
       ];
@@ -120,6 +121,7 @@ let
     ++ expect "${name}: SystemCallFilter" sc.SystemCallFilter [
       "@system-service"
       "~@privileged"
+      "bpf"
     ]
     ++ expect "${name}: LogsDirectory" sc.LogsDirectory "agent-egress"
     ++ expect "${name}: ExecStartPost" (map toString sc.ExecStartPost) [
