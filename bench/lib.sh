@@ -342,6 +342,13 @@ cpu_ticks() {
     awk '{ print $14 + $15 }' "/proc/$1/stat"
 }
 
+TICKS=$(getconf CLK_TCK)
+
+# CPU seconds between two cpu_ticks readings.
+cpu_seconds() {
+    awk -v a="$1" -v b="$2" -v t="$TICKS" 'BEGIN { printf "%.3f", (b - a) / t }'
+}
+
 rss_kib() {
     awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
 }

@@ -27,7 +27,6 @@ IDLE_COUNT=${BENCH_IDLE_COUNT:-2000}
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 AGENT_EGRESS=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$REPO/target}/release/agent-egress}
 
-TICKS=$(getconf CLK_TCK)
 
 preflight() {
     [ "$(id -u)" = 0 ] || die "run as root (it builds network namespaces and cgroups)"
@@ -70,10 +69,6 @@ proxy_cpu() {
     if [ -n "$PROXY_PID" ]; then cpu_ticks "$PROXY_PID"; else echo 0; fi
 }
 
-# CPU seconds the proxy spent between two readings.
-cpu_seconds() {
-    awk -v a="$1" -v b="$2" -v t="$TICKS" 'BEGIN { printf "%.3f", (b - a) / t }'
-}
 
 test_idle_connections() {
     [ -n "$PROXY_PID" ] || return 0

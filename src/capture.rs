@@ -14,6 +14,7 @@
 
 use crate::audit::{Record, EVENT_DROPS};
 use crate::backstop::{self, Backstop};
+use crate::bpf::BpfError;
 use crate::cgroup::{self, Change, Watcher};
 use crate::config::Config;
 use crate::connect_log::{self, ConnectLog};
@@ -411,15 +412,7 @@ fn detach_connect_log<'a>(
     root: &Path,
     paths: impl Iterator<Item = &'a String>,
 ) -> Result<(), String> {
-    let errors: Vec<String> = paths
-        .filter_map(|p| connect_log::detach(&root.join(p)).err())
-        .map(|e| format!("removing {e}"))
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
+    detach_from_all(root, paths, connect_log::detach)
 }
 
 /// Detach the backstop from these configured cgroups, as many as can be.
@@ -427,9 +420,18 @@ fn detach_everywhere<'a>(
     root: &Path,
     paths: impl Iterator<Item = &'a String>,
 ) -> Result<(), String> {
+    detach_from_all(root, paths, backstop::detach)
+}
+
+/// `detach` on every cgroup, going on past failures; every failure said.
+fn detach_from_all<'a>(
+    root: &Path,
+    paths: impl Iterator<Item = &'a String>,
+    detach: fn(&Path) -> Result<usize, BpfError>,
+) -> Result<(), String> {
     let errors: Vec<String> = paths
-        .filter_map(|p| backstop::detach(&root.join(p)).err())
-        .map(|e| format!("removing the kernel backstop: {e}"))
+        .filter_map(|p| detach(&root.join(p)).err())
+        .map(|e| format!("removing {e}"))
         .collect();
     if errors.is_empty() {
         Ok(())

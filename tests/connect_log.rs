@@ -96,14 +96,23 @@ fn connect_script(server: SocketAddr) -> String {
     )
 }
 
-#[test]
-fn names_the_process_that_connected_v4_and_v6_below_the_cgroup() {
+/// A new tree with a connect log attached; None (after a loud skip) when the
+/// test cannot run here.
+fn attached_to_new_tree(name: &str) -> Option<(Tree, ConnectLog)> {
     if !harness::require_root_and_tools(&["bash"]) {
-        return;
+        return None;
     }
-    let tree = Tree::new("names");
+    let tree = Tree::new(name);
     let log = ConnectLog::load().unwrap();
     log.attach(&tree.agent.path()).unwrap();
+    Some((tree, log))
+}
+
+#[test]
+fn names_the_process_that_connected_v4_and_v6_below_the_cgroup() {
+    let Some((tree, log)) = attached_to_new_tree("names") else {
+        return;
+    };
 
     let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut agent = Agent::start(&tree.leaf, &connect_script(v4.local_addr().unwrap()));
@@ -148,12 +157,9 @@ fn names_the_process_that_connected_v4_and_v6_below_the_cgroup() {
 
 #[test]
 fn an_entry_is_taken_once_and_outside_processes_are_not_logged() {
-    if !harness::require_root_and_tools(&["bash"]) {
+    let Some((tree, log)) = attached_to_new_tree("once") else {
         return;
-    }
-    let tree = Tree::new("once");
-    let log = ConnectLog::load().unwrap();
-    log.attach(&tree.agent.path()).unwrap();
+    };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
 
     let _agent = Agent::start(&tree.leaf, &connect_script(listener.local_addr().unwrap()));

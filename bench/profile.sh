@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-3.0-or-later
+#
+# Where agent-egress's cycles go: the benchmark's world, agent-egress behind
+# its capture, wrk opening new connections (Connection: close) for SECONDS,
+# and `perf record -g` on the proxy meanwhile. Prints the proxy's CPU per
+# connection and perf's summaries (by thread, by binary, by symbol with
+# children). Run as root:
+#
+#   bash bench/profile.sh [https|http] [SECONDS]
+#
+# Needs perf (Debian: linux-perf) besides bench/run.sh's tools.
+set -euo pipefail
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+SCHEME=${1:-https}
+SECONDS_TO_RUN=${2:-10}
+REPO=$(cd "$BENCH_DIR/.." && pwd)
+AGENT_EGRESS=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$REPO/target}/release/agent-egress}
+
+main() {
+    [ "$(id -u)" = 0 ] || die "run as root (it builds network namespaces and cgroups)"
+    local tool
+    for tool in perf wrk curl nginx iperf3 dnsmasq openssl; do
+        command -v "$tool" >/dev/null || die "missing tool: $tool"
+    done
+    [ -x "$AGENT_EGRESS" ] || die "no agent-egress binary at $AGENT_EGRESS (cargo build --release)"
+    case $SCHEME in http | https) ;; *) die "scheme must be http or https, not $SCHEME" ;; esac
+    BENCH_ID=$(printf '%04x' "$$")
+    WORK=$(mktemp -d "/tmp/aebench-$BENCH_ID.XXXX")
+    # No bulk test here: the served big file need not exist.
+    BENCH_DATA_FILE=/dev/null
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    ulimit -n "$(ulimit -Hn)"
+    make_content
+    build_world
+    PROXY=agent-egress
+    proxy_start agent-egress
+    as_agent curl -sSk -o /dev/null --max-time 5 "$SCHEME://$ALLOWED_HOST/hello.txt" ||
+        die "a first request failed"
+
+    local cpu0 cpu1 out requests perf_pid
+    cpu0=$(cpu_ticks "$PROXY_PID")
+    perf record -F 2000 -g -p "$PROXY_PID" -o "$WORK/perf.data" -- sleep "$SECONDS_TO_RUN" \
+        >/dev/null 2>&1 &
+    perf_pid=$!
+    out=$(as_agent wrk -t2 -c32 -d"${SECONDS_TO_RUN}s" -H 'Connection: close' \
+        "$SCHEME://$ALLOWED_HOST/hello.txt")
+    cpu1=$(cpu_ticks "$PROXY_PID")
+    wait "$perf_pid" || true
+    requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+    [ -n "$requests" ] || die "wrk: no result: $out"
+    printf '%s: %s new connections/s, proxy CPU %s µs per connection\n\n' "$SCHEME" \
+        "$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")" \
+        "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
+            'BEGIN { printf "%.0f", c * 1e6 / n }')"
+    local report=(perf report -i "$WORK/perf.data" --stdio -g none)
+    echo "== by thread"
+    "${report[@]}" --no-children --sort comm 2>/dev/null | grep '%' | head -8
+    echo "== by binary"
+    "${report[@]}" --no-children --sort dso 2>/dev/null | grep '%' | head -8
+    echo "== by symbol, with what it calls (top 40)"
+    "${report[@]}" --children --sort symbol 2>/dev/null | grep '%' | head -40 | cut -c1-100
+}
+
+main "$@"
