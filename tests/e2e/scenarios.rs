@@ -297,8 +297,29 @@ except ssl.SSLError as e:
 time.sleep(1)
 "#;
 
+/// The daemon's connect-log programs (v4 + v6) on the agent cgroup, waiting
+/// up to a second for the cgroup watcher.
+fn wait_connect_log_programs(world: &World, want: usize) {
+    let dir = world.agent().path();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let got = agent_egress::connect_log::attached_count(&dir).unwrap_or(0);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{got} connect-log programs on {}, want {want}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn audit_names_process() {
     let (world, d) = world_with_daemon(json!({}));
+    // The pid comes from the kernel's connect log, not a /proc search.
+    wait_connect_log_programs(&world, 2);
     let (out, _) = curl(&world, &["https://allowed.test/?who"]);
     assert_body(&out, &ALLOWED.body());
     let r = d.wait_record("allowed.test", |r| r["host"] == "allowed.test");
@@ -343,6 +364,8 @@ fn agent_restart_captured() {
         assert!(!out.status.success(), "the restarted agent escaped capture");
         let (out, _) = curl(&world, &["https://allowed.test/"]);
         assert_body(&out, &ALLOWED.body());
+        // The new cgroup got the connect log too.
+        wait_connect_log_programs(&world, 2);
     }
     assert_eq!(world.count_arrived(BLOCKED.counter), before);
 }
@@ -427,6 +450,7 @@ fn daemon_stop_takes_agents_down() {
     let mut down = world.host_cmd([daemon::binary(), "down", "--config"]);
     let out = down.arg(&config).output().expect("down");
     assert!(out.status.success(), "{}", stderr(&out));
+    wait_connect_log_programs(&world, 0);
     let listed = world
         .host_cmd(["nft", "list", "tables"])
         .output()
