@@ -110,6 +110,16 @@ pub struct Readiness {
     pub writable: bool,
 }
 
+impl Readiness {
+    pub fn of(event: &mio::event::Event, upstream: bool) -> Readiness {
+        Readiness {
+            upstream,
+            readable: event.is_readable() || event.is_read_closed() || event.is_error(),
+            writable: event.is_writable() || event.is_write_closed() || event.is_error(),
+        }
+    }
+}
+
 /// What a step may touch besides the session itself.
 pub struct Ctx<'a> {
     pub registry: &'a Registry,

@@ -116,17 +116,8 @@ impl Worker {
                     RESOLVER => self.on_dns_readable(),
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
                     Token(t) => {
-                        let readiness = Readiness {
-                            upstream: t % 2 == 1,
-                            readable: event.is_readable()
-                                || event.is_read_closed()
-                                || event.is_error(),
-                            writable: event.is_writable()
-                                || event.is_write_closed()
-                                || event.is_error(),
-                        };
                         if let Some(session) = self.sessions.get_mut(t / 2) {
-                            session.note_readiness(readiness);
+                            session.note_readiness(Readiness::of(event, t % 2 == 1));
                         }
                         self.on_session_event(t / 2);
                     }
