@@ -306,7 +306,14 @@ impl Session {
                     }
                     break;
                 }
-                Ok(n) => self.sniffed.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.sniffed.extend_from_slice(&chunk[..n]);
+                    // Less than asked: the socket is drained, and bytes that
+                    // come later raise a new edge. No EAGAIN probe needed.
+                    if n < room {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     self.record.error = Some(format!("client: {e}"));
