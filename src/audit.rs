@@ -718,6 +718,32 @@ mod tests {
         assert_eq!(object.len(), 26);
     }
 
+    /// The loop is woken only when it watches: a set before the watch is seen by
+    /// the watch itself, a set after it wakes the loop.
+    #[test]
+    fn attribution_done_wakes_only_a_watching_loop() {
+        let mut poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(7)).unwrap());
+        let mut events = mio::Events::with_capacity(4);
+        let woken = |poll: &mut mio::Poll, events: &mut mio::Events| {
+            poll.poll(events, Some(Duration::from_millis(50))).unwrap();
+            !events.is_empty()
+        };
+
+        let unwatched = AttributionDone::new(waker.clone());
+        unwatched.set();
+        assert!(unwatched.is_done());
+        assert!(!woken(&mut poll, &mut events), "nobody watched: no wake-up");
+        assert!(unwatched.watch(), "watching a finished one says so");
+
+        let watched = AttributionDone::new(waker);
+        assert!(!watched.watch());
+        assert!(!watched.is_done());
+        watched.set();
+        assert!(watched.is_done());
+        assert!(woken(&mut poll, &mut events), "the watching loop is woken");
+    }
+
     #[test]
     fn sink_from_config() {
         assert_eq!(Sink::from_config(None), Sink::Stdout);
