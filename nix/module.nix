@@ -141,7 +141,8 @@ let
     in
     if cfg.checkConfig then
       pkgs.runCommand "agent-egress-checked.json" { } ''
-        ${lib.getExe cfg.package} check --config ${unchecked}
+        # Secrets (password_file) are not in the build sandbox: their paths are checked.
+        ${lib.getExe cfg.package} check --no-secret-files --config ${unchecked}
         cp ${unchecked} "$out"
       ''
     else
@@ -336,12 +337,21 @@ in
             {
               tor = { type = "socks5"; server = "127.0.0.1:9050"; };
               wan2 = { type = "direct"; interface = "wg0"; mark = 100; };
+              corp = {
+                type = "http";
+                server = "10.0.0.8:3128";
+                username = "agents";
+                # with systemd.services.agent-egress.serviceConfig.LoadCredential =
+                #   [ "corp-proxy:/run/secrets/corp-proxy" ];
+                password_file = "/run/credentials/agent-egress.service/corp-proxy";
+              };
             }
           '';
           description = ''
             Named egresses besides the built-in `direct` and `block`.
-            Credentials given here end up in the Nix store, readable by
-            every local user.
+            A `password` given here ends up in the Nix store, readable by
+            every local user: use `password_file` (read at start and at every
+            reload), for example a systemd credential (`LoadCredential=`).
           '';
         };
 

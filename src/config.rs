@@ -363,25 +363,47 @@ fn builtin_outbounds() -> BTreeMap<String, Outbound> {
     ])
 }
 
+/// Whether loading a config reads the files it names for secrets
+/// (`password_file`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SecretFiles {
+    #[default]
+    Read,
+    /// Check their paths only: for `check` where the secrets are not (yet)
+    /// present, such as a Nix build sandbox.
+    Skip,
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Config::load_with(path, SecretFiles::Read)
+    }
+
+    pub fn load_with(path: &Path, secrets: SecretFiles) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 path: String::new(),
                 reason: format!("cannot read {}: {e}", path.display()),
             }])
         })?;
-        Config::from_json(&text)
+        Config::from_json_with(&text, secrets)
     }
 
     pub fn from_json(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_json_with(text, SecretFiles::Read)
+    }
+
+    fn from_json_with(text: &str, secrets: SecretFiles) -> Result<Config, ConfigErrors> {
         let value: Value = serde_json::from_str(text).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 path: String::new(),
                 reason: format!("not valid JSON: {e}"),
             }])
         })?;
-        let mut reader = Reader::default();
+        let mut reader = Reader {
+            secrets,
+            ..Reader::default()
+        };
         let config = reader.config(&value);
         if reader.errors.is_empty() {
             Ok(config)
@@ -403,6 +425,7 @@ impl Config {
 #[derive(Default)]
 struct Reader {
     errors: Vec<ConfigError>,
+    secrets: SecretFiles,
 }
 
 impl Reader {
@@ -411,6 +434,36 @@ impl Reader {
             path: path.to_string(),
             reason: reason.into(),
         });
+    }
+
+    /// The secret in the file at `path`'s value (an absolute path), without one
+    /// trailing newline. Read at every load (start, SIGHUP), so a rotated secret
+    /// is picked up by a reload; with [`SecretFiles::Skip`] only the path is checked.
+    fn password_file(&mut self, path: &str, value: &Value) -> Option<String> {
+        let file = self.string(path, value)?;
+        if !file.starts_with('/') {
+            self.error(path, format!("{file:?} is not an absolute path"));
+            return None;
+        }
+        if self.secrets == SecretFiles::Skip {
+            return Some(String::new());
+        }
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => {
+                self.error(path, format!("cannot read {file}: {e}"));
+                return None;
+            }
+        };
+        let secret = text
+            .strip_suffix('\n')
+            .map(|t| t.strip_suffix('\r').unwrap_or(t))
+            .unwrap_or(&text);
+        if secret.is_empty() {
+            self.error(path, format!("{file} is empty"));
+            return None;
+        }
+        Some(secret.to_string())
     }
 
     /// The object at `path`, after reporting any key not in `known`.
@@ -769,7 +822,11 @@ impl Reader {
                 Some(Outbound::Block)
             }
             "socks5" | "http" => {
-                let map = self.object(path, value, &["type", "server", "username", "password"])?;
+                let map = self.object(
+                    path,
+                    value,
+                    &["type", "server", "username", "password", "password_file"],
+                )?;
                 let server = match map.get("server") {
                     Some(v) => {
                         let p = join(path, "server");
@@ -794,9 +851,15 @@ impl Reader {
                 let username = map
                     .get("username")
                     .and_then(|v| self.string(&join(path, "username"), v));
-                let password = map
-                    .get("password")
-                    .and_then(|v| self.string(&join(path, "password"), v));
+                let password = match (map.get("password"), map.get("password_file")) {
+                    (Some(_), Some(_)) => {
+                        self.error(path, "password and password_file exclude each other");
+                        None
+                    }
+                    (Some(v), None) => self.string(&join(path, "password"), v).map(str::to_string),
+                    (None, Some(v)) => self.password_file(&join(path, "password_file"), v),
+                    (None, None) => None,
+                };
                 let auth = match (username, password) {
                     (Some(u), Some(p)) => {
                         // RFC 1929 carries each in one length byte.
@@ -805,10 +868,16 @@ impl Reader {
                         }
                         Some(Credentials {
                             username: u.to_string(),
-                            password: p.to_string(),
+                            password: p,
                         })
                     }
                     (None, None) => None,
+                    // A password that could not be read was reported already.
+                    (Some(_), None)
+                        if map.contains_key("password") || map.contains_key("password_file") =>
+                    {
+                        None
+                    }
                     _ => {
                         self.error(path, "username and password go together");
                         None
@@ -1236,6 +1305,58 @@ mod tests {
                 "{json}: expected an error containing {want:?}, got {e:?}"
             );
         }
+    }
+
+    #[test]
+    fn password_file_is_read_at_load_and_checked_without_reading() {
+        let dir = std::env::temp_dir().join(format!("ae-config-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("corp");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let json = |file: &str| {
+            format!(
+                r#"{{"outbounds": {{"corp": {{"type": "http", "server": "127.0.0.1:3128",
+                    "username": "agent", "password_file": "{file}"}}}}}}"#
+            )
+        };
+        let config = Config::from_json(&json(secret.to_str().unwrap())).unwrap();
+        let want = Some(Credentials {
+            username: "agent".into(),
+            password: "s3cret".into(),
+        });
+        assert!(
+            matches!(config.outbounds.get("corp"), Some(Outbound::Http { auth, .. }) if *auth == want)
+        );
+
+        let missing = dir.join("missing");
+        let missing = missing.to_str().unwrap();
+        let errs = errors(&json(missing));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with(&format!(
+                "outbounds.corp.password_file: cannot read {missing}: "
+            )),
+            "{errs:?}"
+        );
+        // `check --no-secret-files`: the path is checked, the file not read.
+        assert!(Config::from_json_with(&json(missing), SecretFiles::Skip).is_ok());
+        let relative = Config::from_json_with(&json("corp.pass"), SecretFiles::Skip).unwrap_err();
+        assert!(
+            relative.to_string().contains("is not an absolute path"),
+            "{relative}"
+        );
+
+        std::fs::write(&secret, "\n").unwrap();
+        let errs = errors(&json(secret.to_str().unwrap()));
+        assert!(errs[0].ends_with("is empty"), "{errs:?}");
+
+        let both = r#"{"outbounds": {"corp": {"type": "socks5", "server": "127.0.0.1:1080",
+            "username": "agent", "password": "x", "password_file": "/run/x"}}}"#;
+        assert_eq!(
+            errors(both),
+            vec!["outbounds.corp: password and password_file exclude each other"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

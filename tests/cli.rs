@@ -62,6 +62,34 @@ fn check_reports_every_error_with_its_path() {
 }
 
 #[test]
+fn check_reads_secret_files_unless_told_not_to() {
+    let secret = std::env::temp_dir().join(format!("ae-cli-{}-absent.pass", std::process::id()));
+    let config = temp_config(
+        "secret",
+        &format!(
+            r#"{{"outbounds": {{"corp": {{"type": "socks5", "server": "127.0.0.1:1080",
+                "username": "agent", "password_file": "{}"}}}}}}"#,
+            secret.display()
+        ),
+    );
+    let path = config.to_str().unwrap();
+    let (code, _, err) = run(&["check", "--config", path]);
+    assert_eq!(code, 1);
+    let want = format!(
+        "outbounds.corp.password_file: cannot read {}",
+        secret.display()
+    );
+    assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+    let (code, out, err) = run(&["check", "--no-secret-files", "--config", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let (code, out, err) = run(&["check", "--config", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    let _ = std::fs::remove_file(secret);
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
 fn explain_names_rule_outbound_and_why() {
     let config = temp_config(
         "explain",
