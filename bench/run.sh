@@ -85,12 +85,19 @@ test_idle_connections() {
         'BEGIN { printf "%.2f", (b - a) * 1024 / 1000 / n }')"
 }
 
+# Record the p50 and p99 (ms) of a client.py timing run's JSON as NAME_p50_ms, NAME_p99_ms.
+record_percentiles() {
+    local name=$1 out=$2 p
+    for p in p50 p99; do
+        record "${name}_${p}_ms" "$(jq -r ".${p}_ms * 1000 | round / 1000" <<<"$out")"
+    done
+}
+
 test_latency() {
     local out
     out=$(as_agent python3 "$BENCH_DIR/client.py" latency --host "$ALLOWED_HOST" --count "$LATENCY_COUNT")
     [ "$(jq -r .errors <<<"$out")" = 0 ] || die "latency test had errors: $out"
-    record latency_p50_ms "$(jq -r '.p50_ms * 1000 | round / 1000' <<<"$out")"
-    record latency_p99_ms "$(jq -r '.p99_ms * 1000 | round / 1000' <<<"$out")"
+    record_percentiles latency "$out"
 }
 
 test_blocked() {
@@ -98,8 +105,7 @@ test_blocked() {
     local out
     out=$(as_agent python3 "$BENCH_DIR/client.py" blocked --host "$BLOCKED_HOST" --count "$BLOCKED_COUNT")
     [ "$(jq -r .not_blocked <<<"$out")" = 0 ] || die "$PROXY let $BLOCKED_HOST through: $out"
-    record blocked_p50_ms "$(jq -r '.p50_ms * 1000 | round / 1000' <<<"$out")"
-    record blocked_p99_ms "$(jq -r '.p99_ms * 1000 | round / 1000' <<<"$out")"
+    record_percentiles blocked "$out"
 }
 
 test_tls_bulk() {
