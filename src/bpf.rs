@@ -73,8 +73,10 @@ impl Insn {
         }
     }
 
-    /// The instruction's 8 bytes, as the kernel reads them.
-    pub fn bytes(&self) -> [u8; 8] {
+    /// The instruction's 8 bytes, as the kernel reads them (for tests that
+    /// check an encoding byte for byte).
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> [u8; 8] {
         let mut b = [0u8; 8];
         b[0] = self.code;
         b[1] = self.regs;
