@@ -228,6 +228,11 @@ in
         outPath = packageDir;
         meta.mainProgram = "agent-egress";
       };
+      # A native build: the build machine runs what it builds.
+      stdenv = {
+        buildPlatform.canExecute = _platform: true;
+        hostPlatform = { };
+      };
       bash = stubPackage "bash";
       coreutils = stubPackage "coreutils";
       nftables = stubPackage "nftables";

@@ -132,6 +132,12 @@ let
   loopbackServer =
     server: builtins.match "(127\\.[0-9.]+(:[0-9]+)?|::1|[[]::1[]](:[0-9]+)?)" server != null;
 
+  # networking.firewall.backend arrived after 25.05 (with firewalld); before
+  # it the nftables firewall ran exactly when networking.nftables was on.
+  firewallBackend =
+    config.networking.firewall.backend
+      or (if config.networking.nftables.enable then "nftables" else "iptables");
+
   auditFile = settings.audit.path != "-";
   auditInLogsDirectory = lib.hasPrefix "/var/log/agent-egress/" settings.audit.path;
 
@@ -240,11 +246,13 @@ in
 
     checkConfig = mkOption {
       type = types.bool;
-      default = true;
+      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+      defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
       description = ''
         Check the generated configuration at build time with the package's
         own `agent-egress check`, so that a bad configuration fails the
-        build with the daemon's error message. Turn off when cross-compiling.
+        build with the daemon's error message. Off by default where the
+        build machine cannot run the package (cross-compiling).
       '';
     };
 
@@ -382,7 +390,8 @@ in
             default = "/var/log/agent-egress/audit.jsonl";
             description = ''
               File the records are appended to, or `-` for standard output
-              (the journal). The file is reopened on reload, for rotation.
+              (the journal). The file is reopened on reload, and by itself
+              within a second of being rotated away (renamed or removed).
               The daemon cannot see /var/lib: keep the file elsewhere.
             '';
           };
@@ -608,7 +617,10 @@ in
           }
         ];
 
-      warnings = lib.optional (settings.mode == "audit") "agent-egress runs in audit mode: agents' traffic is recorded, not blocked.";
+      warnings =
+        lib.optional (settings.mode == "audit") "agent-egress runs in audit mode: agents' traffic is recorded, not blocked."
+        ++ lib.optional (config.networking.firewall.enable && firewallBackend == "firewalld")
+          "services.agentEgress: networking.firewall.backend is \"firewalld\", for which the module adds no reverse-path exception: captured agent traffic comes back in on lo with mark ${toString settings.interception.mark}, and if firewalld's reverse-path filter drops it the agents' connections fail (closed, nothing leaks). Let such packets pass in firewalld, or use the nftables or iptables backend.";
 
       services.agentEgress.settings = {
         interception.cgroups = [ (sliceCgroupPath cfg.slice) ] ++ lib.concatMap (agent: agent.cgroups) (lib.attrValues agents);
@@ -744,10 +756,10 @@ in
       # reverse-path checks (nft fib, xt_rpfilter) already pass packets on
       # lo; this keeps them passing whatever else the rpfilter chain grows.
       networking.firewall = mkIf config.networking.firewall.enable {
-        extraReversePathFilterRules = mkIf (config.networking.firewall.backend == "nftables") ''
+        extraReversePathFilterRules = mkIf (firewallBackend == "nftables") ''
           iifname "lo" meta mark ${toString settings.interception.mark} accept comment "agent-egress: captured agent traffic"
         '';
-        extraCommands = mkIf (config.networking.firewall.backend == "iptables") ''
+        extraCommands = mkIf (firewallBackend == "iptables") ''
           if ip46tables -t mangle -S nixos-fw-rpfilter >/dev/null 2>&1; then
             ip46tables -t mangle -I nixos-fw-rpfilter -i lo -m mark --mark ${toString settings.interception.mark} -j RETURN
           fi
@@ -763,7 +775,10 @@ in
         missingok = true;
         notifempty = true;
         su = "agent-egress agent-egress";
-        postrotate = "${lib.getExe' config.systemd.package "systemctl"} reload ${daemonUnit}";
+        # No postrotate: NixOS's logrotate.service has no network (since
+        # 24.11), so `systemctl reload` cannot reach systemd. The daemon
+        # notices within a second that the path names a new file and
+        # reopens it; records written meanwhile stay in the rotated one.
       };
     })
   ];

@@ -29,6 +29,8 @@ packages=(
     chromium libnss3-tools python3 socat ncat microsocks tinyproxy dante-server v2ray haproxy wrk iperf3
     # Nix syntax checks of nix/, flake.nix and vm-tests/
     nix-bin
+    # the audit log's rotation test runs the real logrotate
+    logrotate
 )
 # Services those packages may start on installation: they could hold ports or
 # answer DNS on this machine, and the tests start their own instances in netns.

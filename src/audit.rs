@@ -17,9 +17,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -283,6 +283,12 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 const LINGER: Duration = Duration::from_millis(1);
 /// How long to wait before retrying a failed reopen.
 const REOPEN_RETRY: Duration = Duration::from_secs(1);
+/// How often the writer looks whether its file was rotated away (renamed,
+/// removed or replaced). A rotator that cannot signal the daemon (NixOS's
+/// logrotate.service has no network, so no `systemctl reload`) is then
+/// followed within this time; records written meanwhile land in the rotated
+/// file, none is lost.
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
 
 impl AuditLog {
     /// Open the sink and spawn the writer thread. `attributor: None` turns /proc
@@ -314,6 +320,7 @@ impl AuditLog {
             last_flush: Instant::now(),
             write_failing: false,
             reopen_retry_at: None,
+            last_rotation_check: Instant::now(),
         };
         let capacity = queue_capacity.max(1);
         let handle = thread::Builder::new()
@@ -404,6 +411,8 @@ impl AuditThread {
 struct Output {
     writer: BufWriter<Box<dyn Write + Send>>,
     path: Option<PathBuf>,
+    /// Device and inode of the open file, to tell when the path names another.
+    identity: Option<(u64, u64)>,
 }
 
 impl Output {
@@ -412,21 +421,39 @@ impl Output {
             Sink::Stdout => Ok(Self {
                 writer: BufWriter::new(Box::new(io::stdout())),
                 path: None,
+                identity: None,
             }),
             Sink::Stderr => Ok(Self {
                 writer: BufWriter::new(Box::new(io::stderr())),
                 path: None,
+                identity: None,
             }),
-            Sink::File(path) => Ok(Self {
-                writer: BufWriter::with_capacity(64 * 1024, Box::new(open_append(&path)?)),
-                path: Some(path),
-            }),
+            Sink::File(path) => {
+                let (file, identity) = open_append(&path)?;
+                Ok(Self {
+                    writer: BufWriter::with_capacity(64 * 1024, Box::new(file)),
+                    path: Some(path),
+                    identity,
+                })
+            }
+        }
+    }
+
+    /// Whether the path no longer names the open file: rotated away.
+    fn rotated(&self) -> bool {
+        let (Some(path), Some(identity)) = (&self.path, self.identity) else {
+            return false;
+        };
+        match fs::metadata(path) {
+            Ok(meta) => (meta.dev(), meta.ino()) != identity,
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
         }
     }
 }
 
-fn open_append(path: &PathBuf) -> Result<File, AuditError> {
-    OpenOptions::new()
+/// The file, and its device and inode when fstat tells them.
+fn open_append(path: &PathBuf) -> Result<(File, Option<(u64, u64)>), AuditError> {
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o640) // command lines can be sensitive
@@ -434,7 +461,9 @@ fn open_append(path: &PathBuf) -> Result<File, AuditError> {
         .map_err(|source| AuditError::Open {
             path: path.clone(),
             source,
-        })
+        })?;
+    let identity = file.metadata().ok().map(|meta| (meta.dev(), meta.ino()));
+    Ok((file, identity))
 }
 
 struct Writer {
@@ -448,6 +477,7 @@ struct Writer {
     last_flush: Instant,
     write_failing: bool,
     reopen_retry_at: Option<Instant>,
+    last_rotation_check: Instant,
 }
 
 impl Writer {
@@ -599,9 +629,18 @@ impl Writer {
     }
 
     fn reopen_if_requested(&mut self) {
-        if self.reopen_retry_at.is_some_and(|at| Instant::now() >= at) {
+        let now = Instant::now();
+        if self.reopen_retry_at.is_some_and(|at| now >= at) {
             self.reopen_retry_at = None;
             self.shared.reopen.store(true, Ordering::Release);
+        }
+        if self.reopen_retry_at.is_none()
+            && now.duration_since(self.last_rotation_check) >= ROTATION_CHECK
+        {
+            self.last_rotation_check = now;
+            if self.output.rotated() {
+                self.shared.reopen.store(true, Ordering::Release);
+            }
         }
         if !self.shared.reopen.swap(false, Ordering::AcqRel) {
             return;
@@ -612,8 +651,9 @@ impl Writer {
         let flushed = self.output.writer.flush();
         self.note_write_result(flushed);
         match open_append(&path) {
-            Ok(file) => {
+            Ok((file, identity)) => {
                 self.output.writer = BufWriter::with_capacity(64 * 1024, Box::new(file));
+                self.output.identity = identity;
             }
             Err(e) => {
                 log::error!("{e}; still writing to the previous file");

@@ -143,6 +143,88 @@ fn reopen_after_rename_writes_to_the_new_file() {
     assert_eq!(new[0]["host"], "after.example");
 }
 
+/// A rotator that cannot signal the daemon (NixOS's sandboxed logrotate.service): the
+/// real logrotate renames the file while records keep coming, and the writer follows
+/// the path by itself. Every record is in the rotated file or the new one, and those
+/// written well after the rotation are in the new one.
+#[test]
+fn rotation_by_logrotate_is_followed_without_a_signal() {
+    let found = Command::new("logrotate")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !require(found, "logrotate") {
+        return;
+    }
+    let dir = TempDir::new("logrotate");
+    let path = dir.0.join("audit.jsonl");
+    let config = dir.0.join("logrotate.conf");
+    // What nix/module.nix asks of NixOS's logrotate, without `su` (the test's own file).
+    fs::write(
+        &config,
+        format!(
+            "{} {{\n  rotate 8\n  compress\n  delaycompress\n  missingok\n  notifempty\n  create 0640\n}}\n",
+            path.display()
+        ),
+    )
+    .unwrap();
+    let (log, thread) = AuditLog::start(Sink::File(path.clone()), 1024, None).unwrap();
+    let mut submitted = 0u64;
+    let mut submit_for = |duration: Duration, host: &str| {
+        let until = Instant::now() + duration;
+        while Instant::now() < until {
+            submitted += 1;
+            log.submit(connection(submitted, host).into());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    submit_for(Duration::from_millis(300), "before.example");
+    assert!(!wait_for_records(&path, 1).is_empty());
+    let rotated = Command::new("logrotate")
+        .arg("--force")
+        .arg("--state")
+        .arg(dir.0.join("state"))
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        rotated.status.success(),
+        "logrotate failed: {}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    // Records submitted within ROTATION_CHECK of the rotation may still land in
+    // the rotated file; past it they must be in the new one.
+    submit_for(Duration::from_millis(1300), "around.example");
+    submit_for(Duration::from_millis(300), "after.example");
+    thread.flush_and_stop().unwrap();
+    assert_eq!(log.dropped(), 0);
+
+    let old = read_records(&dir.0.join("audit.jsonl.1"));
+    let new = read_records(&path);
+    assert!(!old.is_empty(), "logrotate rotated nothing");
+    assert!(
+        new.iter().any(|r| r["host"] == "after.example"),
+        "no record reached the new file"
+    );
+    assert!(
+        old.iter().all(|r| r["host"] != "after.example"),
+        "records kept going to the rotated file"
+    );
+    let mut ids: Vec<u64> = old
+        .iter()
+        .chain(&new)
+        .map(|r| r["conn_id"].as_u64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        (1..=submitted).collect::<Vec<_>>(),
+        "every record is in exactly one of the two files"
+    );
+}
+
 /// The writer is stuck on a FIFO nobody reads: submit must still return at once, count
 /// every lost record, and the writer must report the loss once unstuck.
 #[test]
