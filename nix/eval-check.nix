@@ -445,11 +445,11 @@ let
     json = toJSON config.services.agentEgress.settings;
     checkCommand = config.environment.etc."agent-egress/config.json".source.buildCommand;
     waitScript = (lib.head config.systemd.services.agent-egress.serviceConfig.ExecStartPost).text;
-    # Unit sections for systemd-analyze verify: the daemon, the agents'
-    # units and every slice.
+    # Unit sections as NixOS writes them, for systemd-analyze verify and the
+    # systemd VM: the daemon, the agents' units and every slice.
     units =
       {
-        "agent-egress.service".Service = config.systemd.services.agent-egress.serviceConfig;
+        "agent-egress.service" = unitSections config.systemd.services.agent-egress "Service" "serviceConfig";
       }
       // lib.listToAttrs (
         lib.concatMap (
@@ -459,14 +459,49 @@ let
             let
               name = lib.removeSuffix ".service" unit;
             in
-            lib.nameValuePair "${name}.service" { Service = config.systemd.services.${name}.serviceConfig; }
+            lib.nameValuePair "${name}.service" (
+              unitSections config.systemd.services.${name} "Service" "serviceConfig"
+            )
           ) agent.units
         ) (lib.attrValues config.services.agentEgress.agents)
       )
       // lib.mapAttrs' (
-        name: slice: lib.nameValuePair "${name}.slice" { Slice = slice.sliceConfig; }
+        name: slice: lib.nameValuePair "${name}.slice" (unitSections slice "Slice" "sliceConfig")
       ) config.systemd.slices;
+    logrotate = config.services.logrotate.settings.agent-egress or null;
   };
+
+  # A unit's [Unit], [Service] or [Slice], and [Install] sections, empty
+  # settings left out.
+  unitSections =
+    unit: section: settings:
+    lib.filterAttrs (_: values: values != { }) {
+      Unit = lib.filterAttrs (_: value: value != [ ] && value != "") {
+        Description = unit.description;
+        After = unit.after;
+        BindsTo = unit.bindsTo;
+        Wants = unit.wants;
+        Requires = unit.requires;
+      };
+      ${section} = unit.${settings};
+      Install = lib.filterAttrs (_: value: value != [ ]) { WantedBy = unit.wantedBy; };
+    };
+
+  # What the systemd VM test (tests/systemd_vm.rs) installs in its guest: an
+  # agent template unit as tests define them, audit to a file or the journal.
+  systemdVm =
+    name: audit:
+    evaluate name [
+      {
+        services.agentEgress = {
+          enable = true;
+          allow.domains = [ "allowed.test" ];
+          agents.tester.units = [ "agent-probe@" ];
+          settings.dns.servers = [ "127.0.0.53" ];
+          settings.audit = audit;
+        };
+      }
+    ];
 in
 {
   failures = exampleFailures ++ fixtureFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
@@ -476,6 +511,10 @@ in
     example = generated example;
     fixture = generated fixture;
     all-presets = generated allPresets;
+  };
+  systemd = {
+    file-audit = generated (systemdVm "systemd-file-audit" { });
+    journal-audit = generated (systemdVm "systemd-journal-audit" { path = "-"; });
   };
   rejected = {
     sniff-bytes = generated daemonRejects // {

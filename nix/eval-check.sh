@@ -43,6 +43,9 @@ else
   fail "$1 is neither nixpkgs' lib nor a checkout holding lib/"
 fi
 command -v nix-instantiate >/dev/null || missing "nix-instantiate is not installed"
+# The lib's own revision, for the stamp: a git checkout's commit, else its version file.
+lib_revision=${LIB_REVISION:-}
+[ -n "$lib_revision" ] || lib_revision=$(git -C "$lib_path" rev-parse HEAD 2>/dev/null || cat "$lib_path/.version" 2>/dev/null || echo unknown)
 command -v jq >/dev/null || missing "jq is not installed"
 command -v python3 >/dev/null || missing "python3 is not installed"
 
@@ -86,28 +89,7 @@ echo "ok"
 
 echo "== systemd-analyze verify on the units"
 if command -v systemd-analyze >/dev/null; then
-  python3 - "$work/eval.json" "$work/units" <<'EOF'
-import json, os, sys
-# Renders unit sections as NixOS does: one line per list item, booleans as
-# true/false. Exec* commands become /bin/true: store paths are absent here.
-generated = json.load(open(sys.argv[1]))
-for case, out in generated["accepted"].items():
-    directory = os.path.join(sys.argv[2], case)
-    os.makedirs(directory, exist_ok=True)
-    for unit, sections in out["units"].items():
-        lines = ["[Unit]", "Description=eval-check"]
-        for section, settings in sections.items():
-            lines.append(f"[{section}]")
-            if section == "Service" and "ExecStart" not in settings:
-                lines.append("ExecStart=/bin/true")
-            for key, value in settings.items():
-                for item in value if isinstance(value, list) else [value]:
-                    if isinstance(item, bool):
-                        item = "true" if item else "false"
-                    lines.append(f"{key}={'/bin/true' if key.startswith('Exec') else item}")
-        with open(os.path.join(directory, unit.replace("@.service", "@x.service")), "w") as f:
-            f.write("\n".join(lines) + "\n")
-EOF
+  python3 "$here/render-units.py" verify "$work/eval.json" "$work/units"
   # systemd older than 254 does not know NFTSet= yet; nothing else may warn.
   for unit in "$work"/units/*/*; do
     if (cd "$(dirname "$unit")" && systemd-analyze verify "./$(basename "$unit")" 2>&1) |
@@ -119,6 +101,17 @@ EOF
 else
   missing "systemd-analyze is not installed"
 fi
+
+echo "== the systemd VM's install set: vm-tests/systemd/install.json"
+install_json="$root/vm-tests/systemd/install.json"
+python3 "$here/render-units.py" install "$work/eval.json" "$work/install.json" "$package_dir"
+if [ -n "${EVAL_CHECK_UPDATE:-}" ]; then
+  cp "$work/install.json" "$install_json"
+  echo "updated $install_json"
+elif ! diff -u "$install_json" "$work/install.json"; then
+  fail "vm-tests/systemd/install.json is not what the module generates (EVAL_CHECK_UPDATE=1 $0 LIB_PATH rewrites it)"
+fi
+echo "ok"
 
 echo "== vm-tests: the generated test script"
 jq -r .vmScript "$work/eval.json" >"$work/vm-script.py"
@@ -189,4 +182,29 @@ for case in $(jq -r '.rejected | keys[]' "$work/eval.json"); do
   }
   echo "ok: $case refused: $(head -n 1 "$dir/log")"
 done
+echo "== stamp: what this evaluation covered (nix/eval-stamp.json)"
+# CI has no nixpkgs lib: tests/packaging.rs holds these inputs to the
+# hashes below, so a change to any of them fails CI until this check has
+# passed on it again and rewritten the stamp.
+stamp_inputs() {
+  (cd "$root" && {
+    find nix presets vm-tests -maxdepth 1 -type f -not -name eval-stamp.json
+    echo vm-tests/systemd/install.json
+  } | LC_ALL=C sort)
+}
+new_stamp=$(
+  cd "$root"
+  stamp_inputs | while read -r file; do
+    printf '%s\t%s\n' "$file" "$(sha256sum "$file" | cut -d' ' -f1)"
+  done | jq -R -s --arg lib "$lib_revision" '
+    {about: "Written by nix/eval-check.sh when every check above passed on these files; tests/packaging.rs compares the hashes.",
+     lib: $lib,
+     inputs: (split("\n") | map(select(. != "") | split("\t") | {key: .[0], value: .[1]}) | from_entries)}'
+)
+if [ -n "${EVAL_CHECK_UPDATE:-}" ]; then
+  printf '%s\n' "$new_stamp" >"$here/eval-stamp.json"
+  echo "updated nix/eval-stamp.json"
+elif ! diff <(jq -S .inputs "$here/eval-stamp.json" 2>/dev/null) <(jq -S .inputs <<<"$new_stamp") >/dev/null; then
+  echo "note: nix/eval-stamp.json is stale; EVAL_CHECK_UPDATE=1 $0 LIB_PATH rewrites it"
+fi
 echo "eval-check: PASSED"
