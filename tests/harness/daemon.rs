@@ -45,6 +45,9 @@ pub fn config(world: &World, extra: Value) -> Value {
     base
 }
 
+/// What `run` logs once the capture is complete (src/daemon.rs).
+const READY_LINE: &str = " listening on port ";
+
 impl Daemon {
     /// Start `run --config` and wait until its table is installed and its
     /// listener accepts.
@@ -83,7 +86,12 @@ impl Daemon {
                     self.guard.log()
                 );
             }
-            if self.table_installed(world) && listener_accepts(world, PORT) {
+            // The last line of start-up: the backstop and connect log are
+            // attached after the table and the listener exist.
+            if self.table_installed(world)
+                && listener_accepts(world, PORT)
+                && self.guard.log().contains(READY_LINE)
+            {
                 return;
             }
             if started.elapsed() > READY_TIMEOUT {
