@@ -2,7 +2,7 @@
 {
   description = "agent-egress: egress control for AI agents (cgroup-marked traffic, TPROXY, per-domain policy, audit)";
 
-  inputs.nixpkgs.url = "github:nixos/nixpkgs/nixos-25.05";
+  inputs.nixpkgs.url = "github:nixos/nixpkgs/nixos-25.11";
 
   outputs =
     { self, nixpkgs }:
@@ -20,7 +20,11 @@
       packages = forAllSystems (
         system: pkgs: {
           default = self.packages.${system}.agent-egress;
-          agent-egress = pkgs.callPackage ./nix/package.nix { };
+          agent-egress = pkgs.callPackage ./nix/package.nix {
+            extraTests = {
+              inherit (self.checks.${system}) module-eval vm-nftables vm-iptables;
+            };
+          };
           # musl, fully static: `agent-egress exec` on any Linux.
           agent-egress-static = pkgs.pkgsStatic.callPackage ./nix/package.nix { };
         }
@@ -51,7 +55,7 @@
               {
                 nixpkgs.hostPlatform = system;
                 boot.isContainer = true;
-                system.stateVersion = "25.05";
+                system.stateVersion = "25.11";
               }
             ];
           };

@@ -31,6 +31,9 @@ packages=(
     nix-bin
     # the audit log's rotation test runs the real logrotate
     logrotate
+    # tests/systemd_vm.rs: a Debian guest with a real systemd, built with
+    # debootstrap and mkfs.ext4 -d, booted in QEMU (TCG)
+    qemu-system-x86 debootstrap e2fsprogs
 )
 # Services those packages may start on installation: they could hold ports or
 # answer DNS on this machine, and the tests start their own instances in netns.

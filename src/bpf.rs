@@ -35,6 +35,7 @@ const BPF_PROG_DETACH: u32 = 9;
 const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_PROG_QUERY: u32 = 16;
+const BPF_LINK_CREATE: u32 = 28;
 
 const BPF_F_ALLOW_MULTI: u32 = 2;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
@@ -171,6 +172,16 @@ struct AttachAttr {
     replace_bpf_fd: u32,
 }
 
+/// The `BPF_LINK_CREATE` part, up to `flags`: all a cgroup link needs.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
 /// The `BPF_PROG_QUERY` part.
 #[repr(C, align(8))]
 #[derive(Default)]
@@ -231,6 +242,7 @@ const _: () = {
     assert!(offset_of!(MapElemAttr, flags) == 24);
     assert!(size_of::<ProgLoadAttr>() == 72);
     assert!(size_of::<AttachAttr>() == 20);
+    assert!(size_of::<LinkCreateAttr>() == 16);
     assert!(size_of::<QueryAttr>() == 32);
     assert!(size_of::<GetFdByIdAttr>() == 12);
     assert!(size_of::<InfoByFdAttr>() == 16);
@@ -557,6 +569,26 @@ impl Program {
             log::warn!("{} attached, but an earlier copy stays: {e}", kind.what);
         }
         Ok(())
+    }
+
+    /// Attaches the program to the cgroup directory `cgroup_dir` through a BPF
+    /// link: attached while the returned descriptor is open, and detached by
+    /// the kernel when it closes, also when the process dies. Nothing to find
+    /// and remove after a restart, which would need CAP_SYS_ADMIN
+    /// (BPF_PROG_GET_FD_BY_ID) that a sandboxed daemon lacks.
+    pub fn link(&self, cgroup_dir: &Path) -> Result<OwnedFd, BpfError> {
+        let kind = self.kind;
+        let cgroup = kind.open_cgroup(cgroup_dir)?;
+        let mut attr = LinkCreateAttr {
+            prog_fd: fd_arg(self.fd.as_raw_fd()),
+            target_fd: fd_arg(cgroup.as_raw_fd()),
+            attach_type: kind.attach_type,
+            flags: 0,
+        };
+        // SAFETY: link attributes; no addresses in them.
+        let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }
+            .map_err(kind.cgroup_error("linking to", cgroup_dir))?;
+        Ok(owned(fd))
     }
 }
 

@@ -206,9 +206,9 @@ impl Capture {
         let table = netfilter::remove(&config.interception.table);
         let route = routing::remove(&route_plan(config));
         let root = cgroup::cgroup2_root().map_err(|e| e.to_string());
-        let connects = root
-            .clone()
-            .and_then(|root| detach_connect_log(&root, config.interception.cgroups.iter()));
+        let connects = root.clone().and_then(|root| {
+            detach_unlinked_connect_log(&root, config.interception.cgroups.iter())
+        });
         let backstop = if config.interception.backstop {
             root.map_err(|e| format!("removing the kernel backstop: {e}"))
                 .and_then(|root| detach_everywhere(&root, config.interception.cgroups.iter()))
@@ -407,12 +407,13 @@ fn attach_connect_log(shared: &Shared, dir: &Path) {
     }
 }
 
-/// Detach the connect log from these cgroups, as many as can be.
-fn detach_connect_log<'a>(
+/// Detach from these cgroups the connect log a daemon attached before it used
+/// links (a running daemon's links go when it exits), as many as can be.
+fn detach_unlinked_connect_log<'a>(
     root: &Path,
     paths: impl Iterator<Item = &'a String>,
 ) -> Result<(), String> {
-    detach_from_all(root, paths, connect_log::detach)
+    detach_from_all(root, paths, connect_log::detach_unlinked)
 }
 
 /// Detach the backstop from these configured cgroups, as many as can be.
@@ -629,9 +630,10 @@ impl Keeper {
     /// After a reload: the connect log on every member, off released cgroups.
     fn update_connect_log(&self, before: &[String]) {
         let now = self.member_paths();
-        let released = before.iter().filter(|p| !now.contains(p));
-        if let Err(e) = detach_connect_log(&self.root, released) {
-            log::warn!("{e}");
+        if let Some(connects) = self.shared.connect_log.get() {
+            for released in before.iter().filter(|p| !now.contains(p)) {
+                connects.detach(&self.root.join(released));
+            }
         }
         for path in &now {
             attach_connect_log(&self.shared, &self.root.join(path));
@@ -751,20 +753,26 @@ impl Keeper {
                 log::error!("{e}");
             }
         }
-        if let Err(e) = detach_connect_log(&self.root, self.members.values().map(|(p, _)| p)) {
-            log::warn!("{e}");
-        }
+        // The connect log's links close with this process.
     }
 
     /// Map every cgroup below the configured ones to its agent, so the proxy
     /// can tell which agent a socket belongs to from its cgroup id.
     fn publish_agents(&self) {
         let mut index = HashMap::new();
-        for (id, (path, _)) in &self.members {
-            index.insert(*id, path.clone());
+        // Outer before inner: a cgroup in nested agents is the inner one's.
+        let mut members: Vec<(&u64, &String)> = self
+            .members
+            .iter()
+            .map(|(id, (path, _))| (id, path))
+            .collect();
+        members.sort_by_key(|(_, path)| path.len());
+        for (id, path) in &members {
             walk_descendants(&self.root.join(path), path, &mut index);
+            index.insert(**id, (*path).clone());
         }
-        self.shared.agents.replace(index);
+        let agents = members.into_iter().map(|(_, path)| path.clone()).collect();
+        self.shared.agents.replace(&self.root, agents, index);
     }
 }
 

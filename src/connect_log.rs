@@ -14,9 +14,12 @@
 //! the log is only used by a daemon that sees that namespace.
 
 use crate::bpf::{op, BpfError, Insn, Map, Program, ProgramKind, BPF_MAP_TYPE_LRU_HASH};
+use std::collections::HashMap;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
@@ -90,11 +93,21 @@ fn program(map: &Map) -> Vec<Insn> {
     insns
 }
 
-/// The map and the two programs (IPv4 and IPv6 connects) that fill it.
+/// The map and the two programs (IPv4 and IPv6 connects) that fill it, and
+/// their links to the cgroups they watch: closed with this process, so a
+/// daemon leaves no copy behind.
 pub struct ConnectLog {
     map: Map,
     v4: Program,
     v6: Program,
+    links: Mutex<HashMap<PathBuf, Linked>>,
+}
+
+/// Both programs linked to one cgroup, known by its id: a cgroup made anew at
+/// the same path (an agent restarted) needs new links.
+struct Linked {
+    cgroup_id: u64,
+    _links: [OwnedFd; 2],
 }
 
 impl ConnectLog {
@@ -115,14 +128,43 @@ impl ConnectLog {
         let insns = program(&map);
         let v4 = Program::load(&KIND_V4, &insns)?;
         let v6 = Program::load(&KIND_V6, &insns)?;
-        Ok(ConnectLog { map, v4, v6 })
+        Ok(ConnectLog {
+            map,
+            v4,
+            v6,
+            links: Mutex::new(HashMap::new()),
+        })
     }
 
-    /// Attaches both programs to `cgroup_dir` (idempotent; replaces copies an
-    /// earlier daemon left).
+    /// Links both programs to `cgroup_dir` (idempotent).
     pub fn attach(&self, cgroup_dir: &Path) -> Result<(), BpfError> {
-        self.v4.attach(cgroup_dir)?;
-        self.v6.attach(cgroup_dir)
+        let cgroup_id = std::fs::metadata(cgroup_dir)
+            .map_err(|source| BpfError::Cgroup {
+                what: WHAT,
+                action: "inspecting",
+                path: cgroup_dir.to_path_buf(),
+                source,
+            })?
+            .ino();
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links
+            .get(cgroup_dir)
+            .is_some_and(|l| l.cgroup_id == cgroup_id)
+        {
+            return Ok(());
+        }
+        let linked = Linked {
+            cgroup_id,
+            _links: [self.v4.link(cgroup_dir)?, self.v6.link(cgroup_dir)?],
+        };
+        links.insert(cgroup_dir.to_path_buf(), linked);
+        Ok(())
+    }
+
+    /// Unlinks both programs from `cgroup_dir`; whether they were linked.
+    pub fn detach(&self, cgroup_dir: &Path) -> bool {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.remove(cgroup_dir).is_some()
     }
 
     /// The pid of the process that connected the socket with this cookie,
@@ -135,8 +177,9 @@ impl ConnectLog {
     }
 }
 
-/// Detaches every copy of both programs from `cgroup_dir`; how many.
-pub fn detach(cgroup_dir: &Path) -> Result<usize, BpfError> {
+/// Detaches every copy of both programs that was attached without a link
+/// (by a daemon before links) from `cgroup_dir`; how many. Needs CAP_SYS_ADMIN.
+pub fn detach_unlinked(cgroup_dir: &Path) -> Result<usize, BpfError> {
     Ok(KIND_V4.detach_all(cgroup_dir)? + KIND_V6.detach_all(cgroup_dir)?)
 }
 

@@ -179,7 +179,7 @@ fn an_entry_is_taken_once_and_outside_processes_are_not_logged() {
 }
 
 #[test]
-fn detach_stops_it_and_a_restart_replaces_the_earlier_copy() {
+fn links_go_with_their_daemon_and_detach_stops_it() {
     if !harness::require_root_and_tools(&["bash"]) {
         return;
     }
@@ -193,7 +193,10 @@ fn detach_stops_it_and_a_restart_replaces_the_earlier_copy() {
         2,
         "v4 + v6, once each"
     );
-    // A new daemon's copy replaces the old one: never two.
+    // A daemon that ends (its descriptors closed) leaves nothing attached: a
+    // restart never piles copies up, and removing them needs no CAP_SYS_ADMIN.
+    drop(first);
+    assert_eq!(connect_log::attached_count(&dir).unwrap(), 0);
     let second = ConnectLog::load().unwrap();
     second.attach(&dir).unwrap();
     assert_eq!(connect_log::attached_count(&dir).unwrap(), 2);
@@ -206,7 +209,7 @@ fn detach_stops_it_and_a_restart_replaces_the_earlier_copy() {
     );
     drop(agent);
 
-    assert_eq!(connect_log::detach(&dir).unwrap(), 2);
+    assert!(second.detach(&dir));
     assert_eq!(connect_log::attached_count(&dir).unwrap(), 0);
     let _agent = Agent::start(&tree.leaf, &connect_script(listener.local_addr().unwrap()));
     assert_eq!(
@@ -214,5 +217,20 @@ fn detach_stops_it_and_a_restart_replaces_the_earlier_copy() {
         None,
         "no longer logged"
     );
-    assert_eq!(connect_log::detach(&dir).unwrap(), 0);
+    assert!(!second.detach(&dir));
+    assert_eq!(connect_log::detach_unlinked(&dir).unwrap(), 0);
+}
+
+#[test]
+fn a_cgroup_made_anew_at_the_same_path_is_linked_anew() {
+    if !harness::require_root_and_tools(&["bash"]) {
+        return;
+    }
+    let tree = Tree::new("anew");
+    let log = ConnectLog::load().unwrap();
+    log.attach(&tree.leaf.path()).unwrap();
+    tree.leaf.recreate().unwrap();
+    assert_eq!(connect_log::attached_count(&tree.leaf.path()).unwrap(), 0);
+    log.attach(&tree.leaf.path()).unwrap();
+    assert_eq!(connect_log::attached_count(&tree.leaf.path()).unwrap(), 2);
 }

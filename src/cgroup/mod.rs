@@ -230,15 +230,76 @@ pub fn resolve(root: &Path, rel: &str) -> Result<Option<CgroupRef>, CgroupError>
 }
 
 /// Which cgroup, at or below one of `under`, has id `id`; its path relative to `root`.
-/// Used to map a socket's cgroup id to the agent it belongs to. Walks the subtrees
-/// (bounded), so keep it off latency-critical paths.
+/// Used to map a socket's cgroup id to the agent it belongs to. Asks the kernel
+/// first (three syscalls); without the capability for that, walks the subtrees
+/// (bounded).
 pub fn path_of_id(root: &Path, under: &[&str], id: u64) -> Option<String> {
+    if let Ok(path) = path_by_handle(root, id) {
+        let inside = under.iter().any(|rel| Path::new(&path).starts_with(rel));
+        return inside.then_some(path);
+    }
     under.iter().find_map(|rel| {
         let top = checked_path(root, rel).ok()?;
         let found = subtree(&top).ok()?.into_iter().find(|dir| dir.id == id)?;
         let relative = found.path.strip_prefix(root).ok()?;
         Some(relative.to_string_lossy().into_owned())
     })
+}
+
+/// The configured cgroup that `path` is in: the innermost, when they nest.
+pub fn innermost<'a>(agents: &'a [String], path: &str) -> Option<&'a str> {
+    agents
+        .iter()
+        .filter(|agent| Path::new(path).starts_with(agent.as_str()))
+        .max_by_key(|agent| agent.len())
+        .map(String::as_str)
+}
+
+/// The path of cgroup `id` relative to `root`, from the kernel: on cgroup2 the id
+/// is the directory's file handle (FILEID_KERNFS), which open_by_handle_at(2)
+/// opens. Needs CAP_DAC_READ_SEARCH.
+fn path_by_handle(root: &Path, id: u64) -> io::Result<String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    /// `struct file_handle` with room for a kernfs id.
+    #[repr(C)]
+    struct KernfsHandle {
+        handle_bytes: libc::c_uint,
+        handle_type: libc::c_int,
+        id: [u8; 8],
+    }
+    const FILEID_KERNFS: libc::c_int = 0xfe;
+    let mount = fs::File::open(root)?;
+    let mut handle = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id: id.to_ne_bytes(),
+    };
+    // SAFETY: `handle` is a file_handle followed by its handle_bytes bytes of
+    // f_handle; the kernel only reads it.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            (&mut handle as *mut KernfsHandle).cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open_by_handle_at returned a new descriptor that nothing else owns.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    let path = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+    let relative = path.strip_prefix(root).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "cgroup {id} is {}, not below {}",
+                path.display(),
+                root.display()
+            ),
+        )
+    })?;
+    Ok(relative.to_string_lossy().into_owned())
 }
 
 /// A directory met while walking a subtree.

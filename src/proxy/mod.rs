@@ -7,12 +7,14 @@ mod session;
 mod worker;
 
 use crate::audit::{AuditLog, Record};
+use crate::cgroup;
 use crate::config::Config;
 use crate::connect_log::ConnectLog;
 use crate::policy::Policy;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
@@ -32,21 +34,40 @@ impl Runtime {
 }
 
 /// Which configured agent (cgroup path) a socket's cgroup id belongs to; kept
-/// current by whoever watches the cgroups.
+/// current by whoever watches the cgroups, and asked of the kernel for a cgroup
+/// made since (an agent unit that connects as soon as it starts).
 #[derive(Default)]
 pub struct AgentIndex {
     ids: RwLock<HashMap<u64, String>>,
+    /// The configured cgroups that exist, and the cgroup2 root they are under.
+    agents: RwLock<(PathBuf, Vec<String>)>,
 }
 
 impl AgentIndex {
-    pub fn replace(&self, ids: HashMap<u64, String>) {
+    pub fn replace(&self, root: &Path, agents: Vec<String>, ids: HashMap<u64, String>) {
+        if let Ok(mut guard) = self.agents.write() {
+            *guard = (root.to_path_buf(), agents);
+        }
         if let Ok(mut guard) = self.ids.write() {
             *guard = ids;
         }
     }
 
     pub fn agent_of(&self, cgroup_id: u64) -> Option<String> {
-        self.ids.read().ok()?.get(&cgroup_id).cloned()
+        if let Some(agent) = self.ids.read().ok()?.get(&cgroup_id) {
+            return Some(agent.clone());
+        }
+        let agent = {
+            let guard = self.agents.read().ok()?;
+            let (root, agents) = &*guard;
+            let under: Vec<&str> = agents.iter().map(String::as_str).collect();
+            let path = cgroup::path_of_id(root, &under, cgroup_id)?;
+            cgroup::innermost(agents, &path)?.to_string()
+        };
+        if let Ok(mut guard) = self.ids.write() {
+            guard.insert(cgroup_id, agent.clone());
+        }
+        Some(agent)
     }
 }
 

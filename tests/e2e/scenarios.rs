@@ -2,6 +2,7 @@
 
 use crate::harness::daemon::{self, Daemon};
 use crate::harness::{arrivals, World, ALLOWED, BLOCKED, METADATA, OTHER};
+use crate::harness::{cgroup2_root, Cgroup};
 use crate::Scenario;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -350,6 +351,38 @@ fn audit_names_process() {
         assert_eq!(r["cgroup_id"], world.agent().id());
         assert_eq!(r["uid"], 0);
     }
+
+    // A cgroup made below the agent's (as systemd makes a unit's below its
+    // slice) that connects at once, before the daemon's periodic look at the
+    // cgroups: its connection is the agent's, with its process.
+    let root = cgroup2_root().expect("cgroup2 root");
+    let unit = Cgroup::create(
+        &root,
+        &format!("{}/fresh.service", world.agent().relative_path()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = world
+        .cgroup_cmd(
+            &unit,
+            [
+                "curl",
+                "-sS",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "5",
+                "http://allowed.test/?fresh",
+            ],
+        )
+        .output()
+        .expect("curl");
+    assert_body(&out, &ALLOWED.body());
+    let r = d.wait_record("the fresh cgroup's request", |r| {
+        r["cgroup_id"] == unit.id()
+    });
+    assert_eq!(r["agent"], world.agent().relative_path(), "{r}");
+    assert!(r["pid"].as_u64().unwrap_or(0) > 1, "{r}");
+    assert!(r["exe"].as_str().unwrap_or("").ends_with("/curl"), "{r}");
 }
 
 fn agent_restart_captured() {
