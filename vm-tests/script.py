@@ -337,3 +337,11 @@ with subtest("kernel_backstop"):
     agent.succeed("systemctl kill --signal=SIGCONT agent-egress.service")
     agent.wait_until_succeeds(f"nft list set inet {TABLE} agents", timeout=10)
     expect_page("https://allowed.test/?c=kernel_backstop_after", "allowed-site-marker")
+
+with subtest("interface_bound_dropped"):
+    # A socket bound to eth1 ignores the route that takes marked packets to lo.
+    # Dropped, not refused: the agent waits for its own timeout.
+    for url in [f"http://{BLOCKED4}/?c=interface_bound", f"http://[{BLOCKED6}]/?c=interface_bound"]:
+        probe = fetch(url, "--interface eth1 --max-time 3")
+        assert probe.rc != 0, f"{url} through eth1 was reachable: {probe.out}"
+    assert not served("c=interface_bound")

@@ -244,6 +244,8 @@ pub(crate) enum Expr {
     SetMeta(u32),
     /// Continue only if the register starts with these bytes.
     Cmp(Vec<u8>),
+    /// Continue only if the register does not start with these bytes.
+    CmpNe(Vec<u8>),
     /// Load `len` bytes at `offset` of a header (`NFT_PAYLOAD_*`) into register `dreg`.
     Payload {
         base: u32,
@@ -282,7 +284,7 @@ impl Expr {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Expr::Meta(_) | Expr::SetMeta(_) => "meta",
-            Expr::Cmp(_) => "cmp",
+            Expr::Cmp(_) | Expr::CmpNe(_) => "cmp",
             Expr::Payload { .. } => "payload",
             Expr::Mask(_) => "bitwise",
             Expr::Immediate(_) | Expr::Verdict(_) => "immediate",
@@ -305,9 +307,13 @@ impl Expr {
                 w.put_u32(sys::NFTA_META_KEY, *key);
                 w.put_u32(sys::NFTA_META_SREG, REG);
             }
-            Expr::Cmp(data) => {
+            Expr::Cmp(data) | Expr::CmpNe(data) => {
+                let op = match self {
+                    Expr::CmpNe(_) => sys::NFT_CMP_NEQ,
+                    _ => sys::NFT_CMP_EQ,
+                };
                 w.put_u32(sys::NFTA_CMP_SREG, REG);
-                w.put_u32(sys::NFTA_CMP_OP, sys::NFT_CMP_EQ);
+                w.put_u32(sys::NFTA_CMP_OP, op);
                 w.put_data(sys::NFTA_CMP_DATA, data);
             }
             Expr::Payload {

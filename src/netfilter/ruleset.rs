@@ -23,6 +23,9 @@
 //!     meta l4proto tcp meta mark MARK tproxy to :PORT accept
 //!     meta l4proto tcp meta mark MARK reject with tcp reset # proxy down: refuse, not hang
 //!   }
+//!   chain postrouting { type filter hook postrouting priority mangle; policy accept;
+//!     meta mark MARK oif != lo counter drop                 # a socket bound to a device
+//!   }
 //! }
 //! ```
 
@@ -40,9 +43,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub(crate) const OUTPUT_CHAIN: &str = "output";
 pub(crate) const AGENT_CHAIN: &str = "agent_traffic";
 pub(crate) const PREROUTING_CHAIN: &str = "prerouting";
+pub(crate) const POSTROUTING_CHAIN: &str = "postrouting";
 pub(crate) const DROPPED_V4_SET: &str = "dropped_v4";
 pub(crate) const DROPPED_V6_SET: &str = "dropped_v6";
 
+/// The kernel gives `lo` this ifindex in every network namespace (LOOPBACK_IFINDEX).
+const LOOPBACK_IFINDEX: u32 = 1;
 /// nft's `priority mangle`.
 const PRIORITY_MANGLE: i32 = -150;
 /// nft data type ids (src/datatype.h): concatenations are `(a << 6) | b`.
@@ -152,6 +158,11 @@ pub(crate) fn install_batch(plan: &TablePlan) -> Result<Batch, NetfilterError> {
         Chain::new(&table)
             .with_name(PREROUTING_CHAIN)
             .with_hook(Hook::new(HookClass::PreRouting, PRIORITY_MANGLE))
+            .with_type(ChainType::Filter)
+            .with_policy(ChainPolicy::Accept),
+        Chain::new(&table)
+            .with_name(POSTROUTING_CHAIN)
+            .with_hook(Hook::new(HookClass::PostRouting, PRIORITY_MANGLE))
             .with_type(ChainType::Filter)
             .with_policy(ChainPolicy::Accept),
     ];
@@ -384,6 +395,23 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
     );
     refuse.hint = Some(HINT_REJECT.into());
     rules.extend([established, tproxy, refuse]);
+    // Marked packets are routed to lo by the fwmark rule, but a socket bound to
+    // a device (SO_BINDTODEVICE, unprivileged since Linux 5.7, or a scoped
+    // fe80::%dev address) keeps its device whatever the route says.
+    rules.push(Rule::new(
+        POSTROUTING_CHAIN,
+        "marked agent traffic off lo",
+        [
+            mark_is(plan.mark),
+            vec![
+                Expr::Meta(sys::NFT_META_OIF),
+                Expr::CmpNe(LOOPBACK_IFINDEX.to_ne_bytes().to_vec()),
+                Expr::Counter,
+                Expr::Verdict(Verdict::Drop),
+            ],
+        ]
+        .concat(),
+    ));
     rules
 }
 
@@ -610,11 +638,34 @@ mod tests {
     }
 
     #[test]
+    fn marked_packets_leaving_by_another_device_than_lo_are_dropped() {
+        let rules = rules(&plan());
+        assert_eq!(
+            names(&rules, POSTROUTING_CHAIN),
+            ["marked agent traffic off lo"]
+        );
+        let drop = rules.iter().find(|r| r.chain == POSTROUTING_CHAIN).unwrap();
+        assert_eq!(
+            drop.exprs,
+            [
+                mark_is(plan().mark),
+                vec![
+                    Expr::Meta(sys::NFT_META_OIF),
+                    Expr::CmpNe(1u32.to_ne_bytes().to_vec()),
+                    Expr::Counter,
+                    Expr::Verdict(Verdict::Drop),
+                ],
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
     fn install_batch_replaces_table_then_builds_it() {
         let batch = install_batch(&plan()).unwrap();
         let labels: Vec<&str> = batch.messages.iter().map(|m| m.label.as_str()).collect();
         assert_eq!(
-            &labels[..9],
+            &labels[..10],
             [
                 "table inet t",
                 "deletion of the old table inet t",
@@ -622,13 +673,14 @@ mod tests {
                 "chain output",
                 "chain agent_traffic",
                 "chain prerouting",
+                "chain postrouting",
                 "set agents",
                 "set dropped_v4",
                 "set dropped_v6",
             ]
         );
         assert_eq!(
-            labels[9],
+            labels[10],
             "addition of 3 cgroup id(s) (first 7) in set agents"
         );
         // Every message is a well-formed nf_tables message of the inet family.

@@ -1,7 +1,7 @@
 //! One function per scenario of vm-tests/scenarios.txt, in the same order.
 
 use crate::harness::daemon::{self, Daemon};
-use crate::harness::{arrivals, World, ALLOWED, BLOCKED, METADATA, OTHER};
+use crate::harness::{arrivals, World, AGENT_IFACE, ALLOWED, BLOCKED, METADATA, OTHER};
 use crate::harness::{cgroup2_root, Cgroup};
 use crate::Scenario;
 use serde_json::{json, Value};
@@ -32,6 +32,7 @@ pub const ALL: &[Scenario] = &[
     ),
     ("chromium_quic_fallback", crate::chromium::quic_fallback),
     ("kernel_backstop", kernel_backstop),
+    ("interface_bound_dropped", interface_bound_dropped),
 ];
 
 /// A world with the daemon running the default test policy.
@@ -541,4 +542,36 @@ fn harness_sha256(path: &std::path::Path) -> String {
 
 fn kernel_backstop() {
     crate::backstop::table_deleted_and_daemon_frozen();
+}
+
+/// A socket bound to the agent host's outside interface (`curl --interface`,
+/// SO_BINDTODEVICE: no privilege needed since Linux 5.7) ignores the route that
+/// takes marked packets to lo. The table drops them on the way out.
+fn interface_bound_dropped() {
+    let (world, d) = world_with_daemon(json!({}));
+    let before = world.count_arrived(BLOCKED.counter);
+    let v6 = BLOCKED.v6.expect("blocked.test has IPv6");
+    for url in [
+        format!("http://{}/?c=interface_bound", BLOCKED.v4),
+        format!("http://[{v6}]/?c=interface_bound"),
+    ] {
+        let (out, _) = curl(
+            &world,
+            &["--interface", AGENT_IFACE, "--max-time", "2", &url],
+        );
+        assert!(
+            !out.status.success(),
+            "{url} through {AGENT_IFACE}: {}",
+            stdout(&out)
+        );
+    }
+    assert_eq!(
+        world.count_arrived(BLOCKED.counter),
+        before,
+        "a packet of a device-bound socket reached blocked.test"
+    );
+    // The capture still works for the same agent.
+    let (out, _) = curl(&world, &["https://allowed.test/"]);
+    assert_body(&out, &ALLOWED.body());
+    drop(d);
 }
