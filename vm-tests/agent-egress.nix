@@ -85,6 +85,8 @@ in
     in
     {
       networking.firewall.enable = false;
+      # closed_flows_stay_captured counts the packets that reach the refused host.
+      environment.systemPackages = [ pkgs.nftables ];
       # nginx binds the secondary addresses while IPv6 may still be doing
       # duplicate address detection.
       boot.kernel.sysctl = {

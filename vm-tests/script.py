@@ -345,3 +345,18 @@ with subtest("interface_bound_dropped"):
         probe = fetch(url, "--interface eth1 --max-time 3")
         assert probe.rc != 0, f"{url} through eth1 was reachable: {probe.out}"
     assert not served("c=interface_bound")
+
+with subtest("closed_flows_stay_captured"):
+    # Connects to the refused host, each cut off within milliseconds: the
+    # kernel's ACKs and resets for those flows must stay captured too.
+    internet.succeed(
+        "nft add table inet arrivals"
+        " && nft add chain inet arrivals input '{ type filter hook input priority 0; }'"
+        f" && nft add rule inet arrivals input ip daddr {BLOCKED4} tcp dport 80 counter"
+        f" && nft add rule inet arrivals input ip6 daddr {BLOCKED6} tcp dport 80 counter"
+    )
+    cut_off = "for i in $(seq 100); do timeout 0.0$((i % 3 + 1)) bash -c 'exec 3<>/dev/tcp/{}/80' 2>/dev/null; done"
+    in_agent(f"{cut_off.format(BLOCKED4)}; {cut_off.format(BLOCKED6)}; sleep 1; true")
+    arrived = internet.succeed("nft list table inet arrivals")
+    internet.succeed("nft delete table inet arrivals")
+    assert not re.search(r"packets [1-9]", arrived), f"packets of closed agent flows reached the refused host: {arrived}"

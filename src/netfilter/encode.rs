@@ -242,6 +242,10 @@ pub(crate) enum Expr {
     Meta(u32),
     /// Set a meta key from the register.
     SetMeta(u32),
+    /// Load a conntrack key (`NFT_CT_*`) of the packet's flow. No flow: next rule.
+    Ct(u32),
+    /// Set a conntrack key of the packet's flow from the register.
+    SetCt(u32),
     /// Continue only if the register starts with these bytes.
     Cmp(Vec<u8>),
     /// Continue only if the register does not start with these bytes.
@@ -284,6 +288,7 @@ impl Expr {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Expr::Meta(_) | Expr::SetMeta(_) => "meta",
+            Expr::Ct(_) | Expr::SetCt(_) => "ct",
             Expr::Cmp(_) | Expr::CmpNe(_) => "cmp",
             Expr::Payload { .. } => "payload",
             Expr::Mask(_) => "bitwise",
@@ -306,6 +311,14 @@ impl Expr {
             Expr::SetMeta(key) => {
                 w.put_u32(sys::NFTA_META_KEY, *key);
                 w.put_u32(sys::NFTA_META_SREG, REG);
+            }
+            Expr::Ct(key) => {
+                w.put_u32(sys::NFTA_CT_KEY, *key);
+                w.put_u32(sys::NFTA_CT_DREG, REG);
+            }
+            Expr::SetCt(key) => {
+                w.put_u32(sys::NFTA_CT_KEY, *key);
+                w.put_u32(sys::NFTA_CT_SREG, REG);
             }
             Expr::Cmp(data) | Expr::CmpNe(data) => {
                 let op = match self {

@@ -7,13 +7,14 @@
 //!   set dropped_v4  { type ipv4_addr . inet_service; size 4096; flags dynamic,timeout; timeout 1h }
 //!   set dropped_v6  { type ipv6_addr . inet_service; ... }
 //!   chain output { type route hook output priority mangle; policy accept;
+//!     ct direction original ct mark MARK meta mark set MARK accept  # a captured flow's later packets
 //!     ip daddr 127.0.0.0/8 accept;  ip6 daddr ::1 accept
 //!     ip(6) daddr <bypass CIDR> accept                      # one rule each
 //!     ip(6) daddr <dns> udp|tcp dport 53 accept             # the resolvers, direct
 //!     socket cgroupv2 level L @agents goto agent_traffic    # one rule per level in use
 //!   }
 //!   chain agent_traffic {
-//!     meta l4proto tcp meta mark set MARK accept            # routed to lo, then tproxy'd
+//!     meta l4proto tcp meta mark set MARK ct mark set meta mark accept  # to lo, then tproxy'd
 //!     meta nfproto ipv4 meta l4proto udp update @dropped_v4 { ip daddr . udp dport counter }
 //!     meta nfproto ipv6 meta l4proto udp update @dropped_v6 { ip6 daddr . udp dport counter }
 //!     counter drop                                          # everything else of agents
@@ -64,6 +65,8 @@ const DROPPED_TIMEOUT_MS: u64 = 3_600_000;
 const ELEMENTS_PER_MESSAGE: usize = 512;
 
 const IPPROTO_TCP: u8 = libc::IPPROTO_TCP as u8;
+/// `enum ip_conntrack_dir`: the direction of the flow's first packet.
+const IP_CT_DIR_ORIGINAL: u8 = 0;
 const IPPROTO_UDP: u8 = libc::IPPROTO_UDP as u8;
 const DNS_PORT: u16 = 53;
 
@@ -287,6 +290,27 @@ fn sets() -> [SetSpec; 3] {
 /// Rule order within each chain matters; see the module comment.
 fn rules(plan: &TablePlan) -> Vec<Rule> {
     let mut rules = vec![
+        // The kernel answers for a flow also without a full socket (a closed
+        // socket's ACKs and resets come from its timewait or request socket),
+        // which `socket cgroupv2` cannot match: the flow's conntrack mark,
+        // saved at its first packet, keeps every later one captured. Only the
+        // agent's direction: the proxy's replies to the agent are the same
+        // flow's other direction, and marked they would be tproxy'd again.
+        Rule::new(
+            OUTPUT_CHAIN,
+            "captured flow",
+            [
+                vec![
+                    Expr::Ct(sys::NFT_CT_DIRECTION),
+                    Expr::Cmp(vec![IP_CT_DIR_ORIGINAL]),
+                    Expr::Ct(sys::NFT_CT_MARK),
+                    Expr::Cmp(plan.mark.to_ne_bytes().to_vec()),
+                ],
+                set_mark(plan.mark),
+                accept(),
+            ]
+            .concat(),
+        ),
         Rule::new(
             OUTPUT_CHAIN,
             "loopback v4",
@@ -330,7 +354,13 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
     rules.push(Rule::new(
         AGENT_CHAIN,
         "agent tcp to proxy",
-        [l4proto(IPPROTO_TCP), set_mark(plan.mark), accept()].concat(),
+        [
+            l4proto(IPPROTO_TCP),
+            set_mark(plan.mark),
+            vec![Expr::SetCt(sys::NFT_CT_MARK)],
+            accept(),
+        ]
+        .concat(),
     ));
     rules.push(dropped_udp_rule(
         DROPPED_V4_SET,
@@ -581,6 +611,7 @@ mod tests {
         assert_eq!(
             names(&rules, OUTPUT_CHAIN),
             [
+                "captured flow",
                 "loopback v4",
                 "loopback v6",
                 "bypass 2001:db8::/32",

@@ -33,6 +33,7 @@ pub const ALL: &[Scenario] = &[
     ("chromium_quic_fallback", crate::chromium::quic_fallback),
     ("kernel_backstop", kernel_backstop),
     ("interface_bound_dropped", interface_bound_dropped),
+    ("closed_flows_stay_captured", closed_flows_stay_captured),
 ];
 
 /// A world with the daemon running the default test policy.
@@ -574,4 +575,47 @@ fn interface_bound_dropped() {
     let (out, _) = curl(&world, &["https://allowed.test/"]);
     assert_body(&out, &ALLOWED.body());
     drop(d);
+}
+
+/// Connects to a refused address, each closed at once, some before the
+/// handshake is done: the kernel then sends ACKs and resets for flows whose
+/// socket is no longer a full one, which `socket cgroupv2` cannot match.
+const CONNECT_AND_CLOSE: &str = r#"
+import socket, sys, time
+for family, addr in ((socket.AF_INET, sys.argv[1]), (socket.AF_INET6, sys.argv[2])):
+    for i in range(150):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect((addr, 80))
+        except BlockingIOError:
+            pass
+        if i % 2:
+            time.sleep(0.002)
+        s.close()
+time.sleep(1)
+"#;
+
+/// Not one packet at a refused address from flows the agent opened and closed
+/// at once (their conntrack mark keeps them captured to the end).
+fn closed_flows_stay_captured() {
+    let (world, _d) = world_with_daemon(json!({}));
+    let before = world.count_arrived(BLOCKED.counter);
+    let v6 = BLOCKED.v6.expect("blocked.test has IPv6").to_string();
+    let out = world
+        .agent_cmd([
+            "python3",
+            "-c",
+            CONNECT_AND_CLOSE,
+            &BLOCKED.v4.to_string(),
+            &v6,
+        ])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        world.count_arrived(BLOCKED.counter) - before,
+        0,
+        "packets of closed agent flows reached blocked.test"
+    );
 }
