@@ -87,7 +87,7 @@ ls /usr/lib/nginx/modules/ngx_stream_module.so
 
 step "kernel modules"
 # Built-in or missing modules are fine here: the tests that need them report it.
-for module in nft_socket nft_tproxy nf_tproxy_ipv4 nf_tproxy_ipv6 nf_socket_ipv4 nf_socket_ipv6; do
+for module in nft_socket nft_tproxy nf_tproxy_ipv4 nf_tproxy_ipv6 nf_socket_ipv4 nf_socket_ipv6 nft_ct nf_conntrack; do
     if error=$(modprobe "$module" 2>&1); then
         echo "loaded $module"
     else

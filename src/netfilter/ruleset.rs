@@ -74,6 +74,7 @@ const HINT_SOCKET: &str = "is nft_socket loaded? modprobe nft_socket";
 const HINT_TPROXY: &str =
     "is nft_tproxy loaded? modprobe nft_tproxy (it pulls in nf_tproxy_ipv4 and nf_tproxy_ipv6)";
 const HINT_REJECT: &str = "is nft_reject_inet loaded? modprobe nft_reject_inet";
+const HINT_CT: &str = "is nft_ct loaded? modprobe nft_ct (it pulls in nf_conntrack)";
 
 /// A cgroup v2 id as nft's `cgroupsv2` type: the cgroup directory's inode number, in
 /// host byte order as `socket cgroupv2` loads it.
@@ -289,28 +290,30 @@ fn sets() -> [SetSpec; 3] {
 
 /// Rule order within each chain matters; see the module comment.
 fn rules(plan: &TablePlan) -> Vec<Rule> {
+    // The kernel answers for a flow also without a full socket (a closed
+    // socket's ACKs and resets come from its timewait or request socket),
+    // which `socket cgroupv2` cannot match: the flow's conntrack mark,
+    // saved at its first packet, keeps every later one captured. Only the
+    // agent's direction: the proxy's replies to the agent are the same
+    // flow's other direction, and marked they would be tproxy'd again.
+    let mut captured_flow = Rule::new(
+        OUTPUT_CHAIN,
+        "captured flow",
+        [
+            vec![
+                Expr::Ct(sys::NFT_CT_DIRECTION),
+                Expr::Cmp(vec![IP_CT_DIR_ORIGINAL]),
+                Expr::Ct(sys::NFT_CT_MARK),
+                Expr::Cmp(plan.mark.to_ne_bytes().to_vec()),
+            ],
+            set_mark(plan.mark),
+            accept(),
+        ]
+        .concat(),
+    );
+    captured_flow.hint = Some(HINT_CT.into());
     let mut rules = vec![
-        // The kernel answers for a flow also without a full socket (a closed
-        // socket's ACKs and resets come from its timewait or request socket),
-        // which `socket cgroupv2` cannot match: the flow's conntrack mark,
-        // saved at its first packet, keeps every later one captured. Only the
-        // agent's direction: the proxy's replies to the agent are the same
-        // flow's other direction, and marked they would be tproxy'd again.
-        Rule::new(
-            OUTPUT_CHAIN,
-            "captured flow",
-            [
-                vec![
-                    Expr::Ct(sys::NFT_CT_DIRECTION),
-                    Expr::Cmp(vec![IP_CT_DIR_ORIGINAL]),
-                    Expr::Ct(sys::NFT_CT_MARK),
-                    Expr::Cmp(plan.mark.to_ne_bytes().to_vec()),
-                ],
-                set_mark(plan.mark),
-                accept(),
-            ]
-            .concat(),
-        ),
+        captured_flow,
         Rule::new(
             OUTPUT_CHAIN,
             "loopback v4",
@@ -351,7 +354,7 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
     let levels: BTreeSet<u32> = plan.cgroups.iter().map(|c| c.level).collect();
     rules.extend(levels.into_iter().map(level_rule));
 
-    rules.push(Rule::new(
+    let mut to_proxy = Rule::new(
         AGENT_CHAIN,
         "agent tcp to proxy",
         [
@@ -361,7 +364,9 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
             accept(),
         ]
         .concat(),
-    ));
+    );
+    to_proxy.hint = Some(HINT_CT.into());
+    rules.push(to_proxy);
     rules.push(dropped_udp_rule(
         DROPPED_V4_SET,
         libc::NFPROTO_IPV4 as u8,
