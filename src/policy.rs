@@ -46,6 +46,49 @@ pub struct Decision<'p> {
     pub matched_domain: bool,
 }
 
+/// The kind of address `ip` is when it is not one on the internet: what a name
+/// must not lead the proxy to unless a rule by address allows it (loopback
+/// services, the cloud metadata endpoint, the LAN).
+pub fn internal_range(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let [first, second, ..] = a.octets();
+            if a.is_loopback() {
+                Some("loopback")
+            } else if a.is_unspecified() || first == 0 {
+                Some("unspecified")
+            } else if a.is_link_local() {
+                Some("link-local")
+            } else if a.is_private() {
+                Some("private")
+            } else if first == 100 && (64..128).contains(&second) {
+                Some("shared (carrier-grade NAT)")
+            } else if a.is_multicast() || a.is_broadcast() || first >= 240 {
+                Some("multicast or reserved")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(a) => {
+            let first = a.segments()[0];
+            if a.is_loopback() {
+                Some("loopback")
+            } else if a.is_unspecified() {
+                Some("unspecified")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if first & 0xfe00 == 0xfc00 {
+                // fd00:ec2::254, the EC2 metadata endpoint over IPv6, is one.
+                Some("unique local")
+            } else if a.is_multicast() {
+                Some("multicast or reserved")
+            } else {
+                None
+            }
+        }
+    }
+}
+
 /// The rule name decisions by the default outbound carry.
 pub const DEFAULT_RULE_NAME: &str = "default";
 
@@ -202,6 +245,34 @@ impl Policy {
         lines.join("\n")
     }
 
+    /// What the rules by address (`ips` without `domains`) say of an address a
+    /// name resolved to, before the proxy dials it: the first that matches, if
+    /// any. Domain rules and rules without `ips` have no say on an address.
+    pub fn decide_address(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        agent: Option<&str>,
+    ) -> Option<Decision<'_>> {
+        let q = Query {
+            host: None,
+            ip,
+            port,
+            agent,
+        };
+        let mut best = usize::MAX;
+        self.scan_ip_rules(&q, ip.to_canonical(), &mut best);
+        (best != usize::MAX).then(|| {
+            let rule = &self.rules[best];
+            Decision {
+                rule: Some(best),
+                rule_name: &rule.name,
+                outbound: &rule.outbound,
+                matched_domain: false,
+            }
+        })
+    }
+
     fn first_match(&self, q: &Query) -> Option<usize> {
         let ip = q.ip.to_canonical();
         let mut best = usize::MAX;
@@ -210,20 +281,24 @@ impl Policy {
                 self.scan(list, FoundBy::Domain, q, ip, &mut best);
             });
         }
+        self.scan_ip_rules(q, ip, &mut best);
+        self.scan(&self.unindexed, FoundBy::Scan, q, ip, &mut best);
+        (best != usize::MAX).then_some(best)
+    }
+
+    fn scan_ip_rules(&self, q: &Query, ip: IpAddr, best: &mut usize) {
         match ip {
             IpAddr::V4(a) => {
                 for list in self.by_ipv4.lists(u32::from(a)) {
-                    self.scan(list, FoundBy::Ip, q, ip, &mut best);
+                    self.scan(list, FoundBy::Ip, q, ip, best);
                 }
             }
             IpAddr::V6(a) => {
                 for list in self.by_ipv6.lists(u128::from(a)) {
-                    self.scan(list, FoundBy::Ip, q, ip, &mut best);
+                    self.scan(list, FoundBy::Ip, q, ip, best);
                 }
             }
         }
-        self.scan(&self.unindexed, FoundBy::Scan, q, ip, &mut best);
-        (best != usize::MAX).then_some(best)
     }
 
     /// Lowers `best` to the first candidate below it whose other fields match.
@@ -517,6 +592,61 @@ impl<A: Address> PrefixTable<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_ranges_are_named_and_the_internet_is_not() {
+        for (ip, class) in [
+            ("127.0.0.1", "loopback"),
+            ("::1", "loopback"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("fd00:ec2::254", "unique local"),
+            ("fe80::1", "link-local"),
+            ("10.1.2.3", "private"),
+            ("172.16.0.1", "private"),
+            ("192.168.1.1", "private"),
+            ("100.100.100.200", "shared (carrier-grade NAT)"),
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("224.0.0.1", "multicast or reserved"),
+            ("ff02::1", "multicast or reserved"),
+        ] {
+            assert_eq!(internal_range(ip.parse().unwrap()), Some(class), "{ip}");
+        }
+        for ip in [
+            "198.51.100.20",
+            "2001:db8::20",
+            "8.8.8.8",
+            "100.128.0.1",
+            "172.32.0.1",
+        ] {
+            assert_eq!(internal_range(ip.parse().unwrap()), None, "{ip}");
+        }
+    }
+
+    #[test]
+    fn an_address_is_decided_by_rules_by_address_only() {
+        let policy = policy(
+            r#"{"rules": [{"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"},
+                          {"name": "refused", "ips": ["203.0.113.20/32"], "outbound": "block"},
+                          {"name": "lan-db", "ips": ["10.0.0.5"], "ports": [5432], "outbound": "direct"},
+                          {"name": "anything", "outbound": "direct"}]}"#,
+        );
+        let at = |ip: &str, port| {
+            policy
+                .decide_address(ip.parse().unwrap(), port, None)
+                .map(|d| d.rule_name)
+        };
+        assert_eq!(at("203.0.113.20", 443), Some("refused"));
+        assert_eq!(at("::ffff:203.0.113.20", 443), Some("refused"));
+        assert_eq!(at("10.0.0.5", 5432), Some("lan-db"));
+        assert_eq!(at("10.0.0.5", 22), None);
+        assert_eq!(
+            at("198.51.100.10", 443),
+            None,
+            "domain and catch-all rules have no say"
+        );
+    }
 
     /// A policy from the `rules` (and optionally `interception`) JSON of a config.
     fn policy(json: &str) -> Policy {

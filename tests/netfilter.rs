@@ -270,7 +270,9 @@ fn install_builds_the_table_and_reinstall_replaces_it() {
         "ip6 daddr 2001:db8::53 tcp dport 53 accept",
         "socket cgroupv2 level 1 @agents goto agent_traffic",
         "socket cgroupv2 level 3 @agents goto agent_traffic",
-        "meta l4proto tcp meta mark set 0x00001234 accept",
+        "ct direction original ct mark 0x00001234 meta mark set 0x00001234 accept",
+        "meta l4proto tcp meta mark set 0x00001234 ct mark set 0x00001234 accept",
+        "meta mark 0x00001234 oif != \"lo\" counter packets 0 bytes 0 drop",
         "update @dropped_v4 { ip daddr . udp dport counter }",
         "update @dropped_v6 { ip6 daddr . udp dport counter }",
         "counter packets 0 bytes 0 drop",
@@ -280,8 +282,9 @@ fn install_builds_the_table_and_reinstall_replaces_it() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
-    assert_eq!(rules_in(&json, "output").len(), 2 + 1 + 4 + 2);
+    assert_eq!(rules_in(&json, "output").len(), 1 + 2 + 1 + 4 + 2);
     assert_eq!(rules_in(&json, "prerouting").len(), 3);
+    assert_eq!(rules_in(&json, "postrouting").len(), 1);
 
     // Again: replaced, not appended to.
     ns.run(|| netfilter::install(&plan(cgroups.clone())).unwrap());
@@ -844,6 +847,6 @@ fn largest_plan_installs_in_one_batch() {
     assert_eq!(set_members(&json).len(), netfilter::MAX_CGROUPS);
     assert_eq!(
         rules_in(&json, "output").len(),
-        2 + netfilter::MAX_BYPASS + 2 * netfilter::MAX_DNS_SERVERS + 8
+        1 + 2 + netfilter::MAX_BYPASS + 2 * netfilter::MAX_DNS_SERVERS + 8
     );
 }

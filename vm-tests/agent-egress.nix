@@ -124,6 +124,9 @@ in
             "later.test,${ipv4},${ipv6}"
             "xn--bcher-kva.test,${ipv4},${ipv6}"
             "blocked.test,${blocked4},${blocked6}"
+            # DNS rebinding: allowed names that lead to where no name may.
+            "rebind-md.allowed.test,${metadata4}"
+            "rebind-pv.allowed.test,10.1.2.3"
           ];
         };
       };

@@ -360,3 +360,13 @@ with subtest("closed_flows_stay_captured"):
     arrived = internet.succeed("nft list table inet arrivals")
     internet.succeed("nft delete table inet arrivals")
     assert not re.search(r"packets [1-9]", arrived), f"packets of closed agent flows reached the refused host: {arrived}"
+
+with subtest("rebinding_refused"):
+    # Allowed names that resolve to the metadata endpoint or a private address:
+    # the proxy dials neither.
+    for name in ["rebind-md.allowed.test", "rebind-pv.allowed.test"]:
+        probe = fetch(f"http://{name}/?c=rebinding", "--include")
+        assert probe.out.startswith("HTTP/1.1 403"), f"{name}: {probe.out}"
+        record = wait_for_audit(name, host=name)
+        assert record["dial"] in ("refused_private", "refused_ip_rule"), record
+    assert not served("c=rebinding")

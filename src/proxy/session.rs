@@ -12,7 +12,7 @@ use crate::names::normalize_host;
 use crate::outbound::{
     self, DialOptions, Handshake, HttpConnectHandshake, Progress, Socks5Handshake, Target,
 };
-use crate::policy::Query;
+use crate::policy::{self, Query};
 use crate::procinfo::OwnerQuery;
 use crate::sniff::{self, Sniff, Sniffed};
 use mio::net::TcpStream;
@@ -464,29 +464,85 @@ impl Session {
     fn dial_resolved(&mut self, ctx: &mut Ctx, host: &str, port: u16, addrs: &[IpAddr]) -> Step {
         let original = self.original_dst.ip();
         if addrs.contains(&original) {
+            if let Some(refusal) = self.dial_refusal(self.original_dst) {
+                return self.refuse_dial(refusal);
+            }
             self.record.dial = Some("original_verified".into());
             return self.connect(ctx, vec![self.original_dst], Via::Direct);
         }
         match self.runtime.config.dns.domain_dial {
-            DomainDial::Verify => {
-                self.record.dial = Some("refused_mismatch".into());
-                self.record.verdict = "block";
-                self.record.error = Some(format!(
+            DomainDial::Verify => self.refuse_dial((
+                "refused_mismatch",
+                format!(
                     "{original} is not an address of {host} (our resolver gives {})",
                     list(addrs)
-                ));
-                let rule = self.record.rule.clone().unwrap_or_default();
-                self.refuse_politely(&rule)
-            }
+                ),
+            )),
             DomainDial::Resolve => {
                 self.record.dial = Some("resolved".into());
+                let mut refusals = Vec::new();
+                let mut candidates: Vec<SocketAddr> = addrs
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, port))
+                    .filter(|addr| match self.dial_refusal(*addr) {
+                        Some(refusal) => {
+                            refusals.push(refusal);
+                            false
+                        }
+                        None => true,
+                    })
+                    .collect();
+                if candidates.is_empty() {
+                    if let Some(refusal) = refusals.into_iter().next() {
+                        return self.refuse_dial(refusal);
+                    }
+                }
                 // Same family first: the agent's stack chose it for a reason.
-                let mut candidates: Vec<SocketAddr> =
-                    addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
                 candidates.sort_by_key(|a| a.is_ipv4() != original.is_ipv4());
                 self.connect(ctx, candidates, Via::Direct)
             }
         }
+    }
+
+    /// Why the proxy must not dial `addr` for a name, if it must not: its own
+    /// listener (a loop), an address a rule by address refuses, or an internal
+    /// one (loopback, link-local and metadata, private) that no rule by
+    /// address allows. A name an agent may reach can resolve to anything.
+    fn dial_refusal(&self, addr: SocketAddr) -> Option<(&'static str, String)> {
+        let ip = addr.ip().to_canonical();
+        let config = &self.runtime.config;
+        let listener = config
+            .listen
+            .addresses
+            .iter()
+            .any(|a| a.to_canonical() == ip);
+        if addr.port() == config.listen.port && (listener || ip.is_loopback()) {
+            return Some(("refused_self", format!("{addr} is this proxy's listener")));
+        }
+        let agent = self.record.agent.as_deref();
+        match self.runtime.policy.decide_address(ip, addr.port(), agent) {
+            Some(decision) => match config.outbounds.get(decision.outbound) {
+                Some(Outbound::Block) | None => Some((
+                    "refused_ip_rule",
+                    format!("{ip} is refused by rule {:?}", decision.rule_name),
+                )),
+                Some(_) => None,
+            },
+            None => policy::internal_range(ip).map(|range| {
+                (
+                    "refused_private",
+                    format!("{ip} is a {range} address, which a name reaches only through a rule by address (ips)"),
+                )
+            }),
+        }
+    }
+
+    fn refuse_dial(&mut self, (dial, reason): (&'static str, String)) -> Step {
+        self.record.dial = Some(dial.into());
+        self.record.verdict = "block";
+        self.record.error = Some(reason);
+        let rule = self.record.rule.clone().unwrap_or_default();
+        self.refuse_politely(&rule)
     }
 
     // ---- connecting ----------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! One function per scenario of vm-tests/scenarios.txt, in the same order.
 
 use crate::harness::daemon::{self, Daemon};
-use crate::harness::{arrivals, World, AGENT_IFACE, ALLOWED, BLOCKED, METADATA, OTHER};
+use crate::harness::{arrivals, World, AGENT_IFACE, ALLOWED, BLOCKED, METADATA, OTHER, REBINDS};
 use crate::harness::{cgroup2_root, Cgroup};
 use crate::Scenario;
 use serde_json::{json, Value};
@@ -34,6 +34,7 @@ pub const ALL: &[Scenario] = &[
     ("kernel_backstop", kernel_backstop),
     ("interface_bound_dropped", interface_bound_dropped),
     ("closed_flows_stay_captured", closed_flows_stay_captured),
+    ("rebinding_refused", rebinding_refused),
 ];
 
 /// A world with the daemon running the default test policy.
@@ -618,4 +619,75 @@ fn closed_flows_stay_captured() {
         0,
         "packets of closed agent flows reached blocked.test"
     );
+}
+
+/// An allowed name that resolves to the metadata endpoint, loopback, a private
+/// address or one a rule by address refuses: the proxy dials none of them,
+/// whether it dials what it resolves or what the agent resolved, and never
+/// its own listener.
+fn rebinding_refused() {
+    for domain_dial in ["resolve", "verify"] {
+        let (world, d) = world_with_daemon(json!({
+            "dns": {"servers": [crate::harness::DNS_V4.to_string()], "timeout_ms": 1000, "domain_dial": domain_dial},
+            "rules": [
+                {"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"},
+                {"name": "refused-ip", "ips": [BLOCKED.v4.to_string(), BLOCKED.v6.expect("v6").to_string()], "outbound": "block"}
+            ]
+        }));
+        let before = (
+            world.count_arrived(METADATA.counter),
+            world.count_arrived(BLOCKED.counter),
+        );
+        for (name, address, address_v6, dial) in REBINDS {
+            let url = format!("http://{name}/?c=rebind");
+            // Resolving, the proxy gets the rebound address whatever the agent
+            // dialled; verifying, the agent dials the rebound address itself
+            // (addresses it cannot reach are not tried: nothing to verify).
+            let resolve = match domain_dial {
+                "resolve" => format!("{name}:80:{}", ALLOWED.v4),
+                _ if address
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()) =>
+                {
+                    continue
+                }
+                _ => format!("{name}:80:{address}"),
+            };
+            let (out, _) = curl(&world, &["-i", "--resolve", &resolve, &url]);
+            let text = stdout(&out);
+            assert!(
+                text.starts_with("HTTP/1.1 403"),
+                "{domain_dial} {name}: {text}"
+            );
+            let r = d.wait_record(name, |r| r["host"] == name);
+            assert_eq!(r["dial"], dial, "{domain_dial} {name}: {r}");
+            assert_eq!(r["verdict"], "block", "{r}");
+            let error = r["error"].as_str().unwrap_or("");
+            assert!(error.contains(address) || error.contains(address_v6), "{r}");
+        }
+        if domain_dial == "resolve" {
+            // The agent's connection, resolved by the proxy, would come back to it.
+            let name = "rebind-lo.allowed.test";
+            let (out, _) = curl(
+                &world,
+                &[
+                    "-i",
+                    "--resolve",
+                    &format!("{name}:{}:{}", daemon::PORT, ALLOWED.v4),
+                    &format!("http://{name}:{}/", daemon::PORT),
+                ],
+            );
+            assert!(stdout(&out).starts_with("HTTP/1.1 403"), "{}", stdout(&out));
+            let r = d.wait_record("the loop", |r| r["dial"] == "refused_self");
+            assert_eq!(r["host"], name, "{r}");
+        }
+        assert_eq!(
+            (
+                world.count_arrived(METADATA.counter),
+                world.count_arrived(BLOCKED.counter)
+            ),
+            before,
+            "{domain_dial}: a rebound name reached the metadata or the refused host"
+        );
+    }
 }

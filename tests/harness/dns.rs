@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::process::ChildGuard;
-use super::topology::{DNS_V4, FORBIDDEN_DNS_V4, NAMED_HOSTS};
+use super::topology::{DNS_V4, FORBIDDEN_DNS_V4, NAMED_HOSTS, REBINDS};
 
 pub struct DnsmasqFiles {
     pub dir: PathBuf,
@@ -60,6 +60,10 @@ impl DnsmasqFiles {
                 let _ = write!(record, ",{v6}");
             }
             let _ = writeln!(conf, "{record}");
+        }
+        // The longest `address=` match wins over allowed.test's.
+        for (name, v4, v6, _) in REBINDS {
+            let _ = writeln!(conf, "address=/{name}/{v4}\naddress=/{name}/{v6}");
         }
         conf
     }

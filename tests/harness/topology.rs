@@ -71,6 +71,36 @@ pub const NAMED_HOSTS: [TestHost; 3] = [ALLOWED, BLOCKED, OTHER];
 /// Every host nginx serves.
 pub const ALL_HOSTS: [TestHost; 4] = [ALLOWED, BLOCKED, OTHER, METADATA];
 
+/// Names below allowed.test that the test resolver answers with addresses a
+/// name must not lead the proxy to (DNS rebinding), IPv4 and IPv6, and the
+/// `dial` the audit record gives each when the proxy refuses it.
+pub const REBINDS: [(&str, &str, &str, &str); 4] = [
+    (
+        "rebind-md.allowed.test",
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "refused_private",
+    ),
+    (
+        "rebind-bl.allowed.test",
+        "198.51.100.20",
+        "2001:db8:100::20",
+        "refused_ip_rule",
+    ),
+    (
+        "rebind-lo.allowed.test",
+        "127.0.0.1",
+        "::1",
+        "refused_private",
+    ),
+    (
+        "rebind-pv.allowed.test",
+        "10.1.2.3",
+        "fd12::3",
+        "refused_private",
+    ),
+];
+
 impl TestHost {
     /// The body every path (but `/big/`, `/slow/`, `/page.html` and `/evil.js`)
     /// returns: `hello from NAME\n`.
