@@ -4,6 +4,7 @@ use crate::audit::{AuditLog, AuditThread, Sink};
 use crate::capture::Capture;
 use crate::cli::{load, RunArgs};
 use crate::config::Config;
+use crate::instance;
 use crate::procinfo::Attributor;
 use crate::proxy::{Proxy, Runtime};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -18,6 +19,13 @@ pub fn run(args: &RunArgs) -> i32 {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot handle signals: {e}");
+            return 1;
+        }
+    };
+    let _instance = match instance::claim(&config.interception.table, config.listen.port) {
+        Ok(lock) => lock,
+        Err(e) => {
+            log::error!("{e}");
             return 1;
         }
     };

@@ -10,6 +10,7 @@ pub mod connect_log;
 pub mod daemon;
 pub mod dns;
 pub mod exec;
+pub mod instance;
 pub mod names;
 pub mod netfilter;
 pub mod outbound;

@@ -9,7 +9,8 @@ mod harness;
 use harness::daemon::{self, Daemon};
 use harness::{World, ALLOWED};
 use serde_json::{json, Value};
-use std::process::{Command, Output};
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -585,4 +586,58 @@ fn a_slow_upstream_does_not_delay_others() {
         let _ = s.kill();
         let _ = s.wait();
     }
+}
+
+#[test]
+fn a_second_daemon_with_the_same_table_or_port_is_refused() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let mut first = start(&world, json!({}));
+    let first_pid = first.guard.pid();
+    for (what, extra) in [
+        ("the same config", json!({})),
+        (
+            "another table, the same port",
+            json!({"interception": {"cgroups": [world.agent().relative_path()], "table": "second"}}),
+        ),
+    ] {
+        let config = world.write_config(daemon::config(&world, extra));
+        let mut second = world
+            .host_cmd([daemon::binary(), "run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run agent-egress");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = second.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                let _ = second.kill();
+                let _ = second.wait();
+                panic!("{what}: the second daemon kept running beside pid {first_pid}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut log = String::new();
+        second
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut log)
+            .expect("read its log");
+        assert_eq!(status.code(), Some(1), "{what}: {log}");
+        assert!(
+            log.contains(&format!("agent-egress pid {first_pid} already runs")),
+            "{what}: {log}"
+        );
+    }
+    // The first is untouched: its table and its connections.
+    alive(&mut first);
+    assert!(first.table_installed(&world));
+    curl_ok(&world, "https://allowed.test/");
 }
