@@ -18,16 +18,26 @@ let
   topCgroup = "agent.slice/agent-egress.slice/${topSlice}";
   daemonUnit = "agent-egress.service";
 
-  evaluate =
-    name: modules:
+  # The real declarations of what the module sets and reads, per release.
+  declarations = lib.importJSON ./nixos-declarations.json;
+  releaseWithRole =
+    role: lib.findFirst (name: declarations.releases.${name}.role == role) null (lib.attrNames declarations.releases);
+  pinned = releaseWithRole "pinned";
+
+  stubs =
+    release: dir:
+    import ./eval-stubs.nix {
+      inherit packageDir release declarations;
+      generatedDir = dir;
+    };
+
+  evaluateAt =
+    release: name: modules:
     let
       dir = "${generatedDir}/${name}";
       evaluated = lib.evalModules {
         modules = [
-          (import ./eval-stubs.nix {
-            inherit packageDir;
-            generatedDir = dir;
-          })
+          (stubs release dir)
           ./module.nix
         ]
         ++ modules;
@@ -38,6 +48,8 @@ let
       inherit dir;
       inherit (evaluated._module.args) pkgs;
     };
+
+  evaluate = evaluateAt pinned;
 
   failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
 
@@ -319,6 +331,7 @@ let
       bindgenHook = "bindgen-hook";
     };
     linuxHeaders = "linux-headers";
+    testers.testVersion = { package }: "version test of ${package.pname}";
   };
   packageFailures = lib.optionals packageEvaluable (
     expect "package: version" package.version (lib.importTOML ../Cargo.toml).package.version
@@ -326,6 +339,8 @@ let
     ++ expectMatch "package: sources" "/nix/store/[a-z0-9]{32}-source" "${package.src}"
     ++ expect "package: bindgen" package.nativeBuildInputs [ "bindgen-hook" ]
     ++ expect "package: mainProgram" package.meta.mainProgram "agent-egress"
+    ++ expect "package: passthru.tests" package.passthru.tests { version = "version test of agent-egress"; }
+    ++ expect "package: maintainers" (map (m: m.github) package.meta.maintainers) [ "agent-egress" ]
   );
 
   # Configurations the module must refuse, each with the message it gives.
@@ -415,6 +430,124 @@ let
     }
   ];
 
+  # Every option the stubs declare, with its type and default, as the real
+  # declarations list them: submodule options under their attribute name
+  # `<name>`, the stubs' internals (`_module`) left out.
+  stubOptions =
+    release:
+    let
+      walk =
+        options:
+        lib.concatLists (
+          lib.mapAttrsToList (
+            name: value:
+            if lib.hasPrefix "_" name then
+              [ ]
+            else if lib.isOption value then
+              [ value ] ++ walk (value.type.getSubOptions value.loc)
+            else if lib.isAttrs value then
+              walk value
+            else
+              [ ]
+          ) options
+        );
+      evaluated = lib.evalModules { modules = [ (stubs release "${generatedDir}/stubs-${release}") ]; };
+    in
+    lib.listToAttrs (map (option: lib.nameValuePair (lib.showOption option.loc) option) (walk evaluated.options));
+
+  # The stubs of a release against its real declarations: the same options,
+  # types and (literal) defaults.
+  declarationFailures =
+    release:
+    let
+      stubbed = stubOptions release;
+      real = lib.filterAttrs (_: option: option.${release} or null != null) declarations.options;
+      literal = fact: !(lib.isAttrs (fact.default or null) && fact.default ? expression);
+      compare =
+        path: option:
+        if !(real ? ${path}) then
+          [
+            "stubs at ${release}: ${path} is declared, but nix/nixos-declarations.json has no real declaration of it at ${release}"
+          ]
+        else
+          let
+            fact = real.${path}.${release};
+          in
+          expect "stubs at ${release}: type of ${path}" option.type.description fact.type
+          ++ lib.optionals (literal fact) (
+            expect "stubs at ${release}: default of ${path}" (option.default or null) (fact.default or null)
+          );
+    in
+    lib.concatLists (lib.mapAttrsToList compare stubbed)
+    ++ map (path: "stubs at ${release}: ${path} exists in nixpkgs but not in the stubs") (
+      lib.attrNames (removeAttrs real (lib.attrNames stubbed))
+    );
+
+  # A switch reloads the daemon for what a reload applies and restarts it for
+  # what it cannot (listen, audit, the table: src/daemon.rs `reload`).
+  restartTriggersWith =
+    name: settings:
+    (evaluate name [
+      {
+        services.resolved.enable = true;
+        services.agentEgress = {
+          enable = true;
+          inherit settings;
+        };
+      }
+    ]).systemd.services.agent-egress.restartTriggers;
+  triggerFailures =
+    let
+      base = restartTriggersWith "triggers-base" { };
+      restarts =
+        what: settings:
+        lib.optional (restartTriggersWith "triggers-${what}" settings == base)
+          "restartTriggers: a change of ${what} leaves them as they were: a switch would reload, which the daemon refuses";
+    in
+    expect "restartTriggers: a change of limits reloads" (restartTriggersWith "triggers-limits" {
+      limits.idle_timeout_s = 61;
+    }) base
+    ++ restarts "audit.path" { audit.path = "-"; }
+    ++ restarts "listen.port" { listen.port = 15002; }
+    ++ restarts "interception.table" { interception.table = "other_table"; };
+
+  # The example on every release: the module reads release-dependent options
+  # defensively, and nothing it sets is missing there.
+  releaseFailures = lib.concatMap (
+    release:
+    let
+      config = evaluateAt release "example-${release}" [ ./example-configuration.nix ];
+    in
+    declarationFailures release
+    ++ map (message: "example at ${release}: ${message}") (failedAssertions config)
+    ++ expectMatch "example at ${release}: nftables rpfilter exception" ''.*iifname "lo" meta mark 2785 accept.*''
+      config.networking.firewall.extraReversePathFilterRules
+  ) (lib.attrNames declarations.releases)
+  # The firewall backends as each release knows them: on 25.05 (no
+  # networking.firewall.backend) the iptables firewall unless nftables is on;
+  # firewalld, where it exists, gets a warning instead of a silent nothing.
+  ++ (
+    let
+      withFirewall =
+        release: name: firewall:
+        evaluateAt release name [
+          {
+            services.resolved.enable = true;
+            services.agentEgress.enable = true;
+            networking = firewall;
+          }
+        ];
+      iptables = withFirewall "25.05" "iptables-25.05" { };
+      firewalld = withFirewall pinned "firewalld-${pinned}" { firewall.backend = "firewalld"; };
+    in
+    expectMatch "iptables at 25.05: rpfilter exception" ".*-m mark --mark 2785 -j RETURN.*" iptables.networking.firewall.extraCommands
+    ++ expect "iptables at 25.05: no nftables rule" iptables.networking.firewall.extraReversePathFilterRules ""
+    ++ lib.optional (!lib.any (lib.hasInfix "firewalld") firewalld.warnings) "firewalld at ${pinned}: no warning that the module adds no exception there"
+    ++ expect "firewalld at ${pinned}: no rule for the other backends" (
+      firewalld.networking.firewall.extraCommands + firewalld.networking.firewall.extraReversePathFilterRules
+    ) ""
+  );
+
   # The VM test's script as the test driver gets it, for eval-check.sh to
   # compare with vm-tests/scenarios.txt and lint.
   vmTest = import ../vm-tests/agent-egress.nix {
@@ -477,6 +610,10 @@ let
     unit: section: settings:
     lib.filterAttrs (_: values: values != { }) {
       Unit = lib.filterAttrs (_: value: value != [ ] && value != "") {
+        # As NixOS writes them, for the guest to decide reload or restart
+        # as switch-to-configuration would.
+        X-Reload-Triggers = map toString (unit.reloadTriggers or [ ]);
+        X-Restart-Triggers = map toString (unit.restartTriggers or [ ]);
         Description = unit.description;
         After = unit.after;
         BindsTo = unit.bindsTo;
@@ -504,7 +641,7 @@ let
     ];
 in
 {
-  failures = exampleFailures ++ fixtureFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
+  failures = releaseFailures ++ triggerFailures ++ exampleFailures ++ fixtureFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
   inherit packageEvaluable;
   inherit vmScript;
   accepted = {

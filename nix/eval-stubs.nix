@@ -8,12 +8,19 @@
   packageDir,
   # Where formats.json.generate "writes": eval-check.sh puts the JSON there.
   generatedDir,
+  # The NixOS release to stand in for, and nix/nixos-declarations.json: an
+  # option exists here only where it exists in that release, and
+  # nix/eval-check.nix holds each to its real type and default.
+  release,
+  declarations,
 }:
 
 { config, lib, ... }:
 
 let
   inherit (lib) mkOption types;
+
+  exists = path: (declarations.options.${path} or { }).${release} or null != null;
 
   stubPackage = name: {
     type = "derivation";
@@ -35,17 +42,47 @@ let
         lib.mergeEqualOption loc defs';
   };
 
+  # NixOS's unit names in dependency lists: a name with a unit type.
+  unitNameType = types.strMatching "[a-zA-Z0-9@%:_.\\-]+[.](service|socket|device|mount|automount|swap|target|path|timer|scope|slice)";
+
+  # NixOS checks a few [Service] values at evaluation (checkService).
+  serviceConfigType = types.addCheck (types.attrsOf unitOption) (
+    config:
+    let
+      oneOf = name: allowed: !(config ? ${name}) || lib.elem config.${name} allowed;
+    in
+    oneOf "Type" [
+      "exec"
+      "simple"
+      "forking"
+      "oneshot"
+      "dbus"
+      "notify"
+      "notify-reload"
+      "idle"
+    ]
+    && oneOf "Restart" [
+      "no"
+      "on-success"
+      "on-failure"
+      "on-abnormal"
+      "on-abort"
+      "on-watchdog"
+      "always"
+    ]
+  );
+
   commonUnitOptions =
     lib.genAttrs [ "wantedBy" "after" "before" "bindsTo" "wants" "requires" ] (
       _:
       mkOption {
-        type = types.listOf types.str;
+        type = types.listOf unitNameType;
         default = [ ];
       }
     )
     // {
       description = mkOption {
-        type = types.str;
+        type = types.singleLineStr;
         default = "";
       };
       unitConfig = mkOption {
@@ -57,7 +94,7 @@ let
   serviceType = types.submodule {
     options = commonUnitOptions // {
       serviceConfig = mkOption {
-        type = types.attrsOf unitOption;
+        type = serviceConfigType;
         default = { };
       };
       reloadTriggers = mkOption {
@@ -65,7 +102,7 @@ let
         default = [ ];
       };
       restartTriggers = mkOption {
-        type = types.listOf unitOption;
+        type = types.listOf types.unspecified;
         default = [ ];
       };
       stopIfChanged = mkOption {
@@ -77,7 +114,15 @@ let
         default = [ ];
       };
       environment = mkOption {
-        type = types.attrsOf types.str;
+        type = types.attrsOf (
+          types.nullOr (
+            types.oneOf [
+              types.str
+              types.path
+              types.package
+            ]
+          )
+        );
         default = { };
       };
       script = mkOption {
@@ -96,7 +141,60 @@ let
     };
   };
 
-  freeformAttrs = types.attrsOf (types.submodule { freeformType = types.attrsOf types.anything; });
+  userType = types.submodule {
+    options = {
+      isSystemUser = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      group = mkOption {
+        type = types.str;
+        default = "";
+      };
+      description = mkOption {
+        type = types.passwdEntry types.str;
+        default = "";
+      };
+    };
+  };
+
+  # A logrotate section: a few typed settings, the rest free-form.
+  logrotateSectionType = types.submodule (
+    { name, ... }:
+    {
+      freeformType = types.attrsOf (
+        types.nullOr (
+          types.oneOf [
+            types.int
+            types.bool
+            types.str
+          ]
+        )
+      );
+      options = {
+        enable = mkOption {
+          type = types.bool;
+          default = true;
+        };
+        global = mkOption {
+          type = types.bool;
+          default = false;
+        };
+        files = mkOption {
+          type = types.either types.str (types.listOf types.str);
+          default = name;
+        };
+        frequency = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+        };
+        priority = mkOption {
+          type = types.int;
+          default = 1000;
+        };
+      };
+    }
+  );
 
   jsonValue = types.nullOr (
     types.oneOf [
@@ -124,7 +222,7 @@ in
     environment.etc = mkOption {
       type = types.attrsOf (
         types.submodule {
-          options.source = mkOption { type = types.unspecified; };
+          options.source = mkOption { type = types.path; };
         }
       );
       default = { };
@@ -135,11 +233,11 @@ in
     };
 
     users.users = mkOption {
-      type = freeformAttrs;
+      type = types.attrsOf userType;
       default = { };
     };
     users.groups = mkOption {
-      type = freeformAttrs;
+      type = types.attrsOf (types.submodule { });
       default = { };
     };
 
@@ -169,14 +267,19 @@ in
         type = types.bool;
         default = true;
       };
+    }
+    // lib.optionalAttrs (exists "networking.firewall.backend") {
       # As NixOS: the nftables firewall when nftables is on.
       backend = mkOption {
         type = types.enum [
           "iptables"
           "nftables"
+          "firewalld"
         ];
         default = if config.networking.nftables.enable then "nftables" else "iptables";
       };
+    }
+    // {
       extraReversePathFilterRules = mkOption {
         type = types.lines;
         default = "";
@@ -192,7 +295,7 @@ in
       default = false;
     };
     services.logrotate.settings = mkOption {
-      type = types.attrsOf (types.attrsOf types.anything);
+      type = types.attrsOf logrotateSectionType;
       default = { };
     };
   };

@@ -1,5 +1,9 @@
 # NixOS module for agent-egress: the daemon, its JSON config, the slice the
 # agents live in, and the wiring of the agents' units.
+#
+# No meta.maintainers here: NixOS's option admits only members of
+# lib.maintainers (modules/generic/meta-maintainers.nix checks each), which
+# this project is not; nix/package.nix names its maintainers.
 # SPDX-License-Identifier: GPL-3.0-or-later
 {
   config,
@@ -153,6 +157,24 @@ let
       ''
     else
       unchecked;
+
+  # The settings the daemon reads only at start, as one value: a switch that
+  # changes them restarts the daemon, any other change reloads it.
+  restartOnly = builtins.hashString "sha256" (
+    builtins.toJSON {
+      listen = settings.listen or { };
+      audit = settings.audit or { };
+      interception = lib.filterAttrs (
+        name: _:
+        lib.elem name [
+          "table"
+          "mark"
+          "route_table"
+          "manage_kernel"
+        ]
+      ) settings.interception;
+    }
+  );
 
   # Type=simple is "started" once the process runs; agents ordered after the
   # daemon must find the table and its set, or systemd cannot add their
@@ -652,6 +674,9 @@ in
             # A changed config is a reload (SIGHUP), which keeps open
             # connections and the agents bound to this unit running.
             reloadTriggers = [ configFile ];
+            # What a reload cannot change (`reload` in src/daemon.rs refuses
+            # it): a change here restarts the daemon instead.
+            restartTriggers = [ restartOnly ];
             stopIfChanged = false;
             serviceConfig = {
               Type = "simple";

@@ -578,14 +578,15 @@ fetch ip -m 3 "http://203.0.113.10/escape-ip/$id"'
 # With audit.path "-" (the journal-audit case), a connection's record is a JSON
 # line in the daemon's journal.
 s_journal_audit() {
+    local unit=/etc/systemd/system/agent-egress.service triggers_before
+    triggers_before=$(grep '^X-Restart-Triggers=' "$unit" || true)
     install_case journal-audit || fail "cannot install case journal-audit"
-    # NixOS reloads the daemon on a config change; the daemon refuses a reload
-    # that changes audit (it needs a restart), so restart as a switch would have to.
-    timeout 30 systemctl reload agent-egress.service || true
-    sleep 1
-    if journalctl -b -u agent-egress -o cat | grep -q 'reload refused'; then
-        note "(reload refused: $(journalctl -b -u agent-egress -o cat | grep 'reload refused' | tail -n 1); restarted)"
-    fi
+    # As switch-to-configuration: a unit whose restart triggers changed is
+    # restarted, one whose reload triggers alone changed is reloaded. The
+    # daemon refuses to change audit on a reload, so this must be a restart.
+    [ -n "$triggers_before" ] || fail "the daemon unit has no X-Restart-Triggers"
+    [ "$(grep '^X-Restart-Triggers=' "$unit")" != "$triggers_before" ] ||
+        fail "audit.path changed but X-Restart-Triggers did not: a switch would reload, and the daemon refuses that"
     timeout 90 systemctl restart agent-egress.service || fail "cannot restart agent-egress with the journal-audit config"
     local lines_before
     lines_before=$(wc -l <"$audit" 2>/dev/null || echo 0)
