@@ -37,13 +37,38 @@ pub struct ExecArgs {
     /// Record what the policy would do but let everything through.
     #[arg(long)]
     audit_only: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (none with `--preset list`).
+    #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
 }
 
 /// Exit code when we fail before CMD runs (like `env` and `timeout`).
 const SETUP_FAILED: i32 = 125;
+/// Exit code of a command line without CMD, as clap's for other usage errors.
+const USAGE: i32 = 2;
+/// `CAP_NET_ADMIN`: nftables, policy routing, IP_TRANSPARENT.
+const CAP_NET_ADMIN: u32 = 12;
+
+/// Whether this process may set up the capture, before anything is touched:
+/// without it every step would fail with its own EPERM.
+fn may_capture() -> Result<(), String> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    if effective & (1 << CAP_NET_ADMIN) == 0 {
+        return Err(
+            "needs root (run it with sudo): CAP_NET_ADMIN for its nftables table, policy \
+             routing and transparent listener, write access to the cgroup tree for CMD's \
+             cgroup, and CAP_BPF for the connect log that names CMD's processes"
+                .into(),
+        );
+    }
+    Ok(())
+}
 
 pub fn exec(args: ExecArgs) -> i32 {
     if args.presets.iter().any(|p| p == "list") {
@@ -51,6 +76,14 @@ pub fn exec(args: ExecArgs) -> i32 {
             println!("{name:20} {}", preset.description);
         }
         return 0;
+    }
+    if args.command.is_empty() {
+        eprintln!("agent-egress exec: no CMD: give it after `--`, e.g. `agent-egress exec --allow example.com -- curl https://example.com`");
+        return USAGE;
+    }
+    if let Err(e) = may_capture() {
+        eprintln!("agent-egress exec: {e}");
+        return SETUP_FAILED;
     }
     let config = match exec_config(&args) {
         Ok(c) => c,

@@ -164,3 +164,44 @@ fn exec_interrupted_tears_everything_down() {
     assert_eq!(status.code(), Some(130));
     assert_clean(&world, child.id());
 }
+
+#[test]
+fn preset_list_needs_no_cmd_and_a_user_without_root_is_told_what_it_needs() {
+    if !harness::require_root_and_tools(&["setpriv"]) {
+        return;
+    }
+    let out = Command::new(binary())
+        .args(["exec", "--preset", "list"])
+        .output()
+        .expect("run exec");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.lines().any(|l| l.starts_with("npm ")), "{stdout}");
+
+    let out = Command::new(binary())
+        .args(["exec", "--allow", "example.com"])
+        .output()
+        .expect("run exec");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("no CMD"), "{}", text(&out).1);
+
+    // As nobody: refused before anything is set up, and CMD never runs.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args([
+            binary(),
+            "exec",
+            "--",
+            "touch",
+            "/tmp/agent-egress-exec-ran-as-nobody",
+        ])
+        .output()
+        .expect("run setpriv");
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("needs root") && stderr.contains("CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+    assert!(!std::path::Path::new("/tmp/agent-egress-exec-ran-as-nobody").exists());
+}
