@@ -8,6 +8,7 @@ use crate::audit::{AuditLog, Sink};
 use crate::capture::Capture;
 use crate::cgroup;
 use crate::config::{Config, DomainPattern, Rule};
+use crate::confine::{self, RunAs};
 use crate::daemon;
 use crate::presets;
 use crate::proxy::{Proxy, Runtime};
@@ -37,6 +38,16 @@ pub struct ExecArgs {
     /// Record what the policy would do but let everything through.
     #[arg(long)]
     audit_only: bool,
+    /// Run CMD as this user (default: the one who ran sudo or pkexec).
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// Run CMD as root, which can undo the capture.
+    #[arg(long, conflicts_with = "user")]
+    as_root: bool,
+    /// Leave systemd's and D-Bus's sockets visible to CMD (through them it can
+    /// start processes outside its cgroup).
+    #[arg(long)]
+    allow_bus: bool,
     /// The command and its arguments (none with `--preset list`).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -81,18 +92,23 @@ pub fn exec(args: ExecArgs) -> i32 {
         eprintln!("agent-egress exec: no CMD: give it after `--`, e.g. `agent-egress exec --allow example.com -- curl https://example.com`");
         return USAGE;
     }
-    if let Err(e) = may_capture() {
-        eprintln!("agent-egress exec: {e}");
-        return SETUP_FAILED;
-    }
-    let config = match exec_config(&args) {
-        Ok(c) => c,
+    let prepared = may_capture()
+        .and_then(|()| confine::run_as(args.user.as_deref(), args.as_root))
+        .and_then(|run_as| Ok((run_as, exec_config(&args)?)));
+    let (run_as, config) = match prepared {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("agent-egress exec: {e}");
             return SETUP_FAILED;
         }
     };
-    match run(&args, config) {
+    if run_as == RunAs::Root {
+        eprintln!(
+            "agent-egress exec: CMD runs as root (--as-root): it can delete the capture's table \
+             and routes, or leave its cgroup, and then reach the network unchecked"
+        );
+    }
+    match run(&args, config, &run_as) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("agent-egress exec: {e}");
@@ -169,7 +185,7 @@ fn system_resolvers() -> Vec<SocketAddr> {
         .collect()
 }
 
-fn run(args: &ExecArgs, mut config: Config) -> Result<i32, String> {
+fn run(args: &ExecArgs, mut config: Config, run_as: &RunAs) -> Result<i32, String> {
     // Taken before any thread starts, so the helper threads never get them.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
         .map_err(|e| format!("cannot handle signals: {e}"))?;
@@ -197,8 +213,10 @@ fn run(args: &ExecArgs, mut config: Config) -> Result<i32, String> {
     };
     let mut command = Command::new(&args.command[0]);
     command.args(&args.command[1..]);
+    let hidden = confine::hidden_sockets(run_as, args.allow_bus);
     let child = cgroup::command_in_cgroup(&mut command, &root, &cgroup_path)
         .map_err(|e| e.to_string())
+        .and_then(|()| confine::confine(&mut command, run_as, &hidden))
         .and_then(|()| {
             command
                 .spawn()

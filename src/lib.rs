@@ -6,6 +6,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod confine;
 pub mod connect_log;
 pub mod daemon;
 pub mod dns;

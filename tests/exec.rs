@@ -14,8 +14,13 @@ fn exec(world: &World, args: &[&str], cmd: &[&str]) -> Command {
     let config = world.write_config(r#"{"dns": {"servers": ["198.51.100.53"]}}"#);
     let mut c = world.host_cmd([binary(), "exec", "--config"]);
     c.arg(config).args(args).arg("--").args(cmd);
+    // As `sudo agent-egress exec` by user nobody: CMD runs as nobody.
+    c.env("SUDO_UID", NOBODY.to_string())
+        .env("SUDO_GID", NOBODY.to_string());
     c
 }
+
+const NOBODY: u32 = 65534;
 
 fn curl_args(world: &World, url: &str, ip: &str) -> Vec<String> {
     let host = url.split('/').nth(2).unwrap_or_default();
@@ -106,6 +111,7 @@ fn exec_allows_blocks_summarises_and_cleans_up() {
     let records = std::fs::read_to_string(&audit).expect("audit file");
     assert!(records.contains(r#""host":"allowed.test""#), "{records}");
     assert!(records.contains(r#""exe":"/usr/bin/curl""#), "{records}");
+    assert!(records.contains(&format!(r#""uid":{NOBODY}"#)), "{records}");
     assert_clean(&world, pid);
 
     // Blocked: CMD's own exit code comes back (curl 35: TLS alert).
@@ -204,4 +210,87 @@ fn preset_list_needs_no_cmd_and_a_user_without_root_is_told_what_it_needs() {
         "{stderr}"
     );
     assert!(!std::path::Path::new("/tmp/agent-egress-exec-ran-as-nobody").exists());
+}
+
+/// What CMD may do as the invoking user: no root, no capabilities, no way back
+/// to root through a setuid program, no systemd or container-engine socket.
+const PRIVILEGES_PROBE: &str = r#"
+id -u; id -g
+grep -E '^(CapEff|CapPrm|NoNewPrivs):' /proc/self/status
+su -c true root </dev/null >/dev/null 2>&1; echo "su=$?"
+python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1]); print("socket=reachable")
+except OSError as e:
+    print("socket=hidden", e.errno)
+' "$0"
+"#;
+
+#[test]
+fn cmd_runs_as_the_invoking_user_without_a_way_back_to_root() {
+    if !harness::require_root_and_tools(&["python3", "su", "setpriv"]) {
+        return;
+    }
+    let world = World::new();
+    // A container engine's socket where exec looks for one; made here if the
+    // machine has none, and removed after.
+    let engine = std::path::Path::new("/run/docker.sock");
+    let made = (!engine.exists()).then(|| {
+        let listener =
+            std::os::unix::net::UnixListener::bind(engine).expect("bind /run/docker.sock");
+        std::fs::set_permissions(engine, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .expect("chmod");
+        listener
+    });
+    let (out, pid) = run(exec(
+        &world,
+        &[],
+        &["sh", "-c", PRIVILEGES_PROBE, engine.to_str().unwrap()],
+    ));
+    // The same probe as root outside exec reaches the socket: the probe works.
+    let control = Command::new("sh")
+        .args(["-c", PRIVILEGES_PROBE, engine.to_str().unwrap()])
+        .output()
+        .expect("sh");
+    if made.is_some() {
+        let _ = std::fs::remove_file(engine);
+    }
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[..2],
+        [NOBODY.to_string(), NOBODY.to_string()],
+        "{stdout}"
+    );
+    assert!(stdout.contains("CapEff:\t0000000000000000"), "{stdout}");
+    assert!(stdout.contains("CapPrm:\t0000000000000000"), "{stdout}");
+    assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
+    assert!(!stdout.contains("su=0"), "su gave root back: {stdout}");
+    assert!(stdout.contains("socket=hidden"), "{stdout}");
+    assert!(
+        text(&control).0.contains("socket=reachable"),
+        "{}",
+        text(&control).0
+    );
+    assert_clean(&world, pid);
+
+    // Plain root without sudo must choose; --as-root says what it gives away.
+    let mut plain = exec(&world, &[], &["true"]);
+    plain.env_remove("SUDO_UID").env_remove("SUDO_GID");
+    let (out, _) = run(plain);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out).1.contains("--as-root"), "{}", text(&out).1);
+    let mut as_root = exec(&world, &["--as-root"], &["id", "-u"]);
+    as_root.env_remove("SUDO_UID");
+    let (out, pid) = run(as_root);
+    assert_eq!(text(&out).0, "0\n", "{}", text(&out).1);
+    assert!(
+        text(&out).1.contains("can delete the capture"),
+        "{}",
+        text(&out).1
+    );
+    assert_clean(&world, pid);
 }
