@@ -90,6 +90,14 @@ let
         ]
         ++ expectAll "${name}: ${unit} bindsTo" svc.bindsTo [ daemonUnit ]
         ++ expectAll "${name}: ${unit} after" svc.after [ daemonUnit ]
+        # No transient units or containers outside the agent's cgroup.
+        ++ expectAll "${name}: ${unit} InaccessiblePaths" svc.serviceConfig.InaccessiblePaths [
+          "-/run/dbus/system_bus_socket"
+          "-/run/systemd/private"
+          "-/run/user/%U/bus"
+          "-/run/docker.sock"
+          "-/run/containerd/containerd.sock"
+        ]
         # The agent's own settings survive the merge.
         ++ expect "${name}: ${unit} User" svc.serviceConfig.User "agent";
       sliceExpectations =
@@ -221,6 +229,7 @@ let
         agents.research-bot = {
           units = [ "research-bot.service" ];
           outbound = "tor";
+          allowBus = true;
           allow.lists = [
             "shared"
             "github"
@@ -249,6 +258,14 @@ let
   fixtureTop = "ai.slice/ai-agents.slice";
   fixtureFailures =
     failedAssertions fixture
+    # allowBus leaves the bus to the agent, never the container engines.
+    ++ (
+      let
+        hidden = fixture.systemd.services.research-bot.serviceConfig.InaccessiblePaths;
+      in
+      lib.optional (lib.elem "-/run/dbus/system_bus_socket" hidden) "fixture: allowBus still hides the system bus"
+      ++ expectAll "fixture: allowBus keeps the engines hidden" hidden [ "-/run/docker.sock" ]
+    )
     ++ expect "fixture: rules in order" (ruleNames fixture) [
       "metadata"
       "intranet"

@@ -63,6 +63,7 @@ let
       units
       allow
       block
+      allowBus
       ;
     cgroup = sliceCgroupPath slice;
     # A template's instances get cgroups whose names are not known here; the
@@ -132,6 +133,25 @@ let
   // lib.optionalAttrs (cfg.agentInterfaces != null) {
     RestrictNetworkInterfaces = cfg.agentInterfaces;
   };
+
+  # Unix sockets that lead out of an agent's cgroup: systemd and D-Bus start
+  # transient units outside it, container engines start containers outside
+  # it (%U: the unit's user, for its own runtime directory).
+  busSockets = [
+    "-/run/dbus/system_bus_socket"
+    "-/run/systemd/private"
+    "-/run/user/%U/bus"
+    "-/run/user/%U/systemd/private"
+  ];
+  engineSockets = [
+    "-/run/docker.sock"
+    "-/var/run/docker.sock"
+    "-/run/containerd/containerd.sock"
+    "-/run/podman/podman.sock"
+    "-/run/user/%U/docker.sock"
+    "-/run/user/%U/podman/podman.sock"
+  ];
+  hiddenSockets = agent: engineSockets ++ lib.optionals (!agent.allowBus) busSockets;
 
   loopbackServer =
     server: builtins.match "(127\\.[0-9.]+(:[0-9]+)?|::1|[[]::1[]](:[0-9]+)?)" server != null;
@@ -537,6 +557,18 @@ in
               };
               allow = policyOption "allow" "What this agent may reach besides the shared allow list.";
               block = policyOption "block" "What this agent may not reach even if the shared allow list has it.";
+              allowBus = mkOption {
+                type = types.bool;
+                default = false;
+                description = ''
+                  Leave systemd's and D-Bus's sockets visible to this agent's
+                  units. Through them a process can have systemd start a
+                  transient unit (`systemd-run`, D-Bus StartTransientUnit),
+                  which runs outside the agent's cgroup and so outside the
+                  capture; hidden by default. Container engines' sockets stay
+                  hidden either way.
+                '';
+              };
               outbound = mkOption {
                 type = types.nullOr types.str;
                 default = null;
@@ -750,6 +782,7 @@ in
               after = [ daemonUnit ];
               serviceConfig = captureConfig // {
                 Slice = agent.slice;
+                InaccessiblePaths = hiddenSockets agent;
               };
             })
           ) agents

@@ -35,6 +35,7 @@ const SCENARIOS: &[&str] = &[
     "reload_not_restart",
     "rotation",
     "audit_names_agent",
+    "bus_hidden",
     "backstop_holds",
     "journal_audit",
     "no_unit_warnings",

@@ -535,6 +535,23 @@ s_audit_names_agent() {
     note "$(cat "$audit" "$audit.1" 2>/dev/null | wc -l) records, all attributed"
 }
 
+# The agent unit cannot reach systemd's or D-Bus's sockets (InaccessiblePaths=),
+# so it cannot have systemd start a unit outside its cgroup (systemd-run).
+s_bus_hidden() {
+    busctl --system call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus GetId >/dev/null ||
+        fail "the system bus does not answer outside the agent unit either: the check would prove nothing"
+    make_probe bus '
+systemd-run --wait --quiet --unit="agent-escape-$id" true >/dev/null 2>&1; echo "systemd_run=$?"
+busctl --system call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus GetId >/dev/null 2>&1; echo "busctl=$?"'
+    run_probe bus
+    [ "$(probe_value bus systemd_run)" != 0 ] || fail "systemd-run started a unit from inside the agent unit"
+    [ "$(probe_value bus busctl)" != 0 ] || fail "the agent unit reached the system bus"
+    if systemctl list-units --all --no-legend 'agent-escape-*' | grep -q .; then
+        fail "a transient unit was made: $(systemctl list-units --all --no-legend 'agent-escape-*')"
+    fi
+    note "inside the agent unit: systemd-run exit $(probe_value bus systemd_run), busctl exit $(probe_value bus busctl)"
+}
+
 # The table deleted and the daemon frozen: the agent still reaches nothing
 # (RestrictNetworkInterfaces=lo); thawed, the daemon puts the table back.
 s_backstop_holds() {
@@ -666,6 +683,7 @@ main() {
     scenario reload_not_restart s_reload_not_restart
     scenario rotation s_rotation
     scenario audit_names_agent s_audit_names_agent
+    scenario bus_hidden s_bus_hidden
     scenario backstop_holds s_backstop_holds
     scenario journal_audit s_journal_audit
     scenario no_unit_warnings s_no_unit_warnings
