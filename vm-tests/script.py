@@ -370,3 +370,14 @@ with subtest("rebinding_refused"):
         record = wait_for_audit(name, host=name)
         assert record["dial"] in ("refused_private", "refused_ip_rule"), record
     assert not served("c=rebinding")
+
+with subtest("keep_alive_hosts_decided"):
+    # curl reuses its connection to allowed.test for the second URL, whose Host
+    # header names blocked.test: that request is refused on the open connection.
+    probe = in_agent(
+        "exec curl --silent --output /dev/null --write-out '%{http_code}\\n' 'http://allowed.test/?c=keepalive-1'"
+        " --next --silent --output /dev/null --write-out '%{http_code}\\n' --header 'Host: blocked.test'"
+        " 'http://allowed.test/?c=keepalive-2'"
+    )
+    assert probe.out.split() == ["200", "403"], probe.out
+    assert not served("c=keepalive-2")

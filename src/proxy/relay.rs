@@ -11,6 +11,7 @@
 //! connections, pipe2(2) and the closes of both pipes were six of the
 //! proxy's ~45 syscalls per connection.
 
+use crate::sniff::RequestStream;
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -119,6 +120,9 @@ pub enum Pump {
     Finished,
     /// The per-event byte budget ran out with work left: call again soon.
     Budget,
+    /// The inspected source sent what must not pass (`Flow::refusal` says
+    /// what); nothing of it was passed on.
+    Refused,
 }
 
 enum Channel {
@@ -147,6 +151,11 @@ pub struct Flow {
     dest_ready: bool,
     /// Payload bytes delivered to the destination.
     pub delivered: u64,
+    /// Follows the requests of a plain-HTTP client: its bytes go through a
+    /// buffer (not splice) to be read before they are passed on.
+    inspect: Option<RequestStream>,
+    /// Why an inspected flow was stopped.
+    pub refusal: Option<String>,
 }
 
 impl Flow {
@@ -160,7 +169,19 @@ impl Flow {
             source_ready: true,
             dest_ready: true,
             delivered: 0,
+            inspect: None,
+            refusal: None,
         }
+    }
+
+    /// A flow whose every byte `inspect` reads first, `prefix` included; an
+    /// error if the prefix already must not pass.
+    pub fn inspected(prefix: Vec<u8>, mut inspect: RequestStream) -> Result<Flow, String> {
+        inspect.feed(&prefix)?;
+        Ok(Flow {
+            inspect: Some(inspect),
+            ..Flow::new(prefix)
+        })
     }
 
     /// The event loop reported the source readable (or closed, or in error).
@@ -249,7 +270,10 @@ impl Flow {
                 return Ok(Pump::WaitRead);
             }
             if matches!(self.channel, Channel::Unset) {
-                self.channel = make_channel();
+                self.channel = match self.inspect {
+                    Some(_) => buffer_channel(),
+                    None => make_channel(),
+                };
             }
             let got = match &mut self.channel {
                 Channel::Pipe(pipe) => {
@@ -267,6 +291,13 @@ impl Flow {
                     let len = (*budget).min(buf.len());
                     let r = read_fd(src, &mut buf[..len]);
                     *end = *r.as_ref().unwrap_or(&0);
+                    if let Some(inspect) = &mut self.inspect {
+                        if let Err(why) = inspect.feed(&buf[..*end]) {
+                            *end = 0;
+                            self.refusal = Some(why);
+                            return Ok(Pump::Refused);
+                        }
+                    }
                     r
                 }
                 Channel::Unset => Err(io::Error::other("relay channel missing")),
@@ -329,11 +360,15 @@ impl Flow {
 fn make_channel() -> Channel {
     match Pipe::take() {
         Some(pipe) => Channel::Pipe(pipe),
-        None => Channel::Buffer {
-            buf: vec![0; FALLBACK_BUFFER].into_boxed_slice(),
-            start: 0,
-            end: 0,
-        },
+        None => buffer_channel(),
+    }
+}
+
+fn buffer_channel() -> Channel {
+    Channel::Buffer {
+        buf: vec![0; FALLBACK_BUFFER].into_boxed_slice(),
+        start: 0,
+        end: 0,
     }
 }
 

@@ -14,7 +14,7 @@ use crate::outbound::{
 };
 use crate::policy::{self, Query};
 use crate::procinfo::OwnerQuery;
-use crate::sniff::{self, Sniff, Sniffed};
+use crate::sniff::{self, RequestStream, Sniff, Sniffed};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use std::io;
@@ -669,9 +669,34 @@ impl Session {
         self.deadline = None;
         self.last_activity = now;
         // Everything read while sniffing goes out first, unchanged.
-        self.up = Flow::new(std::mem::take(&mut self.sniffed));
+        let sniffed = std::mem::take(&mut self.sniffed);
         self.down = Flow::new(to_client);
+        // A plain-HTTP connection carries requests for its one host only.
+        // (An IP literal is the host it is held to.)
+        let host = self.record.host.as_ref().or(self.record.http_host.as_ref());
+        let inspect = match (self.record.proto, host) {
+            ("http", Some(host)) if self.runtime.config.mode != Mode::Audit => Some(
+                RequestStream::new(host, self.runtime.config.limits.sniff_bytes),
+            ),
+            _ => None,
+        };
+        self.up = match inspect {
+            Some(inspect) => match Flow::inspected(sniffed, inspect) {
+                Ok(flow) => flow,
+                Err(why) => return self.refuse_request(why),
+            },
+            None => Flow::new(sniffed),
+        };
         self.relay(now)
+    }
+
+    /// A request that must not pass on a connection already relayed: a 403 to
+    /// the client, the connection ended.
+    fn refuse_request(&mut self, why: String) -> Step {
+        self.record.verdict = "block";
+        self.record.error = Some(why);
+        let rule = self.record.rule.clone().unwrap_or_default();
+        self.send_refusal(&rule)
     }
 
     fn relay(&mut self, now: Instant) -> Step {
@@ -700,6 +725,10 @@ impl Session {
             Err((dir, e)) => {
                 self.record.error = Some(format!("{dir}: {e}"));
                 self.abort()
+            }
+            Ok((Pump::Refused, _)) => {
+                let why = self.up.refusal.take().unwrap_or_default();
+                self.refuse_request(why)
             }
             Ok((Pump::Finished, Pump::Finished)) => Step::Close,
             Ok((a, b)) if a == Pump::Budget || b == Pump::Budget => Step::Again,

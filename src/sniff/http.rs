@@ -29,6 +29,30 @@ pub(super) fn sniff(buf: &[u8]) -> Sniff {
 /// The host once the whole header block has arrived. Complete lines are checked as
 /// they come, so a stream that stops looking like HTTP is refused without waiting.
 fn request_host(buf: &[u8]) -> Result<Option<String>, &'static str> {
+    Ok(request_head(buf)?.map(|head| head.host))
+}
+
+/// A request's head: whom it is for, how long it is, and how its body is framed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Head {
+    pub host: String,
+    /// Bytes of the request line and header block, the empty line included.
+    pub len: usize,
+    /// How the body that follows is delimited, or why that is ambiguous.
+    pub body: Result<Body, &'static str>,
+    /// CONNECT or an `Upgrade`: what follows may not be HTTP.
+    pub opaque: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Body {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// The head once the whole header block has arrived (see [`request_host`]).
+pub(super) fn request_head(buf: &[u8]) -> Result<Option<Head>, &'static str> {
     let Some(method_len) = method_len(buf)? else {
         return Ok(None);
     };
@@ -37,6 +61,7 @@ fn request_host(buf: &[u8]) -> Result<Option<String>, &'static str> {
     };
     let (method, target) = method_and_target(request_line, method_len)?;
     let mut host_header = None;
+    let mut framing = Framing::default();
     loop {
         let Some((field_line, after)) = next_line(rest)? else {
             return Ok(None);
@@ -50,6 +75,7 @@ fn request_host(buf: &[u8]) -> Result<Option<String>, &'static str> {
                 return Err("duplicate Host header");
             }
         }
+        framing.read(field_line)?;
     }
     // The target's authority wins over Host (RFC 9112 §3.2.2); CONNECT's target is one.
     let authority = if method == b"CONNECT" {
@@ -57,9 +83,51 @@ fn request_host(buf: &[u8]) -> Result<Option<String>, &'static str> {
     } else {
         absolute_form_authority(target)?
     };
-    match authority.or(host_header) {
-        Some(authority) => host_of_authority(authority).map(Some),
-        None => Err("no Host header"),
+    let host = match authority.or(host_header) {
+        Some(authority) => host_of_authority(authority)?,
+        None => return Err("no Host header"),
+    };
+    Ok(Some(Head {
+        host,
+        len: buf.len() - rest.len(),
+        body: framing.body(),
+        opaque: method == b"CONNECT" || framing.upgrade,
+    }))
+}
+
+/// The framing fields of a header block, as read so far.
+#[derive(Default)]
+struct Framing {
+    lengths: Vec<Option<u64>>,
+    encodings: Vec<Vec<u8>>,
+    upgrade: bool,
+}
+
+impl Framing {
+    fn read(&mut self, line: &[u8]) -> Result<(), &'static str> {
+        if let Some(value) = field_value(line, b"content-length")? {
+            let digits = value.iter().all(u8::is_ascii_digit) && !value.is_empty();
+            let length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            self.lengths.push(length.filter(|_| digits));
+        } else if let Some(value) = field_value(line, b"transfer-encoding")? {
+            self.encodings.push(value.to_ascii_lowercase());
+        } else if field_value(line, b"upgrade")?.is_some() {
+            self.upgrade = true;
+        }
+        Ok(())
+    }
+
+    /// RFC 9112 §6.3, strictly: where a server and we could read the body's end
+    /// differently (request smuggling), there is no answer.
+    fn body(&self) -> Result<Body, &'static str> {
+        match (self.lengths.as_slice(), self.encodings.as_slice()) {
+            ([], []) => Ok(Body::None),
+            ([Some(length)], []) => Ok(Body::Length(*length)),
+            ([], [encoding]) if encoding == b"chunked" => Ok(Body::Chunked),
+            ([], _) => Err("a transfer coding other than chunked alone"),
+            (_, []) => Err("an invalid or repeated Content-Length"),
+            _ => Err("both Content-Length and Transfer-Encoding"),
+        }
     }
 }
 

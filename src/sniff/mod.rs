@@ -17,7 +17,10 @@
 //! server might read them differently from us.
 
 mod http;
+mod requests;
 mod tls;
+
+pub use requests::RequestStream;
 
 /// The sniff bound the proxy uses unless configured otherwise.
 pub const DEFAULT_MAX_BYTES: usize = 16 * 1024;

@@ -35,6 +35,7 @@ pub const ALL: &[Scenario] = &[
     ("interface_bound_dropped", interface_bound_dropped),
     ("closed_flows_stay_captured", closed_flows_stay_captured),
     ("rebinding_refused", rebinding_refused),
+    ("keep_alive_hosts_decided", keep_alive_hosts_decided),
 ];
 
 /// A world with the daemon running the default test policy.
@@ -690,4 +691,63 @@ fn rebinding_refused() {
             "{domain_dial}: a rebound name reached the metadata or the refused host"
         );
     }
+}
+
+/// Two requests on one plain-HTTP connection, the second for another host.
+const KEEP_ALIVE_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80))
+s.sendall(b"GET /?c=keepalive-1 HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+first = s.recv(65536)
+s.sendall(b"GET /?c=keepalive-2 HTTP/1.1\r\nHost: " + sys.argv[2].encode() + b"\r\nConnection: close\r\n\r\n")
+rest = b""
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    rest += data
+print(first.split(b"\r\n")[0].decode())
+print(rest.split(b"\r\n")[0].decode())
+"#;
+
+/// Every request on a plain-HTTP connection is for the host the connection
+/// was decided for: a second one for another host gets a 403 and reaches
+/// nothing, and the same host twice passes.
+fn keep_alive_hosts_decided() {
+    let (world, d) = world_with_daemon(json!({}));
+    for (second, want) in [
+        ("allowed.test", "HTTP/1.1 200 OK"),
+        ("blocked.test", "HTTP/1.1 403 Forbidden"),
+    ] {
+        let out = world
+            .agent_cmd([
+                "python3",
+                "-c",
+                KEEP_ALIVE_CLIENT,
+                &ALLOWED.v4.to_string(),
+                second,
+            ])
+            .output()
+            .expect("python3");
+        let text = stdout(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            ["HTTP/1.1 200 OK", want],
+            "second request for {second}: {}",
+            stderr(&out)
+        );
+    }
+    let served = world.access_log();
+    assert_eq!(served.matches("c=keepalive-2").count(), 1, "{served}");
+    let r = d.wait_record("the refused keep-alive request", |r| {
+        r["verdict"] == "block"
+    });
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("request 2 on this connection is for blocked.test"),
+        "{r}"
+    );
 }
