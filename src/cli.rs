@@ -2,6 +2,7 @@
 
 use crate::config::{Config, SecretFiles};
 use crate::daemon;
+use crate::doctor;
 use crate::exec;
 use crate::policy::Query;
 use crate::proxy::Runtime;
@@ -35,6 +36,9 @@ enum Command {
     Down(ConfigArg),
     /// Show what is installed: table, agents set, rules, counters, listener.
     Status(StatusArgs),
+    /// Test a running daemon: what status shows, and a probe in each agent
+    /// cgroup whose TCP must reach the proxy and whose UDP must be dropped.
+    Doctor(DoctorArgs),
     /// Print the version.
     Version,
 }
@@ -85,6 +89,16 @@ struct ExplainArgs {
 }
 
 #[derive(Args)]
+struct DoctorArgs {
+    /// The daemon's JSON config file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct StatusArgs {
     /// The JSON config file (for the table name and port).
     #[arg(long, short)]
@@ -116,6 +130,10 @@ pub fn main() -> i32 {
             };
             daemon::status(&config, args.json)
         }
+        Command::Doctor(args) => match load(&args.config) {
+            Some(config) => doctor(&config, args.json),
+            None => 1,
+        },
         Command::Version => {
             println!("agent-egress {}", env!("CARGO_PKG_VERSION"));
             0
@@ -203,6 +221,19 @@ fn split_host_port(s: &str) -> Result<(String, u16), String> {
             .map_err(|_| format!("{p:?} is not a port")),
         None => Ok((s.to_string(), 443)),
     }
+}
+
+fn doctor(config: &Config, json: bool) -> i32 {
+    let checks = doctor::run(config);
+    if json {
+        match serde_json::to_string_pretty(&checks) {
+            Ok(text) => println!("{text}"),
+            Err(e) => eprintln!("doctor: {e}"),
+        }
+    } else {
+        print!("{}", doctor::to_text(&checks));
+    }
+    i32::from(checks.iter().any(|c| !c.ok))
 }
 
 #[cfg(test)]

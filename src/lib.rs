@@ -10,6 +10,7 @@ pub mod confine;
 pub mod connect_log;
 pub mod daemon;
 pub mod dns;
+pub mod doctor;
 pub mod exec;
 pub mod instance;
 pub mod names;

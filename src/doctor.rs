@@ -1,0 +1,258 @@
+//! `agent-egress doctor`: an active self-test of a running daemon. Beside what
+//! `status` shows (table, set, routes, listener, BPF programs), it places a
+//! probe process in a cgroup made below each agent cgroup and checks that the
+//! capture holds for it: a TCP connection to a TEST-NET address is answered by
+//! the proxy (its refusal, not the network), and a UDP datagram is dropped and
+//! counted. The probe's traffic only ever goes to that TEST-NET address.
+
+use crate::backstop;
+use crate::capture::Capture;
+use crate::cgroup;
+use crate::config::Config;
+use crate::connect_log;
+use crate::netfilter;
+use serde::Serialize;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+/// Where the probes go: TEST-NET-1 (RFC 5737), which no one answers.
+const PROBE_TCP: &str = "192.0.2.254:80";
+const PROBE_UDP: &str = "192.0.2.254:9";
+/// How long the probe waits for the proxy's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// What the proxy's refusal of a name no rule allows says.
+const REFUSAL_MARK: &[u8] = b"agent-egress";
+
+#[derive(Serialize)]
+pub struct Check {
+    pub check: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn check(check: impl Into<String>, ok: bool, detail: impl Into<String>) -> Check {
+    Check {
+        check: check.into(),
+        ok,
+        detail: detail.into(),
+    }
+}
+
+/// Every check, in order; the caller exits non-zero if one failed.
+pub fn run(config: &Config) -> Vec<Check> {
+    let status = match Capture::status(config) {
+        Ok(s) => s,
+        Err(e) => return vec![check("kernel state", false, e)],
+    };
+    let table = &config.interception.table;
+    let mut checks = vec![
+        check(
+            format!("table inet {table}"),
+            status.table_installed,
+            if status.table_installed {
+                "installed"
+            } else {
+                "missing"
+            },
+        ),
+        check(
+            "policy routing",
+            status.routing_installed,
+            if status.routing_installed {
+                "installed"
+            } else {
+                "missing"
+            },
+        ),
+    ];
+    for (addr, up) in &status.listener {
+        checks.push(check(
+            format!("listener {addr}"),
+            *up,
+            if *up { "accepting" } else { "not listening" },
+        ));
+    }
+    let root = match cgroup::cgroup2_root() {
+        Ok(r) => r,
+        Err(e) => {
+            checks.push(check("cgroup2", false, e.to_string()));
+            return checks;
+        }
+    };
+    for (path, id) in &status.configured_cgroups {
+        let Some(id) = id else {
+            checks.push(check(
+                format!("agent {path}"),
+                true,
+                "does not exist yet: nothing to probe",
+            ));
+            continue;
+        };
+        let in_set = status.agents_set.iter().any(|m| m.id == *id);
+        checks.push(check(
+            format!("agent {path} in the set"),
+            in_set,
+            if in_set {
+                "member"
+            } else {
+                "not in set inet agents: its sockets are not captured"
+            },
+        ));
+        let dir = root.join(path);
+        checks.push(programs(
+            "connect log",
+            connect_log::attached_count(&dir),
+            path,
+        ));
+        if config.interception.backstop {
+            checks.push(programs(
+                "kernel backstop",
+                backstop::attached_count(&dir),
+                path,
+            ));
+        }
+        checks.extend(probe(table, &root, path));
+    }
+    checks
+}
+
+fn programs(what: &str, count: Result<usize, crate::bpf::BpfError>, path: &str) -> Check {
+    match count {
+        Ok(0) => check(format!("{what} on {path}"), false, "not attached"),
+        Ok(n) => check(format!("{what} on {path}"), true, format!("{n} program(s)")),
+        Err(e) => check(format!("{what} on {path}"), false, e.to_string()),
+    }
+}
+
+/// A probe process in a new cgroup below `path`: its TCP connection must be
+/// answered by the proxy, its UDP datagram dropped and counted.
+fn probe(table: &str, root: &Path, path: &str) -> Vec<Check> {
+    let name = format!("{path}/agent-egress-doctor-{}", std::process::id());
+    let tcp = format!("capture of TCP from {path}");
+    let udp = format!("drop of UDP from {path}");
+    if let Err(e) = cgroup::create(root, &name) {
+        return vec![check(
+            tcp,
+            false,
+            format!("cannot make a probe cgroup: {e}"),
+        )];
+    }
+    let dropped_before = netfilter::counters(table).map(|c| c.packets).unwrap_or(0);
+    let outcome = in_cgroup(root, &name, probe_traffic);
+    let dropped_after = netfilter::counters(table).map(|c| c.packets).unwrap_or(0);
+    if let Err(e) = cgroup::remove(root, &name) {
+        log::warn!("removing the probe cgroup {name}: {e}");
+    }
+    let answer = match outcome {
+        Ok(answer) => answer,
+        Err(e) => return vec![check(tcp, false, e)],
+    };
+    let captured = answer.starts_with("HTTP/1.1 403")
+        && answer
+            .as_bytes()
+            .windows(REFUSAL_MARK.len())
+            .any(|w| w == REFUSAL_MARK);
+    vec![
+        check(
+            tcp,
+            captured,
+            if captured {
+                format!("{PROBE_TCP} answered by the proxy's refusal")
+            } else {
+                format!(
+                    "{PROBE_TCP} not answered by the proxy: {}",
+                    answer.lines().next().unwrap_or("no answer")
+                )
+            },
+        ),
+        check(
+            udp,
+            dropped_after > dropped_before,
+            format!("{PROBE_UDP}: drop counter {dropped_before} -> {dropped_after}"),
+        ),
+    ]
+}
+
+/// What the probe saw: the first bytes of the answer to an HTTP request, or
+/// why there was none. Runs in the probe's cgroup.
+fn probe_traffic() -> String {
+    if let Ok(socket) = UdpSocket::bind("0.0.0.0:0") {
+        let _ = socket.send_to(b"agent-egress doctor", PROBE_UDP);
+    }
+    let addr: SocketAddr = match PROBE_TCP.parse() {
+        Ok(a) => a,
+        Err(e) => return format!("bad probe address: {e}"),
+    };
+    let mut stream = match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return format!("connect: {e}"),
+    };
+    let _ = stream.set_read_timeout(Some(PROBE_TIMEOUT));
+    let request =
+        b"GET / HTTP/1.1\r\nHost: doctor.agent-egress.invalid\r\nConnection: close\r\n\r\n";
+    if let Err(e) = stream.write_all(request) {
+        return format!("send: {e}");
+    }
+    let mut answer = Vec::new();
+    let _ = stream.take(4096).read_to_end(&mut answer);
+    if answer.is_empty() {
+        return "no answer".into();
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Runs `work` in a child process moved into `root/rel` first; its result.
+fn in_cgroup(root: &Path, rel: &str, work: fn() -> String) -> Result<String, String> {
+    let procs = root.join(rel).join("cgroup.procs");
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors were just made and are owned by nobody else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: doctor is single-threaded (no other thread holds a lock the
+    // child could need); the child only writes files and sockets, then _exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(read_end);
+            let answer = match std::fs::write(&procs, b"0") {
+                Ok(()) => work(),
+                Err(e) => format!("cannot join {}: {e}", procs.display()),
+            };
+            let mut out = std::fs::File::from(write_end);
+            let _ = out.write_all(answer.as_bytes());
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(0) }
+        }
+        child => {
+            drop(write_end);
+            let mut answer = String::new();
+            let _ = std::fs::File::from(read_end).read_to_string(&mut answer);
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            Ok(answer)
+        }
+    }
+}
+
+/// The checks as text, one line each.
+pub fn to_text(checks: &[Check]) -> String {
+    checks
+        .iter()
+        .map(|c| {
+            format!(
+                "{}  {}: {}\n",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.check,
+                c.detail
+            )
+        })
+        .collect()
+}

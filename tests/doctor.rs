@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: GPL-3.0-or-later
+//! `agent-egress doctor` against a daemon in a test world: all checks pass on
+//! a healthy one, and it fails, naming the check, when the daemon is frozen
+//! (the probe's connection is not answered) and when its table is gone.
+
+mod harness;
+
+use harness::daemon::{self, binary, Daemon};
+use harness::World;
+use serde_json::json;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+fn doctor(world: &World, d: &Daemon) -> Output {
+    world
+        .host_cmd([binary(), "doctor", "--config"])
+        .arg(&d.config)
+        .output()
+        .expect("run doctor")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) on the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+}
+
+#[test]
+fn doctor_passes_on_a_healthy_daemon_and_names_what_broke() {
+    if !harness::require_root_and_tools(&["nft"]) {
+        return;
+    }
+    let world = World::new();
+    let d = Daemon::start(&world, daemon::config(&world, json!({})));
+    let agent = world.agent().relative_path().to_string();
+
+    let out = doctor(&world, &d);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    for line in [
+        "ok    table inet agent_egress: installed".to_string(),
+        "ok    policy routing: installed".to_string(),
+        format!("ok    agent {agent} in the set: member"),
+        format!("ok    connect log on {agent}"),
+        format!(
+            "ok    capture of TCP from {agent}: 192.0.2.254:80 answered by the proxy's refusal"
+        ),
+        format!("ok    drop of UDP from {agent}"),
+    ] {
+        assert!(report.contains(&line), "missing {line:?} in\n{report}");
+    }
+    let json = world
+        .host_cmd([binary(), "doctor", "--json", "--config"])
+        .arg(&d.config)
+        .output()
+        .expect("doctor --json");
+    let checks: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert!(
+        checks
+            .as_array()
+            .is_some_and(|c| c.iter().all(|c| c["ok"] == true)),
+        "{checks}"
+    );
+
+    // Frozen: the listener's backlog takes the connection, nobody answers it.
+    let pid = d.guard.pid();
+    signal(pid, libc::SIGSTOP);
+    let out = doctor(&world, &d);
+    let frozen = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{frozen}");
+    assert!(
+        frozen.contains(&format!("FAIL  capture of TCP from {agent}")),
+        "{frozen}"
+    );
+
+    // And its table gone: said as such.
+    let deleted = world
+        .host_cmd(["nft", "delete", "table", "inet", "agent_egress"])
+        .status()
+        .expect("nft");
+    assert!(deleted.success());
+    let out = doctor(&world, &d);
+    let gone = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{gone}");
+    assert!(
+        gone.contains("FAIL  table inet agent_egress: missing"),
+        "{gone}"
+    );
+
+    // Thawed, the daemon repairs its table and the doctor is content again.
+    signal(pid, libc::SIGCONT);
+    let started = Instant::now();
+    while !d.table_installed(&world) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the table did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = doctor(&world, &d);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
