@@ -112,7 +112,7 @@ let
         ++ expect "${name}: ${slice} is not bound to the daemon" unit.bindsTo [ ];
     in
     failedAssertions config
-    ++ expect "${name}: Type" sc.Type "simple"
+    ++ expect "${name}: Type" sc.Type "notify"
     ++ expect "${name}: ExecStart" sc.ExecStart "${packageDir}/bin/agent-egress run --config /etc/agent-egress/config.json"
     ++ expect "${name}: ExecReload" sc.ExecReload "/nix/store/eval-stub-coreutils/bin/kill -HUP $MAINPID"
     ++ expect "${name}: reloadTriggers" (map toString daemon.reloadTriggers) [ configFile ]
@@ -144,8 +144,8 @@ let
       "bpf"
     ]
     ++ expect "${name}: LogsDirectory" sc.LogsDirectory "agent-egress"
-    ++ expect "${name}: ExecStartPost" (map toString sc.ExecStartPost) [
-      "${config.dir}/agent-egress-wait-for-table"
+    ++ expect "${name}: ExecStartPost" sc.ExecStartPost [
+      "+${packageDir}/bin/agent-egress doctor --config /etc/agent-egress/config.json"
     ]
     ++ expect "${name}: daemon user" config.users.users.agent-egress.isSystemUser true
     ++ expect "${name}: audit rotation" config.services.logrotate.settings.agent-egress.files settings.audit.path
@@ -588,13 +588,12 @@ let
     };
   };
 
-  # What eval-check.sh runs: the JSON each case generated, the build command
-  # that checks it (as the derivation would run it) and the shell scripts.
+  # What eval-check.sh runs: the JSON each case generated and the build
+  # command that checks it (as the derivation would run it).
   generated = config: {
     inherit (config) dir;
     json = toJSON config.services.agentEgress.settings;
     checkCommand = config.environment.etc."agent-egress/config.json".source.buildCommand;
-    waitScript = (lib.head config.systemd.services.agent-egress.serviceConfig.ExecStartPost).text;
     # Unit sections as NixOS writes them, for systemd-analyze verify and the
     # systemd VM: the daemon, the agents' units and every slice.
     units =

@@ -80,13 +80,6 @@ echo "ok: expectations of nix/eval-check.nix hold"
 [ "$(jq .packageEvaluable "$work/eval.json")" = true ] ||
   echo "note: nix/package.nix not evaluated: this lib's lib.fileset needs a newer Nix than $(nix-instantiate --version)"
 
-echo "== shell scripts the module writes"
-for case in $(jq -r '.accepted | keys[]' "$work/eval.json"); do
-  jq -r --arg c "$case" '.accepted[$c].waitScript' "$work/eval.json" | bash -n ||
-    fail "$case: the wait-for-table script is not valid shell"
-done
-echo "ok"
-
 echo "== systemd-analyze verify on the units"
 if command -v systemd-analyze >/dev/null; then
   python3 "$here/render-units.py" verify "$work/eval.json" "$work/units"

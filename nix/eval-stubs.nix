@@ -313,11 +313,6 @@ in
         inherit name env buildCommand;
         outPath = "${generatedDir}/${name}.out";
       };
-      writeShellScript = name: text: {
-        type = "derivation";
-        inherit name text;
-        outPath = "${generatedDir}/${name}";
-      };
       agent-egress = {
         type = "derivation";
         name = "agent-egress";
@@ -336,9 +331,7 @@ in
         buildPlatform.canExecute = _platform: true;
         hostPlatform = { };
       };
-      bash = stubPackage "bash";
       coreutils = stubPackage "coreutils";
-      nftables = stubPackage "nftables";
       git = stubPackage "git";
       nodejs = stubPackage "nodejs";
     };

@@ -196,17 +196,11 @@ let
     }
   );
 
-  # Type=simple is "started" once the process runs; agents ordered after the
-  # daemon must find the table and its set, or systemd cannot add their
-  # cgroups to it.
-  waitForTable = pkgs.writeShellScript "agent-egress-wait-for-table" ''
-    for _ in $(seq 300); do
-      ${lib.getExe' pkgs.nftables "nft"} list set inet ${settings.interception.table} agents >/dev/null 2>&1 && exit 0
-      sleep 0.1
-    done
-    echo "agent-egress: table inet ${settings.interception.table} did not appear within 30 s" >&2
-    exit 1
-  '';
+  # Run after the daemon says it is ready (Type=notify: table, routes, BPF
+  # programs and listeners in place), with full privileges ("+"): it makes a
+  # probe cgroup below each agent cgroup, which the daemon's sandbox may not.
+  # A failed self-test fails the start, and the agents bound to it stay down.
+  doctor = "+${lib.getExe cfg.package} doctor --config /etc/agent-egress/config.json";
 
   # /proc/PID/fd of an agent's processes (another user's) is mode 0500 and
   # its links need ptrace access: attribution needs both capabilities.
@@ -711,9 +705,9 @@ in
             restartTriggers = [ restartOnly ];
             stopIfChanged = false;
             serviceConfig = {
-              Type = "simple";
+              Type = "notify";
               ExecStart = "${lib.getExe cfg.package} run --config /etc/agent-egress/config.json";
-              ExecStartPost = lib.optional settings.interception.manage_kernel waitForTable;
+              ExecStartPost = lib.optional settings.interception.manage_kernel doctor;
               ExecReload = "${lib.getExe' pkgs.coreutils "kill"} -HUP $MAINPID";
               Restart = "on-failure";
               RestartSec = "1s";

@@ -252,9 +252,7 @@ impl Capture {
             .iter()
             .map(|ip| {
                 let addr = std::net::SocketAddr::new(*ip, config.listen.port);
-                let up =
-                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok();
-                (addr.to_string(), up)
+                (addr.to_string(), listening(addr))
             })
             .collect();
         Ok(Status {
@@ -268,6 +266,40 @@ impl Capture {
             listener,
         })
     }
+}
+
+/// Whether a socket listens on `addr` (or on the wildcard of its family, at
+/// its port), from /proc/net/tcp{,6}: a test connection would be accepted and
+/// recorded by the proxy as if an agent had made it.
+fn listening(addr: std::net::SocketAddr) -> bool {
+    let (file, wanted) = match addr.ip() {
+        std::net::IpAddr::V4(a) => ("/proc/net/tcp", proc_net_hex(&a.octets())),
+        std::net::IpAddr::V6(a) => ("/proc/net/tcp6", proc_net_hex(&a.octets())),
+    };
+    let wildcard = "0".repeat(wanted.len());
+    let port = format!("{:04X}", addr.port());
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            Some((local.split_once(':')?, state == "0A"))
+        })
+        .any(|((ip, p), listen)| listen && p == port && (ip == wanted || ip == wildcard))
+}
+
+/// An address as /proc/net/tcp writes it: each 32-bit word in host order, in hex.
+fn proc_net_hex(octets: &[u8]) -> String {
+    octets
+        .chunks(4)
+        .map(|word| {
+            let value = u32::from_ne_bytes([word[0], word[1], word[2], word[3]]);
+            format!("{value:08X}")
+        })
+        .collect()
 }
 
 impl Drop for Capture {
@@ -794,6 +826,24 @@ fn walk_descendants(dir: &Path, agent: &str, index: &mut HashMap<u64, String>) {
                 index.insert(meta.ino(), agent.to_string());
                 stack.push(entry.path());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_is_seen_without_connecting_to_it() {
+        for local in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(listener) = std::net::TcpListener::bind(local) else {
+                continue; // no IPv6 here
+            };
+            let addr = listener.local_addr().unwrap();
+            assert!(listening(addr), "{addr}");
+            drop(listener);
+            assert!(!listening(addr), "{addr} after close");
         }
     }
 }

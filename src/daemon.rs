@@ -5,6 +5,7 @@ use crate::capture::Capture;
 use crate::cli::{load, RunArgs};
 use crate::config::Config;
 use crate::instance;
+use crate::notify;
 use crate::procinfo::Attributor;
 use crate::proxy::{Proxy, Runtime};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -67,6 +68,9 @@ pub fn run(args: &RunArgs) -> i32 {
         runtime.config.workers(),
         runtime.config.default
     );
+    if let Err(e) = notify::ready() {
+        log::warn!("{e}");
+    }
     let mut current = runtime;
     for signal in signals.forever() {
         match signal {

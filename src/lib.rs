@@ -15,6 +15,7 @@ pub mod exec;
 pub mod instance;
 pub mod names;
 pub mod netfilter;
+pub mod notify;
 pub mod outbound;
 pub mod policy;
 pub mod presets;

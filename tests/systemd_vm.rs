@@ -36,6 +36,7 @@ const SCENARIOS: &[&str] = &[
     "rotation",
     "audit_names_agent",
     "bus_hidden",
+    "doctor_probes_agents",
     "backstop_holds",
     "journal_audit",
     "no_unit_warnings",
@@ -52,11 +53,8 @@ const STORE_PATHS: &[(&str, &str)] = &[
         "/nix/store/eval-stub-agent-egress/bin/agent-egress",
         "/usr/local/bin/agent-egress",
     ),
-    ("/nix/store/eval-stub-nftables/bin/", "/usr/sbin/"),
     ("/nix/store/eval-stub-coreutils/bin/", "/usr/bin/"),
     ("/nix/store/eval-stub-systemd/bin/", "/usr/bin/"),
-    // The shebang of the module's generated scripts (writeShellScript).
-    ("/nix/store/eval-stub-bash/bin/", "/usr/bin/"),
     (
         "/nix/store/eval-generated/",
         "/usr/local/lib/agent-egress-eval/",
@@ -528,12 +526,14 @@ fn tail_lines(path: &Path, lines: usize) -> String {
 fn store_paths_map_to_the_image() {
     let unit = "ExecStart=/nix/store/eval-stub-agent-egress/bin/agent-egress run\n\
                 ExecReload=/nix/store/eval-stub-coreutils/bin/kill -HUP $MAINPID\n\
-                ExecStartPost=/nix/store/eval-generated/agent-egress-wait-for-table\n";
+                ExecStartPost=+/nix/store/eval-stub-agent-egress/bin/agent-egress doctor\n\
+                X-Reload-Triggers=/nix/store/eval-generated/agent-egress-checked.json.out\n";
     assert_eq!(
         map_store_paths(unit, "unit").unwrap_or_else(|e| panic!("{e}")),
         "ExecStart=/usr/local/bin/agent-egress run\n\
          ExecReload=/usr/bin/kill -HUP $MAINPID\n\
-         ExecStartPost=/usr/local/lib/agent-egress-eval/agent-egress-wait-for-table\n"
+         ExecStartPost=+/usr/local/bin/agent-egress doctor\n\
+         X-Reload-Triggers=/usr/local/lib/agent-egress-eval/agent-egress-checked.json.out\n"
     );
     let err = map_store_paths("x /nix/store/abc-foo/bin/foo --y", "unit u").unwrap_err();
     assert!(err.contains("/nix/store/abc-foo/bin/foo"), "{err}");

@@ -234,6 +234,9 @@ setup_internet() {
         ip -n inet addr add "203.0.113.$a/24" dev ae-inet
     done
     ip -n inet link set ae-inet up
+    # Where agent-egress doctor sends its probes: routed into the test's
+    # netns, so the capture is exercised (nothing there answers).
+    ip route add 192.0.2.254/32 via 203.0.113.10 dev ae-host
     cat >"$inet/nginx.conf" <<EOF
 user www-data;
 worker_processes 1;
@@ -292,8 +295,8 @@ s_units_load() {
     fi
 }
 
-# The daemon starts under the module's hardening, as its own user, and its
-# ExecStartPost (wait for the table) lets the start finish.
+# The daemon starts under the module's hardening, as its own user; it says
+# when it is ready (Type=notify) and its ExecStartPost self-test passes.
 s_daemon_active() {
     timeout 90 systemctl start agent-egress.service ||
         fail "systemctl start agent-egress failed: $(journalctl -b -u agent-egress -o cat -n 15 | tr '\n' ' ')"
@@ -303,6 +306,8 @@ s_daemon_active() {
     user=$(ps -o user= -p "$pid" | tr -d ' ')
     [ "$user" = agent-egress ] || fail "the daemon (pid $pid) runs as $user, not agent-egress"
     nft list set inet agent_egress agents >/dev/null || fail "no set inet agent_egress agents"
+    journalctl -b -u agent-egress.service -o cat | grep -q '^ok    table inet agent_egress: installed' ||
+        fail "no sign of the doctor run by ExecStartPost: $(journalctl -b -u agent-egress -o cat -n 10 | tr '\n' ' ')"
     note "MainPID $pid user $user; $(grep -E '^Cap(Eff|Bnd)' "/proc/$pid/status" | tr '\n\t' '  ')"
 }
 
@@ -526,13 +531,25 @@ for t in 1 2 3; do fetch \$t --resolve allowed.test:80:203.0.113.10 http://allow
 # daemon knows each agent unit's cgroup, also one made after it started.
 s_audit_names_agent() {
     local bad
-    bad=$(cat "$audit" "$audit.1" 2>/dev/null | jq -c "select(($attributed) | not) | {cgroup_id, host, agent, pid, exe}" | sort | uniq -c)
+    # (Connections only; the doctor's probes, run as ExecStartPost at each
+    # start, are its own, and so are the drop reports of their UDP.)
+    bad=$(cat "$audit" "$audit.1" 2>/dev/null | jq -c "select(.event != \"drops\" and .host != \"doctor.agent-egress.invalid\") | select(($attributed) | not) | {cgroup_id, host, agent, pid, exe}" | sort | uniq -c)
     if [ -n "$bad" ]; then
         local ids probe_ids
         probe_ids=$(grep -H '^cgroup_id=' "$probes"/*.out | sed 's|.*/||; s|\.out:cgroup_id=| |' | tr '\n' ' ')
         fail "records without agent, pid or exe (count, fields): $bad; the probes' cgroup ids: $probe_ids"
     fi
     note "$(cat "$audit" "$audit.1" 2>/dev/null | wc -l) records, all attributed"
+}
+
+# With the agents' slices in place, the self-test probes each of them.
+s_doctor_probes_agents() {
+    local report
+    report=$(agent-egress doctor --config /etc/agent-egress/config.json 2>&1) ||
+        fail "agent-egress doctor failed: $(grep FAIL <<<"$report" | tr '\n' ' ')"
+    grep -q '^ok    capture of TCP from .*agent-egress-agents-tester.slice: 192.0.2.254:80 answered by the proxy' <<<"$report" ||
+        fail "the doctor did not probe the tester's slice: $(tr '\n' ' ' <<<"$report" | cut -c1-400)"
+    note "$(grep -c '^ok' <<<"$report") checks passed"
 }
 
 # The agent unit cannot reach systemd's or D-Bus's sockets (InaccessiblePaths=),
@@ -684,6 +701,7 @@ main() {
     scenario rotation s_rotation
     scenario audit_names_agent s_audit_names_agent
     scenario bus_hidden s_bus_hidden
+    scenario doctor_probes_agents s_doctor_probes_agents
     scenario backstop_holds s_backstop_holds
     scenario journal_audit s_journal_audit
     scenario no_unit_warnings s_no_unit_warnings
