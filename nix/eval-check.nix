@@ -147,6 +147,8 @@ let
     ++ expect "${name}: ExecStartPost" sc.ExecStartPost [
       "+${packageDir}/bin/agent-egress doctor --config /etc/agent-egress/config.json"
     ]
+    ++ expect "${name}: doctor on a timer" config.systemd.services.agent-egress-doctor.serviceConfig.ExecStart "${packageDir}/bin/agent-egress doctor --config /etc/agent-egress/config.json"
+    ++ expect "${name}: doctor timer" config.systemd.timers.agent-egress-doctor.timerConfig.OnUnitActiveSec "15min"
     ++ expect "${name}: daemon user" config.users.users.agent-egress.isSystemUser true
     ++ expect "${name}: audit rotation" config.services.logrotate.settings.agent-egress.files settings.audit.path
     ++ expect "${name}: interception.table" settings.interception.table table
@@ -600,6 +602,10 @@ let
       {
         "agent-egress.service" = unitSections config.systemd.services.agent-egress "Service" "serviceConfig";
       }
+      // lib.optionalAttrs (config.systemd.services ? agent-egress-doctor) {
+        "agent-egress-doctor.service" = unitSections config.systemd.services.agent-egress-doctor "Service" "serviceConfig";
+        "agent-egress-doctor.timer" = unitSections config.systemd.timers.agent-egress-doctor "Timer" "timerConfig";
+      }
       // lib.listToAttrs (
         lib.concatMap (
           agent:
@@ -635,7 +641,8 @@ let
         BindsTo = unit.bindsTo;
         Wants = unit.wants;
         Requires = unit.requires;
-      };
+      }
+      // unit.unitConfig;
       ${section} = unit.${settings};
       Install = lib.filterAttrs (_: value: value != [ ]) { WantedBy = unit.wantedBy; };
     };

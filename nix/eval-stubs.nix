@@ -141,6 +141,15 @@ let
     };
   };
 
+  timerType = types.submodule {
+    options = commonUnitOptions // {
+      timerConfig = mkOption {
+        type = types.attrsOf unitOption;
+        default = { };
+      };
+    };
+  };
+
   userType = types.submodule {
     options = {
       isSystemUser = mkOption {
@@ -251,6 +260,10 @@ in
     };
     systemd.slices = mkOption {
       type = types.attrsOf sliceType;
+      default = { };
+    };
+    systemd.timers = mkOption {
+      type = types.attrsOf timerType;
       default = { };
     };
 

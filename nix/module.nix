@@ -200,7 +200,9 @@ let
   # programs and listeners in place), with full privileges ("+"): it makes a
   # probe cgroup below each agent cgroup, which the daemon's sandbox may not.
   # A failed self-test fails the start, and the agents bound to it stay down.
-  doctor = "+${lib.getExe cfg.package} doctor --config /etc/agent-egress/config.json";
+  doctorCommand = "${lib.getExe cfg.package} doctor --config /etc/agent-egress/config.json";
+  doctor = "+${doctorCommand}";
+  doctorTimer = cfg.doctorInterval != null && settings.interception.manage_kernel;
 
   # /proc/PID/fd of an agent's processes (another user's) is mode 0500 and
   # its links need ptrace access: attribution needs both capabilities.
@@ -465,6 +467,18 @@ in
       '';
     };
 
+    doctorInterval = mkOption {
+      type = types.nullOr types.str;
+      default = "15min";
+      example = "1h";
+      description = ''
+        How often `agent-egress doctor` tests the running daemon (a systemd
+        time span; it also runs at every start, as `ExecStartPost`). A
+        failed run fails `agent-egress-doctor.service`, which shows in
+        `systemctl --failed`. `null`: only at start.
+      '';
+    };
+
     agentInterfaces = mkOption {
       type = types.nullOr (types.listOf types.str);
       default = [ "lo" ];
@@ -686,6 +700,18 @@ in
       users.groups.agent-egress = { };
 
       systemd.services = mkMerge [
+        (mkIf doctorTimer {
+          agent-egress-doctor = {
+            description = "agent-egress self-test";
+            after = [ daemonUnit ];
+            # Runs only while the daemon does: a stopped daemon is not a failure.
+            unitConfig.Requisite = [ daemonUnit ];
+            serviceConfig = {
+              Type = "oneshot";
+              ExecStart = doctorCommand;
+            };
+          };
+        })
         {
           agent-egress = {
             description = "agent-egress: egress control for AI agents";
@@ -782,6 +808,15 @@ in
           ) agents
         ))
       ];
+
+      systemd.timers.agent-egress-doctor = mkIf doctorTimer {
+        description = "agent-egress self-test every ${cfg.doctorInterval}";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnActiveSec = cfg.doctorInterval;
+          OnUnitActiveSec = cfg.doctorInterval;
+        };
+      };
 
       # Slices carry the capture too, so ad-hoc members (systemd-run
       # --slice=...) are captured and restricted like declared units. They

@@ -18,7 +18,7 @@ import sys
 GENERATED = "/nix/store/eval-generated"
 PACKAGE = "/nix/store/eval-stub-agent-egress"
 # Units the module adds to but does not define: only its part, as a drop-in.
-DAEMON_DEFINED = ("agent-egress.service",)
+DAEMON_DEFINED = ("agent-egress.service", "agent-egress-doctor.service", "agent-egress-doctor.timer")
 
 
 def unit_text(sections, exec_as=None, description=None):

@@ -549,7 +549,11 @@ s_doctor_probes_agents() {
         fail "agent-egress doctor failed: $(grep FAIL <<<"$report" | tr '\n' ' ')"
     grep -q '^ok    capture of TCP from .*agent-egress-agents-tester.slice: 192.0.2.254:80 answered by the proxy' <<<"$report" ||
         fail "the doctor did not probe the tester's slice: $(tr '\n' ' ' <<<"$report" | cut -c1-400)"
-    note "$(grep -c '^ok' <<<"$report") checks passed"
+    # And as the module's timer runs it.
+    timeout 30 systemctl start agent-egress-doctor.timer || fail "cannot start agent-egress-doctor.timer"
+    timeout 60 systemctl start agent-egress-doctor.service ||
+        fail "agent-egress-doctor.service failed: $(journalctl -b -u agent-egress-doctor -o cat -n 8 | tr '\n' ' ')"
+    note "$(grep -c '^ok' <<<"$report") checks passed; the timer's service too ($(systemctl show -p NextElapseUSecMonotonic --value agent-egress-doctor.timer) next)"
 }
 
 # The agent unit cannot reach systemd's or D-Bus's sockets (InaccessiblePaths=),
