@@ -17,8 +17,9 @@ import sys
 # Where the evaluation's stand-ins live, and the paths they take in the install set.
 GENERATED = "/nix/store/eval-generated"
 PACKAGE = "/nix/store/eval-stub-agent-egress"
-# Units the module adds to but does not define: only its part, as a drop-in.
-DAEMON_DEFINED = ("agent-egress.service", "agent-egress-doctor.service", "agent-egress-doctor.timer")
+# Units the module defines whole; to the others (the agents' own) it adds
+# only its part, as a drop-in.
+MODULE_DEFINED = ("agent-egress.service", "agent-egress-doctor.service", "agent-egress-doctor.timer")
 
 
 def unit_text(sections, exec_as=None, description=None):
@@ -79,7 +80,7 @@ def install(generated, package_dir):
         units = {}
         for unit, sections in case["units"].items():
             text = mapped(unit_text(sections))
-            if unit.endswith(".slice") or unit in DAEMON_DEFINED:
+            if unit.endswith(".slice") or unit in MODULE_DEFINED:
                 units[unit] = text
             else:
                 units[f"{unit}.d/agent-egress.conf"] = text

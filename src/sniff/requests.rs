@@ -34,6 +34,13 @@ enum State {
     Opaque,
 }
 
+/// Passes over up to `left` bytes of `bytes`: how many are left to pass, and
+/// what follows them.
+fn skip(left: u64, bytes: &[u8]) -> (u64, &[u8]) {
+    let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
+    (left - n as u64, &bytes[n..])
+}
+
 /// Follows a client's requests; see the module comment.
 #[derive(Debug)]
 pub struct RequestStream {
@@ -64,20 +71,22 @@ impl RequestStream {
             bytes = match self.state {
                 State::Opaque => return Ok(()),
                 State::Body(left) => {
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
-                    self.state = match left - n as u64 {
-                        0 => State::Head,
-                        rest => State::Body(rest),
+                    let (left, rest) = skip(left, bytes);
+                    self.state = if left == 0 {
+                        State::Head
+                    } else {
+                        State::Body(left)
                     };
-                    &bytes[n..]
+                    rest
                 }
                 State::ChunkData(left) => {
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
-                    self.state = match left - n as u64 {
-                        0 => State::ChunkEnd,
-                        rest => State::ChunkData(rest),
+                    let (left, rest) = skip(left, bytes);
+                    self.state = if left == 0 {
+                        State::ChunkEnd
+                    } else {
+                        State::ChunkData(left)
                     };
-                    &bytes[n..]
+                    rest
                 }
                 State::Head => self.head(bytes)?,
                 State::ChunkSize => self.chunk_size(bytes)?,
