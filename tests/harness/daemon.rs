@@ -1,12 +1,11 @@
 //! The agent-egress daemon in a world: started in the agent netns (not in the
 //! agent cgroup), with its audit file in the world's temp dir.
 
-use super::netns::in_netns;
 use super::process::ChildGuard;
 use super::topology::DNS_V4;
 use super::world::World;
 use serde_json::{json, Value};
-use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -45,9 +44,6 @@ pub fn config(world: &World, extra: Value) -> Value {
     base
 }
 
-/// What `run` logs once the capture is complete (src/daemon.rs).
-const READY_LINE: &str = " listening on port ";
-
 impl Daemon {
     /// Start `run --config` and wait until its table is installed and its
     /// listener accepts.
@@ -63,9 +59,16 @@ impl Daemon {
             .to_string();
         let audit = PathBuf::from(config["audit"]["path"].as_str().unwrap_or("/dev/null"));
         let path = world.write_config(&config);
+        // As systemd does for Type=notify: the daemon says READY=1 once its
+        // table, routes, BPF programs and listeners are all in place.
+        let notify_path = path.with_extension("notify");
+        let notify = UnixDatagram::bind(&notify_path)
+            .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+            .unwrap_or_else(|e| panic!("{}: {e}", notify_path.display()));
         let mut cmd = world.host_cmd(wrapper.iter().copied().chain([binary(), "run", "--config"]));
         cmd.arg(&path);
-        cmd.env("RUST_LOG", "debug");
+        cmd.env("RUST_LOG", "debug")
+            .env("NOTIFY_SOCKET", &notify_path);
         let guard = world.spawn("agent-egress", cmd);
         let mut daemon = Daemon {
             guard,
@@ -73,12 +76,13 @@ impl Daemon {
             audit,
             table,
         };
-        daemon.wait_ready(world);
+        daemon.wait_ready(&notify);
         daemon
     }
 
-    fn wait_ready(&mut self, world: &World) {
+    fn wait_ready(&mut self, notify: &UnixDatagram) {
         let started = Instant::now();
+        let mut message = [0u8; 64];
         loop {
             if let Some(status) = self.guard.try_wait() {
                 panic!(
@@ -86,12 +90,8 @@ impl Daemon {
                     self.guard.log()
                 );
             }
-            // The last line of start-up: the backstop and connect log are
-            // attached after the table and the listener exist.
-            if self.table_installed(world)
-                && listener_accepts(world, PORT)
-                && self.guard.log().contains(READY_LINE)
-            {
+            if let Ok(n) = notify.recv(&mut message) {
+                assert_eq!(&message[..n], b"READY=1", "{}", self.guard.log());
                 return;
             }
             if started.elapsed() > READY_TIMEOUT {
@@ -151,11 +151,4 @@ impl Daemon {
     pub fn signal(&self, sig: libc::c_int) {
         super::process::signal(self.guard.pid(), sig);
     }
-}
-
-fn listener_accepts(world: &World, port: u16) -> bool {
-    in_netns(&world.agent_ns(), move || {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-    })
 }
