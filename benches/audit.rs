@@ -33,6 +33,7 @@ fn typical_record() -> Record {
         dial: Some("resolved".into()),
         upstream: Some("198.51.100.10:443".into()),
         sniff: None,
+        listener: None,
         bytes_up: 1_834,
         bytes_down: 48_211,
         duration_ms: 412,

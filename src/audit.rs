@@ -73,6 +73,8 @@ pub struct Record {
     pub upstream: Option<String>,
     /// Why no name was learnt (not TLS/HTTP, malformed, sniff timeout...).
     pub sniff: Option<String>,
+    /// For a connection to loopback: the cgroup of the socket listening there.
+    pub listener: Option<String>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
@@ -746,6 +748,7 @@ mod tests {
             "dial",
             "upstream",
             "sniff",
+            "listener",
             "bytes_up",
             "bytes_down",
             "duration_ms",
@@ -755,7 +758,7 @@ mod tests {
         }
         assert!(object["pid"].is_null());
         assert!(!object.contains_key("dropped"));
-        assert_eq!(object.len(), 26);
+        assert_eq!(object.len(), 27);
     }
 
     /// The loop is woken only when it watches: a set before the watch is seen by

@@ -4,6 +4,7 @@ use crate::config::{Config, SecretFiles};
 use crate::daemon;
 use crate::doctor;
 use crate::exec;
+use crate::loopback::{self, Listener};
 use crate::policy::Query;
 use crate::proxy::Runtime;
 use clap::{Args, Parser, Subcommand};
@@ -86,6 +87,10 @@ struct ExplainArgs {
     /// The agent (configured cgroup path) the connection comes from.
     #[arg(long)]
     agent: Option<String>,
+    /// For a loopback address: the cgroup of the socket listening there
+    /// (path relative to the cgroup2 root).
+    #[arg(long)]
+    listener: Option<String>,
 }
 
 #[derive(Args)]
@@ -195,6 +200,23 @@ fn explain(args: &ExplainArgs) -> i32 {
             }
         },
     };
+    if ip.to_canonical().is_loopback() {
+        let listener = args.listener.as_ref().map(|cgroup| Listener {
+            agent: crate::cgroup::innermost(&config.interception.cgroups, cgroup).map(String::from),
+            cgroup: Some(cgroup.clone()),
+            ..Listener::default()
+        });
+        println!(
+            "{}",
+            loopback::explain(
+                &config.loopback,
+                port,
+                args.agent.as_deref(),
+                listener.as_ref()
+            )
+        );
+        return 0;
+    }
     let runtime = Runtime::new(config);
     let query = Query {
         host: name.as_deref(),

@@ -31,6 +31,7 @@ pub struct Config {
     pub audit: Audit,
     pub mode: Mode,
     pub limits: Limits,
+    pub loopback: Loopback,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +61,32 @@ pub struct Interception {
     /// and everything if the table is deleted while the daemon cannot repair
     /// it. The agents then need a resolver on loopback.
     pub backstop: bool,
+}
+
+/// Agents' TCP connections to the host's own loopback (127.0.0.0/8, ::1):
+/// what listens there (a local proxy, a database, a DevTools port) is no
+/// exit unless allowed here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loopback {
+    /// A listener in the connecting agent's own cgroup (its dev server, its
+    /// test database) is reachable.
+    pub own_listeners: bool,
+    /// Every other listener only through one of these; none matching: refused.
+    pub allow: Vec<LoopbackRule>,
+}
+
+/// One allowed kind of loopback listener. Fields must all match; absent ones
+/// match anything, but a rule names at least `ports` or `listeners`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoopbackRule {
+    /// The name audit records give; `loopback.allow[N]` when the config names none.
+    pub name: String,
+    pub ports: Vec<PortRange>,
+    /// The listener's cgroup: a unit name (`postgresql.service`, any component
+    /// of its cgroup path) or a cgroup path (at or below it).
+    pub listeners: Vec<String>,
+    /// The connecting agents (configured cgroups).
+    pub agents: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -345,6 +372,10 @@ impl Default for Config {
                 idle_timeout_s: 300,
                 connect_timeout_ms: 5000,
             },
+            loopback: Loopback {
+                own_listeners: true,
+                allow: Vec::new(),
+            },
         }
     }
 }
@@ -560,6 +591,7 @@ impl Reader {
                 "audit",
                 "mode",
                 "limits",
+                "loopback",
             ],
         ) else {
             return config;
@@ -604,7 +636,111 @@ impl Reader {
                 .array("rules", v, |r, path, v| r.rule(path, v, outbounds, cgroups))
                 .unwrap_or_default();
         }
+        if let Some(v) = top.get("loopback") {
+            self.loopback(v, &mut config.loopback, &config.interception.cgroups);
+        }
         config
+    }
+
+    fn loopback(&mut self, value: &Value, loopback: &mut Loopback, cgroups: &[String]) {
+        let Some(map) = self.object("loopback", value, &["own_listeners", "allow"]) else {
+            return;
+        };
+        if let Some(v) = map.get("own_listeners") {
+            if let Some(b) = self.bool("loopback.own_listeners", v) {
+                loopback.own_listeners = b;
+            }
+        }
+        if let Some(v) = map.get("allow") {
+            loopback.allow = self
+                .array("loopback.allow", v, |r, path, v| {
+                    r.loopback_rule(path, v, cgroups)
+                })
+                .unwrap_or_default();
+        }
+    }
+
+    fn loopback_rule(
+        &mut self,
+        path: &str,
+        value: &Value,
+        cgroups: &[String],
+    ) -> Option<LoopbackRule> {
+        let map = self.object(path, value, &["name", "ports", "listeners", "agents"])?;
+        let name = match map.get("name") {
+            Some(v) => self.string(&join(path, "name"), v)?.to_string(),
+            None => path.to_string(),
+        };
+        let ports = map
+            .get("ports")
+            .and_then(|v| self.array(&join(path, "ports"), v, port_range))
+            .unwrap_or_default();
+        let listeners = map
+            .get("listeners")
+            .and_then(|v| {
+                self.array(&join(path, "listeners"), v, |r, p, v| {
+                    let s = r.string(p, v)?.trim_end_matches('/');
+                    match validate_relative_path(s) {
+                        Ok(()) => Some(s.to_string()),
+                        Err(e) => {
+                            r.error(p, format!("{s:?} {e}"));
+                            None
+                        }
+                    }
+                })
+            })
+            .unwrap_or_default();
+        let agents = self.agents_field(path, map, cgroups);
+        self.no_empty_lists(path, map, &["ports", "listeners", "agents"]);
+        if !map.contains_key("ports") && !map.contains_key("listeners") {
+            self.error(
+                path,
+                "name ports or listeners: a rule matching every listener opens the host's whole loopback",
+            );
+        }
+        Some(LoopbackRule {
+            name,
+            ports,
+            listeners,
+            agents,
+        })
+    }
+
+    /// A rule's `agents`: each one of the configured cgroups.
+    fn agents_field(
+        &mut self,
+        path: &str,
+        map: &Map<String, Value>,
+        cgroups: &[String],
+    ) -> Vec<String> {
+        map.get("agents")
+            .and_then(|v| {
+                self.array(&join(path, "agents"), v, |r, p, v| {
+                    let s = r.string(p, v)?.trim_end_matches('/');
+                    if !cgroups.iter().any(|c| c == s) {
+                        r.error(p, format!("{s:?} is not one of interception.cgroups"));
+                        return None;
+                    }
+                    Some(s.to_string())
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// An empty list in a rule would match nothing, which is never what was meant.
+    fn no_empty_lists(&mut self, path: &str, map: &Map<String, Value>, fields: &[&str]) {
+        for field in fields {
+            if map
+                .get(*field)
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty)
+            {
+                self.error(
+                    &join(path, field),
+                    "an empty list matches nothing; leave the field out to match any",
+                );
+            }
+        }
     }
 
     fn listen(&mut self, value: &Value, listen: &mut Listen) {
@@ -933,19 +1069,7 @@ impl Reader {
             .get("ports")
             .and_then(|v| self.array(&join(path, "ports"), v, port_range))
             .unwrap_or_default();
-        let agents = map
-            .get("agents")
-            .and_then(|v| {
-                self.array(&join(path, "agents"), v, |r, p, v| {
-                    let s = r.string(p, v)?.trim_end_matches('/');
-                    if !cgroups.iter().any(|c| c == s) {
-                        r.error(p, format!("{s:?} is not one of interception.cgroups"));
-                        return None;
-                    }
-                    Some(s.to_string())
-                })
-            })
-            .unwrap_or_default();
+        let agents = self.agents_field(path, map, cgroups);
         let outbound_path = join(path, "outbound");
         let outbound = match map.get("outbound") {
             Some(v) => {
@@ -960,18 +1084,7 @@ impl Reader {
                 return None;
             }
         };
-        for field in ["domains", "ips", "ports", "agents"] {
-            if map
-                .get(field)
-                .and_then(Value::as_array)
-                .is_some_and(Vec::is_empty)
-            {
-                self.error(
-                    &join(path, field),
-                    "an empty list matches nothing; leave the field out to match any",
-                );
-            }
-        }
+        self.no_empty_lists(path, map, &["domains", "ips", "ports", "agents"]);
         Some(Rule {
             name,
             domains,
@@ -1201,7 +1314,7 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                "bogus: unknown key (expected one of: listen, interception, dns, outbounds, rules, default, audit, mode, limits)",
+                "bogus: unknown key (expected one of: listen, interception, dns, outbounds, rules, default, audit, mode, limits, loopback)",
                 "listen.port: 70000 is out of range (1..=65535)",
                 "outbounds.x.type: \"ftp\" is not one of: direct, block, socks5, http",
                 "rules[0].ips[0]: \"10.0.0.300/8\" is not a CIDR",

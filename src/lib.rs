@@ -13,6 +13,7 @@ pub mod dns;
 pub mod doctor;
 pub mod exec;
 pub mod instance;
+pub mod loopback;
 pub mod names;
 pub mod netfilter;
 pub mod notify;

@@ -108,6 +108,40 @@ fn explain_names_rule_outbound_and_why() {
 }
 
 #[test]
+fn explain_decides_loopback_by_its_listener() {
+    let config = temp_config(
+        "explain-loopback",
+        r#"{"interception": {"cgroups": ["agents.slice"]},
+            "loopback": {"allow": [{"name": "pg", "ports": [5432], "listeners": ["postgresql.service"]}]}}"#,
+    );
+    let path = config.to_str().unwrap();
+    let explain = |target: &str, listener: &str| {
+        let (code, out, err) = run(&[
+            "explain",
+            "--config",
+            path,
+            "--agent",
+            "agents.slice",
+            "--listener",
+            listener,
+            target,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let out = explain("127.0.0.1:5432", "system.slice/postgresql.service");
+    assert!(out.contains("allowed by pg"), "{out}");
+    let out = explain("[::1]:1080", "system.slice/socks.service");
+    assert!(
+        out.contains("refused") && out.contains("loopback:default"),
+        "{out}"
+    );
+    let out = explain("[::ffff:127.0.0.1]:3000", "agents.slice/dev.scope");
+    assert!(out.contains("allowed by loopback:own"), "{out}");
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
 fn status_shows_table_set_and_listener() {
     if !harness::require_root_and_tools(&["curl"]) {
         return;

@@ -261,8 +261,12 @@ fn install_builds_the_table_and_reinstall_replaces_it() {
 
     // Rule content, as nft reads it back from the kernel.
     for expected in [
-        "ip daddr 127.0.0.0/8 accept",
-        "ip6 daddr ::1 accept",
+        "ip daddr 127.0.0.0/8 meta l4proto != tcp accept",
+        "ip daddr 127.0.0.0/8 tcp dport 53 accept",
+        "ip daddr 127.0.0.0/8 ct direction reply accept",
+        "ip6 daddr ::1 meta l4proto != tcp accept",
+        "ip6 daddr ::1 tcp dport 53 accept",
+        "ip6 daddr ::1 ct direction reply accept",
         "ip daddr 198.51.100.0/24 accept",
         "ip daddr 192.0.2.53 udp dport 53 accept",
         "ip daddr 192.0.2.53 tcp dport 53 accept",
@@ -282,7 +286,7 @@ fn install_builds_the_table_and_reinstall_replaces_it() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
-    assert_eq!(rules_in(&json, "output").len(), 1 + 2 + 1 + 4 + 2);
+    assert_eq!(rules_in(&json, "output").len(), 1 + 6 + 1 + 4 + 2);
     assert_eq!(rules_in(&json, "prerouting").len(), 3);
     assert_eq!(rules_in(&json, "postrouting").len(), 1);
 
@@ -847,6 +851,6 @@ fn largest_plan_installs_in_one_batch() {
     assert_eq!(set_members(&json).len(), netfilter::MAX_CGROUPS);
     assert_eq!(
         rules_in(&json, "output").len(),
-        1 + 2 + netfilter::MAX_BYPASS + 2 * netfilter::MAX_DNS_SERVERS + 8
+        1 + 6 + netfilter::MAX_BYPASS + 2 * netfilter::MAX_DNS_SERVERS + 8
     );
 }

@@ -222,6 +222,23 @@ in
           "agent-download"
           "agent-idle"
         ];
+        # A local SOCKS proxy is an exit only where a rule names it.
+        settings.loopback.allow = [
+          {
+            name = "named-socks";
+            ports = [ 1081 ];
+            listeners = [ "named-socks.service" ];
+          }
+        ];
+      };
+      # Two SOCKS proxies on the host's loopback, outside the agents.
+      systemd.services.local-socks = {
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig.ExecStart = "${pkgs.microsocks}/bin/microsocks -i 127.0.0.1 -p 1080";
+      };
+      systemd.services.named-socks = {
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig.ExecStart = "${pkgs.microsocks}/bin/microsocks -i 127.0.0.1 -p 1081";
       };
       specialisation.wider.configuration = {
         services.agentEgress.allow.domains = [ "later.test" ];
@@ -238,6 +255,7 @@ in
           pkgs.chromium
           pkgs.dnsutils
           pkgs.getent
+          pkgs.python3
           pkgs.socat
         ];
         serviceConfig = {

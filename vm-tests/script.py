@@ -381,3 +381,31 @@ with subtest("keep_alive_hosts_decided"):
     )
     assert probe.out.split() == ["200", "403"], probe.out
     assert not served("c=keepalive-2")
+
+with subtest("loopback_decided"):
+    agent.wait_for_open_port(1080)
+    agent.wait_for_open_port(1081)
+    # The exit is real: from outside the agents the SOCKS proxy reaches the refused host.
+    agent.succeed(f"curl --silent --max-time 10 --socks5 127.0.0.1:1080 'http://{BLOCKED4}/?c=lo-control'")
+    assert served("c=lo-control")
+    # From an agent unit: refused (also spelt ::ffff:127.0.0.1), and nothing arrives.
+    for proxy in ["127.0.0.1:1080", "[::ffff:127.0.0.1]:1080"]:
+        expect_refused(f"http://{BLOCKED4}/?c=lo-socks", f"--socks5 '{proxy}'")
+    record = wait_for_audit("the refused SOCKS proxy", dst="127.0.0.1:1080")
+    assert record["verdict"] == "block" and record["rule"] == "loopback:default", record
+    assert record["listener"].endswith("local-socks.service"), record
+    assert not served("c=lo-socks")
+    # The proxy a loopback rule names (port and unit) is reachable.
+    expect_page(f"http://{BLOCKED4}/?c=lo-named", "blocked-site-marker", "--socks5 127.0.0.1:1081")
+    record = wait_for_audit("the named SOCKS proxy", dst="127.0.0.1:1081")
+    assert record["verdict"] == "allow" and record["rule"] == "named-socks", record
+    # The agent's own listener, in its own unit, on 127.0.0.1 and ::1.
+    for bind, url in [("127.0.0.1", "http://127.0.0.1:8765/"), ("::1", "http://[::1]:8765/")]:
+        probe = in_agent(
+            f"python3 -m http.server --bind {bind} 8765 & server=$!;"
+            f" for i in $(seq 50); do curl --silent --output /dev/null '{url}' && break; sleep 0.1; done;"
+            f" curl --silent --output /dev/null --write-out '%{{http_code}}' '{url}'; kill $server"
+        )
+        assert probe.out.strip().endswith("200"), probe.out
+    record = wait_for_audit("the agent's own listener", rule="loopback:own")
+    assert record["verdict"] == "allow", record

@@ -246,6 +246,15 @@ pub fn path_of_id(root: &Path, under: &[&str], id: u64) -> Option<String> {
     })
 }
 
+/// The path of any cgroup `id` relative to `root`, if the kernel says (it
+/// needs CAP_DAC_READ_SEARCH): used to name a listener's cgroup, which may
+/// be anywhere on the host.
+pub fn path_of_any_id(root: &Path, id: u64) -> Option<String> {
+    path_by_handle(root, id)
+        .map_err(|e| log::debug!("naming cgroup {id}: {e}"))
+        .ok()
+}
+
 /// The configured cgroup that `path` is in: the innermost, when they nest.
 pub fn innermost<'a>(agents: &'a [String], path: &str) -> Option<&'a str> {
     agents

@@ -8,7 +8,9 @@
 //!   set dropped_v6  { type ipv6_addr . inet_service; ... }
 //!   chain output { type route hook output priority mangle; policy accept;
 //!     ct direction original ct mark MARK meta mark set MARK accept  # a captured flow's later packets
-//!     ip daddr 127.0.0.0/8 accept;  ip6 daddr ::1 accept
+//!     ip(6) daddr 127.0.0.0/8|::1 meta l4proto != tcp accept  # loopback: TCP is decided
+//!     ip(6) daddr 127.0.0.0/8|::1 tcp dport 53 accept        # a loopback resolver
+//!     ip(6) daddr 127.0.0.0/8|::1 ct direction reply accept  # an agent's listener answering
 //!     ip(6) daddr <bypass CIDR> accept                      # one rule each
 //!     ip(6) daddr <dns> udp|tcp dport 53 accept             # the resolvers, direct
 //!     socket cgroupv2 level L @agents goto agent_traffic    # one rule per level in use
@@ -67,6 +69,7 @@ const ELEMENTS_PER_MESSAGE: usize = 512;
 const IPPROTO_TCP: u8 = libc::IPPROTO_TCP as u8;
 /// `enum ip_conntrack_dir`: the direction of the flow's first packet.
 const IP_CT_DIR_ORIGINAL: u8 = 0;
+const IP_CT_DIR_REPLY: u8 = 1;
 const IPPROTO_UDP: u8 = libc::IPPROTO_UDP as u8;
 const DNS_PORT: u16 = 53;
 
@@ -312,23 +315,8 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
         .concat(),
     );
     captured_flow.hint = Some(HINT_CT.into());
-    let mut rules = vec![
-        captured_flow,
-        Rule::new(
-            OUTPUT_CHAIN,
-            "loopback v4",
-            [
-                daddr_in(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
-                accept(),
-            ]
-            .concat(),
-        ),
-        Rule::new(
-            OUTPUT_CHAIN,
-            "loopback v6",
-            [daddr_in(IpAddr::V6(Ipv6Addr::LOCALHOST), 128), accept()].concat(),
-        ),
-    ];
+    let mut rules = vec![captured_flow];
+    rules.extend(loopback_rules());
     for (net, prefix) in &plan.bypass {
         rules.push(Rule::new(
             OUTPUT_CHAIN,
@@ -447,6 +435,61 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
         ]
         .concat(),
     ));
+    rules
+}
+
+/// What of the agents' traffic to loopback needs no proxy. Their TCP to a
+/// listener on loopback is captured like any other (the proxy decides it by
+/// who listens); what passes here: their other protocols, DNS over TCP to a
+/// loopback resolver, and the replies of an agent's own listener (the proxy
+/// dialling it for another agent connection, or a local client outside the
+/// agents), which are no connection the agent makes.
+fn loopback_rules() -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for (net, prefix, family) in [
+        (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8, "v4"),
+        (IpAddr::V6(Ipv6Addr::LOCALHOST), 128, "v6"),
+    ] {
+        rules.push(Rule::new(
+            OUTPUT_CHAIN,
+            format!("loopback {family} not tcp"),
+            [
+                daddr_in(net, prefix),
+                vec![
+                    Expr::Meta(sys::NFT_META_L4PROTO),
+                    Expr::CmpNe(vec![IPPROTO_TCP]),
+                ],
+                accept(),
+            ]
+            .concat(),
+        ));
+        rules.push(Rule::new(
+            OUTPUT_CHAIN,
+            format!("loopback {family} dns over tcp"),
+            [
+                daddr_in(net, prefix),
+                l4proto(IPPROTO_TCP),
+                dport(DNS_PORT),
+                accept(),
+            ]
+            .concat(),
+        ));
+        let mut replies = Rule::new(
+            OUTPUT_CHAIN,
+            format!("loopback {family} replies"),
+            [
+                daddr_in(net, prefix),
+                vec![
+                    Expr::Ct(sys::NFT_CT_DIRECTION),
+                    Expr::Cmp(vec![IP_CT_DIR_REPLY]),
+                ],
+                accept(),
+            ]
+            .concat(),
+        );
+        replies.hint = Some(HINT_CT.into());
+        rules.push(replies);
+    }
     rules
 }
 
@@ -617,8 +660,12 @@ mod tests {
             names(&rules, OUTPUT_CHAIN),
             [
                 "captured flow",
-                "loopback v4",
-                "loopback v6",
+                "loopback v4 not tcp",
+                "loopback v4 dns over tcp",
+                "loopback v4 replies",
+                "loopback v6 not tcp",
+                "loopback v6 dns over tcp",
+                "loopback v6 replies",
                 "bypass 2001:db8::/32",
                 "dns 192.0.2.53 udp",
                 "dns 192.0.2.53 tcp",
@@ -638,6 +685,41 @@ mod tests {
             names(&rules, AGENT_CHAIN).last().map(String::as_str),
             Some("drop agent non-tcp")
         );
+    }
+
+    /// An agent's TCP to loopback is not let through: only its other
+    /// protocols, DNS, and its listeners' replies are.
+    #[test]
+    fn loopback_passes_only_what_is_not_an_agent_tcp_connection() {
+        let rules = rules(&plan());
+        let loopback: Vec<&Rule> = rules
+            .iter()
+            .filter(|r| r.name.starts_with("loopback"))
+            .collect();
+        for rule in &loopback {
+            let tcp_excluded = rule.exprs.windows(2).any(|w| {
+                w == [
+                    Expr::Meta(sys::NFT_META_L4PROTO),
+                    Expr::CmpNe(vec![IPPROTO_TCP]),
+                ]
+            });
+            let dns = rule
+                .exprs
+                .contains(&Expr::Cmp(DNS_PORT.to_be_bytes().to_vec()));
+            let replies = rule.exprs.windows(2).any(|w| {
+                w == [
+                    Expr::Ct(sys::NFT_CT_DIRECTION),
+                    Expr::Cmp(vec![IP_CT_DIR_REPLY]),
+                ]
+            });
+            assert!(
+                [tcp_excluded, dns, replies].iter().filter(|b| **b).count() == 1,
+                "{}: {:?}",
+                rule.name,
+                rule.exprs
+            );
+        }
+        assert_eq!(loopback.len(), 6);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::Runtime;
 use crate::audit::{AttributionDone, Record};
 use crate::config::{DomainDial, Mode, Outbound};
 use crate::dns::{Lookup, QueryId, Resolver};
+use crate::loopback::{self, Listener};
 use crate::names::normalize_host;
 use crate::outbound::{
     self, DialOptions, Handshake, HttpConnectHandshake, Progress, Socks5Handshake, Target,
@@ -47,6 +48,10 @@ pub enum Step {
 
 enum Phase {
     Sniffing,
+    /// A connection to loopback, decided by who listens there at the first event.
+    ToLoopback {
+        listener: Option<Listener>,
+    },
     /// Waiting for `query`: an answer to any other query is not ours (the
     /// worker's slot may have been reused since that query was sent).
     Resolving {
@@ -157,6 +162,13 @@ impl Session {
         }
     }
 
+    /// The connection goes to the host's loopback: it is decided by the
+    /// listener found there (`None`: nothing listens), not by a sniffed name.
+    pub fn decide_by_listener(&mut self, listener: Option<Listener>) {
+        self.phase = Phase::ToLoopback { listener };
+        self.deadline = None;
+    }
+
     /// True once, after the policy decided (for a "start" audit record).
     pub fn take_decided(&mut self) -> bool {
         std::mem::take(&mut self.decided)
@@ -192,6 +204,10 @@ impl Session {
     pub fn on_event(&mut self, ctx: &mut Ctx) -> Step {
         let step = match self.phase {
             Phase::Sniffing => self.sniff(ctx),
+            Phase::ToLoopback { ref mut listener } => {
+                let listener = listener.take();
+                self.decide_loopback(ctx, listener)
+            }
             Phase::Resolving { .. } => Step::Continue,
             Phase::Connecting { .. } => self.check_connected(ctx),
             Phase::Handshaking { .. } => self.handshake(ctx),
@@ -210,6 +226,7 @@ impl Session {
             if now >= deadline {
                 return match self.phase {
                     Phase::Sniffing => self.decide(ctx, Some("sniff timeout")),
+                    Phase::ToLoopback { .. } => Step::Continue,
                     Phase::Resolving { ref host, .. } => {
                         let e = format!("dns: no answer for {host} in time");
                         self.fail(e)
@@ -437,6 +454,38 @@ impl Session {
         }
     }
 
+    fn decide_loopback(&mut self, ctx: &mut Ctx, listener: Option<Listener>) -> Step {
+        self.record.sniff = Some("loopback: decided by its listener, not sniffed".into());
+        self.record.dial = Some("original".into());
+        self.decided = true;
+        if let Some(refusal) = self.own_listener(self.original_dst) {
+            self.record.rule = Some(loopback::REFUSED_RULE.into());
+            self.record.outbound = "block".into();
+            return self.refuse_dial(refusal);
+        }
+        let runtime = self.runtime.clone();
+        let decision = loopback::decide(
+            &runtime.config.loopback,
+            self.original_dst.port(),
+            self.record.agent.as_deref(),
+            listener.as_ref(),
+        );
+        self.record.rule = Some(decision.rule.to_string());
+        let enforce = runtime.config.mode == Mode::Enforce;
+        self.record.verdict = match (decision.allowed, enforce) {
+            (true, _) => "allow",
+            (false, true) => "block",
+            (false, false) => "would_block",
+        };
+        if decision.allowed || !enforce {
+            self.record.outbound = "direct".into();
+            self.connect(ctx, vec![self.original_dst], Via::Direct)
+        } else {
+            self.record.outbound = "block".into();
+            self.refuse_politely(decision.rule)
+        }
+    }
+
     fn resolve(&mut self, ctx: &mut Ctx, host: String, port: u16) -> Step {
         let Some(resolver) = ctx.resolver.as_deref_mut() else {
             return self.fail(format!(
@@ -509,16 +558,11 @@ impl Session {
     /// one (loopback, link-local and metadata, private) that no rule by
     /// address allows. A name an agent may reach can resolve to anything.
     fn dial_refusal(&self, addr: SocketAddr) -> Option<(&'static str, String)> {
+        if let Some(refusal) = self.own_listener(addr) {
+            return Some(refusal);
+        }
         let ip = addr.ip().to_canonical();
         let config = &self.runtime.config;
-        let listener = config
-            .listen
-            .addresses
-            .iter()
-            .any(|a| a.to_canonical() == ip);
-        if addr.port() == config.listen.port && (listener || ip.is_loopback()) {
-            return Some(("refused_self", format!("{addr} is this proxy's listener")));
-        }
         let agent = self.record.agent.as_deref();
         match self.runtime.policy.decide_address(ip, addr.port(), agent) {
             Some(decision) => match config.outbounds.get(decision.outbound) {
@@ -535,6 +579,19 @@ impl Session {
                 )
             }),
         }
+    }
+
+    /// Dialling `addr` would connect the proxy to itself (a loop).
+    fn own_listener(&self, addr: SocketAddr) -> Option<(&'static str, String)> {
+        let ip = addr.ip().to_canonical();
+        let config = &self.runtime.config;
+        let listener = config
+            .listen
+            .addresses
+            .iter()
+            .any(|a| a.to_canonical() == ip);
+        (addr.port() == config.listen.port && (listener || ip.is_loopback()))
+            .then(|| ("refused_self", format!("{addr} is this proxy's listener")))
     }
 
     fn refuse_dial(&mut self, (dial, reason): (&'static str, String)) -> Step {

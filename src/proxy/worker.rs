@@ -4,14 +4,16 @@
 use super::session::{set_linger_zero, Ctx, Readiness, Session, Step};
 use super::{Runtime, Shared};
 use crate::audit::{AttributionDone, PendingRecord, Record, EVENT_END, EVENT_START};
+use crate::cgroup;
 use crate::dns::{QueryId, Resolver};
+use crate::loopback::Listener;
 use crate::procinfo::{OwnerQuery, SockDiag};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -339,9 +341,19 @@ impl Worker {
                 owner_query = Some(query);
             }
         }
+        let listener = if original_dst.ip().to_canonical().is_loopback() {
+            let listener = self.loopback_listener(original_dst);
+            record.listener = listener.as_ref().and_then(|l| l.cgroup.clone());
+            Some(listener)
+        } else {
+            None
+        };
         let entry = self.sessions.vacant_entry();
         let key = entry.key();
         let mut session = Session::new(stream, original_dst, runtime, record, now);
+        if let Some(listener) = listener {
+            session.decide_by_listener(listener);
+        }
         session.owner = owner_query;
         session.attribution = attribution;
         if let Err(e) = session.register(self.poll.registry(), Token(key * 2)) {
@@ -352,6 +364,34 @@ impl Worker {
         self.shared.stats.active.fetch_add(1, Ordering::Relaxed);
         // Clients that speak first usually have bytes waiting already.
         self.on_session_event(key);
+    }
+
+    /// Who listens where an agent connected on loopback: the socket a
+    /// connection from nowhere (unspecified address, port 0) to `dst` would
+    /// reach, which sock_diag's exact lookup finds among the listeners.
+    fn loopback_listener(&mut self, dst: SocketAddr) -> Option<Listener> {
+        let nowhere = match dst.ip().to_canonical() {
+            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
+        let owner = self
+            .sock_diag
+            .as_mut()?
+            .lookup(dst, nowhere)
+            .map_err(|e| log::debug!("looking up the listener on {dst}: {e}"))
+            .ok()??;
+        let cgroup = match (owner.cgroup_id, &self.shared.cgroup_root) {
+            (Some(id), Some(root)) => cgroup::path_of_any_id(root, id),
+            _ => None,
+        };
+        Some(Listener {
+            uid: owner.uid,
+            cgroup_id: owner.cgroup_id,
+            agent: owner
+                .cgroup_id
+                .and_then(|id| self.shared.agents.agent_of(id)),
+            cgroup,
+        })
     }
 
     /// A reload may have changed the DNS servers.

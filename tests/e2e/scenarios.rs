@@ -2,7 +2,7 @@
 
 use crate::harness::daemon::{self, Daemon};
 use crate::harness::{arrivals, World, AGENT_IFACE, ALLOWED, BLOCKED, METADATA, OTHER, REBINDS};
-use crate::harness::{cgroup2_root, Cgroup};
+use crate::harness::{cgroup2_root, Cgroup, ChildGuard};
 use crate::Scenario;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -36,6 +36,7 @@ pub const ALL: &[Scenario] = &[
     ("closed_flows_stay_captured", closed_flows_stay_captured),
     ("rebinding_refused", rebinding_refused),
     ("keep_alive_hosts_decided", keep_alive_hosts_decided),
+    ("loopback_decided", loopback_decided),
 ];
 
 /// A world with the daemon running the default test policy.
@@ -750,4 +751,175 @@ fn keep_alive_hosts_decided() {
             .contains("request 2 on this connection is for blocked.test"),
         "{r}"
     );
+}
+
+/// A server on the agent host's loopback, in `cgroup`, stopped on drop.
+fn loopback_server(
+    world: &World,
+    cgroup: &Cgroup,
+    name: &str,
+    args: &[&str],
+    port: u16,
+) -> ChildGuard {
+    let log = world.dir().join(format!("{name}.log"));
+    let server = ChildGuard::spawn(world.cgroup_cmd(cgroup, args), name, &log)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening = world
+            .host_cmd(["ss", "-Hltn", &format!("sport = :{port}")])
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty());
+        if listening {
+            return server;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} does not listen on {port}: {}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent's TCP to the host's loopback is decided by who listens there: a
+/// SOCKS proxy of the host is no exit, one a rule names is, and the agent's
+/// own listeners are reachable on 127.0.0.1, ::1 and ::ffff:127.0.0.1.
+fn loopback_decided() {
+    let world = World::new();
+    let services = world.add_cgroup("services");
+    let agent_path = world.agent().relative_path().to_string();
+    let config = daemon::config(
+        &world,
+        json!({"loopback": {"allow": [
+            {"name": "named-socks", "ports": [1081], "listeners": [services.relative_path()]}
+        ]}}),
+    );
+    let d = Daemon::start(&world, config);
+    let socks = loopback_server(
+        &world,
+        &services,
+        "socks",
+        &["microsocks", "-i", "127.0.0.1", "-p", "1080"],
+        1080,
+    );
+    let named = loopback_server(
+        &world,
+        &services,
+        "named-socks",
+        &["microsocks", "-i", "127.0.0.1", "-p", "1081"],
+        1081,
+    );
+    let own_v4 = loopback_server(
+        &world,
+        world.agent(),
+        "own-v4",
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            "8765",
+        ],
+        8765,
+    );
+    let own_v6 = loopback_server(
+        &world,
+        world.agent(),
+        "own-v6",
+        &["python3", "-m", "http.server", "--bind", "::1", "8766"],
+        8766,
+    );
+    let blocked_url = |canary: &str| format!("http://{}/?c={canary}", BLOCKED.v4);
+    // curl_agent's `--noproxy '*'` would skip the SOCKS proxy.
+    let via_socks = |proxy: &str, canary: &str| {
+        let started = Instant::now();
+        let out = world
+            .agent_cmd([
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args(["--socks5", proxy, &blocked_url(canary)])
+            .output()
+            .expect("curl");
+        (out, started.elapsed())
+    };
+    let status = |out: &std::process::Output| stdout(out).trim().to_string();
+
+    // The exit is real: outside the agent's cgroup it reaches the refused host.
+    let before = world.count_arrived(BLOCKED.counter);
+    let out = world
+        .host_cmd([
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--socks5",
+            "127.0.0.1:1080",
+            &blocked_url("lo-control"),
+        ])
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "the control through the SOCKS proxy failed: {}",
+        stderr(&out)
+    );
+    let through_socks = world.count_arrived(BLOCKED.counter);
+    assert!(through_socks > before, "the control reached nothing");
+
+    // From the agent: refused, on both spellings of 127.0.0.1, and nothing arrives.
+    for proxy in ["127.0.0.1:1080", "[::ffff:127.0.0.1]:1080"] {
+        let (out, took) = via_socks(proxy, "lo-socks");
+        assert!(!out.status.success(), "through {proxy}: {}", stdout(&out));
+        assert!(took < Duration::from_secs(3), "through {proxy}: {took:?}");
+    }
+    let r = d.wait_record("the refused SOCKS proxy", |r| r["dst"] == "127.0.0.1:1080");
+    assert_eq!(r["verdict"], "block", "{r}");
+    assert_eq!(r["rule"], "loopback:default", "{r}");
+    assert_eq!(r["listener"], services.relative_path(), "{r}");
+    assert_eq!(r["agent"], agent_path.as_str(), "{r}");
+    assert!(r["pid"].is_u64(), "{r}");
+    assert_eq!(
+        world.count_arrived(BLOCKED.counter),
+        through_socks,
+        "the agent reached the refused host through loopback"
+    );
+
+    // A listener a rule names (port and cgroup) is reachable.
+    let (out, _) = via_socks("127.0.0.1:1081", "lo-named");
+    assert_eq!(status(&out), "200", "{}", stderr(&out));
+    let r = d.wait_record("the named SOCKS proxy", |r| r["dst"] == "127.0.0.1:1081");
+    assert_eq!(
+        (&r["verdict"], &r["rule"]),
+        (&json!("allow"), &json!("named-socks")),
+        "{r}"
+    );
+
+    // The agent's own listeners, whatever the spelling of loopback.
+    for (url, dst) in [
+        ("http://127.0.0.1:8765/", "127.0.0.1:8765"),
+        ("http://[::ffff:127.0.0.1]:8765/", "127.0.0.1:8765"),
+        ("http://[::1]:8766/", "[::1]:8766"),
+    ] {
+        let (out, _) = curl(&world, &["-o", "/dev/null", "-w", "%{http_code}", url]);
+        assert_eq!(status(&out), "200", "{url}: {}", stderr(&out));
+        let r = d.wait_record(url, |r| r["dst"] == dst && r["verdict"] == "allow");
+        assert_eq!(r["rule"], "loopback:own", "{r}");
+        assert_eq!(r["listener"], agent_path.as_str(), "{r}");
+    }
+    // Nor does the proxy's own port lead anywhere.
+    let own_port = format!("http://127.0.0.1:{}/", daemon::PORT);
+    let (out, _) = curl(&world, &[&own_port]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let r = d.wait_record("the proxy's own port", |r| r["dial"] == "refused_self");
+    assert_eq!(r["verdict"], "block", "{r}");
+    drop((socks, named, own_v4, own_v6));
 }
