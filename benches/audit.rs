@@ -11,6 +11,7 @@ fn typical_record() -> Record {
         event: EVENT_END,
         conn_id: Some(123_456),
         agent: Some("agents.slice/claude.service".into()),
+        subtree: None,
         cgroup_id: Some(8812),
         pid: Some(41_234),
         uid: Some(1000),

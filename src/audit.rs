@@ -47,6 +47,11 @@ pub struct Record {
     pub conn_id: Option<u64>,
     /// The configured cgroup path the connection came from.
     pub agent: Option<String>,
+    /// The delegated subtree the connection was captured through, when its cgroup
+    /// is in no agent's: `agent` is then the one agent in that subtree, or null
+    /// when there are several.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subtree: Option<String>,
     pub cgroup_id: Option<u64>,
     pub pid: Option<u32>,
     pub uid: Option<u32>,

@@ -15,11 +15,11 @@
 use crate::audit::{Record, EVENT_DROPS};
 use crate::backstop::{self, Backstop};
 use crate::bpf::BpfError;
-use crate::cgroup::{self, Change, Watcher};
-use crate::config::Config;
+use crate::cgroup::{self, Change, Delegation, Watcher};
+use crate::config::{Config, DelegatedSubtrees};
 use crate::connect_log::{self, ConnectLog};
 use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
-use crate::proxy::Shared;
+use crate::proxy::{CapturedSubtree, Shared};
 use crate::routing::{self, RoutePlan, RuleMonitor};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -101,7 +101,9 @@ impl Capture {
                 );
             }
         }
-        let plan = table_plan(config, member_list(&members));
+        let delegated = Delegated::look(config.interception.delegated_subtrees, &root, &members)?;
+        let captured = delegated.with_agents(&members);
+        let plan = table_plan(config, member_list(&captured));
         let route = route_plan(config);
         netfilter::install(&plan).map_err(|e| format!("installing nftables table: {e}"))?;
         if let Err(e) = routing::install(&route) {
@@ -124,13 +126,13 @@ impl Capture {
             }
         };
         if let Some(b) = &backstop {
-            if let Err(e) = attach_everywhere(b, &root, &members) {
+            if let Err(e) = attach_everywhere(b, &root, &captured) {
                 let _ = routing::remove(&route);
                 let _ = netfilter::remove(&plan.table);
                 return Err(e);
             }
         }
-        start_connect_log(&shared, &root, &members);
+        start_connect_log(&shared, &root, &captured);
         let poll = Poll::new().map_err(|e| e.to_string())?;
         let waker = Arc::new(Waker::new(poll.registry(), CONTROL).map_err(|e| e.to_string())?);
         let mut keeper = Keeper {
@@ -138,6 +140,7 @@ impl Capture {
             root,
             configured: config.interception.cgroups.clone(),
             members,
+            delegated,
             plan,
             route,
             watcher,
@@ -206,12 +209,16 @@ impl Capture {
         let table = netfilter::remove(&config.interception.table);
         let route = routing::remove(&route_plan(config));
         let root = cgroup::cgroup2_root().map_err(|e| e.to_string());
-        let connects = root.clone().and_then(|root| {
-            detach_unlinked_connect_log(&root, config.interception.cgroups.iter())
-        });
+        let paths = root
+            .as_ref()
+            .map(|root| captured_paths(root, config))
+            .unwrap_or_default();
+        let connects = root
+            .clone()
+            .and_then(|root| detach_unlinked_connect_log(&root, paths.iter()));
         let backstop = if config.interception.backstop {
             root.map_err(|e| format!("removing the kernel backstop: {e}"))
-                .and_then(|root| detach_everywhere(&root, config.interception.cgroups.iter()))
+                .and_then(|root| detach_everywhere(&root, paths.iter()))
         } else {
             Ok(())
         };
@@ -234,6 +241,25 @@ impl Capture {
                 (p.clone(), id)
             })
             .collect();
+        let delegations: Vec<(String, Delegation)> = configured
+            .iter()
+            .filter(|(_, id)| id.is_some())
+            .filter_map(|(p, _)| {
+                let found = cgroup::delegated_ancestor(&root, p).ok().flatten()?;
+                Some((p.clone(), found))
+            })
+            .collect();
+        let in_set = |id: u64| members.as_ref().is_some_and(|m| m.contains(&id));
+        let delegated = delegations
+            .iter()
+            .map(|(agent, d)| DelegatedAgent {
+                agent: agent.clone(),
+                subtree: d.ancestor.path.clone(),
+                writer: d.writer.to_string(),
+                handling: config.interception.delegated_subtrees.name(),
+                captured: in_set(d.ancestor.id),
+            })
+            .collect();
         let set = members.as_ref().map(|m| {
             m.iter()
                 .map(|id| SetMember {
@@ -241,7 +267,13 @@ impl Capture {
                     path: configured
                         .iter()
                         .find(|(_, configured_id)| *configured_id == Some(*id))
-                        .map(|(p, _)| p.clone()),
+                        .map(|(p, _)| p.clone())
+                        .or_else(|| {
+                            delegations
+                                .iter()
+                                .find(|(_, d)| d.ancestor.id == *id)
+                                .map(|(_, d)| d.ancestor.path.clone())
+                        }),
                 })
                 .collect()
         });
@@ -260,6 +292,7 @@ impl Capture {
             table_installed: members.is_some(),
             agents_set: set.unwrap_or_default(),
             configured_cgroups: configured.into_iter().collect(),
+            delegated,
             routing_installed: routing::is_installed(&route_plan(config)).unwrap_or(false),
             dropped_packets: drops.as_ref().map_or(0, |d| d.packets),
             dropped_bytes: drops.as_ref().map_or(0, |d| d.bytes),
@@ -318,11 +351,25 @@ pub struct SetMember {
 }
 
 #[derive(Serialize)]
+pub struct DelegatedAgent {
+    pub agent: String,
+    /// The topmost ancestor whose `cgroup.procs` `writer` may write.
+    pub subtree: String,
+    pub writer: String,
+    /// `interception.delegated_subtrees`.
+    pub handling: &'static str,
+    /// Whether the subtree's id is in the agents set.
+    pub captured: bool,
+}
+
+#[derive(Serialize)]
 pub struct Status {
     pub table: String,
     pub table_installed: bool,
     pub agents_set: Vec<SetMember>,
     pub configured_cgroups: BTreeMap<String, Option<u64>>,
+    /// Agent cgroups whose processes may move themselves elsewhere in a subtree.
+    pub delegated: Vec<DelegatedAgent>,
     pub routing_installed: bool,
     pub dropped_packets: u64,
     pub dropped_bytes: u64,
@@ -354,6 +401,20 @@ impl Status {
             if id.is_none() {
                 out.push_str(&format!("  {path}: does not exist yet\n"));
             }
+        }
+        for d in &self.delegated {
+            let how = if d.captured {
+                "captured whole".to_string()
+            } else {
+                format!(
+                    "NOT captured (delegated_subtrees: {}): its processes may leave the capture",
+                    d.handling
+                )
+            };
+            out.push_str(&format!(
+                "  {} lies in delegated subtree {} (cgroup.procs writable by {}): {how}\n",
+                d.agent, d.subtree, d.writer
+            ));
         }
         out.push_str(&format!(
             "dropped (non-DNS UDP and other): {} packets, {} bytes\nlistener:\n",
@@ -392,6 +453,142 @@ fn apply_changes(
         }
     }
     (added, removed)
+}
+
+/// The agent cgroups that lie in delegated subtrees, and the subtrees captured
+/// whole for them.
+struct Delegated {
+    mode: DelegatedSubtrees,
+    /// Agent path → its topmost delegated ancestor, as last reported.
+    found: BTreeMap<String, Delegation>,
+    /// The subtrees in the agents set besides the agents' own cgroups.
+    captured: Members,
+}
+
+impl Delegated {
+    /// At start: says what it finds, or refuses it (`refuse`).
+    fn look(mode: DelegatedSubtrees, root: &Path, members: &Members) -> Result<Delegated, String> {
+        let found = find_delegations(root, members);
+        if mode == DelegatedSubtrees::Refuse && !found.is_empty() {
+            let refusals: Vec<String> = found.iter().map(|(a, d)| refusal(a, d)).collect();
+            return Err(refusals.join("\n"));
+        }
+        for (agent, d) in &found {
+            report(mode, agent, d);
+        }
+        Ok(Delegated {
+            mode,
+            captured: subtrees_to_capture(mode, &found, members),
+            found,
+        })
+    }
+
+    fn with_agents(&self, members: &Members) -> Members {
+        let mut all = members.clone();
+        all.extend(self.captured.clone());
+        all
+    }
+
+    /// The captured subtrees with the agents inside each.
+    fn subtrees(&self) -> Vec<CapturedSubtree> {
+        self.captured
+            .iter()
+            .map(|(id, (path, _))| CapturedSubtree {
+                path: path.clone(),
+                agents: self
+                    .found
+                    .iter()
+                    .filter(|(_, d)| d.ancestor.id == *id)
+                    .map(|(agent, _)| agent.clone())
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Each agent cgroup's topmost delegated ancestor, for those that have one.
+fn find_delegations(root: &Path, members: &Members) -> BTreeMap<String, Delegation> {
+    members
+        .values()
+        .filter_map(|(path, _)| match cgroup::delegated_ancestor(root, path) {
+            Ok(found) => Some((path.clone(), found?)),
+            Err(e) => {
+                log::warn!("looking for a delegated subtree around {path}: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+/// In `capture`, the delegated subtrees that are not an agent's own cgroup.
+fn subtrees_to_capture(
+    mode: DelegatedSubtrees,
+    found: &BTreeMap<String, Delegation>,
+    members: &Members,
+) -> Members {
+    if mode != DelegatedSubtrees::Capture {
+        return Members::new();
+    }
+    found
+        .values()
+        .filter(|d| !members.contains_key(&d.ancestor.id))
+        .map(|d| (d.ancestor.id, (d.ancestor.path.clone(), d.ancestor.level)))
+        .collect()
+}
+
+fn escapable(agent: &str, d: &Delegation) -> String {
+    format!(
+        "agent cgroup {agent} lies in the delegated subtree {subtree} (its cgroup.procs is writable by {writer}): \
+         a process of that user may move itself to any cgroup below {subtree}, out of the capture",
+        subtree = d.ancestor.path,
+        writer = d.writer
+    )
+}
+
+fn refusal(agent: &str, d: &Delegation) -> String {
+    format!(
+        "{}. interception.delegated_subtrees is \"refuse\": either capture the whole subtree \
+         (interception.delegated_subtrees: \"capture\"), or run the agent where its user may not write \
+         the cgroup.procs of any of its cgroup's ancestors (a system service or slice, outside {})",
+        escapable(agent, d),
+        d.ancestor.path
+    )
+}
+
+/// Said once each time an agent cgroup is found in a delegated subtree.
+fn report(mode: DelegatedSubtrees, agent: &str, d: &Delegation) {
+    match mode {
+        DelegatedSubtrees::Capture => log::warn!(
+            "{}; capturing all of {} (id {}) with it (interception.delegated_subtrees: \"capture\")",
+            escapable(agent, d),
+            d.ancestor.path,
+            d.ancestor.id
+        ),
+        DelegatedSubtrees::Refuse => log::error!(
+            "{}; until then only {agent} itself is captured",
+            refusal(agent, d)
+        ),
+        DelegatedSubtrees::Ignore => log::warn!(
+            "{}; only {agent} itself is captured (interception.delegated_subtrees: \"ignore\")",
+            escapable(agent, d)
+        ),
+    }
+}
+
+/// What `down` detaches from: the configured cgroups and, when captured whole,
+/// the delegated subtrees they lie in.
+fn captured_paths(root: &Path, config: &Config) -> Vec<String> {
+    let mut paths = config.interception.cgroups.clone();
+    if config.interception.delegated_subtrees == DelegatedSubtrees::Capture {
+        for path in &config.interception.cgroups {
+            if let Ok(Some(d)) = cgroup::delegated_ancestor(root, path) {
+                if !paths.contains(&d.ancestor.path) {
+                    paths.push(d.ancestor.path);
+                }
+            }
+        }
+    }
+    paths
 }
 
 /// Attach the backstop to every member, or to none and an error.
@@ -488,6 +685,7 @@ struct Keeper {
     root: PathBuf,
     configured: Vec<String>,
     members: Members,
+    delegated: Delegated,
     plan: TablePlan,
     route: RoutePlan,
     watcher: Watcher,
@@ -550,6 +748,8 @@ impl Keeper {
             }
             if Instant::now() >= next_periodic {
                 self.ensure_routing();
+                // Ownership changes send no inotify event.
+                self.look_at_delegations();
                 self.publish_agents();
                 self.report_drops();
                 next_periodic = Instant::now() + PERIODIC;
@@ -562,7 +762,7 @@ impl Keeper {
             Ok(false) => {}
             Ok(true) => {
                 let started = Instant::now();
-                self.plan.cgroups = member_list(&self.members);
+                self.plan.cgroups = member_list(&self.captured());
                 match netfilter::install(&self.plan) {
                     Ok(()) => log::warn!(
                         "table inet {} was deleted or flushed: re-installed in {:?}",
@@ -622,11 +822,59 @@ impl Keeper {
                 self.attach_backstop(path);
             }
         }
+        self.look_at_delegations();
         self.publish_agents();
+    }
+
+    /// The delegated subtrees around the agent cgroups, looked at again: what
+    /// is new is said, and the captured subtrees follow.
+    fn look_at_delegations(&mut self) {
+        let found = find_delegations(&self.root, &self.members);
+        for (agent, d) in &found {
+            if self.delegated.found.get(agent) != Some(d) {
+                report(self.delegated.mode, agent, d);
+            }
+        }
+        let wanted = subtrees_to_capture(self.delegated.mode, &found, &self.members);
+        self.delegated.found = found;
+        let matches = |from: &Members, not_in: &Members| -> Vec<CgroupMatch> {
+            from.iter()
+                .filter(|(id, _)| !not_in.contains_key(id))
+                .map(|(id, (_, level))| CgroupMatch {
+                    id: *id,
+                    level: *level,
+                })
+                .collect()
+        };
+        let released = matches(&self.delegated.captured, &wanted);
+        let taken = matches(&wanted, &self.delegated.captured);
+        if released.is_empty() && taken.is_empty() {
+            return;
+        }
+        let before = self.member_paths();
+        if let Err(e) = netfilter::remove_cgroups(&self.plan.table, &released) {
+            log::error!("removing delegated subtrees from the agents set: {e}");
+        }
+        if let Err(e) = netfilter::add_cgroups(&self.plan.table, &taken) {
+            log::error!("adding delegated subtrees to the agents set: {e}");
+        }
+        self.delegated.captured = wanted;
+        self.update_connect_log(&before);
+        self.update_backstop(self.backstop.is_some(), &before);
+    }
+
+    /// The agents' cgroups and the subtrees captured around them.
+    fn captured(&self) -> Members {
+        self.delegated.with_agents(&self.members)
     }
 
     fn update(&mut self, config: &Config) {
         let before = self.member_paths();
+        if config.interception.delegated_subtrees != self.delegated.mode {
+            self.delegated.mode = config.interception.delegated_subtrees;
+            // Said again, as the new setting handles it.
+            self.delegated.found.clear();
+        }
         if config.interception.cgroups != self.configured {
             match Watcher::new(&self.root, config.interception.cgroups.iter().cloned()) {
                 Ok(mut w) => {
@@ -647,7 +895,8 @@ impl Keeper {
                 Err(e) => log::error!("watching the new cgroups: {e}; keeping the old ones"),
             }
         }
-        let plan = table_plan(config, member_list(&self.members));
+        self.look_at_delegations();
+        let plan = table_plan(config, member_list(&self.captured()));
         if plan != self.plan {
             match netfilter::install(&plan) {
                 Ok(()) => self.plan = plan,
@@ -737,7 +986,7 @@ impl Keeper {
     }
 
     fn member_paths(&self) -> Vec<String> {
-        self.members.values().map(|(p, _)| p.clone()).collect()
+        self.captured().into_values().map(|(p, _)| p).collect()
     }
 
     fn attach_backstop(&self, path: &str) {
@@ -781,50 +1030,47 @@ impl Keeper {
             log::error!("removing table inet {}: {e}", self.plan.table);
         }
         if self.backstop.is_some() {
-            if let Err(e) = detach_everywhere(&self.root, self.members.values().map(|(p, _)| p)) {
+            if let Err(e) = detach_everywhere(&self.root, self.member_paths().iter()) {
                 log::error!("{e}");
             }
         }
         // The connect log's links close with this process.
     }
 
-    /// Map every cgroup below the configured ones to its agent, so the proxy
+    /// Map every cgroup below the captured ones to its agent, so the proxy
     /// can tell which agent a socket belongs to from its cgroup id.
     fn publish_agents(&self) {
-        let mut index = HashMap::new();
-        // Outer before inner: a cgroup in nested agents is the inner one's.
-        let mut members: Vec<(&u64, &String)> = self
-            .members
-            .iter()
-            .map(|(id, (path, _))| (id, path))
-            .collect();
-        members.sort_by_key(|(_, path)| path.len());
-        for (id, path) in &members {
-            walk_descendants(&self.root.join(path), path, &mut index);
-            index.insert(**id, (*path).clone());
+        let mut cgroups = Vec::new();
+        for (id, (path, _)) in self.captured() {
+            walk_descendants(&self.root, &path, &mut cgroups);
+            cgroups.push((id, path));
         }
-        let agents = members.into_iter().map(|(_, path)| path.clone()).collect();
-        self.shared.agents.replace(&self.root, agents, index);
+        let agents = self.members.values().map(|(p, _)| p.clone()).collect();
+        self.shared
+            .agents
+            .replace(&self.root, agents, self.delegated.subtrees(), cgroups);
     }
 }
 
-fn walk_descendants(dir: &Path, agent: &str, index: &mut HashMap<u64, String>) {
+/// (id, path relative to `root`) of every cgroup below `root/rel`, bounded.
+fn walk_descendants(root: &Path, rel: &str, found: &mut Vec<(u64, String)>) {
     use std::os::unix::fs::MetadataExt;
-    let mut stack = vec![dir.to_path_buf()];
+    let mut stack = vec![rel.to_string()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
+        let Ok(entries) = std::fs::read_dir(root.join(&d)) else {
             continue;
         };
         for entry in entries.flatten() {
-            if index.len() >= MAX_INDEXED_CGROUPS {
+            if found.len() >= MAX_INDEXED_CGROUPS {
                 return;
             }
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
             if meta.is_dir() {
-                index.insert(meta.ino(), agent.to_string());
-                stack.push(entry.path());
+                let path = format!("{d}/{}", entry.file_name().to_string_lossy());
+                found.push((meta.ino(), path.clone()));
+                stack.push(path);
             }
         }
     }

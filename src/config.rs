@@ -61,6 +61,29 @@ pub struct Interception {
     /// and everything if the table is deleted while the daemon cannot repair
     /// it. The agents then need a resolver on loopback.
     pub backstop: bool,
+    pub delegated_subtrees: DelegatedSubtrees,
+}
+
+/// What to do with an agent cgroup inside a subtree delegated to a user, whose
+/// processes may move themselves to any cgroup of that subtree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DelegatedSubtrees {
+    /// Capture the whole delegated subtree.
+    Capture,
+    /// Refuse to start with such an agent cgroup (and say so when one appears later).
+    Refuse,
+    /// Capture the agent cgroup only, and warn: an escape stays possible.
+    Ignore,
+}
+
+impl DelegatedSubtrees {
+    pub fn name(self) -> &'static str {
+        match self {
+            DelegatedSubtrees::Capture => "capture",
+            DelegatedSubtrees::Refuse => "refuse",
+            DelegatedSubtrees::Ignore => "ignore",
+        }
+    }
 }
 
 /// Agents' TCP connections to the host's own loopback (127.0.0.0/8, ::1):
@@ -350,6 +373,7 @@ impl Default for Config {
                 rule_priority: DEFAULT_RULE_PRIORITY,
                 bypass: Vec::new(),
                 backstop: false,
+                delegated_subtrees: DelegatedSubtrees::Capture,
             },
             dns: Dns {
                 servers: Vec::new(),
@@ -787,6 +811,7 @@ impl Reader {
                 "rule_priority",
                 "bypass",
                 "backstop",
+                "delegated_subtrees",
             ],
         ) else {
             return;
@@ -856,6 +881,17 @@ impl Reader {
             ic.bypass = self
                 .array("interception.bypass", v, cidr)
                 .unwrap_or_default();
+        }
+        if let Some(v) = map.get("delegated_subtrees") {
+            match v.as_str() {
+                Some("capture") => ic.delegated_subtrees = DelegatedSubtrees::Capture,
+                Some("refuse") => ic.delegated_subtrees = DelegatedSubtrees::Refuse,
+                Some("ignore") => ic.delegated_subtrees = DelegatedSubtrees::Ignore,
+                _ => self.error(
+                    "interception.delegated_subtrees",
+                    format!("{v} is not \"capture\", \"refuse\" or \"ignore\""),
+                ),
+            }
         }
     }
 
@@ -1257,6 +1293,7 @@ mod tests {
         let c = Config::from_json(FULL_EXAMPLE).unwrap();
         assert_eq!(c.listen.port, 15001);
         assert_eq!(c.interception.cgroups, vec!["agents.slice"]);
+        assert_eq!(c.interception.delegated_subtrees, DelegatedSubtrees::Refuse);
         assert_eq!(c.rules.len(), 3);
         assert_eq!(c.rules[0].name, "registries");
         assert_eq!(c.rules[2].name, "rules[2]");
@@ -1371,6 +1408,10 @@ mod tests {
                 "not absolute",
             ),
             (r#"{"interception": {"route_table": 254}}"#, "system table"),
+            (
+                r#"{"interception": {"delegated_subtrees": "escape"}}"#,
+                "interception.delegated_subtrees: \"escape\" is not \"capture\", \"refuse\" or \"ignore\"",
+            ),
             (
                 r#"{"interception": {"mark": 0}}"#,
                 "interception.mark: 0 is out of range",
@@ -1496,7 +1537,8 @@ mod tests {
         "table": "agent_egress",
         "mark": 2785,
         "route_table": 2785,
-        "bypass": ["192.168.1.0/24"]
+        "bypass": ["192.168.1.0/24"],
+        "delegated_subtrees": "refuse"
       },
       "dns": {"servers": ["127.0.0.53", "[::1]:53"], "timeout_ms": 2000, "domain_dial": "verify"},
       "outbounds": {

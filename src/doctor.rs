@@ -8,7 +8,7 @@
 use crate::backstop;
 use crate::capture::Capture;
 use crate::cgroup;
-use crate::config::Config;
+use crate::config::{Config, DelegatedSubtrees};
 use crate::connect_log;
 use crate::netfilter;
 use serde::Serialize;
@@ -119,6 +119,25 @@ pub fn run(config: &Config) -> Vec<Check> {
             ));
         }
         checks.extend(probe(table, &root, path));
+    }
+    let ignored = config.interception.delegated_subtrees == DelegatedSubtrees::Ignore;
+    for d in &status.delegated {
+        let detail = if d.captured {
+            "captured whole".to_string()
+        } else {
+            format!(
+                "not captured (delegated_subtrees: {}): its processes may leave the capture",
+                d.handling
+            )
+        };
+        checks.push(check(
+            format!(
+                "agent {} in subtree {} delegated to {}",
+                d.agent, d.subtree, d.writer
+            ),
+            d.captured || ignored,
+            detail,
+        ));
     }
     checks
 }

@@ -110,6 +110,55 @@ fn resolve_gives_inode_and_level() {
     ));
 }
 
+/// A subtree whose cgroup.procs (and directory) belong to a user, as systemd hands
+/// `user@UID.service` over: found as the agent's topmost delegated ancestor, with
+/// the user named; root-owned ancestors are not delegations.
+#[test]
+fn delegated_ancestor_is_found_by_ownership() {
+    let Some(root) = writable_root() else { return };
+    let test = TestCgroup::new(&root);
+    cgroup::create(&root, &test.rel("user/app/agent")).unwrap();
+    let agent = test.rel("user/app/agent");
+    assert_eq!(cgroup::delegated_ancestor(&root, &agent).unwrap(), None);
+
+    let chown = |dir: &Path, uid: u32, gid: u32| {
+        for file in [
+            "",
+            "cgroup.procs",
+            "cgroup.threads",
+            "cgroup.subtree_control",
+        ] {
+            std::os::unix::fs::chown(dir.join(file), Some(uid), Some(gid)).unwrap();
+        }
+    };
+    chown(&test.dir("user/app"), 65534, 65534);
+    let found = cgroup::delegated_ancestor(&root, &agent).unwrap().unwrap();
+    assert_eq!(found.ancestor.path, test.rel("user/app"));
+    assert_eq!(found.ancestor.id, inode(&test.dir("user/app")));
+    assert_eq!(found.ancestor.level, 3);
+    assert_eq!(found.writer, cgroup::Writer::User(65534));
+
+    // The topmost one counts: from there every cgroup below is reachable.
+    chown(&test.dir("user"), 1000, 1000);
+    let found = cgroup::delegated_ancestor(&root, &agent).unwrap().unwrap();
+    assert_eq!(found.ancestor.path, test.rel("user"));
+    assert_eq!(found.writer, cgroup::Writer::User(1000));
+    // The agent cgroup's own files do not matter: moving within it is no escape.
+    assert_eq!(
+        cgroup::delegated_ancestor(&root, &test.rel("user")).unwrap(),
+        None
+    );
+
+    // A group-writable cgroup.procs is a delegation to that group.
+    chown(&test.dir("user"), 0, 0);
+    chown(&test.dir("user/app"), 0, 0);
+    let procs = test.dir("user").join("cgroup.procs");
+    std::os::unix::fs::chown(&procs, Some(0), Some(100)).unwrap();
+    fs::set_permissions(&procs, std::os::unix::fs::PermissionsExt::from_mode(0o664)).unwrap();
+    let found = cgroup::delegated_ancestor(&root, &agent).unwrap().unwrap();
+    assert_eq!(found.writer, cgroup::Writer::Group(100));
+}
+
 /// Collect changes until `done` says enough, waiting on the watcher's fd; returns the
 /// changes and when the last batch arrived.
 fn wait_for(watcher: &mut Watcher, done: impl Fn(&[Change]) -> bool) -> (Vec<Change>, Instant) {

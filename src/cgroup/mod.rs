@@ -6,9 +6,11 @@
 //! Everything here does (cheap, in-memory kernfs) file-system calls; none of it waits on
 //! the network.
 
+mod delegation;
 mod lifecycle;
 mod watcher;
 
+pub use delegation::{delegated_ancestor, Delegation, Writer};
 pub use lifecycle::{command_in_cgroup, create, procs_recursive, remove};
 pub use watcher::{Change, Watcher};
 

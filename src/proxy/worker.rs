@@ -316,10 +316,15 @@ impl Worker {
         {
             record.uid = Some(owner.uid);
             record.cgroup_id = owner.cgroup_id;
-            record.agent = owner
+            let belongs = owner
                 .cgroup_id
-                .and_then(|id| self.shared.agents.agent_of(id));
-            if let (Some(agent), Some(root)) = (&record.agent, &self.shared.cgroup_root) {
+                .and_then(|id| self.shared.agents.agent_of(id))
+                .unwrap_or_default();
+            record.agent = belongs.agent;
+            record.subtree = belongs.subtree;
+            // A process outside its agent's cgroup is searched for where it went.
+            let scope = record.subtree.as_ref().or(record.agent.as_ref());
+            if let (Some(scope), Some(root)) = (scope, &self.shared.cgroup_root) {
                 let connector = self.shared.connect_log.get().and_then(|connects| {
                     connects
                         .take(owner.cookie)
@@ -329,7 +334,7 @@ impl Worker {
                 });
                 let query = OwnerQuery {
                     owner,
-                    cgroup_dir: root.join(agent),
+                    cgroup_dir: root.join(scope),
                     connector,
                 };
                 // Now, while the agent's process surely still exists.
@@ -387,9 +392,13 @@ impl Worker {
         Some(Listener {
             uid: owner.uid,
             cgroup_id: owner.cgroup_id,
+            // Only in the agent's own cgroup: the rest of a captured delegated
+            // subtree (the user's other programs) is not the agent's to reach.
             agent: owner
                 .cgroup_id
-                .and_then(|id| self.shared.agents.agent_of(id)),
+                .and_then(|id| self.shared.agents.agent_of(id))
+                .filter(|found| found.subtree.is_none())
+                .and_then(|found| found.agent),
             cgroup,
         })
     }
