@@ -5,6 +5,7 @@ use crate::harness::{arrivals, World, AGENT_IFACE, ALLOWED, BLOCKED, METADATA, O
 use crate::harness::{cgroup2_root, Cgroup, ChildGuard};
 use crate::Scenario;
 use serde_json::{json, Value};
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 pub const ALL: &[Scenario] = &[
@@ -37,6 +38,7 @@ pub const ALL: &[Scenario] = &[
     ("rebinding_refused", rebinding_refused),
     ("keep_alive_hosts_decided", keep_alive_hosts_decided),
     ("loopback_decided", loopback_decided),
+    ("delegated_subtree_captured", delegated_subtree_captured),
 ];
 
 /// A world with the daemon running the default test policy.
@@ -922,4 +924,166 @@ fn loopback_decided() {
     let r = d.wait_record("the proxy's own port", |r| r["dial"] == "refused_self");
     assert_eq!(r["verdict"], "block", "{r}");
     drop((socks, named, own_v4, own_v6));
+}
+
+/// Run as the agent's user: makes a cgroup beside the agent's in the subtree
+/// delegated to it, moves itself there and asks for a refused and an allowed
+/// host. Prints its cgroup and each status code.
+const ESCAPE: &str = r#"
+set -e
+mkdir "$1/$2"
+echo $$ > "$1/$2/cgroup.procs"
+echo "moved $(grep '^0::' /proc/$$/cgroup)"
+set +e
+echo "blocked $(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --resolve blocked.test:80:198.51.100.20 http://blocked.test/?c=escape)"
+echo "allowed $(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --resolve allowed.test:80:198.51.100.10 http://allowed.test/?c=escape)"
+"#;
+
+/// The agent's user, as systemd's `Delegate=yes` hands a subtree over.
+const DELEGATE_UID: u32 = 65534;
+
+/// An agent cgroup inside a subtree delegated to the agent's (non-root) user:
+/// the agent moves itself to a sibling cgroup it makes. Without the subtree
+/// captured (`ignore`) that is a way out to a refused host; by default the
+/// whole subtree is captured and the escapee stays under the agent's policy;
+/// `refuse` will not start.
+fn delegated_subtree_captured() {
+    let world = World::new();
+    let root = cgroup2_root().expect("cgroup2 root");
+    let subtree = world.add_cgroup("delegated");
+    for file in [
+        "",
+        "cgroup.procs",
+        "cgroup.threads",
+        "cgroup.subtree_control",
+    ] {
+        std::os::unix::fs::chown(
+            subtree.path().join(file),
+            Some(DELEGATE_UID),
+            Some(DELEGATE_UID),
+        )
+        .unwrap_or_else(|e| panic!("chown {file}: {e}"));
+    }
+    let agent = Cgroup::create(&root, &format!("{}/agent", subtree.relative_path()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let with = |handling: Option<&str>| {
+        let mut interception = json!({"cgroups": [agent.relative_path()]});
+        if let Some(h) = handling {
+            interception["delegated_subtrees"] = json!(h);
+        }
+        daemon::config(&world, json!({"interception": interception}))
+    };
+    let uid = DELEGATE_UID.to_string();
+    let escape = |name: &str| -> (String, u64) {
+        let out = world
+            .cgroup_host_cmd(
+                &agent,
+                [
+                    "setpriv",
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "sh",
+                    "-c",
+                    ESCAPE,
+                    "escape",
+                ],
+            )
+            .arg(subtree.path())
+            .arg(name)
+            .output()
+            .expect("sh");
+        let text = stdout(&out);
+        let moved = format!("moved 0::/{}/{name}", subtree.relative_path());
+        assert!(text.contains(&moved), "{text}{}", stderr(&out));
+        let id = std::fs::metadata(subtree.path().join(name))
+            .expect("the escape cgroup")
+            .ino();
+        (text, id)
+    };
+
+    // refuse: no start, and the message names the agent, the subtree, its
+    // user and both ways out.
+    let mut run = world.host_cmd([daemon::binary(), "run", "--config"]);
+    run.arg(world.write_config(with(Some("refuse"))));
+    let mut refused = world.spawn("refused", run);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = refused.try_wait() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "refuse: the daemon runs:\n{}",
+            refused.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = refused.log();
+    assert!(!status.success(), "{log}");
+    for said in [
+        agent.relative_path(),
+        subtree.relative_path(),
+        &format!("writable by uid {DELEGATE_UID}"),
+        "\"capture\"",
+        "outside",
+    ] {
+        assert!(log.contains(said), "refusal without {said:?}:\n{log}");
+    }
+    let listed = world
+        .host_cmd(["nft", "list", "tables"])
+        .output()
+        .expect("nft");
+    assert!(
+        !stdout(&listed).contains("agent_egress"),
+        "{}",
+        stdout(&listed)
+    );
+
+    // ignore (the control): the escape is real.
+    let d = Daemon::start(&world, with(Some("ignore")));
+    let before = world.count_arrived(BLOCKED.counter);
+    let (text, _) = escape("escape-ignored");
+    assert!(text.contains("blocked 200"), "{text}");
+    assert!(world.count_arrived(BLOCKED.counter) > before, "{text}");
+    assert!(d.guard.log().contains("\"ignore\""), "{}", d.guard.log());
+    drop(d);
+
+    // capture (the default): the escapee is captured, as its agent.
+    let d = Daemon::start(&world, with(None));
+    let log = d.guard.log();
+    assert!(
+        log.contains(&format!(
+            "agent cgroup {} lies in the delegated subtree {}",
+            agent.relative_path(),
+            subtree.relative_path()
+        )) && log.contains(&format!("uid {DELEGATE_UID}")),
+        "{log}"
+    );
+    let before = world.count_arrived(BLOCKED.counter);
+    let (text, id) = escape("escape-captured");
+    assert!(text.contains("blocked 403"), "{text}");
+    assert!(text.contains("allowed 200"), "{text}");
+    assert_eq!(
+        world.count_arrived(BLOCKED.counter),
+        before,
+        "the escapee reached blocked.test"
+    );
+    let r = d.wait_record("the escapee's refused request", |r| {
+        r["host"] == "blocked.test" && r["cgroup_id"] == id
+    });
+    assert_eq!(r["verdict"], "block", "{r}");
+    assert_eq!(r["agent"], agent.relative_path(), "{r}");
+    assert_eq!(r["subtree"], subtree.relative_path(), "{r}");
+    assert_eq!(r["uid"], DELEGATE_UID, "{r}");
+    let status = world
+        .host_cmd([daemon::binary(), "status", "--config"])
+        .arg(&d.config)
+        .output()
+        .expect("status");
+    assert!(
+        stdout(&status).contains("captured whole"),
+        "{}",
+        stdout(&status)
+    );
 }

@@ -157,11 +157,24 @@ impl World {
         args: I,
     ) -> Command {
         // The shell joins the cgroup first: inside `ip netns exec` the cgroup2 mount is
-        // hidden by a fresh /sys. Then sh, ip and the command exec in turn, one pid.
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", r#"echo $$ > "$0" && exec "$@""#])
-            .arg(cgroup.procs_file())
-            .args(["ip", "netns", "exec", &self.agent_ns()])
+        // hidden by a fresh /sys.
+        let mut cmd = joining(cgroup);
+        cmd.args(["ip", "netns", "exec", &self.agent_ns()])
+            .args(args);
+        cmd
+    }
+
+    /// Like [`World::cgroup_cmd`], but only the netns changes (as for
+    /// [`World::host_cmd`]): the command sees the cgroup2 mount (and the machine's
+    /// resolv.conf: use addresses).
+    pub fn cgroup_host_cmd<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(
+        &self,
+        cgroup: &Cgroup,
+        args: I,
+    ) -> Command {
+        let mut cmd = joining(cgroup);
+        cmd.arg("nsenter")
+            .args(nsenter_args(&self.agent_ns()))
             .args(args);
         cmd
     }
@@ -314,14 +327,27 @@ impl World {
     }
 }
 
+/// A shell that moves itself into `cgroup`, then execs its arguments: the program
+/// (and each program it execs in turn) keeps its pid and runs in the cgroup from
+/// its first instruction.
+fn joining(cgroup: &Cgroup) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", r#"echo $$ > "$0" && exec "$@""#])
+        .arg(cgroup.procs_file());
+    cmd
+}
+
 /// `nsenter --net=/run/netns/NS --`, ready for the command to be appended. Unlike
 /// `ip netns exec`, it leaves the mounts alone, so the cgroup2 mount stays visible.
 /// nsenter execs the command in place: the guarded pid is the command's.
 fn enter_netns(ns: &str) -> Command {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", netns::path(ns).display()))
-        .arg("--");
+    cmd.args(nsenter_args(ns));
     cmd
+}
+
+fn nsenter_args(ns: &str) -> [String; 2] {
+    [format!("--net={}", netns::path(ns).display()), "--".into()]
 }
 
 fn build_network(names: &Names) -> Result<(), String> {
