@@ -943,10 +943,11 @@ echo "allowed $(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --resolve al
 const DELEGATE_UID: u32 = 65534;
 
 /// An agent cgroup inside a subtree delegated to the agent's (non-root) user:
-/// the agent moves itself to a sibling cgroup it makes. Without the subtree
-/// captured (`ignore`) that is a way out to a refused host; by default the
-/// whole subtree is captured and the escapee stays under the agent's policy;
-/// `refuse` will not start.
+/// the agent moves itself to a sibling cgroup it makes. By default the whole
+/// subtree is captured, also when the agent's cgroup appears after the daemon
+/// started (a user service after its user logs in), and the escapee stays under
+/// its agent's policy. Without the subtree captured (`ignore`) the move is a way
+/// out to a refused host; `refuse` will not start.
 fn delegated_subtree_captured() {
     let world = World::new();
     let root = cgroup2_root().expect("cgroup2 root");
@@ -964,15 +965,31 @@ fn delegated_subtree_captured() {
         )
         .unwrap_or_else(|e| panic!("chown {file}: {e}"));
     }
-    let agent = Cgroup::create(&root, &format!("{}/agent", subtree.relative_path()))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let agent_path = format!("{}/agent", subtree.relative_path());
     let with = |handling: Option<&str>| {
-        let mut interception = json!({"cgroups": [agent.relative_path()]});
+        let mut interception = json!({"cgroups": [agent_path]});
         if let Some(h) = handling {
             interception["delegated_subtrees"] = json!(h);
         }
         daemon::config(&world, json!({"interception": interception}))
     };
+
+    // capture (the default), the agent's cgroup made once the daemon runs.
+    let d = Daemon::start(&world, with(None));
+    let agent = Cgroup::create(&root, &agent_path).unwrap_or_else(|e| panic!("{e}"));
+    let warning = format!(
+        "agent cgroup {agent_path} lies in the delegated subtree {} (its cgroup.procs is writable by uid {DELEGATE_UID})",
+        subtree.relative_path()
+    );
+    let started = Instant::now();
+    while !d.guard.log().contains(&warning) {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "no warning {warning:?}:\n{}",
+            d.guard.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let uid = DELEGATE_UID.to_string();
     let escape = |name: &str| -> (String, u64) {
         let out = world
@@ -1001,6 +1018,42 @@ fn delegated_subtree_captured() {
             .ino();
         (text, id)
     };
+    let before = world.count_arrived(BLOCKED.counter);
+    let (text, id) = escape("escape-captured");
+    assert!(text.contains("blocked 403"), "{text}");
+    assert!(text.contains("allowed 200"), "{text}");
+    assert_eq!(
+        world.count_arrived(BLOCKED.counter),
+        before,
+        "the escapee reached blocked.test"
+    );
+    let r = d.wait_record("the escapee's refused request", |r| {
+        r["host"] == "blocked.test" && r["cgroup_id"] == id
+    });
+    assert_eq!(r["verdict"], "block", "{r}");
+    assert_eq!(r["agent"], agent_path, "{r}");
+    assert_eq!(r["subtree"], subtree.relative_path(), "{r}");
+    assert_eq!(r["uid"], DELEGATE_UID, "{r}");
+    let status = world
+        .host_cmd([daemon::binary(), "status", "--config"])
+        .arg(&d.config)
+        .output()
+        .expect("status");
+    assert!(
+        stdout(&status).contains("captured whole"),
+        "{}",
+        stdout(&status)
+    );
+    drop(d);
+
+    // ignore (the control): the escape is real.
+    let d = Daemon::start(&world, with(Some("ignore")));
+    let before = world.count_arrived(BLOCKED.counter);
+    let (text, _) = escape("escape-ignored");
+    assert!(text.contains("blocked 200"), "{text}");
+    assert!(world.count_arrived(BLOCKED.counter) > before, "{text}");
+    assert!(d.guard.log().contains(&warning), "{}", d.guard.log());
+    drop(d);
 
     // refuse: no start, and the message names the agent, the subtree, its
     // user and both ways out.
@@ -1021,69 +1074,7 @@ fn delegated_subtree_captured() {
     };
     let log = refused.log();
     assert!(!status.success(), "{log}");
-    for said in [
-        agent.relative_path(),
-        subtree.relative_path(),
-        &format!("writable by uid {DELEGATE_UID}"),
-        "\"capture\"",
-        "outside",
-    ] {
+    for said in [&warning, "\"capture\"", "outside"] {
         assert!(log.contains(said), "refusal without {said:?}:\n{log}");
     }
-    let listed = world
-        .host_cmd(["nft", "list", "tables"])
-        .output()
-        .expect("nft");
-    assert!(
-        !stdout(&listed).contains("agent_egress"),
-        "{}",
-        stdout(&listed)
-    );
-
-    // ignore (the control): the escape is real.
-    let d = Daemon::start(&world, with(Some("ignore")));
-    let before = world.count_arrived(BLOCKED.counter);
-    let (text, _) = escape("escape-ignored");
-    assert!(text.contains("blocked 200"), "{text}");
-    assert!(world.count_arrived(BLOCKED.counter) > before, "{text}");
-    assert!(d.guard.log().contains("\"ignore\""), "{}", d.guard.log());
-    drop(d);
-
-    // capture (the default): the escapee is captured, as its agent.
-    let d = Daemon::start(&world, with(None));
-    let log = d.guard.log();
-    assert!(
-        log.contains(&format!(
-            "agent cgroup {} lies in the delegated subtree {}",
-            agent.relative_path(),
-            subtree.relative_path()
-        )) && log.contains(&format!("uid {DELEGATE_UID}")),
-        "{log}"
-    );
-    let before = world.count_arrived(BLOCKED.counter);
-    let (text, id) = escape("escape-captured");
-    assert!(text.contains("blocked 403"), "{text}");
-    assert!(text.contains("allowed 200"), "{text}");
-    assert_eq!(
-        world.count_arrived(BLOCKED.counter),
-        before,
-        "the escapee reached blocked.test"
-    );
-    let r = d.wait_record("the escapee's refused request", |r| {
-        r["host"] == "blocked.test" && r["cgroup_id"] == id
-    });
-    assert_eq!(r["verdict"], "block", "{r}");
-    assert_eq!(r["agent"], agent.relative_path(), "{r}");
-    assert_eq!(r["subtree"], subtree.relative_path(), "{r}");
-    assert_eq!(r["uid"], DELEGATE_UID, "{r}");
-    let status = world
-        .host_cmd([daemon::binary(), "status", "--config"])
-        .arg(&d.config)
-        .output()
-        .expect("status");
-    assert!(
-        stdout(&status).contains("captured whole"),
-        "{}",
-        stdout(&status)
-    );
 }
