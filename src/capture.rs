@@ -248,6 +248,7 @@ impl Capture {
                 let found = cgroup::delegated_ancestor(&root, p).ok().flatten()?;
                 Some((p.clone(), found))
             })
+            .filter(|(_, d)| !configured.iter().any(|(_, id)| *id == Some(d.ancestor.id)))
             .collect();
         let in_set = |id: u64| members.as_ref().is_some_and(|m| m.contains(&id));
         let delegated = delegations
@@ -478,7 +479,7 @@ impl Delegated {
         }
         Ok(Delegated {
             mode,
-            captured: subtrees_to_capture(mode, &found, members),
+            captured: subtrees_to_capture(mode, &found),
             found,
         })
     }
@@ -506,7 +507,8 @@ impl Delegated {
     }
 }
 
-/// Each agent cgroup's topmost delegated ancestor, for those that have one.
+/// Each agent cgroup's topmost delegated ancestor, for those that have one that
+/// is not itself an agent's cgroup (captured whole already).
 fn find_delegations(root: &Path, members: &Members) -> BTreeMap<String, Delegation> {
     members
         .values()
@@ -517,21 +519,17 @@ fn find_delegations(root: &Path, members: &Members) -> BTreeMap<String, Delegati
                 None
             }
         })
+        .filter(|(_, d)| !members.contains_key(&d.ancestor.id))
         .collect()
 }
 
-/// In `capture`, the delegated subtrees that are not an agent's own cgroup.
-fn subtrees_to_capture(
-    mode: DelegatedSubtrees,
-    found: &BTreeMap<String, Delegation>,
-    members: &Members,
-) -> Members {
+/// In `capture`, the subtrees found.
+fn subtrees_to_capture(mode: DelegatedSubtrees, found: &BTreeMap<String, Delegation>) -> Members {
     if mode != DelegatedSubtrees::Capture {
         return Members::new();
     }
     found
         .values()
-        .filter(|d| !members.contains_key(&d.ancestor.id))
         .map(|d| (d.ancestor.id, (d.ancestor.path.clone(), d.ancestor.level)))
         .collect()
 }
@@ -835,7 +833,7 @@ impl Keeper {
                 report(self.delegated.mode, agent, d);
             }
         }
-        let wanted = subtrees_to_capture(self.delegated.mode, &found, &self.members);
+        let wanted = subtrees_to_capture(self.delegated.mode, &found);
         self.delegated.found = found;
         let matches = |from: &Members, not_in: &Members| -> Vec<CgroupMatch> {
             from.iter()
