@@ -16,7 +16,7 @@ use crate::audit::{Record, EVENT_DROPS};
 use crate::backstop::{self, Backstop};
 use crate::bpf::BpfError;
 use crate::cgroup::{self, Change, Delegation, Watcher};
-use crate::config::{Config, DelegatedSubtrees};
+use crate::config::{BackstopMode, Config, DelegatedSubtrees};
 use crate::connect_log::{self, ConnectLog};
 use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
 use crate::proxy::{CapturedSubtree, Shared};
@@ -84,11 +84,7 @@ impl Capture {
     /// Install everything, or nothing and an error that says what is missing.
     pub fn start(config: &Config, shared: Arc<Shared>) -> Result<Capture, String> {
         netfilter::check_kernel_support().map_err(|e| format!("kernel support: {e}"))?;
-        let backstop = if config.interception.backstop {
-            Some(Backstop::load().map_err(|e| format!("interception.backstop: {e}"))?)
-        } else {
-            None
-        };
+        let backstop = load_backstop(config)?;
         let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
         let mut watcher = Watcher::new(&root, config.interception.cgroups.iter().cloned())
             .map_err(|e| format!("watching cgroups: {e}"))?;
@@ -216,7 +212,8 @@ impl Capture {
         let connects = root
             .clone()
             .and_then(|root| detach_unlinked_connect_log(&root, paths.iter()));
-        let backstop = if config.interception.backstop {
+        // Whatever `auto` decided when the daemon started: detaching none is no error.
+        let backstop = if config.interception.backstop != BackstopMode::Off {
             root.map_err(|e| format!("removing the kernel backstop: {e}"))
                 .and_then(|root| detach_everywhere(&root, paths.iter()))
         } else {
@@ -589,6 +586,28 @@ fn captured_paths(root: &Path, config: &Config) -> Vec<String> {
     paths
 }
 
+/// The backstop program if the config wants it: `true` requires it, `auto`
+/// does without it where the kernel (or our capabilities) refuse, and says so.
+fn load_backstop(config: &Config) -> Result<Option<Backstop>, String> {
+    match config.backstop_wanted() {
+        Ok(false) => Ok(None),
+        Err(why) => {
+            log::warn!(
+                "kernel backstop off (interception.backstop \"auto\"): {why}, which the agents could not reach through lo only; while the table is repaired (tens of ms) their packets are not captured"
+            );
+            Ok(None)
+        }
+        Ok(true) => match (Backstop::load(), config.interception.backstop) {
+            (Ok(b), _) => Ok(Some(b)),
+            (Err(e), BackstopMode::On) => Err(format!("interception.backstop: {e}")),
+            (Err(e), _) => {
+                log::warn!("kernel backstop off (interception.backstop \"auto\"): {e}");
+                Ok(None)
+            }
+        },
+    }
+}
+
 /// Attach the backstop to every member, or to none and an error.
 fn attach_everywhere(b: &Backstop, root: &Path, members: &Members) -> Result<(), String> {
     for (path, _) in members.values() {
@@ -901,7 +920,7 @@ impl Keeper {
                 Err(e) => log::error!("re-installing the table for the new config: {e}"),
             }
         }
-        self.update_backstop(config.interception.backstop, &before);
+        self.update_backstop(config.backstop_wanted().unwrap_or(false), &before);
         self.update_connect_log(&before);
         self.publish_agents();
     }

@@ -55,13 +55,49 @@ pub struct Interception {
     pub rule_priority: u32,
     /// Destinations the agents reach without the proxy (loopback always).
     pub bypass: Vec<Cidr>,
-    /// Also attach to each agent cgroup a BPF program that lets packets out
-    /// through `lo` only (systemd's `RestrictNetworkInterfaces=lo`): captured
-    /// traffic leaves through `lo`, so this stops nothing the proxy handles,
-    /// and everything if the table is deleted while the daemon cannot repair
-    /// it. The agents then need a resolver on loopback.
-    pub backstop: bool,
+    /// Whether each agent cgroup also gets a BPF program that lets packets
+    /// out through `lo` only (systemd's `RestrictNetworkInterfaces=lo`).
+    pub backstop: BackstopMode,
     pub delegated_subtrees: DelegatedSubtrees,
+}
+
+/// Captured traffic leaves through `lo`, so the backstop stops nothing the
+/// proxy handles, and everything while the table is gone: deleted with the
+/// daemon frozen, or in the tens of ms before the daemon repairs it. The
+/// agents then reach no resolver off loopback and no bypassed network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackstopMode {
+    Off,
+    /// On, and the daemon refuses to start without it.
+    On,
+    /// On wherever nothing the agents may use lies off loopback (every
+    /// `dns.servers` on loopback, no `bypass`) and the kernel takes it; else
+    /// off, and the log says why.
+    Auto,
+}
+
+impl Config {
+    /// Whether the backstop goes on; `Err` says why `auto` leaves it off.
+    pub fn backstop_wanted(&self) -> Result<bool, String> {
+        match self.interception.backstop {
+            BackstopMode::Off => Ok(false),
+            BackstopMode::On => Ok(true),
+            BackstopMode::Auto => {
+                if let Some(server) = self.dns.servers.iter().find(|s| !s.ip().is_loopback()) {
+                    Err(format!(
+                        "the resolver {server} (dns.servers) is not on loopback"
+                    ))
+                } else if let Some(net) = self.interception.bypass.first() {
+                    Err(format!(
+                        "{}/{} (interception.bypass) is reached off loopback",
+                        net.addr, net.prefix
+                    ))
+                } else {
+                    Ok(true)
+                }
+            }
+        }
+    }
 }
 
 /// What to do with an agent cgroup inside a subtree delegated to a user, whose
@@ -372,7 +408,7 @@ impl Default for Config {
                 route_table: DEFAULT_ROUTE_TABLE,
                 rule_priority: DEFAULT_RULE_PRIORITY,
                 bypass: Vec::new(),
-                backstop: false,
+                backstop: BackstopMode::Auto,
                 delegated_subtrees: DelegatedSubtrees::Capture,
             },
             dns: Dns {
@@ -816,14 +852,20 @@ impl Reader {
         ) else {
             return;
         };
-        for (key, slot) in [
-            ("manage_kernel", &mut ic.manage_kernel),
-            ("backstop", &mut ic.backstop),
-        ] {
-            if let Some(v) = map.get(key) {
-                if let Some(b) = self.bool(&join("interception", key), v) {
-                    *slot = b;
-                }
+        if let Some(v) = map.get("manage_kernel") {
+            if let Some(b) = self.bool("interception.manage_kernel", v) {
+                ic.manage_kernel = b;
+            }
+        }
+        if let Some(v) = map.get("backstop") {
+            match v {
+                Value::Bool(true) => ic.backstop = BackstopMode::On,
+                Value::Bool(false) => ic.backstop = BackstopMode::Off,
+                Value::String(s) if s == "auto" => ic.backstop = BackstopMode::Auto,
+                _ => self.error(
+                    "interception.backstop",
+                    format!("{v} is not true, false or \"auto\""),
+                ),
             }
         }
         if let Some(v) = map.get("cgroups") {
@@ -1511,6 +1553,32 @@ mod tests {
             vec!["outbounds.corp: password and password_file exclude each other"]
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn backstop_auto_goes_on_only_where_the_agents_need_nothing_off_loopback() {
+        let wanted = |json: &str| Config::from_json(json).expect(json).backstop_wanted();
+        assert_eq!(wanted("{}"), Ok(true));
+        assert_eq!(
+            wanted(r#"{"dns": {"servers": ["127.0.0.53", "[::1]:53"]}}"#),
+            Ok(true)
+        );
+        let off = wanted(r#"{"dns": {"servers": ["127.0.0.53", "192.0.2.53"]}}"#).unwrap_err();
+        assert!(
+            off.contains("192.0.2.53:53") && off.contains("dns.servers"),
+            "{off}"
+        );
+        let off = wanted(r#"{"interception": {"bypass": ["10.0.0.0/8"]}}"#).unwrap_err();
+        assert!(off.contains("10.0.0.0/8"), "{off}");
+        // Said outright, it is what was said.
+        let on = r#"{"dns": {"servers": ["192.0.2.53"]}, "interception": {"backstop": true}}"#;
+        assert_eq!(wanted(on), Ok(true));
+        assert_eq!(
+            wanted(r#"{"interception": {"backstop": false}}"#),
+            Ok(false)
+        );
+        let errors = Config::from_json(r#"{"interception": {"backstop": "yes"}}"#).unwrap_err();
+        assert_eq!(errors.0[0].path, "interception.backstop", "{errors:?}");
     }
 
     #[test]

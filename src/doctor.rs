@@ -8,7 +8,7 @@
 use crate::backstop;
 use crate::capture::Capture;
 use crate::cgroup;
-use crate::config::{Config, DelegatedSubtrees};
+use crate::config::{BackstopMode, Config, DelegatedSubtrees};
 use crate::connect_log;
 use crate::netfilter;
 use serde::Serialize;
@@ -111,12 +111,15 @@ pub fn run(config: &Config) -> Vec<Check> {
             connects.detail += " (processes are found by searching /proc instead)";
         }
         checks.push(connects);
-        if config.interception.backstop {
-            checks.push(programs(
-                "kernel backstop",
-                backstop::attached_count(&dir),
-                path,
-            ));
+        if config.backstop_wanted().unwrap_or(false) {
+            let mut attached = programs("kernel backstop", backstop::attached_count(&dir), path);
+            // `auto` goes without it where the kernel refuses; the daemon's log says why.
+            if !attached.ok && config.interception.backstop == BackstopMode::Auto {
+                attached.ok = true;
+                attached.detail +=
+                    " (interception.backstop \"auto\": the daemon's log says why not)";
+            }
+            checks.push(attached);
         }
         checks.extend(probe(table, &root, path));
     }

@@ -409,3 +409,23 @@ with subtest("loopback_decided"):
         assert probe.out.strip().endswith("200"), probe.out
     record = wait_for_audit("the agent's own listener", rule="loopback:own")
     assert record["verdict"] == "allow", record
+
+with subtest("repairs_leak_nothing"):
+    # An agent connecting to a refused address in a tight loop while the table is
+    # flushed and deleted: the daemon repairs it, and nothing reaches the address.
+    script = (
+        "end=$((SECONDS + 8)); n=0; while [ $SECONDS -lt $end ]; do"
+        f" curl --silent --output /dev/null --max-time 1 'http://{BLOCKED4}/?c=repair'; n=$((n + 1)); done; echo $n"
+    )
+    encoded = base64.b64encode(script.encode()).decode()
+    agent.succeed(f"echo {encoded} | base64 -d > {PROBE_DIR}/hammer.cmd")
+    agent.succeed("systemctl start --no-block agent-probe@hammer.service")
+    agent.wait_until_succeeds(f"test -e {PROBE_DIR}/hammer.pid")
+    for repair in ["nft flush ruleset", f"nft delete table inet {TABLE}"]:
+        time.sleep(1)
+        agent.succeed(repair)
+        wait_for_daemon()
+    agent.wait_until_succeeds(f"test -e {PROBE_DIR}/hammer.rc", timeout=30)
+    assert int(agent.succeed(f"cat {PROBE_DIR}/hammer.out").split()[-1]) >= 10
+    assert not served("c=repair"), "a connect during a repair reached the refused host"
+    restore_firewall()

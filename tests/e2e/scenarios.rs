@@ -38,6 +38,10 @@ pub const ALL: &[Scenario] = &[
     ("rebinding_refused", rebinding_refused),
     ("keep_alive_hosts_decided", keep_alive_hosts_decided),
     ("loopback_decided", loopback_decided),
+    (
+        "repairs_leak_nothing",
+        crate::backstop::repairs_leak_nothing,
+    ),
     ("delegated_subtree_captured", delegated_subtree_captured),
 ];
 
