@@ -348,6 +348,18 @@ in
             default = 2785;
             description = "Firewall mark of captured packets (2785 = 0xae1).";
           };
+          backstop = mkOption {
+            type = types.either types.bool (types.enum [ "auto" ]);
+            default = false;
+            description = ''
+              The daemon's own kernel backstop (a BPF program on each agent
+              cgroup letting packets out through `lo` only). Off here: systemd
+              attaches the same on the agents' units and slices
+              ({option}`services.agentEgress.agentInterfaces`), and the
+              daemon's sandbox lacks CAP_SYS_ADMIN, without which it cannot
+              tell systemd's programs from copies of its own.
+            '';
+          };
         };
 
         dns = freeformSection "The resolvers the daemon uses." {

@@ -429,3 +429,68 @@ with subtest("repairs_leak_nothing"):
     assert int(agent.succeed(f"cat {PROBE_DIR}/hammer.out").split()[-1]) >= 10
     assert not served("c=repair"), "a connect during a repair reached the refused host"
     restore_firewall()
+
+with subtest("delegated_subtree_captured"):
+    # A subtree delegated to the agent user as systemd hands user@UID.service
+    # over (Delegate=yes), the agent's cgroup inside it. The module's daemon
+    # makes way for one whose config names that cgroup (same table, mark and port).
+    subtree = "/sys/fs/cgroup/agent-egress-delegated"
+    agent.succeed("systemctl stop agent-egress.service")
+    agent.succeed(
+        f"mkdir {subtree} {subtree}/agent && chown agent:users {subtree}"
+        f" {subtree}/cgroup.procs {subtree}/cgroup.threads {subtree}/cgroup.subtree_control"
+    )
+    delegated_audit = f"{PROBE_DIR}/delegated-audit.jsonl"
+
+    def delegated_config(handling: str) -> str:
+        path = f"{PROBE_DIR}/delegated-{handling}.json"
+        config = {
+            "interception": {"cgroups": ["agent-egress-delegated/agent"], "delegated_subtrees": handling},
+            "dns": {"servers": [INTERNET4]},
+            "rules": [{"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"}],
+            "default": "block",
+            "audit": {"path": delegated_audit},
+        }
+        agent.succeed(f"echo {shlex.quote(json.dumps(config))} > {path}")
+        return path
+
+    def escape(handling: str) -> str:
+        """As the agent user in the agent's cgroup: make a sibling cgroup, move there, ask for blocked.test."""
+        agent.succeed(
+            f"systemd-run --unit=delegated-egress-{handling} -p Type=notify"
+            f" $(command -v agent-egress) run --config {delegated_config(handling)}"
+        )
+        name = f"escape-{handling}"
+        script = (
+            f"mkdir {subtree}/{name} && echo $$ > {subtree}/{name}/cgroup.procs"
+            f" && grep -qx 0::/agent-egress-delegated/{name} /proc/self/cgroup"
+            " && curl --silent --output /dev/null --write-out '%{http_code}' --max-time 5"
+            f" --resolve blocked.test:80:{BLOCKED4} 'http://blocked.test/?c=delegated_{handling}'"
+        )
+        status, out = agent.execute(
+            f"sh -c 'echo $$ > {subtree}/agent/cgroup.procs"
+            " && exec setpriv --reuid=agent --regid=users --clear-groups sh -c \"$0\"'"
+            f" {shlex.quote(script)}"
+        )
+        agent.succeed(f"systemctl stop delegated-egress-{handling}.service")
+        return out.strip()
+
+    # refuse: no start, and the reason.
+    status, out = agent.execute(f"agent-egress run --config {delegated_config('refuse')} 2>&1")
+    assert status != 0, out
+    assert "agent-egress-delegated/agent lies in the delegated subtree agent-egress-delegated" in out, out
+    assert "writable by uid" in out and '"capture"' in out, out
+    # ignore (the control): the move is a way out.
+    assert escape("ignore") == "200"
+    assert served("c=delegated_ignore", BLOCKED4), "the control's escapee did not reach blocked.test"
+    # capture (the default): the escapee's connection is still the agent's, and refused.
+    assert escape("capture") == "403"
+    assert not served("c=delegated_capture")
+    records = [json.loads(line) for line in agent.succeed(f"cat {delegated_audit}").splitlines() if line.strip()]
+    escaped = [r for r in records if r.get("subtree") == "agent-egress-delegated" and r.get("host") == "blocked.test"]
+    assert escaped, f"no record of the escapee's request: {records[-5:]}"
+    assert escaped[0]["agent"] == "agent-egress-delegated/agent" and escaped[0]["verdict"] == "block", escaped[0]
+    agent.succeed(f"agent-egress down --config {PROBE_DIR}/delegated-capture.json")
+    agent.succeed(f"find {subtree} -depth -type d -exec rmdir {{}} +")
+    agent.succeed("systemctl start agent-egress.service")
+    wait_for_daemon()
