@@ -80,6 +80,14 @@ pub struct Record {
     pub sniff: Option<String>,
     /// For a connection to loopback: the cgroup of the socket listening there.
     pub listener: Option<String>,
+    /// DNS queries (`event: "dns"`): the type asked, the answer's code and
+    /// records (bounded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qtype: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answers: Option<Vec<String>>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,

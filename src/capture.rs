@@ -63,6 +63,7 @@ fn table_plan(config: &Config, members: Vec<CgroupMatch>) -> TablePlan {
         port: config.listen.port,
         cgroups: members,
         dns_servers: config.dns.servers.iter().map(|s| s.ip()).collect(),
+        dns_port: config.dns.capture.then_some(config.dns.port),
         bypass: config
             .interception
             .bypass

@@ -6,6 +6,7 @@
 
 use crate::cgroup::validate_relative_path;
 use crate::names::normalize_host;
+use hickory_proto::rr::RecordType;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -83,7 +84,9 @@ impl Config {
             BackstopMode::Off => Ok(false),
             BackstopMode::On => Ok(true),
             BackstopMode::Auto => {
-                if let Some(server) = self.dns.servers.iter().find(|s| !s.ip().is_loopback()) {
+                // Captured, the agents' DNS goes to our handler through lo.
+                let off_loopback = self.dns.servers.iter().find(|s| !s.ip().is_loopback());
+                if let Some(server) = off_loopback.filter(|_| !self.dns.capture) {
                     Err(format!(
                         "the resolver {server} (dns.servers) is not on loopback"
                     ))
@@ -150,11 +153,44 @@ pub struct LoopbackRule {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dns {
-    /// The resolvers we use, and the only ones the agents may reach.
+    /// The resolvers we use, and (without `capture`) the only ones the agents may reach.
     pub servers: Vec<SocketAddr>,
     pub timeout_ms: u64,
     pub domain_dial: DomainDial,
+    /// Every DNS query of the agents over UDP, to any address (loopback
+    /// resolvers too), goes to our handler, which answers it under the policy.
+    pub capture: bool,
+    /// The handler's TPROXY port (on 127.0.0.1 and ::1).
+    pub port: u16,
+    /// The answer to a name the policy refuses.
+    pub refuse_with: RefuseWith,
+    /// Query types forwarded; others are refused (TXT and NULL carry tunnels).
+    pub query_types: Vec<RecordType>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseWith {
+    NxDomain,
+    Refused,
+}
+
+/// What agents look up to connect: addresses, aliases, service bindings
+/// (HTTPS/SVCB, SRV, MX) and the zone records resolvers walk. Not TXT, NULL,
+/// ANY and the rest: free-form payloads are what DNS tunnels ride on.
+pub const DEFAULT_QUERY_TYPES: [RecordType; 10] = [
+    RecordType::A,
+    RecordType::AAAA,
+    RecordType::CNAME,
+    RecordType::HTTPS,
+    RecordType::SVCB,
+    RecordType::SRV,
+    RecordType::MX,
+    RecordType::NS,
+    RecordType::SOA,
+    RecordType::PTR,
+];
+
+pub const DEFAULT_DNS_PORT: u16 = 15053;
 
 /// How a connection routed by a domain rule picks the address it dials:
 /// never simply the address the client chose, which an agent can point at
@@ -415,6 +451,10 @@ impl Default for Config {
                 servers: Vec::new(),
                 timeout_ms: 2000,
                 domain_dial: DomainDial::Resolve,
+                capture: false,
+                port: DEFAULT_DNS_PORT,
+                refuse_with: RefuseWith::NxDomain,
+                query_types: DEFAULT_QUERY_TYPES.to_vec(),
             },
             outbounds: builtin_outbounds(),
             rules: Vec::new(),
@@ -938,9 +978,58 @@ impl Reader {
     }
 
     fn dns(&mut self, value: &Value, dns: &mut Dns) {
-        let Some(map) = self.object("dns", value, &["servers", "timeout_ms", "domain_dial"]) else {
+        let Some(map) = self.object(
+            "dns",
+            value,
+            &[
+                "servers",
+                "timeout_ms",
+                "domain_dial",
+                "capture",
+                "port",
+                "refuse_with",
+                "query_types",
+            ],
+        ) else {
             return;
         };
+        if let Some(v) = map.get("capture") {
+            if let Some(b) = self.bool("dns.capture", v) {
+                dns.capture = b;
+            }
+        }
+        if let Some(v) = map.get("port") {
+            if let Some(p) = self.u64_in("dns.port", v, 1, 65535) {
+                dns.port = p as u16;
+            }
+        }
+        if let Some(v) = map.get("refuse_with") {
+            match v.as_str() {
+                Some("nxdomain") => dns.refuse_with = RefuseWith::NxDomain,
+                Some("refused") => dns.refuse_with = RefuseWith::Refused,
+                _ => self.error(
+                    "dns.refuse_with",
+                    format!("{v} is not \"nxdomain\" or \"refused\""),
+                ),
+            }
+        }
+        if let Some(v) = map.get("query_types") {
+            if let Some(types) = self.array("dns.query_types", v, |r, path, v| {
+                let s = r.string(path, v)?;
+                match s.to_ascii_uppercase().parse::<RecordType>() {
+                    Ok(RecordType::Unknown(_)) | Err(_) => {
+                        r.error(
+                            path,
+                            format!("{s:?} is not a DNS record type (A, AAAA, HTTPS, ...)"),
+                        );
+                        None
+                    }
+                    Ok(t) => Some(t),
+                }
+            }) {
+                dns.query_types = types;
+            }
+        }
         if let Some(v) = map.get("servers") {
             dns.servers = self
                 .array("dns.servers", v, |r, path, v| {

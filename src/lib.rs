@@ -1,4 +1,5 @@
 //! agent-egress: a Linux egress controller for AI agents.
+pub mod agent_dns;
 pub mod audit;
 pub mod backstop;
 pub mod bpf;

@@ -204,6 +204,50 @@ impl Policy {
         }
     }
 
+    /// Whether an agent may learn the addresses of `host` (a DNS question),
+    /// where `is_block` says which outbounds refuse. The rules that can apply
+    /// to some connection to the name are those with `domains` matching it
+    /// and those with neither `domains` nor `ips`; in order, the first that
+    /// lets a connection through allows the name, and the first that refuses
+    /// every connection to it (no `ports`, no `ips`) refuses it; one that
+    /// refuses only some ports or addresses is passed over. Else the default.
+    pub fn decide_name(
+        &self,
+        host: &str,
+        agent: Option<&str>,
+        is_block: impl Fn(&str) -> bool,
+    ) -> Decision<'_> {
+        let mut candidates: Vec<usize> = self.unindexed.clone();
+        if let Some(host) = usable_name(Some(host)) {
+            self.by_domain
+                .for_each_candidate_list(host, |list| candidates.extend_from_slice(list));
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        for index in candidates {
+            let rule = &self.rules[index];
+            if !rule.agents.is_empty() && !agent.is_some_and(|a| rule.agents.iter().any(|x| x == a))
+            {
+                continue;
+            }
+            let refuses = is_block(&rule.outbound);
+            if !refuses || (rule.ports.is_empty() && rule.ips.is_empty()) {
+                return Decision {
+                    rule: Some(index),
+                    rule_name: &rule.name,
+                    outbound: &rule.outbound,
+                    matched_domain: !rule.domains.is_empty(),
+                };
+            }
+        }
+        Decision {
+            rule: None,
+            rule_name: DEFAULT_RULE_NAME,
+            outbound: &self.default_outbound,
+            matched_domain: false,
+        }
+    }
+
     /// Human text for `agent-egress explain`: the connection, the rule and
     /// outbound it gets, and which value of each of the rule's fields matched.
     pub fn explain(&self, q: &Query) -> String {
@@ -916,6 +960,49 @@ mod tests {
         let mut found = Vec::new();
         index.for_each_candidate_list("a.test", |l| found.push(l.to_vec()));
         assert_eq!(found, vec![vec![1]]);
+    }
+
+    #[test]
+    fn a_name_is_allowed_by_the_first_rule_that_lets_some_connection_to_it_through() {
+        let p = policy(
+            r#"{
+              "interception": {"cgroups": ["a.slice", "b.slice"]},
+              "rules": [
+                {"name": "smtp-off", "ports": [25], "outbound": "block"},
+                {"name": "git-ssh", "domains": ["=github.com"], "ports": [22], "outbound": "direct"},
+                {"name": "no-github", "domains": ["github.com"], "outbound": "block"},
+                {"name": "intranet", "ips": ["10.0.0.0/8"], "outbound": "direct"},
+                {"name": "b-all", "agents": ["b.slice"], "outbound": "direct"},
+                {"name": "pypi", "domains": ["pypi.org"], "outbound": "direct"}
+              ],
+              "default": "block"
+            }"#,
+        );
+        let name = |host: &str, agent: Option<&str>| {
+            let d = p.decide_name(host, agent, |o| o == "block");
+            (d.rule_name.to_string(), d.outbound.to_string())
+        };
+        let pair = |r: &str, o: &str| (r.to_string(), o.to_string());
+        // A rule for one port lets the name resolve; a refusal of some ports does not refuse it.
+        assert_eq!(
+            name("github.com", Some("a.slice")),
+            pair("git-ssh", "direct")
+        );
+        // A refusal of every connection to the name refuses the name.
+        assert_eq!(
+            name("api.github.com", Some("a.slice")),
+            pair("no-github", "block")
+        );
+        // Rules by address say nothing about names; rules for an agent's every connection do.
+        assert_eq!(
+            name("intranet.example", Some("a.slice")),
+            pair("default", "block")
+        );
+        assert_eq!(
+            name("intranet.example", Some("b.slice")),
+            pair("b-all", "direct")
+        );
+        assert_eq!(name("files.pypi.org", None), pair("pypi", "direct"));
     }
 
     #[test]

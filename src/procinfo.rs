@@ -125,8 +125,30 @@ impl SockDiag {
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Result<Option<SocketOwner>, ProcInfoError> {
+        self.lookup_protocol(libc::IPPROTO_TCP as u8, src, dst)
+    }
+
+    /// As [`SockDiag::lookup`], for the UDP socket that sent a datagram from
+    /// `src` to `dst` (connected to `dst`, or bound to `src` and unconnected).
+    pub fn lookup_udp(
+        &mut self,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<Option<SocketOwner>, ProcInfoError> {
+        // The kernel's UDP lookup finds the socket that would receive a
+        // datagram from the request's source to its destination: the
+        // reverse of what TCP's lookup takes.
+        self.lookup_protocol(libc::IPPROTO_UDP as u8, dst, src)
+    }
+
+    fn lookup_protocol(
+        &mut self,
+        protocol: u8,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<Option<SocketOwner>, ProcInfoError> {
         self.seq = self.seq.wrapping_add(1);
-        let request = encode_request(self.seq, src, dst)?;
+        let request = encode_request(self.seq, protocol, src, dst)?;
         self.socket.send(&request, 0).map_err(ProcInfoError::Send)?;
         for _ in 0..MAX_STRAY_REPLIES {
             self.reply.clear();
@@ -174,7 +196,12 @@ pub fn lookup_socket(
     })
 }
 
-fn encode_request(seq: u32, src: SocketAddr, dst: SocketAddr) -> Result<Vec<u8>, ProcInfoError> {
+fn encode_request(
+    seq: u32,
+    protocol: u8,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Result<Vec<u8>, ProcInfoError> {
     let (family, src_ip, dst_ip) = match (src.ip().to_canonical(), dst.ip().to_canonical()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let mut s16 = [0u8; 16];
@@ -196,7 +223,7 @@ fn encode_request(seq: u32, src: SocketAddr, dst: SocketAddr) -> Result<Vec<u8>,
     msg.extend_from_slice(&0u32.to_ne_bytes());
     // struct inet_diag_req_v2: family, protocol, ext (the cgroup id attribute is sent
     // unconditionally: its number, 21, does not fit the 8-bit ext mask), pad, states
-    msg.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    msg.extend_from_slice(&[family, protocol, 0, 0]);
     msg.extend_from_slice(&u32::MAX.to_ne_bytes());
     // struct inet_diag_sockid: ports and addresses in network byte order
     msg.extend_from_slice(&src.port().to_be_bytes());
@@ -431,7 +458,7 @@ mod tests {
     fn request_layout_matches_inet_diag_req_v2() {
         let src: SocketAddr = "192.0.2.1:40000".parse().unwrap();
         let dst: SocketAddr = "[::ffff:198.51.100.7]:443".parse().unwrap();
-        let msg = encode_request(7, src, dst).unwrap();
+        let msg = encode_request(7, libc::IPPROTO_TCP as u8, src, dst).unwrap();
         assert_eq!(msg.len(), 72);
         assert_eq!(read_u32(&msg, 0), Some(72));
         assert_eq!(read_u16(&msg, 4), Some(SOCK_DIAG_BY_FAMILY));
@@ -455,7 +482,7 @@ mod tests {
         let src: SocketAddr = "192.0.2.1:1".parse().unwrap();
         let dst: SocketAddr = "[2001:db8::1]:2".parse().unwrap();
         assert!(matches!(
-            encode_request(1, src, dst),
+            encode_request(1, libc::IPPROTO_TCP as u8, src, dst),
             Err(ProcInfoError::MixedFamilies { .. })
         ));
     }

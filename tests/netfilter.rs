@@ -162,6 +162,7 @@ fn plan(cgroups: Vec<CgroupMatch>) -> TablePlan {
             "2001:db8::53".parse().unwrap(),
         ],
         bypass: vec![("198.51.100.0".parse().unwrap(), 24)],
+        dns_port: None,
     }
 }
 
@@ -835,6 +836,7 @@ fn largest_plan_installs_in_one_batch() {
                 )
             })
             .collect(),
+        dns_port: None,
     };
     let took = ns.run(|| {
         let start = Instant::now();

@@ -60,6 +60,9 @@ pub struct TablePlan {
     pub dns_servers: Vec<IpAddr>,
     /// Networks agents reach directly, not proxied (loopback always is).
     pub bypass: Vec<(IpAddr, u8)>,
+    /// The DNS handler's TPROXY port, when it captures the agents' UDP port 53
+    /// to any address (then `dns_servers` are not reachable directly).
+    pub dns_port: Option<u16>,
 }
 
 /// One agent cgroup.
@@ -238,6 +241,8 @@ pub fn check_kernel_support() -> Result<(), NetfilterError> {
         cgroups: vec![CgroupMatch { id: 1, level: 1 }],
         dns_servers: vec![IpAddr::from([127, 0, 0, 53])],
         bypass: vec![(IpAddr::from([192, 0, 2, 0]), 24)],
+        // The DNS handler's rules are the ones a capture may add: probe them too.
+        dns_port: Some(2),
     };
     let batch = ruleset::probe_batch(&plan)?;
     let last = batch.messages.len().checked_sub(1);
@@ -283,6 +288,7 @@ mod tests {
             cgroups: vec![],
             dns_servers: vec![],
             bypass: vec![],
+            dns_port: None,
         }
     }
 

@@ -316,7 +316,12 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
     );
     captured_flow.hint = Some(HINT_CT.into());
     let mut rules = vec![captured_flow];
-    rules.extend(loopback_rules());
+    let levels: BTreeSet<u32> = plan.cgroups.iter().map(|c| c.level).collect();
+    // Before anything lets DNS through: a loopback resolver is no way around.
+    if plan.dns_port.is_some() {
+        rules.extend(levels.iter().map(|level| level_dns_rule(*level)));
+    }
+    rules.extend(loopback_rules(plan.dns_port.is_some()));
     for (net, prefix) in &plan.bypass {
         rules.push(Rule::new(
             OUTPUT_CHAIN,
@@ -324,7 +329,12 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
             [daddr_in(*net, *prefix), accept()].concat(),
         ));
     }
-    for server in &plan.dns_servers {
+    let direct_dns = if plan.dns_port.is_some() {
+        &[][..]
+    } else {
+        &plan.dns_servers[..]
+    };
+    for server in direct_dns {
         for (proto, proto_name) in [(IPPROTO_UDP, "udp"), (IPPROTO_TCP, "tcp")] {
             rules.push(Rule::new(
                 OUTPUT_CHAIN,
@@ -339,7 +349,6 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
             ));
         }
     }
-    let levels: BTreeSet<u32> = plan.cgroups.iter().map(|c| c.level).collect();
     rules.extend(levels.into_iter().map(level_rule));
 
     let mut to_proxy = Rule::new(
@@ -355,6 +364,20 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
     );
     to_proxy.hint = Some(HINT_CT.into());
     rules.push(to_proxy);
+    if plan.dns_port.is_some() {
+        rules.push(Rule::new(
+            AGENT_CHAIN,
+            "agent dns to the handler",
+            [
+                l4proto(IPPROTO_UDP),
+                dport(DNS_PORT),
+                set_mark(plan.mark),
+                vec![Expr::SetCt(sys::NFT_CT_MARK)],
+                accept(),
+            ]
+            .concat(),
+        ));
+    }
     rules.push(dropped_udp_rule(
         DROPPED_V4_SET,
         libc::NFPROTO_IPV4 as u8,
@@ -418,6 +441,36 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
     );
     refuse.hint = Some(HINT_REJECT.into());
     rules.extend([established, tproxy, refuse]);
+    if let Some(dns_port) = plan.dns_port {
+        let mut to_handler = Rule::new(
+            PREROUTING_CHAIN,
+            "tproxy dns to the handler",
+            [
+                l4proto(IPPROTO_UDP),
+                mark_is(plan.mark),
+                vec![
+                    Expr::Immediate(dns_port.to_be_bytes().to_vec()),
+                    Expr::Tproxy,
+                ],
+                accept(),
+            ]
+            .concat(),
+        );
+        to_handler.hint = Some(HINT_TPROXY.into());
+        // Handler down: dropped, never delivered where the agent sent it (a
+        // resolver on loopback would answer it).
+        let unhandled = Rule::new(
+            PREROUTING_CHAIN,
+            "drop dns when the handler is down",
+            [
+                l4proto(IPPROTO_UDP),
+                mark_is(plan.mark),
+                vec![Expr::Counter, Expr::Verdict(Verdict::Drop)],
+            ]
+            .concat(),
+        );
+        rules.extend([to_handler, unhandled]);
+    }
     // Marked packets are routed to lo by the fwmark rule, but a socket bound to
     // a device (SO_BINDTODEVICE, unprivileged since Linux 5.7, or a scoped
     // fe80::%dev address) keeps its device whatever the route says.
@@ -444,7 +497,7 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
 /// loopback resolver, and the replies of an agent's own listener (the proxy
 /// dialling it for another agent connection, or a local client outside the
 /// agents), which are no connection the agent makes.
-fn loopback_rules() -> Vec<Rule> {
+fn loopback_rules(dns_captured: bool) -> Vec<Rule> {
     let mut rules = Vec::new();
     for (net, prefix, family) in [
         (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8, "v4"),
@@ -463,17 +516,20 @@ fn loopback_rules() -> Vec<Rule> {
             ]
             .concat(),
         ));
-        rules.push(Rule::new(
-            OUTPUT_CHAIN,
-            format!("loopback {family} dns over tcp"),
-            [
-                daddr_in(net, prefix),
-                l4proto(IPPROTO_TCP),
-                dport(DNS_PORT),
-                accept(),
-            ]
-            .concat(),
-        ));
+        // Captured DNS has no TCP path to a loopback resolver: the proxy decides it.
+        if !dns_captured {
+            rules.push(Rule::new(
+                OUTPUT_CHAIN,
+                format!("loopback {family} dns over tcp"),
+                [
+                    daddr_in(net, prefix),
+                    l4proto(IPPROTO_TCP),
+                    dport(DNS_PORT),
+                    accept(),
+                ]
+                .concat(),
+            ));
+        }
         let mut replies = Rule::new(
             OUTPUT_CHAIN,
             format!("loopback {family} replies"),
@@ -491,6 +547,17 @@ fn loopback_rules() -> Vec<Rule> {
         rules.push(replies);
     }
     rules
+}
+
+/// `socket cgroupv2 level L @agents meta l4proto udp udp dport 53 goto agent_traffic`.
+fn level_dns_rule(level: u32) -> Rule {
+    let mut rule = level_rule(level);
+    rule.name = format!("agents' dns at cgroup level {level}");
+    let verdict = rule.exprs.pop();
+    rule.exprs
+        .extend([l4proto(IPPROTO_UDP), dport(DNS_PORT)].concat());
+    rule.exprs.extend(verdict);
+    rule
 }
 
 /// `socket cgroupv2 level L @agents goto agent_traffic`: sockets whose cgroup ancestor
@@ -642,6 +709,7 @@ mod tests {
             ],
             dns_servers: vec!["192.0.2.53".parse().unwrap()],
             bypass: vec![("2001:db8::".parse().unwrap(), 32)],
+            dns_port: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The proxy: TPROXY listeners, one mio event loop per worker thread, and the
 //! per-connection state machine that sniffs, decides, dials and relays.
 
-mod listener;
+pub(crate) mod listener;
 mod relay;
 mod session;
 mod worker;
@@ -11,6 +11,7 @@ use crate::cgroup;
 use crate::config::Config;
 use crate::connect_log::ConnectLog;
 use crate::policy::Policy;
+use crate::procinfo::{OwnerQuery, SocketOwner};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
@@ -211,6 +212,40 @@ impl Shared {
         }
     }
 
+    /// What the kernel said of the socket behind a connection or a query
+    /// (uid, cgroup, agent) into `record`, and where the audit writer finds
+    /// its process; `None` outside every agent.
+    pub fn attribute(&self, owner: SocketOwner, record: &mut Record) -> Option<OwnerQuery> {
+        record.uid = Some(owner.uid);
+        record.cgroup_id = owner.cgroup_id;
+        let belongs = owner
+            .cgroup_id
+            .and_then(|id| self.agents.agent_of(id))
+            .unwrap_or_default();
+        record.agent = belongs.agent;
+        record.subtree = belongs.subtree;
+        // A process outside its agent's cgroup is searched for where it went.
+        let scope = record.subtree.as_ref().or(record.agent.as_ref())?;
+        let root = self.cgroup_root.as_ref()?;
+        let connector = self.connect_log.get().and_then(|connects| {
+            connects
+                .take(owner.cookie)
+                .map_err(|e| log::debug!("reading the connect log: {e}"))
+                .ok()
+                .flatten()
+        });
+        Some(OwnerQuery {
+            owner,
+            cgroup_dir: root.join(scope),
+            connector,
+        })
+    }
+
+    /// True once the daemon is stopping.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
     pub fn runtime(&self) -> Arc<Runtime> {
         match self.runtime.read() {
             Ok(r) => r.clone(),
@@ -259,6 +294,16 @@ impl Proxy {
         });
         let mut wakers = Vec::new();
         let mut handles = Vec::new();
+        let dns = &shared.runtime().config.dns;
+        if dns.capture {
+            let handler = crate::agent_dns::Handler::new(shared.clone(), dns.port)?;
+            wakers.push(handler.waker());
+            handles.push(
+                std::thread::Builder::new()
+                    .name("dns".into())
+                    .spawn(move || handler.run())?,
+            );
+        }
         for (i, listeners) in sockets.into_iter().enumerate() {
             let mut w = worker::Worker::new(shared.clone(), listeners)?;
             wakers.push(w.waker());

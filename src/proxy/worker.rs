@@ -7,7 +7,7 @@ use crate::audit::{AttributionDone, PendingRecord, Record, EVENT_END, EVENT_STAR
 use crate::cgroup;
 use crate::dns::{QueryId, Resolver};
 use crate::loopback::Listener;
-use crate::procinfo::{OwnerQuery, SockDiag};
+use crate::procinfo::SockDiag;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
@@ -109,7 +109,7 @@ impl Worker {
                 }
                 continue;
             }
-            if self.shared.stop.load(Ordering::SeqCst) {
+            if self.shared.stopping() {
                 break;
             }
             for event in events.iter() {
@@ -314,29 +314,7 @@ impl Worker {
             .as_mut()
             .and_then(|d| d.lookup(peer, original_dst).ok().flatten())
         {
-            record.uid = Some(owner.uid);
-            record.cgroup_id = owner.cgroup_id;
-            let belongs = owner
-                .cgroup_id
-                .and_then(|id| self.shared.agents.agent_of(id))
-                .unwrap_or_default();
-            record.agent = belongs.agent;
-            record.subtree = belongs.subtree;
-            // A process outside its agent's cgroup is searched for where it went.
-            let scope = record.subtree.as_ref().or(record.agent.as_ref());
-            if let (Some(scope), Some(root)) = (scope, &self.shared.cgroup_root) {
-                let connector = self.shared.connect_log.get().and_then(|connects| {
-                    connects
-                        .take(owner.cookie)
-                        .map_err(|e| log::debug!("reading the connect log: {e}"))
-                        .ok()
-                        .flatten()
-                });
-                let query = OwnerQuery {
-                    owner,
-                    cgroup_dir: root.join(scope),
-                    connector,
-                };
+            if let Some(query) = self.shared.attribute(owner, &mut record) {
                 // Now, while the agent's process surely still exists.
                 if let Some(id) = record.conn_id {
                     let done = AttributionDone::new(self.waker.clone());

@@ -1,0 +1,369 @@
+//! One query of an agent, decided before anything leaves the host: decoded by
+//! hickory-proto, checked against the query types forwarded and the policy for
+//! its name; and the answers we give ourselves (a refusal, an error).
+
+use crate::names::normalize_host;
+use hickory_proto::op::{Header, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::{RData, RecordType};
+use hickory_proto::serialize::binary::BinDecodable;
+
+/// Answers named in an audit record, at most.
+const MAX_ANSWERS_RECORDED: usize = 16;
+
+/// What the policy says of a name: the rule that decided, and whether it lets
+/// the agent learn the name's records.
+pub struct NameVerdict {
+    pub allowed: bool,
+    pub rule: String,
+}
+
+/// What to do with one datagram an agent sent to port 53.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Forward the query (its id replaced by ours) to the resolvers.
+    Forward {
+        name: String,
+        qtype: RecordType,
+        rule: String,
+    },
+    /// Answer at once: the bytes to send, and what the record says.
+    Answer {
+        response: Vec<u8>,
+        name: Option<String>,
+        qtype: Option<RecordType>,
+        rule: Option<String>,
+        rcode: ResponseCode,
+        why: String,
+    },
+    /// Not even a DNS header: nothing to answer.
+    Drop(String),
+}
+
+/// Decide `datagram`. `query_types` are the types forwarded; `decide_name`
+/// asks the policy about a (normalised) name.
+pub fn plan(
+    datagram: &[u8],
+    query_types: &[RecordType],
+    refuse_with: ResponseCode,
+    decide_name: impl FnOnce(&str) -> NameVerdict,
+) -> Plan {
+    let message = match Message::from_vec(datagram) {
+        Ok(message) => message,
+        Err(e) => {
+            return match Header::from_bytes(datagram) {
+                Ok(header) => answer(
+                    &header.metadata,
+                    None,
+                    ResponseCode::FormErr,
+                    format!("malformed query: {e}"),
+                ),
+                Err(_) => Plan::Drop(format!("not a DNS message ({} bytes): {e}", datagram.len())),
+            };
+        }
+    };
+    let metadata = &message.metadata;
+    if metadata.message_type != MessageType::Query {
+        return Plan::Drop("a response sent to port 53".into());
+    }
+    if metadata.op_code != OpCode::Query {
+        return answer(
+            metadata,
+            Some(&message),
+            ResponseCode::NotImp,
+            format!("opcode {:?} is not forwarded", metadata.op_code),
+        );
+    }
+    let [query] = message.queries.as_slice() else {
+        return answer(
+            metadata,
+            Some(&message),
+            ResponseCode::FormErr,
+            format!("{} questions in one query", message.queries.len()),
+        );
+    };
+    let qtype = query.query_type;
+    let raw_name = query.name.to_ascii();
+    let name = match normalize_host(&raw_name) {
+        Ok(name) => name,
+        // The root, or a name no host could have: refused like a refused name.
+        Err(e) => {
+            let mut plan = answer(
+                metadata,
+                Some(&message),
+                refuse_with,
+                format!("name {raw_name:?} not usable: {e}"),
+            );
+            set_question(&mut plan, None, Some(qtype), None);
+            return plan;
+        }
+    };
+    if !query_types.contains(&qtype) {
+        let mut plan = answer(
+            metadata,
+            Some(&message),
+            ResponseCode::Refused,
+            format!("query type {qtype} is not forwarded (dns.query_types)"),
+        );
+        set_question(&mut plan, Some(name), Some(qtype), None);
+        return plan;
+    }
+    let verdict = decide_name(&name);
+    if !verdict.allowed {
+        let mut plan = answer(
+            metadata,
+            Some(&message),
+            refuse_with,
+            format!("{name} is refused by rule {:?}", verdict.rule),
+        );
+        set_question(&mut plan, Some(name), Some(qtype), Some(verdict.rule));
+        return plan;
+    }
+    Plan::Forward {
+        name,
+        qtype,
+        rule: verdict.rule,
+    }
+}
+
+fn set_question(
+    plan: &mut Plan,
+    new_name: Option<String>,
+    new_qtype: Option<RecordType>,
+    new_rule: Option<String>,
+) {
+    if let Plan::Answer {
+        name, qtype, rule, ..
+    } = plan
+    {
+        *name = new_name;
+        *qtype = new_qtype;
+        *rule = new_rule;
+    }
+}
+
+/// Our own answer with `rcode` to a query with this header (and its question,
+/// if it could be read). Recursion is available, as a resolver's would be.
+fn answer(
+    metadata: &hickory_proto::op::Metadata,
+    request: Option<&Message>,
+    rcode: ResponseCode,
+    why: String,
+) -> Plan {
+    let mut response = Message::error_msg(metadata.id, metadata.op_code, rcode);
+    response.metadata.recursion_desired = metadata.recursion_desired;
+    response.metadata.recursion_available = true;
+    if let Some(request) = request {
+        response.add_queries(request.queries.iter().cloned());
+    }
+    match response.to_vec() {
+        Ok(bytes) => Plan::Answer {
+            response: bytes,
+            name: None,
+            qtype: None,
+            rule: None,
+            rcode,
+            why,
+        },
+        Err(e) => Plan::Drop(format!("{why}; cannot encode the answer: {e}")),
+    }
+}
+
+/// The answer a server gave, as an audit record names it: its code and the
+/// records of its answer section (bounded), or why it is no answer to us.
+pub fn read_answer(datagram: &[u8], id: u16, name: &str, qtype: RecordType) -> Option<Summary> {
+    let message = Message::from_vec(datagram).ok()?;
+    let metadata = &message.metadata;
+    let same_question = match message.queries.as_slice() {
+        [q] => q.query_type == qtype && normalize_host(&q.name.to_ascii()).is_ok_and(|n| n == name),
+        _ => false,
+    };
+    if metadata.id != id || metadata.message_type != MessageType::Response || !same_question {
+        return None;
+    }
+    let answers = message
+        .answers
+        .iter()
+        .take(MAX_ANSWERS_RECORDED)
+        .map(|record| match &record.data {
+            RData::A(a) => a.to_string(),
+            RData::AAAA(a) => a.to_string(),
+            RData::CNAME(c) => format!("CNAME {}", c.0),
+            other => other.record_type().to_string(),
+        })
+        .collect();
+    Some(Summary {
+        rcode: metadata.response_code,
+        truncated: metadata.truncation,
+        answers,
+    })
+}
+
+/// A server's answer in an audit record's terms.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub rcode: ResponseCode,
+    pub truncated: bool,
+    pub answers: Vec<String>,
+}
+
+/// A response code as resolvers and dig print it (`NOERROR`, `NXDOMAIN`, ...).
+pub fn mnemonic(rcode: ResponseCode) -> String {
+    match rcode {
+        ResponseCode::NoError => "NOERROR".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::NXDomain => "NXDOMAIN".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        other => format!("RCODE{}", u16::from(other)),
+    }
+}
+
+/// SERVFAIL for a forwarded query no server answered.
+pub fn server_failure(query: &[u8]) -> Option<Vec<u8>> {
+    let request = Message::from_vec(query).ok()?;
+    match answer(
+        &request.metadata,
+        Some(&request),
+        ResponseCode::ServFail,
+        String::new(),
+    ) {
+        Plan::Answer { response, .. } => Some(response),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_QUERY_TYPES;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+    use std::str::FromStr;
+
+    fn query(name: &str, qtype: RecordType) -> Vec<u8> {
+        let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), qtype));
+        m.to_vec().unwrap()
+    }
+
+    fn allow_only(allowed: &'static str) -> impl FnOnce(&str) -> NameVerdict {
+        move |name| NameVerdict {
+            allowed: name == allowed || name.ends_with(&format!(".{allowed}")),
+            rule: if name.ends_with(allowed) {
+                "allowed".into()
+            } else {
+                "default".into()
+            },
+        }
+    }
+
+    fn decided(datagram: &[u8]) -> Plan {
+        plan(
+            datagram,
+            &DEFAULT_QUERY_TYPES,
+            ResponseCode::NXDomain,
+            allow_only("allowed.test"),
+        )
+    }
+
+    fn rcode_of(plan: &Plan) -> (ResponseCode, u16, bool) {
+        let Plan::Answer { response, .. } = plan else {
+            panic!("not answered at once: {plan:?}");
+        };
+        let m = Message::from_vec(response).unwrap();
+        (
+            m.metadata.response_code,
+            m.metadata.id,
+            m.metadata.recursion_available,
+        )
+    }
+
+    #[test]
+    fn allowed_names_are_forwarded_normalised() {
+        assert_eq!(
+            decided(&query("WWW.Allowed.Test.", RecordType::AAAA)),
+            Plan::Forward {
+                name: "www.allowed.test".into(),
+                qtype: RecordType::AAAA,
+                rule: "allowed".into()
+            }
+        );
+    }
+
+    #[test]
+    fn refused_names_get_nxdomain_with_the_question_and_id() {
+        let refusal = decided(&query("c2VjcmV0.attacker.test.", RecordType::A));
+        assert_eq!(rcode_of(&refusal), (ResponseCode::NXDomain, 0x1234, true));
+        let Plan::Answer { name, rule, .. } = &refusal else {
+            unreachable!()
+        };
+        assert_eq!(name.as_deref(), Some("c2vjcmv0.attacker.test"));
+        assert_eq!(rule.as_deref(), Some("default"));
+        let refused = plan(
+            &query("x.attacker.test.", RecordType::A),
+            &DEFAULT_QUERY_TYPES,
+            ResponseCode::Refused,
+            allow_only("allowed.test"),
+        );
+        assert_eq!(rcode_of(&refused).0, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn tunnel_types_are_refused_even_for_allowed_names() {
+        for qtype in [RecordType::TXT, RecordType::NULL, RecordType::ANY] {
+            let plan = decided(&query("allowed.test.", qtype));
+            assert_eq!(rcode_of(&plan).0, ResponseCode::Refused, "{qtype}");
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_answered_or_dropped_never_forwarded() {
+        // A header and a question cut short: FORMERR with the id.
+        let mut cut = query("allowed.test.", RecordType::A);
+        cut.truncate(cut.len() - 3);
+        assert_eq!(rcode_of(&decided(&cut)).0, ResponseCode::FormErr);
+        // A compression pointer to itself.
+        let mut looped = query("allowed.test.", RecordType::A)[..12].to_vec();
+        looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert!(!matches!(decided(&looped), Plan::Forward { .. }));
+        // Less than a header.
+        assert!(matches!(decided(&[1, 2, 3]), Plan::Drop(_)));
+        // Two questions in one query.
+        let mut two = Message::new(7, MessageType::Query, OpCode::Query);
+        for name in ["allowed.test.", "x.attacker.test."] {
+            two.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::A));
+        }
+        assert_eq!(
+            rcode_of(&decided(&two.to_vec().unwrap())).0,
+            ResponseCode::FormErr
+        );
+        // A response is no question.
+        let mut response = Message::from_vec(&query("allowed.test.", RecordType::A)).unwrap();
+        response.metadata.message_type = MessageType::Response;
+        assert!(matches!(
+            decided(&response.to_vec().unwrap()),
+            Plan::Drop(_)
+        ));
+    }
+
+    #[test]
+    fn an_answer_counts_only_for_its_own_id_and_question() {
+        let mut answer = Message::from_vec(&query("allowed.test.", RecordType::A)).unwrap();
+        answer.metadata.message_type = MessageType::Response;
+        answer.add_answer(hickory_proto::rr::Record::from_rdata(
+            Name::from_str("allowed.test.").unwrap(),
+            60,
+            RData::A("198.51.100.10".parse().unwrap()),
+        ));
+        let bytes = answer.to_vec().unwrap();
+        let summary = read_answer(&bytes, 0x1234, "allowed.test", RecordType::A).unwrap();
+        assert_eq!(summary.answers, ["198.51.100.10"]);
+        assert_eq!(summary.rcode, ResponseCode::NoError);
+        assert!(read_answer(&bytes, 0x1235, "allowed.test", RecordType::A).is_none());
+        assert!(read_answer(&bytes, 0x1234, "other.test", RecordType::A).is_none());
+        assert!(read_answer(&bytes, 0x1234, "allowed.test", RecordType::AAAA).is_none());
+        assert!(read_answer(&bytes[..20], 0x1234, "allowed.test", RecordType::A).is_none());
+    }
+}
