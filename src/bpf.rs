@@ -558,6 +558,18 @@ impl Program {
             unsafe { bpf(BPF_PROG_ATTACH, &mut attr) }
                 .map_err(kind.cgroup_error("attaching to", cgroup_dir))?;
         }
+        // Which of the others are copies an earlier daemon left takes opening
+        // them by id, which needs CAP_SYS_ADMIN; a sandboxed daemon has not got
+        // it, and trying would only earn EPERM. They stay, beside ours in force.
+        if !others.is_empty() && !may_open_by_id() {
+            log::info!(
+                "{} attached to {}; {} other program(s) there left in place: telling an earlier daemon's copy from another program's needs CAP_SYS_ADMIN",
+                kind.what,
+                cgroup_dir.display(),
+                others.len()
+            );
+            return Ok(());
+        }
         // Earlier copies go once ours is in place: never a gap. Failing that
         // leaves a redundant copy, and ours in force: not an error.
         let removed = kind.copies_among(&others, cgroup_dir).and_then(|copies| {
@@ -590,6 +602,23 @@ impl Program {
             .map_err(kind.cgroup_error("linking to", cgroup_dir))?;
         Ok(owned(fd))
     }
+}
+
+/// `CAP_SYS_ADMIN`, which `BPF_PROG_GET_FD_BY_ID` needs.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether this process has `CAP_SYS_ADMIN` in effect (`CapEff` of
+/// /proc/self/status; unreadable counts as no).
+fn may_open_by_id() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|effective| effective & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 fn prog_info(prog: &OwnedFd) -> io::Result<ProgInfo> {

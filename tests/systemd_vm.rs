@@ -5,6 +5,9 @@
 //! from the module's evaluation by nix/eval-check.sh), the binary cargo built, and
 //! the test's own agent unit, and runs `vm-tests/systemd/guest-test.sh`: one named
 //! check per scenario, reported back over a 9p share and printed as a table here.
+//! Then the same guest swaps in `dist/systemd/` (the units for distributions other
+//! than NixOS) as its README installs them, and puts a system unit and a user's
+//! `--user` unit (started by a login after the daemon) under capture with them.
 //!
 //! The image (`vm-tests/systemd/build-image.sh`) is built once and cached in the
 //! build directory (`$CARGO_TARGET_DIR` or `target/`)`/systemd-vm/image-HASH`,
@@ -39,6 +42,8 @@ const SCENARIOS: &[&str] = &[
     "doctor_probes_agents",
     "backstop_holds",
     "journal_audit",
+    "dist_system_unit",
+    "dist_user_unit_after_login",
     "no_unit_warnings",
     "sandbox_denials",
 ];
@@ -366,6 +371,18 @@ impl Share {
             Path::new(harness::daemon::binary()),
             &self.path.join("agent-egress"),
         )?;
+        // dist/systemd/ as a user of another distribution copies it.
+        let dist = manifest_dir().join("dist/systemd");
+        let entries = fs::read_dir(&dist).map_err(|e| format!("{}: {e}", dist.display()))?;
+        fs::create_dir_all(self.path.join("dist"))
+            .map_err(|e| format!("cannot create the share's dist/: {e}"))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("{}: {e}", dist.display()))?;
+            copy(
+                &entry.path(),
+                &self.path.join("dist").join(entry.file_name()),
+            )?;
+        }
         for case in CASES {
             let value = &install["cases"][case];
             if value.is_null() {

@@ -76,7 +76,7 @@ pub use leftovers::{assert_no_leftovers, assert_world_gone};
 pub use netns::in_netns;
 pub use nginx::{EVIL_MARKER, PAGE_CONTENT};
 pub use process::ChildGuard;
-pub use requirements::require_root_and_tools;
+pub use requirements::{require_root_and_tools, require_tools};
 pub use tls::TestCa;
 pub use topology::*;
 pub use world::World;

@@ -41,6 +41,23 @@ pub fn require_root_and_tools(tools: &[&str]) -> bool {
     if !absent.is_empty() {
         missing.push(format!("tools on PATH: {}", absent.join(", ")));
     }
+    satisfied(&missing)
+}
+
+/// Like [`require_root_and_tools`] for a test that needs neither root nor the
+/// world: true when every tool in `tools` is on PATH, else a CI failure or a
+/// loud skip.
+pub fn require_tools(tools: &[&str]) -> bool {
+    let absent: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
+    if absent.is_empty() {
+        return true;
+    }
+    satisfied(&[format!("tools on PATH: {}", absent.join(", "))])
+}
+
+/// True when nothing is `missing`; otherwise panics under CI, or prints the
+/// SKIPPED banner and returns false.
+fn satisfied(missing: &[String]) -> bool {
     if missing.is_empty() {
         return true;
     }

@@ -10,6 +10,8 @@
 #   cases/CASE/units/...       the module's units, store paths mapped to the image's
 #   cases/CASE/files/...       the module's files (config.json, logrotate config, scripts)
 #   cases/CASE/executables     which of those files are executables
+#   dist/...                   dist/systemd/ of the repository (the units for other
+#                              distributions), installed by the dist_* scenarios
 #   results/                   written here: results.txt (one line per scenario:
 #                              NAME pass|FAIL SECONDS DETAIL), journal.txt, logs
 #
@@ -660,6 +662,197 @@ fetch allowed --resolve allowed.test:80:203.0.113.10 "http://allowed.test/journa
     [ "$(wc -l <"$audit" 2>/dev/null || echo 0)" = "$lines_before" ] || fail "the record also went to $audit"
 }
 
+# ---- dist/systemd: the units for other distributions -------------------------------
+
+dist=$share/dist
+# The seed's case: a user's --user service, started by the user's manager.
+agent_user=agentuser
+agent_uid=1000
+gateway_cgroup=user.slice/user-$agent_uid.slice/user@$agent_uid.service/app.slice/openclaw-gateway.service
+
+# The invocation of agent-egress.service now running: its journal lines.
+daemon_journal() {
+    journalctl -b -o cat --no-pager _SYSTEMD_INVOCATION_ID="$(systemctl show -p InvocationID --value agent-egress.service)"
+}
+
+# In place of the module's units, dist/systemd/ as README.md's section for Debian,
+# Ubuntu and Fedora installs it (the binary is in /usr/local/bin already), with the
+# test world's policy in the example config: allowed.test instead of github.com.
+# A system unit (agent-probe@) under capture by capture.conf: its cgroup joins the
+# set before it runs, allowed.test answers, blocked.test is refused, each audited.
+s_dist_system_unit() {
+    timeout 60 systemctl stop agent-egress.service || fail "cannot stop the module's daemon"
+    install -D -m 0644 "$dist/agent-egress.sysusers" /etc/sysusers.d/agent-egress.conf
+    systemd-sysusers /etc/sysusers.d/agent-egress.conf || fail "systemd-sysusers refuses agent-egress.sysusers"
+    local unit
+    for unit in agent-egress.service agent-egress-agents.slice agent-egress-doctor.service agent-egress-doctor.timer; do
+        install -m 0644 "$dist/$unit" "/etc/systemd/system/$unit"
+    done
+    jq '(.rules[] | select(.name == "allow") | .domains) = ["allowed.test"]' "$dist/config.json" >"$work/dist-config.json"
+    install -m 0644 "$work/dist-config.json" "$config"
+    agent-egress check --config "$config" >/dev/null || fail "agent-egress check refuses the dist config: $(agent-egress check --config "$config" 2>&1)"
+    # The module's drop-in for the test's agent unit, replaced by the dist one.
+    install -m 0644 "$dist/capture.conf" /etc/systemd/system/agent-probe@.service.d/agent-egress.conf
+    systemctl daemon-reload
+    local verify
+    verify=$(cd /etc/systemd/system && systemd-analyze verify --man=no agent-egress.service \
+        agent-egress-agents.slice agent-egress-doctor.service agent-egress-doctor.timer agent-probe@dist.service 2>&1) ||
+        fail "systemd-analyze verify failed: $verify"
+    [ -z "$verify" ] || fail "systemd-analyze verify on the dist units: $verify"
+    timeout 90 systemctl start agent-egress.service ||
+        fail "the dist agent-egress.service does not start: $(journalctl -b -u agent-egress -o cat -n 15 | tr '\n' ' ')"
+    daemon_journal | grep -q '^ok    table inet agent_egress: installed' ||
+        fail "no sign of the dist unit's ExecStartPost doctor: $(daemon_journal | tail -n 8 | tr '\n' ' ')"
+    daemon_journal | grep -q '^ok    kernel backstop on agent.slice/agent-egress.slice/agent-egress-agents.slice' ||
+        fail "the dist config's backstop is not on the agents' slice: $(daemon_journal | grep -i backstop | tr '\n' ' ')"
+    local before
+    before=$(arrivals 203.0.113.20)
+    make_probe dist '
+fetch allowed --resolve allowed.test:80:203.0.113.10 "http://allowed.test/dist/$id"
+fetch blocked --resolve blocked.test:80:203.0.113.20 "http://blocked.test/dist/$id"'
+    run_probe dist
+    [ "$(probe_value dist cgroup)" = /agent.slice/agent-egress.slice/agent-egress-agents.slice/agent-probe@dist.service ] ||
+        fail "capture.conf did not move agent-probe@dist into the agents' slice: cgroup $(probe_value dist cgroup)"
+    expect_in_set dist
+    expect_allowed dist allowed "hello from allowed.test"
+    local r
+    r=($(fetch_result dist blocked))
+    [ "${r[1]}" = 403 ] || fail "blocked.test from the dist-captured unit: HTTP ${r[1]} (want 403): $(err_of dist blocked)"
+    [ "$(arrivals 203.0.113.20)" = "$before" ] || fail "blocked.test's server was reached"
+    local agent='.agent == "agent.slice/agent-egress.slice/agent-egress-agents.slice"'
+    expect_record dist allowed '.verdict == "allow"' "$agent" '.exe == "/usr/bin/curl"' '.pid > 0'
+    expect_record dist blocked '.verdict == "block"' "$agent" '.host == "blocked.test"'
+    note "cgroup $(probe_value dist cgroup) id $(probe_value dist cgroup_id) in the set at start; allowed 200, blocked 403, both audited"
+}
+
+# The seed's case: the daemon runs (dist units) and, after a reload, lists the
+# cgroup of a user's --user unit, openclaw-gateway.service, before that user ever
+# logged in; then the
+# user's manager starts (lingering, as at a login) and with it the unit, enabled in
+# the user's own ~/.config/systemd/user, with dist's capture-user.conf for every
+# user. Its curl to allowed.test answers, to blocked.test is refused, each with an
+# audit record naming the unit's cgroup; it cannot reach its user manager
+# (systemctl --user); agent-egress doctor probes it, backstop included.
+s_dist_user_unit_after_login() {
+    [ ! -e "/sys/fs/cgroup/user.slice/user-$agent_uid.slice" ] || fail "user $agent_uid has a slice already: the login would not come after the daemon"
+    useradd --create-home --uid "$agent_uid" --shell /bin/bash "$agent_user" || fail "cannot add user $agent_user"
+    # The image has no libpam-systemd, whose pam_systemd sets this at a real
+    # login; without it the user manager refuses to run.
+    mkdir -p /run/systemd/system/user@.service.d
+    printf '[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/%%i\n' >/run/systemd/system/user@.service.d/vm-runtime-dir.conf
+    systemctl daemon-reload
+    # As README.md says: the cgroup into the config, and a reload (a restart
+    # would leave the previous backstop copy attached beside the new one).
+    local pid
+    pid=$(systemctl show -p MainPID --value agent-egress.service)
+    jq --arg cg "$gateway_cgroup" '.interception.cgroups += [$cg]' "$config" >"$work/user-config.json"
+    install -m 0644 "$work/user-config.json" "$config"
+    timeout 30 systemctl reload agent-egress.service || fail "systemctl reload agent-egress failed"
+    local report i
+    for i in $(seq 20); do
+        report=$(agent-egress doctor --config "$config" 2>&1) && grep -qF "ok    agent $gateway_cgroup: does not exist yet" <<<"$report" && break
+        sleep 0.5
+    done
+    grep -qF "ok    agent $gateway_cgroup: does not exist yet" <<<"$report" ||
+        fail "the doctor does not see the reloaded daemon waiting for the unit's cgroup: $(tr '\n' ' ' <<<"$report" | cut -c1-400)"
+    [ "$(systemctl show -p MainPID --value agent-egress.service)" = "$pid" ] || fail "the reload restarted the daemon"
+
+    install -D -m 0644 "$dist/capture-user.conf" /etc/systemd/user/openclaw-gateway.service.d/agent-egress.conf
+    local out=/run/agent-user home
+    mkdir -p "$out"
+    chown "$agent_user:" "$out"
+    home=$(getent passwd "$agent_user" | cut -d: -f6)
+    mkdir -p "$home/.config/systemd/user/default.target.wants"
+    cat >"$home/.config/systemd/user/openclaw-gateway.service" <<'UNIT'
+[Unit]
+Description=the test's stand-in for OpenClaw's gateway
+
+[Service]
+ExecStart=/bin/sh /run/agent-user/gateway.sh
+
+[Install]
+WantedBy=default.target
+UNIT
+    ln -sf ../openclaw-gateway.service "$home/.config/systemd/user/default.target.wants/openclaw-gateway.service"
+    chown -R "$agent_user:" "$home/.config"
+    # The unit's script: what make_probe's scripts record (but nft's view of the
+    # set, which needs root), then its fetches, an escape through its manager's
+    # bus, and it stays running (the doctor probes its cgroup).
+    cat >"$out/gateway.sh" <<'EOF2'
+exec >>/run/agent-user/gateway.out 2>&1
+cg=$(sed -n 's/^0:://p' /proc/self/cgroup)
+id=$(stat -c %i "/sys/fs/cgroup$cg")
+echo "cgroup=$cg"
+echo "cgroup_id=$id"
+fetch() {
+    tag=$1
+    shift
+    w=$(curl -sS -m 10 -o "/run/agent-user/gateway.$tag.body" \
+        -w '%{http_code} %{time_total} %{local_ip}:%{local_port} %{remote_ip}:%{remote_port}' \
+        "$@" 2>"/run/agent-user/gateway.$tag.err")
+    rc=$?
+    for url; do :; done
+    host=${url#*://}
+    host=${host%%/*}
+    echo "fetch.$tag=$rc $w $host 80"
+}
+fetch allowed --resolve allowed.test:80:203.0.113.10 "http://allowed.test/user/$id"
+fetch blocked --resolve blocked.test:80:203.0.113.20 "http://blocked.test/user/$id"
+systemctl --user show-environment >/dev/null 2>&1; echo "user_manager=$?"
+echo done=yes
+exec sleep 600
+EOF2
+    chmod 0644 "$out/gateway.sh"
+    local before login_at
+    before=$(arrivals 203.0.113.20)
+    login_at=$(date +%s.%N)
+    if ! timeout 60 loginctl enable-linger "$agent_user"; then
+        note "loginctl enable-linger failed; starting user@$agent_uid.service directly"
+        timeout 60 systemctl start "user@$agent_uid.service" || fail "cannot start user@$agent_uid.service"
+    fi
+    for i in $(seq 300); do
+        grep -q '^done=yes' "$out/gateway.out" 2>/dev/null && break
+        sleep 0.2
+    done
+    grep -q '^done=yes' "$out/gateway.out" 2>/dev/null ||
+        fail "openclaw-gateway.service did not run its fetches within 60 s: user@$agent_uid is $(systemctl is-active "user@$agent_uid.service"); $(journalctl -b --no-pager -o cat _UID="$agent_uid" -n 10 2>/dev/null | tr '\n' ' ' | cut -c1-400) $(cat "$out/gateway.out" 2>/dev/null | tr '\n' ' ')"
+    cp "$out/gateway.out" "$probes/gateway.out"
+    cp "$out"/gateway.*.body "$out"/gateway.*.err "$probes/" 2>/dev/null || true
+    [ "$(probe_value gateway cgroup)" = "/$gateway_cgroup" ] ||
+        fail "the --user unit runs in $(probe_value gateway cgroup), not /$gateway_cgroup"
+    expect_allowed gateway allowed "hello from allowed.test"
+    local r
+    r=($(fetch_result gateway blocked))
+    [ "${r[1]}" = 403 ] || fail "blocked.test from the --user unit: HTTP ${r[1]} (want agent-egress's 403): $(err_of gateway blocked)"
+    grep -q agent-egress "$probes/gateway.blocked.body" || fail "the 403 does not name agent-egress: $(body_of gateway blocked | head -c 200)"
+    [ "$(arrivals 203.0.113.20)" = "$before" ] || fail "blocked.test's server was reached from the --user unit"
+    local agent=".agent == \"$gateway_cgroup\""
+    expect_record gateway allowed '.verdict == "allow"' "$agent" ".uid == $agent_uid" '.exe == "/usr/bin/curl"'
+    expect_record gateway blocked '.verdict == "block"' "$agent" '.host == "blocked.test"'
+    # Its user manager (which would start a unit outside this cgroup on the
+    # unit's behalf) answers the user outside the unit, not the unit.
+    local as_user=(runuser -u "$agent_user" -- env XDG_RUNTIME_DIR="/run/user/$agent_uid")
+    "${as_user[@]}" systemctl --user show-environment >/dev/null ||
+        fail "the user manager does not answer its user outside the unit either: the check would prove nothing"
+    [ "$(probe_value gateway user_manager)" != 0 ] || fail "the --user unit reached its user manager (systemctl --user)"
+    report=$(agent-egress doctor --config "$config" 2>&1) || fail "agent-egress doctor failed: $(grep FAIL <<<"$report" | tr '\n' ' ')"
+    grep -qF "ok    capture of TCP from $gateway_cgroup: 192.0.2.254:80 answered by the proxy" <<<"$report" ||
+        fail "the doctor did not probe the --user unit: $(tr '\n' ' ' <<<"$report" | cut -c1-400)"
+    grep -qF "ok    kernel backstop on $gateway_cgroup" <<<"$report" ||
+        fail "no backstop on the --user unit: $(grep -F backstop <<<"$report" | tr '\n' ' ')"
+    # How long after the login the daemon had the cgroup (its own log line).
+    local captured_at
+    captured_at=$(journalctl -b -u agent-egress.service -o short-unix --no-pager | grep -F "cgroup $gateway_cgroup (id" | tail -n 1 | cut -d' ' -f1)
+    note "user unit's cgroup id $(probe_value gateway cgroup_id) captured $(awk -v a="$login_at" -v b="$captured_at" 'BEGIN { printf "%.2f", b - a }') s after enable-linger; allowed 200, blocked 403, both audited (uid $agent_uid); systemctl --user from inside exit $(probe_value gateway user_manager); doctor ok, backstop on"
+    # What a user manager makes of RestrictNetworkInterfaces=: a user unit
+    # outside the capture, asked for lo only, fetching other.test.
+    printf '[Service]\nType=oneshot\nRestrictNetworkInterfaces=lo\nExecStart=/bin/sh -c "curl -s -m 5 -o /dev/null -w %%%%{http_code} http://203.0.113.30/user-restrict-ifaces >/run/agent-user/rni.out"\n' \
+        >"$home/.config/systemd/user/rni-check.service"
+    "${as_user[@]}" systemctl --user daemon-reload
+    "${as_user[@]}" timeout 30 systemctl --user start rni-check.service || true
+    note "a user manager's unit with RestrictNetworkInterfaces=lo fetched other.test: HTTP $(cat "$out/rni.out" 2>/dev/null) (200: the setting was not applied)"
+}
+
 # What systemd said about the module's units during the whole run, but for the
 # backstop check's window (it deletes the table, so NFTSet= cannot add then).
 s_no_unit_warnings() {
@@ -708,6 +901,8 @@ main() {
     scenario doctor_probes_agents s_doctor_probes_agents
     scenario backstop_holds s_backstop_holds
     scenario journal_audit s_journal_audit
+    scenario dist_system_unit s_dist_system_unit
+    scenario dist_user_unit_after_login s_dist_user_unit_after_login
     scenario no_unit_warnings s_no_unit_warnings
     scenario sandbox_denials s_sandbox_denials
 }
