@@ -77,6 +77,7 @@ let
         "CAP_BPF"
         "CAP_SYS_PTRACE"
         "CAP_DAC_READ_SEARCH"
+        "CAP_NET_RAW"
       ];
       unitExpectations =
         unit: slice:

@@ -211,6 +211,7 @@ let
     "CAP_BPF" # load the connect log (which pid connected; src/connect_log.rs) and its map
     "CAP_SYS_PTRACE" # readlink /proc/PID/fd/* and /proc/PID/exe of agents
     "CAP_DAC_READ_SEARCH" # list /proc/PID/fd of agents running as other users
+    "CAP_NET_RAW" # answer the agents' DNS from the address they asked (a raw UDP socket)
   ];
 
   policyOption =

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Fuzzes agent_egress::sniff::sniff with libFuzzer (cargo-fuzz) for $1 seconds, seeded
-# with the captured first flights in tests/fixtures/clienthello. Works on a stable
+# Fuzzes with libFuzzer (cargo-fuzz) for $1 seconds one target ($2): `sniff`
+# (agent_egress::sniff::sniff, the default; seeded with the captured first flights in
+# tests/fixtures/clienthello) or `dns_question` (the DNS handler's decision on a
+# datagram; seeded with a query for allowed.test). Works on a stable
 # toolchain: RUSTC_BOOTSTRAP=1 lets it take the -Z flags cargo-fuzz passes.
-# A crash leaves its input in fuzz/artifacts/sniff/ and makes this script fail.
+# A crash leaves its input in fuzz/artifacts/TARGET/ and makes this script fail.
 set -euo pipefail
 
 seconds=${1:-}
-if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
-    echo "usage: $0 SECONDS   (how long to fuzz, a positive integer)" >&2
+target=${2:-sniff}
+if ! [[ $seconds =~ ^[1-9][0-9]*$ ]] || ! [[ $target =~ ^(sniff|dns_question)$ ]]; then
+    echo "usage: $0 SECONDS [sniff|dns_question]   (how long to fuzz, a positive integer)" >&2
     exit 2
 fi
 
@@ -21,12 +24,16 @@ fi
 
 # Kept apart from the main build's artifacts: these are instrumented differently.
 target_dir=${CARGO_TARGET_DIR:-$repo/target}/fuzz
-corpus=$repo/fuzz/corpus/sniff
+corpus=$repo/fuzz/corpus/$target
 mkdir -p "$corpus"
-cp "$repo"/tests/fixtures/clienthello/*.bin "$corpus"/
+case $target in
+sniff) cp "$repo"/tests/fixtures/clienthello/*.bin "$corpus"/ ;;
+# id 0x1234, RD, one question: allowed.test A IN
+dns_question) printf '\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07allowed\x04test\x00\x00\x01\x00\x01' >"$corpus/query-a" ;;
+esac
 
 cd "$repo/fuzz"
 # -max_len above the 16 KiB bound so the "too large" paths are reached; -timeout
 # catches a loop (one input must take far less than a second).
-cargo fuzz run --target-dir "$target_dir" --debug-assertions sniff "$corpus" -- \
+cargo fuzz run --target-dir "$target_dir" --debug-assertions "$target" "$corpus" -- \
     -max_total_time="$seconds" -max_len=20000 -timeout=2 -rss_limit_mb=2048 -print_final_stats=1

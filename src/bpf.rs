@@ -702,6 +702,26 @@ impl Map {
 
     /// The value stored under `key`, removed from the map; `None` when absent.
     pub fn take(&self, key: u64) -> io::Result<Option<u64>> {
+        let Some(value) = self.get(key)? else {
+            return Ok(None);
+        };
+        let mut attr = MapElemAttr {
+            map_fd: fd_arg(self.fd.as_raw_fd()),
+            key: &key as *const u64 as u64,
+            ..MapElemAttr::default()
+        };
+        // SAFETY: key points to 8 readable bytes. A concurrent delete (ENOENT)
+        // changes nothing: the entry is gone either way.
+        if let Err(e) = unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+        }
+        Ok(Some(value))
+    }
+
+    /// The value stored under `key`, left in the map; `None` when absent.
+    pub fn get(&self, key: u64) -> io::Result<Option<u64>> {
         let mut value = 0u64;
         let mut attr = MapElemAttr {
             map_fd: fd_arg(self.fd.as_raw_fd()),
@@ -715,18 +735,6 @@ impl Map {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
             Err(e) => return Err(e),
-        }
-        let mut attr = MapElemAttr {
-            map_fd: fd_arg(self.fd.as_raw_fd()),
-            key: &key as *const u64 as u64,
-            ..MapElemAttr::default()
-        };
-        // SAFETY: key points to 8 readable bytes. A concurrent delete (ENOENT)
-        // changes nothing: the entry is gone either way.
-        if let Err(e) = unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e);
-            }
         }
         Ok(Some(value))
     }

@@ -451,7 +451,7 @@ impl Default for Config {
                 servers: Vec::new(),
                 timeout_ms: 2000,
                 domain_dial: DomainDial::Resolve,
-                capture: false,
+                capture: true,
                 port: DEFAULT_DNS_PORT,
                 refuse_with: RefuseWith::NxDomain,
                 query_types: DEFAULT_QUERY_TYPES.to_vec(),
@@ -1652,7 +1652,10 @@ mod tests {
             wanted(r#"{"dns": {"servers": ["127.0.0.53", "[::1]:53"]}}"#),
             Ok(true)
         );
-        let off = wanted(r#"{"dns": {"servers": ["127.0.0.53", "192.0.2.53"]}}"#).unwrap_err();
+        // Captured (the default), the agents' DNS goes to the handler on lo.
+        assert_eq!(wanted(r#"{"dns": {"servers": ["192.0.2.53"]}}"#), Ok(true));
+        let uncaptured = r#"{"dns": {"servers": ["127.0.0.53", "192.0.2.53"], "capture": false}}"#;
+        let off = wanted(uncaptured).unwrap_err();
         assert!(
             off.contains("192.0.2.53:53") && off.contains("dns.servers"),
             "{off}"

@@ -168,13 +168,21 @@ impl ConnectLog {
     }
 
     /// The pid of the process that connected the socket with this cookie,
-    /// once: the entry is removed.
+    /// once: the entry is removed (a TCP socket connects once).
     pub fn take(&self, socket_cookie: u64) -> io::Result<Option<u32>> {
-        Ok(self
-            .map
-            .take(socket_cookie)?
-            .map(|pid_tgid| (pid_tgid >> 32) as u32))
+        Ok(self.map.take(socket_cookie)?.map(pid_of))
     }
+
+    /// The same, the entry kept: a connected UDP socket sends many queries
+    /// (the LRU map forgets it in time).
+    pub fn peek(&self, socket_cookie: u64) -> io::Result<Option<u32>> {
+        Ok(self.map.get(socket_cookie)?.map(pid_of))
+    }
+}
+
+/// bpf_get_current_pid_tgid() holds the process (tgid) in its upper half.
+fn pid_of(pid_tgid: u64) -> u32 {
+    (pid_tgid >> 32) as u32
 }
 
 /// Detaches every copy of both programs that was attached without a link

@@ -2,8 +2,9 @@
 //! `status` shows (table, set, routes, listener, BPF programs), it places a
 //! probe process in a cgroup made below each agent cgroup and checks that the
 //! capture holds for it: a TCP connection to a TEST-NET address is answered by
-//! the proxy (its refusal, not the network), and a UDP datagram is dropped and
-//! counted. The probe's traffic only ever goes to that TEST-NET address.
+//! the proxy (its refusal, not the network), a UDP datagram is dropped and
+//! counted, and a DNS query to that address is answered by the daemon's
+//! handler. The probe's traffic only ever goes to that TEST-NET address.
 
 use crate::backstop;
 use crate::capture::Capture;
@@ -11,6 +12,8 @@ use crate::cgroup;
 use crate::config::{BackstopMode, Config, DelegatedSubtrees};
 use crate::connect_log;
 use crate::netfilter;
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RecordType};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -22,6 +25,9 @@ use std::time::Duration;
 const PROBE_HOST: &str = "192.0.2.254";
 const PROBE_TCP: &str = "192.0.2.254:80";
 const PROBE_UDP: &str = "192.0.2.254:9";
+const PROBE_DNS: &str = "192.0.2.254:53";
+/// A name no resolver has (RFC 6761): whoever answers, it is no real lookup.
+const PROBE_NAME: &str = "doctor.agent-egress.invalid.";
 /// How long the probe waits for the proxy's answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the proxy's refusal of a name no rule allows says.
@@ -121,7 +127,7 @@ pub fn run(config: &Config) -> Vec<Check> {
             }
             checks.push(attached);
         }
-        checks.extend(probe(table, &root, path));
+        checks.extend(probe(table, &root, path, config.dns.capture));
     }
     let ignored = config.interception.delegated_subtrees == DelegatedSubtrees::Ignore;
     for d in &status.delegated {
@@ -154,11 +160,13 @@ fn programs(what: &str, count: Result<usize, crate::bpf::BpfError>, path: &str) 
 }
 
 /// A probe process in a new cgroup below `path`: its TCP connection must be
-/// answered by the proxy, its UDP datagram dropped and counted.
-fn probe(table: &str, root: &Path, path: &str) -> Vec<Check> {
+/// answered by the proxy, its UDP datagram dropped and counted, and (DNS
+/// captured) its DNS query answered by the daemon's handler.
+fn probe(table: &str, root: &Path, path: &str, dns_captured: bool) -> Vec<Check> {
     let name = format!("{path}/agent-egress-doctor-{}", std::process::id());
     let tcp = format!("capture of TCP from {path}");
     let udp = format!("drop of UDP from {path}");
+    let dns = format!("capture of DNS from {path}");
     if let Err(e) = cgroup::create(root, &name) {
         return vec![check(
             tcp,
@@ -177,6 +185,7 @@ fn probe(table: &str, root: &Path, path: &str) -> Vec<Check> {
         Err(e) => return vec![check(tcp, false, e)],
     };
     let (udp_sent, answer) = answer.split_once('\n').unwrap_or(("", &answer));
+    let (dns_answer, answer) = answer.split_once('\n').unwrap_or(("", answer));
     // This host has no route there: nothing could leave that way, and the
     // kernel refuses before the capture is reached. Not a failure.
     let no_route = format!("no route to {PROBE_HOST} from this host: not exercised");
@@ -212,7 +221,24 @@ fn probe(table: &str, root: &Path, path: &str) -> Vec<Check> {
             format!("{PROBE_UDP}: drop counter {dropped_before} -> {dropped_after}"),
         )
     };
-    vec![tcp_check, udp_check]
+    let mut checks = vec![tcp_check, udp_check];
+    if dns_captured {
+        checks.push(if dns_answer == UNREACHABLE {
+            check(
+                dns,
+                true,
+                format!("no route to {PROBE_HOST} from this host: not exercised"),
+            )
+        } else {
+            // Nobody at a TEST-NET address answers: an answer is the handler's.
+            check(
+                dns,
+                dns_answer.starts_with("answered"),
+                format!("{PROBE_DNS}: {dns_answer}"),
+            )
+        });
+    }
+    checks
 }
 
 /// What the probe reports for a destination the host has no route to.
@@ -236,7 +262,48 @@ fn probe_traffic() -> String {
         Err(e) if unreachable(&e) => UNREACHABLE.to_string(),
         Err(e) => format!("not sent: {e}"),
     };
-    format!("{udp}\n{}", probe_tcp())
+    format!("{udp}\n{}\n{}", probe_dns(), probe_tcp())
+}
+
+/// A DNS query to [`PROBE_DNS`]: "answered RCODE" when an answer to it came.
+fn probe_dns() -> String {
+    let id = std::process::id() as u16;
+    let query = match Name::from_ascii(PROBE_NAME) {
+        Ok(name) => {
+            let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+            message.metadata.recursion_desired = true;
+            message.add_query(Query::query(name, RecordType::A));
+            message.to_vec()
+        }
+        Err(e) => return format!("bad probe name: {e}"),
+    };
+    let query = match query {
+        Ok(q) => q,
+        Err(e) => return format!("cannot encode the probe query: {e}"),
+    };
+    let socket = match UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+        s.connect(PROBE_DNS)?;
+        s.set_read_timeout(Some(PROBE_TIMEOUT))?;
+        s.send(&query)?;
+        Ok(s)
+    }) {
+        Ok(s) => s,
+        Err(e) if unreachable(&e) => return UNREACHABLE.into(),
+        Err(e) => return format!("not sent: {e}"),
+    };
+    let mut buf = [0u8; 1500];
+    match socket.recv(&mut buf) {
+        Ok(n) => match Message::from_vec(&buf[..n]) {
+            Ok(m) if m.metadata.id == id && m.metadata.message_type == MessageType::Response => {
+                format!(
+                    "answered {}",
+                    crate::agent_dns::question::mnemonic(m.metadata.response_code)
+                )
+            }
+            _ => "an answer that is not to the probe's query".into(),
+        },
+        Err(e) => format!("no answer: {e}"),
+    }
 }
 
 fn probe_tcp() -> String {

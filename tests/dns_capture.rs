@@ -133,3 +133,40 @@ fn every_agent_query_is_decided_and_refused_names_leave_nothing() {
         text(&out)
     );
 }
+
+/// With the handler gone (the daemon killed), an agent's query is answered
+/// by nobody and reaches no resolver; one to a loopback resolver is refused
+/// at once (ICMP port unreachable; the kernel cannot send one from a foreign
+/// address, so a query to an off-host resolver times out instead).
+#[test]
+fn handler_down_leaks_nothing() {
+    if !harness::require_root_and_tools(&["dig"]) {
+        return;
+    }
+    let world = World::new();
+    let config = daemon::config(
+        &world,
+        json!({"dns": {"servers": [DNS_V4.to_string()], "capture": true}}),
+    );
+    let d = Daemon::start(&world, config);
+    d.signal(libc::SIGKILL);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let before = world.count_arrived(arrivals::DNS);
+    for server in [DNS_V4.to_string(), "127.0.0.53".into(), "::1".into()] {
+        let started = std::time::Instant::now();
+        let out = dig(&world, &server, &["allowed.test", "A"]);
+        let took = started.elapsed();
+        assert!(!out.contains("ANSWER SECTION"), "via {server}: {out}");
+        if server != DNS_V4.to_string() {
+            assert!(
+                out.contains("refused") && took < std::time::Duration::from_secs(1),
+                "via {server}: {took:?}: {out}"
+            );
+        }
+    }
+    assert_eq!(
+        world.count_arrived(arrivals::DNS),
+        before,
+        "a query left the agent host"
+    );
+}

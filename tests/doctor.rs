@@ -53,6 +53,7 @@ fn doctor_passes_on_a_healthy_daemon_and_names_what_broke() {
             "ok    capture of TCP from {agent}: 192.0.2.254:80 answered by the proxy's refusal"
         ),
         format!("ok    drop of UDP from {agent}"),
+        format!("ok    capture of DNS from {agent}: 192.0.2.254:53: answered NXDOMAIN"),
     ] {
         assert!(report.contains(&line), "missing {line:?} in\n{report}");
     }
@@ -79,6 +80,11 @@ fn doctor_passes_on_a_healthy_daemon_and_names_what_broke() {
         frozen.contains(&format!("FAIL  capture of TCP from {agent}")),
         "{frozen}"
     );
+    // Its DNS handler is frozen too: nobody answers the probe's query.
+    assert!(
+        frozen.contains(&format!("FAIL  capture of DNS from {agent}")),
+        "{frozen}"
+    );
 
     // And its table gone: said as such.
     let deleted = world
@@ -94,6 +100,24 @@ fn doctor_passes_on_a_healthy_daemon_and_names_what_broke() {
         "{gone}"
     );
 
+    // And its policy routing gone (the rules that send marked packets to lo).
+    for family in ["-4", "-6"] {
+        let deleted = world
+            .host_cmd([
+                "ip", family, "rule", "del", "fwmark", "0xae1", "lookup", "2785",
+            ])
+            .status()
+            .expect("ip rule");
+        assert!(deleted.success());
+    }
+    let out = doctor(&world, &d);
+    let unrouted = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{unrouted}");
+    assert!(
+        unrouted.contains("FAIL  policy routing: missing"),
+        "{unrouted}"
+    );
+
     // Thawed, the daemon repairs its table and the doctor is content again.
     signal(pid, libc::SIGCONT);
     let started = Instant::now();
@@ -106,4 +130,18 @@ fn doctor_passes_on_a_healthy_daemon_and_names_what_broke() {
     }
     let out = doctor(&world, &d);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // Killed: its listener is gone, and said so.
+    signal(pid, libc::SIGKILL);
+    let started = Instant::now();
+    let killed = loop {
+        let out = doctor(&world, &d);
+        let report = text(&out);
+        if report.contains(&format!("FAIL  listener 127.0.0.1:{}", daemon::PORT)) {
+            break (out, report);
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{report}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(killed.0.status.code(), Some(1), "{}", killed.1);
 }

@@ -423,6 +423,15 @@ fn audit_mode_lets_everything_through_and_records_the_verdict() {
     });
     assert_eq!(r["verdict"], "would_block");
     assert_eq!(r["rule"], "default");
+    // Its name was answered too, and the record says enforce would not have.
+    let q = d.wait_event("dns", "blocked.test's lookup in audit mode", |r| {
+        r["host"] == "blocked.test"
+    });
+    assert_eq!(
+        (&q["verdict"], &q["rcode"]),
+        (&json!("would_block"), &json!("NOERROR")),
+        "{q}"
+    );
     curl_ok(&world, "https://allowed.test/");
     let r = d.wait_record("allowed.test in audit mode", |r| {
         r["host"] == "allowed.test"

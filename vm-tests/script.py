@@ -72,7 +72,9 @@ def audit_records() -> list[dict]:
 
 
 def wait_for_audit(what: str, **fields) -> dict:
-    """The first audit record with all these fields, waiting for the connection to end."""
+    """The first audit record with all these fields, waiting for the connection to end
+    (or of another event: event="dns" for a query)."""
+    fields.setdefault("event", "end")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         for record in audit_records():
@@ -141,7 +143,8 @@ with subtest("blocked_fails_fast"):
     expect_refused("http://blocked.test/?c=blocked_fails_fast")
     expect_refused("https://later.test/?c=blocked_fails_fast")
     assert not served("c=blocked_fails_fast"), "a blocked request reached a server"
-    wait_for_audit("for the blocked request", host="blocked.test", rule="block", outbound="block")
+    # Its name does not resolve: the agents' DNS is answered under the policy.
+    wait_for_audit("for the blocked name", event="dns", host="blocked.test", rule="block", outbound="block")
 
 with subtest("name_spelling"):
     expect_page("http://ALLOWED.Test./?c=name_spelling", "allowed-site-marker")
@@ -304,7 +307,7 @@ with subtest("chromium_allowed_page_blocked_subresource"):
     assert "allowed-page-marker" in probe.out, probe.out
     assert "subresource-blocked" in probe.out, probe.out
     assert not served("pixel.png", BLOCKED4) and not served("pixel.png", BLOCKED6)
-    wait_for_audit("for the blocked subresource", host="blocked.test", outbound="block")
+    wait_for_audit("for the blocked subresource", event="dns", host="blocked.test", outbound="block")
 
 with subtest("chromium_quic_fallback"):
     # Count the agent's QUIC attempts before anything can drop them.

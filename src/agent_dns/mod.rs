@@ -16,8 +16,8 @@
 pub mod question;
 mod transparent;
 
-use crate::audit::{PendingRecord, Record};
-use crate::config::{Outbound, RefuseWith};
+use crate::audit::{AttributionDone, PendingRecord, Record};
+use crate::config::{Mode, Outbound, RefuseWith};
 use crate::procinfo::{OwnerQuery, SockDiag};
 use crate::proxy::Shared;
 use hickory_proto::op::ResponseCode;
@@ -179,7 +179,13 @@ impl Handler {
             .sock_diag
             .as_mut()
             .and_then(|d| d.lookup_udp(agent, asked).ok().flatten())
-            .and_then(|owner| self.shared.attribute(owner, &mut record));
+            .and_then(|owner| self.shared.attribute_query(owner, &mut record));
+        // Now, while the process that asked surely still exists: a refused
+        // client may be gone by the time the record is written.
+        if let (Some(query), Some(id)) = (&owner, record.conn_id) {
+            let done = AttributionDone::new(self.waker.clone());
+            audit.attribute_early(id, query.clone(), done);
+        }
         let runtime = self.shared.runtime();
         let config = &runtime.config;
         let refuse_with = match config.dns.refuse_with {
@@ -199,6 +205,7 @@ impl Handler {
                     Some(Outbound::Block) | None
                 ),
                 rule: decision.rule_name.to_string(),
+                outbound: decision.outbound.to_string(),
             }
         });
         match plan {
@@ -211,13 +218,25 @@ impl Handler {
                 response,
                 name,
                 qtype,
-                rule,
+                verdict,
                 rcode,
                 why,
             } => {
-                record.host = name;
                 record.qtype = qtype.map(|t| t.to_string());
-                record.rule = rule;
+                record.outbound = "block".into();
+                if let Some(verdict) = verdict {
+                    record.rule = Some(verdict.rule);
+                    record.outbound = verdict.outbound;
+                }
+                // Audit mode: a question the policy would refuse goes out all
+                // the same, and its record says what enforce would have done.
+                if let (Mode::Audit, Some(name), Some(qtype)) = (config.mode, &name, qtype) {
+                    record.host = Some(name.clone());
+                    record.verdict = "would_block";
+                    let name = name.clone();
+                    return self.forward(query, name, qtype, agent, asked, record, owner, started);
+                }
+                record.host = name;
                 record.rcode = Some(question::mnemonic(rcode));
                 record.verdict = "block";
                 record.error = Some(why);
@@ -229,10 +248,15 @@ impl Handler {
                 }
                 self.finish(record, owner, started);
             }
-            Plan::Forward { name, qtype, rule } => {
+            Plan::Forward {
+                name,
+                qtype,
+                verdict,
+            } => {
                 record.host = Some(name.clone());
                 record.qtype = Some(qtype.to_string());
-                record.rule = Some(rule);
+                record.rule = Some(verdict.rule);
+                record.outbound = verdict.outbound;
                 record.verdict = "allow";
                 self.forward(query, name, qtype, agent, asked, record, owner, started);
             }

@@ -12,9 +12,12 @@ const MAX_ANSWERS_RECORDED: usize = 16;
 
 /// What the policy says of a name: the rule that decided, and whether it lets
 /// the agent learn the name's records.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NameVerdict {
     pub allowed: bool,
     pub rule: String,
+    /// The outbound the rule names (what a connection to the name would get).
+    pub outbound: String,
 }
 
 /// What to do with one datagram an agent sent to port 53.
@@ -24,14 +27,14 @@ pub enum Plan {
     Forward {
         name: String,
         qtype: RecordType,
-        rule: String,
+        verdict: NameVerdict,
     },
     /// Answer at once: the bytes to send, and what the record says.
     Answer {
         response: Vec<u8>,
         name: Option<String>,
         qtype: Option<RecordType>,
-        rule: Option<String>,
+        verdict: Option<NameVerdict>,
         rcode: ResponseCode,
         why: String,
     },
@@ -115,13 +118,13 @@ pub fn plan(
             refuse_with,
             format!("{name} is refused by rule {:?}", verdict.rule),
         );
-        set_question(&mut plan, Some(name), Some(qtype), Some(verdict.rule));
+        set_question(&mut plan, Some(name), Some(qtype), Some(verdict));
         return plan;
     }
     Plan::Forward {
         name,
         qtype,
-        rule: verdict.rule,
+        verdict,
     }
 }
 
@@ -129,15 +132,18 @@ fn set_question(
     plan: &mut Plan,
     new_name: Option<String>,
     new_qtype: Option<RecordType>,
-    new_rule: Option<String>,
+    new_verdict: Option<NameVerdict>,
 ) {
     if let Plan::Answer {
-        name, qtype, rule, ..
+        name,
+        qtype,
+        verdict,
+        ..
     } = plan
     {
         *name = new_name;
         *qtype = new_qtype;
-        *rule = new_rule;
+        *verdict = new_verdict;
     }
 }
 
@@ -160,7 +166,7 @@ fn answer(
             response: bytes,
             name: None,
             qtype: None,
-            rule: None,
+            verdict: None,
             rcode,
             why,
         },
@@ -249,13 +255,13 @@ mod tests {
     }
 
     fn allow_only(allowed: &'static str) -> impl FnOnce(&str) -> NameVerdict {
-        move |name| NameVerdict {
-            allowed: name == allowed || name.ends_with(&format!(".{allowed}")),
-            rule: if name.ends_with(allowed) {
-                "allowed".into()
-            } else {
-                "default".into()
-            },
+        move |name| {
+            let allowed = name == allowed || name.ends_with(&format!(".{allowed}"));
+            NameVerdict {
+                allowed,
+                rule: if allowed { "allowed" } else { "default" }.into(),
+                outbound: if allowed { "direct" } else { "block" }.into(),
+            }
         }
     }
 
@@ -287,7 +293,11 @@ mod tests {
             Plan::Forward {
                 name: "www.allowed.test".into(),
                 qtype: RecordType::AAAA,
-                rule: "allowed".into()
+                verdict: NameVerdict {
+                    allowed: true,
+                    rule: "allowed".into(),
+                    outbound: "direct".into()
+                }
             }
         );
     }
@@ -296,11 +306,15 @@ mod tests {
     fn refused_names_get_nxdomain_with_the_question_and_id() {
         let refusal = decided(&query("c2VjcmV0.attacker.test.", RecordType::A));
         assert_eq!(rcode_of(&refusal), (ResponseCode::NXDomain, 0x1234, true));
-        let Plan::Answer { name, rule, .. } = &refusal else {
+        let Plan::Answer { name, verdict, .. } = &refusal else {
             unreachable!()
         };
         assert_eq!(name.as_deref(), Some("c2vjcmv0.attacker.test"));
-        assert_eq!(rule.as_deref(), Some("default"));
+        let verdict = verdict.as_ref().expect("the policy's verdict");
+        assert_eq!(
+            (verdict.rule.as_str(), verdict.outbound.as_str()),
+            ("default", "block")
+        );
         let refused = plan(
             &query("x.attacker.test.", RecordType::A),
             &DEFAULT_QUERY_TYPES,

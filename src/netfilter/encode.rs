@@ -280,6 +280,8 @@ pub(crate) enum Expr {
     Tproxy,
     Counter,
     RejectTcpReset,
+    /// Answer with ICMP(v6) port unreachable: a UDP sender learns at once.
+    RejectPortUnreachable,
     Verdict(Verdict),
 }
 
@@ -298,7 +300,7 @@ impl Expr {
             Expr::UpdateCounted { .. } => "dynset",
             Expr::Tproxy => "tproxy",
             Expr::Counter => "counter",
-            Expr::RejectTcpReset => "reject",
+            Expr::RejectTcpReset | Expr::RejectPortUnreachable => "reject",
         }
     }
 
@@ -389,6 +391,13 @@ impl Expr {
             }
             Expr::Counter => {}
             Expr::RejectTcpReset => w.put_u32(sys::NFTA_REJECT_TYPE, sys::NFT_REJECT_TCP_RST),
+            Expr::RejectPortUnreachable => {
+                w.put_u32(sys::NFTA_REJECT_TYPE, sys::NFT_REJECT_ICMPX_UNREACH);
+                w.put(
+                    sys::NFTA_REJECT_ICMP_CODE,
+                    &[sys::NFT_REJECT_ICMPX_PORT_UNREACH as u8],
+                );
+            }
         }
     }
 

@@ -457,18 +457,21 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
             .concat(),
         );
         to_handler.hint = Some(HINT_TPROXY.into());
-        // Handler down: dropped, never delivered where the agent sent it (a
-        // resolver on loopback would answer it).
-        let unhandled = Rule::new(
+        // Handler down: never delivered where the agent sent it (a loopback
+        // resolver would answer). Refused with ICMP, which the kernel sends
+        // only from a local address: a query to a loopback resolver fails at
+        // once, one to an off-host resolver times out.
+        let mut unhandled = Rule::new(
             PREROUTING_CHAIN,
-            "drop dns when the handler is down",
+            "refuse dns when the handler is down",
             [
                 l4proto(IPPROTO_UDP),
                 mark_is(plan.mark),
-                vec![Expr::Counter, Expr::Verdict(Verdict::Drop)],
+                vec![Expr::Counter, Expr::RejectPortUnreachable],
             ]
             .concat(),
         );
+        unhandled.hint = Some(HINT_REJECT.into());
         rules.extend([to_handler, unhandled]);
     }
     // Marked packets are routed to lo by the fwmark rule, but a socket bound to

@@ -212,10 +212,28 @@ impl Shared {
         }
     }
 
-    /// What the kernel said of the socket behind a connection or a query
-    /// (uid, cgroup, agent) into `record`, and where the audit writer finds
-    /// its process; `None` outside every agent.
-    pub fn attribute(&self, owner: SocketOwner, record: &mut Record) -> Option<OwnerQuery> {
+    /// What the kernel said of the socket behind a connection (uid, cgroup,
+    /// agent) into `record`, and where the audit writer finds its process;
+    /// `None` outside every agent.
+    pub fn attribute_connection(
+        &self,
+        owner: SocketOwner,
+        record: &mut Record,
+    ) -> Option<OwnerQuery> {
+        self.attribute(owner, record, ConnectLog::take)
+    }
+
+    /// The same for a DNS query, whose socket may ask again.
+    pub fn attribute_query(&self, owner: SocketOwner, record: &mut Record) -> Option<OwnerQuery> {
+        self.attribute(owner, record, ConnectLog::peek)
+    }
+
+    fn attribute(
+        &self,
+        owner: SocketOwner,
+        record: &mut Record,
+        connector_of: fn(&ConnectLog, u64) -> io::Result<Option<u32>>,
+    ) -> Option<OwnerQuery> {
         record.uid = Some(owner.uid);
         record.cgroup_id = owner.cgroup_id;
         let belongs = owner
@@ -228,8 +246,7 @@ impl Shared {
         let scope = record.subtree.as_ref().or(record.agent.as_ref())?;
         let root = self.cgroup_root.as_ref()?;
         let connector = self.connect_log.get().and_then(|connects| {
-            connects
-                .take(owner.cookie)
+            connector_of(connects, owner.cookie)
                 .map_err(|e| log::debug!("reading the connect log: {e}"))
                 .ok()
                 .flatten()

@@ -314,7 +314,7 @@ impl Worker {
             .as_mut()
             .and_then(|d| d.lookup(peer, original_dst).ok().flatten())
         {
-            if let Some(query) = self.shared.attribute(owner, &mut record) {
+            if let Some(query) = self.shared.attribute_connection(owner, &mut record) {
                 // Now, while the agent's process surely still exists.
                 if let Some(id) = record.conn_id {
                     let done = AttributionDone::new(self.waker.clone());

@@ -27,9 +27,13 @@ pub fn allowed_page_blocked_subresource() {
     let blocked_before = world.count_arrived(BLOCKED.counter);
 
     // The budget lets the page's script and subresources settle before the dump.
+    // blocked.test pinned to its address: the refusal then comes by name
+    // in the handshake (unpinned, the handler refuses the name itself).
+    let pin = format!("--host-resolver-rules=MAP blocked.test {}", BLOCKED.v4);
     let dom = dump_dom(world.chromium_agent([
         "--virtual-time-budget=5000",
         "--dump-dom",
+        pin.as_str(),
         "https://allowed.test/page.html",
     ]));
     assert!(dom.contains(PAGE_CONTENT), "the page did not render: {dom}");
@@ -66,6 +70,12 @@ pub fn allowed_page_blocked_subresource() {
         world.count_arrived(BIG_HELLO) > 0,
         "no ClientHello over 1500 bytes reached allowed.test: not Chromium's post-quantum one"
     );
+
+    // Chromium's own resolver asked the handler for allowed.test.
+    let lookup = d.wait_event("dns", "Chromium resolving allowed.test", |r| {
+        r["host"] == "allowed.test" && r["verdict"] == "allow"
+    });
+    assert_eq!(lookup["agent"], world.agent().relative_path(), "{lookup}");
 
     d.wait_record("Chromium's blocked.test connection", |r| {
         r["host"] == "blocked.test"
