@@ -88,6 +88,19 @@ pub struct Record {
     pub rcode: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answers: Option<Vec<String>>,
+    /// For a connection (DNS captured): whether the agent resolved its
+    /// address through the handler, and the name it did (the most recent);
+    /// a connection without a name of its own is decided under that name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved_name: Option<String>,
+    /// Its SNI or Host is none of the names its address was resolved for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_mismatch: Option<bool>,
+    /// A DNS query over a per-agent limit (`dns.rate_limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limited: Option<bool>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,

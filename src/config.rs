@@ -4,6 +4,7 @@
 //! because `check` must report every error with its JSON path, not stop at the
 //! first one as serde does.
 
+use crate::agent_dns::limits::RateLimits;
 use crate::cgroup::validate_relative_path;
 use crate::names::normalize_host;
 use hickory_proto::rr::RecordType;
@@ -166,6 +167,15 @@ pub struct Dns {
     pub refuse_with: RefuseWith,
     /// Query types forwarded; others are refused (TXT and NULL carry tunnels).
     pub query_types: Vec<RecordType>,
+    /// A connection without a name of its own, to an address the agent never
+    /// resolved through the handler, only by a rule by address (`ips`).
+    pub require_dns: bool,
+    /// Per agent: queries a second, and distinct names below one parent a minute.
+    pub rate_limit: RateLimits,
+    /// Names with a longer label, or longer in all, are refused: data rides
+    /// in long labels (the protocol allows 63 and 255 bytes).
+    pub max_label_length: usize,
+    pub max_name_length: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -455,6 +465,14 @@ impl Default for Config {
                 port: DEFAULT_DNS_PORT,
                 refuse_with: RefuseWith::NxDomain,
                 query_types: DEFAULT_QUERY_TYPES.to_vec(),
+                require_dns: false,
+                rate_limit: RateLimits {
+                    queries_per_second: 100,
+                    burst: 500,
+                    names_per_parent: 100,
+                },
+                max_label_length: 48,
+                max_name_length: 180,
             },
             outbounds: builtin_outbounds(),
             rules: Vec::new(),
@@ -989,19 +1007,41 @@ impl Reader {
                 "port",
                 "refuse_with",
                 "query_types",
+                "require_dns",
+                "rate_limit",
+                "max_label_length",
+                "max_name_length",
             ],
         ) else {
             return;
         };
-        if let Some(v) = map.get("capture") {
-            if let Some(b) = self.bool("dns.capture", v) {
-                dns.capture = b;
+        for (key, slot) in [
+            ("capture", &mut dns.capture),
+            ("require_dns", &mut dns.require_dns),
+        ] {
+            if let Some(v) = map.get(key) {
+                if let Some(b) = self.bool(&join("dns", key), v) {
+                    *slot = b;
+                }
             }
         }
         if let Some(v) = map.get("port") {
             if let Some(p) = self.u64_in("dns.port", v, 1, 65535) {
                 dns.port = p as u16;
             }
+        }
+        for (key, slot, most) in [
+            ("max_label_length", &mut dns.max_label_length, 63),
+            ("max_name_length", &mut dns.max_name_length, 253),
+        ] {
+            if let Some(v) = map.get(key) {
+                if let Some(n) = self.u64_in(&join("dns", key), v, 1, most) {
+                    *slot = n as usize;
+                }
+            }
+        }
+        if let Some(v) = map.get("rate_limit") {
+            self.rate_limit(v, &mut dns.rate_limit);
         }
         if let Some(v) = map.get("refuse_with") {
             match v.as_str() {
@@ -1055,6 +1095,27 @@ impl Reader {
                     "dns.domain_dial",
                     format!("{v} is not \"resolve\" or \"verify\""),
                 ),
+            }
+        }
+    }
+
+    fn rate_limit(&mut self, value: &Value, limits: &mut RateLimits) {
+        let Some(map) = self.object(
+            "dns.rate_limit",
+            value,
+            &["queries_per_second", "burst", "names_per_parent"],
+        ) else {
+            return;
+        };
+        for (key, slot) in [
+            ("queries_per_second", &mut limits.queries_per_second),
+            ("burst", &mut limits.burst),
+            ("names_per_parent", &mut limits.names_per_parent),
+        ] {
+            if let Some(v) = map.get(key) {
+                if let Some(n) = self.u64_in(&join("dns.rate_limit", key), v, 1, 1_000_000) {
+                    *slot = n as u32;
+                }
             }
         }
     }

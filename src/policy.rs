@@ -44,6 +44,8 @@ pub struct Decision<'p> {
     /// The winning rule has `domains`, so it matched on the name: the proxy
     /// must dial that name, not trust the address the client chose.
     pub matched_domain: bool,
+    /// The winning rule has `ips`: it names the address itself.
+    pub by_address: bool,
 }
 
 /// The kind of address `ip` is when it is not one on the internet: what a name
@@ -193,6 +195,7 @@ impl Policy {
                     rule_name: &rule.name,
                     outbound: &rule.outbound,
                     matched_domain: !rule.domains.is_empty(),
+                    by_address: !rule.ips.is_empty(),
                 }
             }
             None => Decision {
@@ -200,6 +203,7 @@ impl Policy {
                 rule_name: DEFAULT_RULE_NAME,
                 outbound: &self.default_outbound,
                 matched_domain: false,
+                by_address: false,
             },
         }
     }
@@ -237,6 +241,7 @@ impl Policy {
                     rule_name: &rule.name,
                     outbound: &rule.outbound,
                     matched_domain: !rule.domains.is_empty(),
+                    by_address: !rule.ips.is_empty(),
                 };
             }
         }
@@ -245,6 +250,7 @@ impl Policy {
             rule_name: DEFAULT_RULE_NAME,
             outbound: &self.default_outbound,
             matched_domain: false,
+            by_address: false,
         }
     }
 
@@ -313,6 +319,7 @@ impl Policy {
                 rule_name: &rule.name,
                 outbound: &rule.outbound,
                 matched_domain: false,
+                by_address: true,
             }
         })
     }
@@ -810,7 +817,8 @@ mod tests {
                 rule: None,
                 rule_name: "default",
                 outbound: "block",
-                matched_domain: false
+                matched_domain: false,
+                by_address: false
             }
         );
         let open = policy(r#"{"default": "direct"}"#);

@@ -8,7 +8,7 @@
 mod harness;
 
 use harness::daemon::{self, Daemon};
-use harness::{arrivals, World, ALLOWED, DNS_V4};
+use harness::{arrivals, World, ALLOWED, BLOCKED, DNS_V4, OTHER};
 use serde_json::{json, Value};
 use std::process::Output;
 
@@ -169,4 +169,219 @@ fn handler_down_leaks_nothing() {
         before,
         "a query left the agent host"
     );
+}
+
+/// Bytes that are neither TLS nor HTTP (an SSH-like greeting) to `addr`:80,
+/// as the agent; what came back.
+fn nameless(world: &World, addr: &str) -> String {
+    let out = world
+        .agent_cmd([
+            "sh",
+            "-c",
+            &format!(
+                "printf 'SSH-2.0-agent\\r\\n\\r\\n' | socat -t 2 - TCP:{addr}:80,connect-timeout=3"
+            ),
+        ])
+        .output()
+        .expect("socat");
+    text(&out)
+}
+
+/// A connection that names nothing is decided under the name the agent
+/// resolved its address for; with `require_dns`, one to an address it never
+/// resolved through us gets only rules by address, even when the default
+/// would let it through.
+#[test]
+fn nameless_connections_take_the_name_their_address_was_resolved_for() {
+    if !harness::require_root_and_tools(&["dig", "socat"]) {
+        return;
+    }
+    let world = World::new();
+    let config = daemon::config(
+        &world,
+        json!({
+            "dns": {"servers": [DNS_V4.to_string()], "capture": true, "require_dns": true},
+            "rules": [
+                {"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"},
+                {"name": "other-by-address", "ips": [OTHER.v4.to_string()], "outbound": "direct"},
+                {"name": "no-blocked", "domains": ["blocked.test"], "outbound": "block"}
+            ],
+            "default": "direct"
+        }),
+    );
+    let d = Daemon::start(&world, config);
+    let out = dig(&world, &DNS_V4.to_string(), &["allowed.test", "A"]);
+    assert_eq!(status_of(&out), "NOERROR", "{out}");
+
+    // Resolved through us: the greeting reaches nginx under allowed.test's rule.
+    let reply = nameless(&world, &ALLOWED.v4.to_string());
+    assert!(
+        reply.contains("400"),
+        "nginx did not answer the greeting: {reply}"
+    );
+    let r = d.wait_record("the nameless connection to a resolved address", |r| {
+        r["dst"] == format!("{}:80", ALLOWED.v4)
+    });
+    assert_eq!(
+        (
+            &r["verdict"],
+            &r["rule"],
+            &r["host"],
+            &r["resolved"],
+            &r["resolved_name"]
+        ),
+        (
+            &json!("allow"),
+            &json!("allowed"),
+            &json!("allowed.test"),
+            &json!(true),
+            &json!("allowed.test")
+        ),
+        "{r}"
+    );
+
+    // Never resolved, and the default would allow it: refused all the same.
+    let before = world.count_arrived(BLOCKED.counter);
+    nameless(&world, &BLOCKED.v4.to_string());
+    let r = d.wait_record("the hard-coded address", |r| {
+        r["dst"] == format!("{}:80", BLOCKED.v4)
+    });
+    assert_eq!(
+        (&r["verdict"], &r["dial"], &r["resolved"]),
+        (&json!("block"), &json!("refused_unresolved"), &json!(false)),
+        "{r}"
+    );
+    assert_eq!(
+        world.count_arrived(BLOCKED.counter),
+        before,
+        "the hard-coded address was reached"
+    );
+    // A rule by address still lets a never-resolved address through.
+    nameless(&world, &OTHER.v4.to_string());
+    let r = d.wait_record("the address a rule names", |r| {
+        r["dst"] == format!("{}:80", OTHER.v4)
+    });
+    assert_eq!(
+        (&r["verdict"], &r["rule"]),
+        (&json!("allow"), &json!("other-by-address")),
+        "{r}"
+    );
+
+    // A name of its own that is none of its address's: said so.
+    let out = world.curl_agent([
+        "--resolve",
+        &format!("other.test:80:{}", ALLOWED.v4),
+        "http://other.test/",
+    ]);
+    let _ = out;
+    let r = d.wait_record("the name its address was not resolved for", |r| {
+        r["host"] == "other.test" && r["dst"] == format!("{}:80", ALLOWED.v4)
+    });
+    assert_eq!(
+        (&r["name_mismatch"], &r["resolved_name"]),
+        (&json!(true), &json!("allowed.test")),
+        "{r}"
+    );
+}
+
+/// 1,000 queries for random labels under an allowed domain, as fast as one
+/// socket sends them: past the per-agent bound on distinct names below one
+/// parent, REFUSED at once and not forwarded; the agent's other lookups go on.
+const EXFIL_BURST: &str = r#"
+import socket, struct, sys, random, string
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+# SO_RCVBUFFORCE (root): room for every answer, read after the burst.
+s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
+s.connect((sys.argv[1], 53))
+s.settimeout(2)
+def query(i, name):
+    q = struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\0\0\1\0\1"
+for i in range(1000):
+    label = "".join(random.choice(string.ascii_lowercase) for _ in range(20))
+    s.send(query(i, label + ".allowed.test"))
+codes = {}
+try:
+    while sum(codes.values()) < 1000:
+        rcode = s.recv(4096)[3] & 0xF
+        codes[rcode] = codes.get(rcode, 0) + 1
+except socket.timeout:
+    pass
+print(" ".join(f"{k}:{v}" for k, v in sorted(codes.items())))
+"#;
+
+#[test]
+fn an_exfiltration_shaped_burst_is_refused_past_the_limit() {
+    if !harness::require_root_and_tools(&["dig", "python3"]) {
+        return;
+    }
+    let world = World::new();
+    let config = daemon::config(
+        &world,
+        json!({"dns": {"servers": [DNS_V4.to_string()], "capture": true,
+                       "rate_limit": {"queries_per_second": 100000, "burst": 100000, "names_per_parent": 50}},
+               "audit": {"path": world.dir().join("audit.jsonl"), "queue": 65536}}),
+    );
+    let d = Daemon::start(&world, config);
+    let before = world.count_arrived(arrivals::DNS);
+    let out = world
+        .agent_cmd(["python3", "-c", EXFIL_BURST, &DNS_V4.to_string()])
+        .output()
+        .expect("python3");
+    let codes = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // rcode 5 is REFUSED; the first 50 names went to dnsmasq, which answers
+    // whatever it answers.
+    let counts: Vec<(String, u32)> = codes
+        .split(' ')
+        .filter_map(|c| c.split_once(':'))
+        .map(|(rcode, n)| (rcode.to_string(), n.parse().unwrap_or(0)))
+        .collect();
+    let refused: u32 = counts
+        .iter()
+        .filter(|(c, _)| c == "5")
+        .map(|(_, n)| n)
+        .sum();
+    let others: u32 = counts
+        .iter()
+        .filter(|(c, _)| c != "5")
+        .map(|(_, n)| n)
+        .sum();
+    let records = d.records();
+    let dns_records = records.iter().filter(|r| r["event"] == "dns").count();
+    let send_errors: Vec<String> = records
+        .iter()
+        .filter_map(|r| r["error"].as_str())
+        .filter(|e| e.contains("answering"))
+        .map(String::from)
+        .take(3)
+        .collect();
+    assert_eq!(
+        (refused, others),
+        (950, 50),
+        "answers by rcode: {codes} ({}); {dns_records} dns records; send errors {send_errors:?}",
+        text(&out)
+    );
+    let forwarded = world.count_arrived(arrivals::DNS) - before;
+    assert!(
+        forwarded <= 50 * 2,
+        "{forwarded} queries reached the resolver"
+    );
+    let r = d.wait_event("dns", "a rate-limited query", |r| r["rate_limited"] == true);
+    assert_eq!(
+        (&r["verdict"], &r["rcode"]),
+        (&json!("block"), &json!("REFUSED")),
+        "{r}"
+    );
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("below allowed.test"),
+        "{r}"
+    );
+    // The limit is on that parent: the agent's other lookups are answered.
+    let out = dig(&world, &DNS_V4.to_string(), &["allowed.test", "A"]);
+    assert_eq!(status_of(&out), "NOERROR", "{out}");
 }

@@ -4,13 +4,13 @@
 #![no_main]
 
 use agent_egress::agent_dns::question::{plan, read_answer, NameVerdict, Plan};
-use agent_egress::config::DEFAULT_QUERY_TYPES;
-use hickory_proto::op::ResponseCode;
+use agent_egress::config::{Config, DEFAULT_QUERY_TYPES};
 use hickory_proto::rr::RecordType;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let decided = plan(data, &DEFAULT_QUERY_TYPES, ResponseCode::NXDomain, |name| {
+    let dns = Config::default().dns;
+    let decided = plan(data, &dns, |name| {
         NameVerdict {
             allowed: name.ends_with("allowed.test"),
             rule: "fuzz".into(),

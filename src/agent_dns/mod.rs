@@ -13,15 +13,18 @@
 //! One thread, one mio loop, bounded: at most [`MAX_PENDING`] forwarded
 //! queries wait at a time; more get SERVFAIL at once, counted.
 
+pub mod limits;
+pub mod names;
 pub mod question;
 mod transparent;
 
 use crate::audit::{AttributionDone, PendingRecord, Record};
-use crate::config::{Mode, Outbound, RefuseWith};
+use crate::config::{Mode, Outbound};
 use crate::procinfo::{OwnerQuery, SockDiag};
 use crate::proxy::Shared;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
+use limits::Limiter;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use question::{NameVerdict, Plan};
@@ -75,6 +78,7 @@ pub struct Handler {
     waker: Arc<Waker>,
     pending: Slab<Pending>,
     sock_diag: Option<SockDiag>,
+    limiter: Limiter,
     buf: Vec<u8>,
 }
 
@@ -110,6 +114,7 @@ impl Handler {
             waker,
             pending: Slab::new(),
             sock_diag,
+            limiter: Limiter::default(),
             buf: vec![0; MAX_DATAGRAM],
         })
     }
@@ -120,8 +125,16 @@ impl Handler {
 
     pub fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
+        // Listeners whose read budget ran out: they hold more, and being
+        // edge-triggered they will not say so again.
+        let mut unread: Vec<usize> = Vec::new();
         loop {
-            if let Err(e) = self.poll.poll(&mut events, Some(TICK)) {
+            let timeout = if unread.is_empty() {
+                TICK
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("dns handler: poll: {e}");
                     return;
@@ -131,37 +144,45 @@ impl Handler {
                 self.fail_all("proxy shutting down");
                 return;
             }
+            let mut ready: Vec<usize> = std::mem::take(&mut unread);
             for event in events.iter() {
                 match event.token() {
                     WAKER => {}
-                    Token(t) if t >= LISTENER_BASE => self.read_queries(t - LISTENER_BASE),
+                    Token(t) if t >= LISTENER_BASE => ready.push(t - LISTENER_BASE),
                     Token(key) => self.read_answer(key),
+                }
+            }
+            ready.sort_unstable();
+            ready.dedup();
+            for index in ready {
+                if self.read_queries(index) {
+                    unread.push(index);
                 }
             }
             self.expire(Instant::now());
         }
     }
 
-    fn read_queries(&mut self, index: usize) {
+    /// Reads queries off one listener; true when its budget ran out first.
+    fn read_queries(&mut self, index: usize) -> bool {
         for _ in 0..READS_PER_EVENT {
             let Some(socket) = self.listeners.get(index) else {
-                return;
+                return false;
             };
             match transparent::receive(socket, &mut self.buf) {
                 Ok(datagram) => {
                     let query = self.buf[..datagram.len].to_vec();
                     self.on_query(&query, datagram.from, datagram.to);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => log::debug!("dns: {e}"),
                 Err(e) => {
                     log::warn!("dns: reading a query: {e}");
-                    return;
+                    return false;
                 }
             }
         }
-        // Budget spent: more may wait, and no new edge would say so.
-        let _ = self.waker.wake();
+        true
     }
 
     fn on_query(&mut self, query: &[u8], agent: SocketAddr, asked: SocketAddr) {
@@ -188,12 +209,8 @@ impl Handler {
         }
         let runtime = self.shared.runtime();
         let config = &runtime.config;
-        let refuse_with = match config.dns.refuse_with {
-            RefuseWith::NxDomain => ResponseCode::NXDomain,
-            RefuseWith::Refused => ResponseCode::Refused,
-        };
         let agent_name = record.agent.clone();
-        let plan = question::plan(query, &config.dns.query_types, refuse_with, |name| {
+        let plan = question::plan(query, &config.dns, |name| {
             let decision = runtime
                 .policy
                 .decide_name(name, agent_name.as_deref(), |o| {
@@ -257,6 +274,26 @@ impl Handler {
                 record.qtype = Some(qtype.to_string());
                 record.rule = Some(verdict.rule);
                 record.outbound = verdict.outbound;
+                let limited = self.limiter.admit(
+                    &config.dns.rate_limit,
+                    record.agent.as_deref(),
+                    &name,
+                    started,
+                );
+                if let Err(why) = limited {
+                    record.rate_limited = Some(true);
+                    if config.mode == Mode::Enforce {
+                        record.verdict = "block";
+                        record.rcode = Some(question::mnemonic(ResponseCode::Refused));
+                        if let Some(refusal) = question::refused(query) {
+                            let _ = self.replier.send(asked, agent, &refusal);
+                        }
+                        record.error = Some(why);
+                        return self.finish(record, owner, started);
+                    }
+                    record.verdict = "would_block";
+                    return self.forward(query, name, qtype, agent, asked, record, owner, started);
+                }
                 record.verdict = "allow";
                 self.forward(query, name, qtype, agent, asked, record, owner, started);
             }
@@ -355,6 +392,15 @@ impl Handler {
             response[..2].copy_from_slice(&pending.agent_id.to_be_bytes());
             let pending = self.pending.remove(key);
             let mut record = pending.record;
+            // Only what enforce lets the agent learn names its addresses.
+            if record.verdict == "allow" && !summary.addresses.is_empty() {
+                self.shared.resolved.insert(
+                    record.agent.as_deref(),
+                    &pending.name,
+                    &summary.addresses,
+                    Instant::now(),
+                );
+            }
             record.rcode = Some(question::mnemonic(summary.rcode));
             record.answers = Some(summary.answers);
             if summary.truncated {

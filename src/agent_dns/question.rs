@@ -2,10 +2,12 @@
 //! hickory-proto, checked against the query types forwarded and the policy for
 //! its name; and the answers we give ourselves (a refusal, an error).
 
+use crate::config::{Dns, RefuseWith};
 use crate::names::normalize_host;
 use hickory_proto::op::{Header, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 use hickory_proto::serialize::binary::BinDecodable;
+use std::net::IpAddr;
 
 /// Answers named in an audit record, at most.
 const MAX_ANSWERS_RECORDED: usize = 16;
@@ -44,12 +46,11 @@ pub enum Plan {
 
 /// Decide `datagram`. `query_types` are the types forwarded; `decide_name`
 /// asks the policy about a (normalised) name.
-pub fn plan(
-    datagram: &[u8],
-    query_types: &[RecordType],
-    refuse_with: ResponseCode,
-    decide_name: impl FnOnce(&str) -> NameVerdict,
-) -> Plan {
+pub fn plan(datagram: &[u8], dns: &Dns, decide_name: impl FnOnce(&str) -> NameVerdict) -> Plan {
+    let refuse_with = match dns.refuse_with {
+        RefuseWith::NxDomain => ResponseCode::NXDomain,
+        RefuseWith::Refused => ResponseCode::Refused,
+    };
     let message = match Message::from_vec(datagram) {
         Ok(message) => message,
         Err(e) => {
@@ -100,7 +101,23 @@ pub fn plan(
             return plan;
         }
     };
-    if !query_types.contains(&qtype) {
+    let longest_label = name.split('.').map(str::len).max().unwrap_or(0);
+    if longest_label > dns.max_label_length || name.len() > dns.max_name_length {
+        let mut plan = answer(
+            metadata,
+            Some(&message),
+            ResponseCode::Refused,
+            format!(
+                "{name}: a label of {longest_label} bytes or a name of {} (dns.max_label_length {}, dns.max_name_length {})",
+                name.len(),
+                dns.max_label_length,
+                dns.max_name_length
+            ),
+        );
+        set_question(&mut plan, Some(name), Some(qtype), None);
+        return plan;
+    }
+    if !dns.query_types.contains(&qtype) {
         let mut plan = answer(
             metadata,
             Some(&message),
@@ -197,10 +214,20 @@ pub fn read_answer(datagram: &[u8], id: u16, name: &str, qtype: RecordType) -> O
             other => other.record_type().to_string(),
         })
         .collect();
+    let addresses = message
+        .answers
+        .iter()
+        .filter_map(|record| match &record.data {
+            RData::A(a) => Some((IpAddr::V4(a.0), record.ttl)),
+            RData::AAAA(a) => Some((IpAddr::V6(a.0), record.ttl)),
+            _ => None,
+        })
+        .collect();
     Some(Summary {
         rcode: metadata.response_code,
         truncated: metadata.truncation,
         answers,
+        addresses,
     })
 }
 
@@ -210,6 +237,8 @@ pub struct Summary {
     pub rcode: ResponseCode,
     pub truncated: bool,
     pub answers: Vec<String>,
+    /// The answer's addresses with their TTLs (seconds), for [`super::names`].
+    pub addresses: Vec<(IpAddr, u32)>,
 }
 
 /// A response code as resolvers and dig print it (`NOERROR`, `NXDOMAIN`, ...).
@@ -225,15 +254,19 @@ pub fn mnemonic(rcode: ResponseCode) -> String {
     }
 }
 
+/// REFUSED for a query the handler will not forward after all (a limit).
+pub fn refused(query: &[u8]) -> Option<Vec<u8>> {
+    own_answer(query, ResponseCode::Refused)
+}
+
 /// SERVFAIL for a forwarded query no server answered.
 pub fn server_failure(query: &[u8]) -> Option<Vec<u8>> {
+    own_answer(query, ResponseCode::ServFail)
+}
+
+fn own_answer(query: &[u8], rcode: ResponseCode) -> Option<Vec<u8>> {
     let request = Message::from_vec(query).ok()?;
-    match answer(
-        &request.metadata,
-        Some(&request),
-        ResponseCode::ServFail,
-        String::new(),
-    ) {
+    match answer(&request.metadata, Some(&request), rcode, String::new()) {
         Plan::Answer { response, .. } => Some(response),
         _ => None,
     }
@@ -242,7 +275,7 @@ pub fn server_failure(query: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_QUERY_TYPES;
+    use crate::config::Config;
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     use std::str::FromStr;
@@ -266,12 +299,7 @@ mod tests {
     }
 
     fn decided(datagram: &[u8]) -> Plan {
-        plan(
-            datagram,
-            &DEFAULT_QUERY_TYPES,
-            ResponseCode::NXDomain,
-            allow_only("allowed.test"),
-        )
+        plan(datagram, &Config::default().dns, allow_only("allowed.test"))
     }
 
     fn rcode_of(plan: &Plan) -> (ResponseCode, u16, bool) {
@@ -315,10 +343,11 @@ mod tests {
             (verdict.rule.as_str(), verdict.outbound.as_str()),
             ("default", "block")
         );
+        let mut dns = Config::default().dns;
+        dns.refuse_with = RefuseWith::Refused;
         let refused = plan(
             &query("x.attacker.test.", RecordType::A),
-            &DEFAULT_QUERY_TYPES,
-            ResponseCode::Refused,
+            &dns,
             allow_only("allowed.test"),
         );
         assert_eq!(rcode_of(&refused).0, ResponseCode::Refused);
@@ -330,6 +359,23 @@ mod tests {
             let plan = decided(&query("allowed.test.", qtype));
             assert_eq!(rcode_of(&plan).0, ResponseCode::Refused, "{qtype}");
         }
+    }
+
+    #[test]
+    fn long_labels_and_names_are_refused_even_when_allowed() {
+        let data = "a".repeat(49);
+        let plan = decided(&query(&format!("{data}.allowed.test."), RecordType::A));
+        assert_eq!(rcode_of(&plan).0, ResponseCode::Refused);
+        let ok = "a".repeat(48);
+        assert!(matches!(
+            decided(&query(&format!("{ok}.allowed.test."), RecordType::A)),
+            Plan::Forward { .. }
+        ));
+        let long = format!("{}.allowed.test.", ["abcdefghij"; 16].join("."));
+        assert_eq!(
+            rcode_of(&decided(&query(&long, RecordType::A))).0,
+            ResponseCode::Refused
+        );
     }
 
     #[test]
@@ -374,6 +420,7 @@ mod tests {
         let bytes = answer.to_vec().unwrap();
         let summary = read_answer(&bytes, 0x1234, "allowed.test", RecordType::A).unwrap();
         assert_eq!(summary.answers, ["198.51.100.10"]);
+        assert_eq!(summary.addresses, [("198.51.100.10".parse().unwrap(), 60)]);
         assert_eq!(summary.rcode, ResponseCode::NoError);
         assert!(read_answer(&bytes, 0x1235, "allowed.test", RecordType::A).is_none());
         assert!(read_answer(&bytes, 0x1234, "other.test", RecordType::A).is_none());

@@ -22,6 +22,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use crate::proxy::listener::set_int;
 
 const UDP_HEADER_LEN: usize = 8;
+/// The listeners' receive queue, in bytes (the kernel counts each datagram's
+/// buffer, about 1 KiB for a query): some 4,000 queries.
+const LISTENER_RECEIVE_BUFFER: usize = 4 << 20;
 /// Where the UDP checksum sits in the header, for IPV6_CHECKSUM.
 const UDP_CHECKSUM_OFFSET: i32 = 6;
 
@@ -40,6 +43,11 @@ pub fn listener(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
     )
     .map_err(io::Error::from)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(io::Error::from)?;
+    // Room for a burst of queries (a resolver asking A and AAAA for many
+    // names at once): what overflows the queue is lost without a trace.
+    if setsockopt(&fd, sockopt::RcvBufForce, &LISTENER_RECEIVE_BUFFER).is_err() {
+        setsockopt(&fd, sockopt::RcvBuf, &LISTENER_RECEIVE_BUFFER).map_err(io::Error::from)?;
+    }
     match addr {
         SocketAddr::V4(a) => {
             setsockopt(&fd, sockopt::IpTransparent, &true).map_err(need_net_admin)?;

@@ -6,6 +6,7 @@ mod relay;
 mod session;
 mod worker;
 
+use crate::agent_dns::names::ResolvedNames;
 use crate::audit::{AuditLog, Record};
 use crate::cgroup;
 use crate::config::Config;
@@ -186,6 +187,8 @@ pub struct Shared {
     /// Which pid connected each agent socket; set by the capture when the
     /// kernel takes the programs.
     pub connect_log: OnceLock<ConnectLog>,
+    /// Which names each agent resolved each address for (the DNS handler's answers).
+    pub resolved: ResolvedNames,
     stop: AtomicBool,
     summary_enabled: AtomicBool,
     summary: Mutex<Summary>,
@@ -305,6 +308,7 @@ impl Proxy {
             stats: Stats::default(),
             cgroup_root: crate::cgroup::cgroup2_root().ok(),
             connect_log: OnceLock::new(),
+            resolved: ResolvedNames::default(),
             stop: AtomicBool::new(false),
             summary_enabled: AtomicBool::new(false),
             summary: Mutex::new(Summary::default()),

@@ -5,6 +5,7 @@
 
 use super::relay::{write_fd, Flow, Pump};
 use super::Runtime;
+use crate::agent_dns::names::ResolvedNames;
 use crate::audit::{AttributionDone, Record};
 use crate::config::{DomainDial, Mode, Outbound};
 use crate::dns::{Lookup, QueryId, Resolver};
@@ -131,6 +132,8 @@ pub struct Ctx<'a> {
     pub resolver: Option<&'a mut Resolver>,
     pub now: Instant,
     pub upstream_token: Token,
+    /// The names the agents resolved addresses for, through the DNS handler.
+    pub resolved: &'a ResolvedNames,
 }
 
 impl Session {
@@ -392,6 +395,10 @@ impl Session {
         }
         self.deadline = None;
         let runtime = self.runtime.clone();
+        let named_itself = self.record.host.is_some();
+        if runtime.config.dns.capture {
+            self.name_by_lookups(ctx);
+        }
         let host = self.record.host.clone();
         let decision = runtime.policy.decide(&Query {
             host: host.as_deref(),
@@ -400,6 +407,22 @@ impl Session {
             agent: self.record.agent.as_deref(),
         });
         self.decided = true;
+        // A hard-coded address: only a rule by address may let it through.
+        if runtime.config.dns.require_dns
+            && !named_itself
+            && self.record.resolved == Some(false)
+            && !decision.by_address
+        {
+            self.record.rule = Some(decision.rule_name.to_string());
+            self.record.outbound = "block".into();
+            return self.refuse_dial((
+                "refused_unresolved",
+                format!(
+                    "{} was never resolved through agent-egress, and no rule by address allows it (dns.require_dns)",
+                    self.original_dst.ip()
+                ),
+            ));
+        }
         self.record.rule = Some(decision.rule_name.to_string());
         self.record.outbound = decision.outbound.to_string();
         let Some(outbound) = runtime.config.outbounds.get(decision.outbound) else {
@@ -484,6 +507,27 @@ impl Session {
             self.record.outbound = "block".into();
             self.refuse_politely(decision.rule)
         }
+    }
+
+    /// What the agent's lookups say of the address it connected to: a
+    /// connection without a name of its own takes the name the address was
+    /// resolved for; one whose name is none of those is marked.
+    fn name_by_lookups(&mut self, ctx: &Ctx) {
+        let names = ctx.resolved.lookup(
+            self.record.agent.as_deref(),
+            self.original_dst.ip(),
+            ctx.now,
+        );
+        self.record.resolved = Some(!names.is_empty());
+        let Some(latest) = names.first() else {
+            return;
+        };
+        match &self.record.host {
+            None => self.record.host = Some(latest.clone()),
+            Some(host) if !names.contains(host) => self.record.name_mismatch = Some(true),
+            Some(_) => {}
+        }
+        self.record.resolved_name = Some(latest.clone());
     }
 
     fn resolve(&mut self, ctx: &mut Ctx, host: String, port: u16) -> Step {

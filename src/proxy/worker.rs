@@ -144,6 +144,7 @@ impl Worker {
             resolver: self.resolver.as_mut(),
             now: Instant::now(),
             upstream_token: Token(key * 2 + 1),
+            resolved: &self.shared.resolved,
         };
         (ctx, &mut self.sessions)
     }
