@@ -155,11 +155,12 @@ fn a_slow_client_does_not_hold_up_others() {
     let world = World::new();
     let mut d = start(&world, json!({"limits": {"sniff_timeout_ms": 5000}}));
     // A hello at one byte every 0.3 s: the sniff deadline (5 s) ends it. A loop
-    // that waited on it would hold each request below for seconds.
+    // that waited on it would hold each request below for seconds. (To an
+    // address the agent never resolves: nameless, it is refused at the deadline.)
     let mut slow = world
         .agent_cmd([PYTHON, "-c", CLIENT])
         .args([
-            "198.51.100.10",
+            "198.51.100.20",
             "443",
             r"b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03' + b'\x00' * 32",
             "1",
