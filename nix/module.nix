@@ -151,7 +151,15 @@ let
     "-/run/user/%U/docker.sock"
     "-/run/user/%U/podman/podman.sock"
   ];
-  hiddenSockets = agent: engineSockets ++ lib.optionals (!agent.allowBus) busSockets;
+  # Name services that resolve outside the agents' cgroup: nscd (nsncd) and
+  # systemd-resolved's varlink API (nss-resolve). Hidden, glibc falls back to
+  # its own files and dns, whose queries the daemon's DNS handler answers.
+  resolverSockets = [
+    "-/run/nscd/socket"
+    "-/run/systemd/resolve/io.systemd.Resolve"
+  ];
+  hiddenSockets =
+    agent: engineSockets ++ resolverSockets ++ lib.optionals (!agent.allowBus) busSockets;
 
   loopbackServer =
     server: builtins.match "(127\\.[0-9.]+(:[0-9]+)?|::1|[[]::1[]](:[0-9]+)?)" server != null;

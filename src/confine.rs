@@ -7,7 +7,8 @@
 //! program cannot give root back), in a mount namespace of its own where the
 //! sockets that lead out of the cgroup are hidden: systemd's and D-Bus's (a
 //! transient unit starts outside the caller's cgroup) unless `--allow-bus`,
-//! and the container engines'.
+//! the container engines', and the name services' (nscd, systemd-resolved's
+//! varlink API), which would resolve names outside the DNS handler.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -29,6 +30,13 @@ pub enum RunAs {
 
 /// What CMD is told of the sockets hidden from it, as [`hidden_sockets`] lists them.
 const BUS_SOCKETS: &[&str] = &["/run/dbus/system_bus_socket", "/run/systemd/private"];
+/// Name services that resolve outside the cgroup (nscd; systemd-resolved's
+/// varlink API, which nss-resolve uses): hidden, glibc falls back to its own
+/// `files` and `dns`, whose queries the DNS handler answers.
+const RESOLVER_SOCKETS: &[&str] = &[
+    "/run/nscd/socket",
+    "/run/systemd/resolve/io.systemd.Resolve",
+];
 const ENGINE_SOCKETS: &[&str] = &[
     "/run/docker.sock",
     "/var/run/docker.sock",
@@ -130,7 +138,11 @@ fn groups_of(name: &str, gid: libc::gid_t) -> Result<Vec<libc::gid_t>, String> {
 
 /// The sockets hidden from CMD that exist here.
 pub fn hidden_sockets(run_as: &RunAs, allow_bus: bool) -> Vec<PathBuf> {
-    let mut paths: Vec<PathBuf> = ENGINE_SOCKETS.iter().map(PathBuf::from).collect();
+    let mut paths: Vec<PathBuf> = ENGINE_SOCKETS
+        .iter()
+        .chain(RESOLVER_SOCKETS)
+        .map(PathBuf::from)
+        .collect();
     if let RunAs::User { uid, .. } = run_as {
         let runtime = PathBuf::from(format!("/run/user/{uid}"));
         paths.extend([

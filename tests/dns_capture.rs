@@ -385,3 +385,99 @@ fn an_exfiltration_shaped_burst_is_refused_past_the_limit() {
     let out = dig(&world, &DNS_V4.to_string(), &["allowed.test", "A"]);
     assert_eq!(status_of(&out), "NOERROR", "{out}");
 }
+
+/// glibc's own resolver (`getent`) in the agent's cgroup, pointed at a
+/// resolver on the agent host's loopback that answers any name: answered by
+/// the handler under the policy; the loopback resolver is asked nothing.
+#[test]
+fn getent_with_a_loopback_resolver_obeys_the_policy() {
+    if !harness::require_root_and_tools(&["dig", "dnsmasq", "getent", "unshare"]) {
+        return;
+    }
+    let world = World::new();
+    let config = daemon::config(
+        &world,
+        json!({"dns": {"servers": [DNS_V4.to_string()], "capture": true}}),
+    );
+    let _d = Daemon::start(&world, config);
+    let log = world.dir().join("loopback-dnsmasq.log");
+    let loopback = harness::ChildGuard::spawn(
+        world.host_cmd([
+            "dnsmasq",
+            "--no-daemon",
+            "--listen-address=127.0.0.53",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--address=/#/203.0.113.99",
+            "--log-queries",
+            "--log-facility=-",
+        ]),
+        "loopback dnsmasq",
+        &log,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // The control: outside the agents, it answers anything with its canary.
+    let started = std::time::Instant::now();
+    loop {
+        let out = world
+            .host_cmd([
+                "dig",
+                "+short",
+                "+time=1",
+                "+tries=1",
+                "@127.0.0.53",
+                "blocked.test",
+            ])
+            .output()
+            .expect("dig");
+        if text(&out).contains("203.0.113.99") {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the loopback resolver does not answer: {} {}",
+            text(&out),
+            loopback.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let resolv = world.dir().join("resolv-loopback.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.53\n").expect("resolv.conf");
+    let getent = |name: &str| {
+        world
+            .agent_cmd([
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                &format!(
+                    "mount --bind {} /etc/resolv.conf && exec getent ahosts {name}",
+                    resolv.display()
+                ),
+            ])
+            .output()
+            .expect("getent")
+    };
+    let out = getent("allowed.test");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&ALLOWED.v4.to_string()),
+        "{}",
+        text(&out)
+    );
+    let out = getent("blocked.test");
+    assert!(!out.status.success(), "{}", text(&out));
+    for out in [getent("allowed.test"), getent("blocked.test")] {
+        assert!(
+            !text(&out).contains("203.0.113.99"),
+            "the loopback resolver answered the agent: {}",
+            text(&out)
+        );
+    }
+    assert!(
+        !loopback.log().contains("allowed.test"),
+        "the loopback resolver was asked: {}",
+        loopback.log()
+    );
+}

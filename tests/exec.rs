@@ -244,6 +244,42 @@ fn cmd_runs_as_the_invoking_user_without_a_way_back_to_root() {
             .expect("chmod");
         listener
     });
+    // nscd's socket likewise: a name service that resolves outside the capture.
+    let nscd = std::path::Path::new("/run/nscd/socket");
+    let made_nscd_dir = !nscd.parent().is_some_and(|d| d.exists());
+    if made_nscd_dir {
+        std::fs::create_dir_all("/run/nscd").expect("mkdir /run/nscd");
+    }
+    let nscd_listener = (!nscd.exists()).then(|| {
+        let listener = std::os::unix::net::UnixListener::bind(nscd).expect("bind nscd's socket");
+        std::fs::set_permissions(nscd, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .expect("chmod");
+        // Every glibc on the machine asks it now: hang up at once, so they
+        // fall back to their own lookups instead of waiting on a silent nscd.
+        let server = listener.try_clone().expect("clone the listener");
+        std::thread::spawn(move || {
+            for connection in server.incoming() {
+                drop(connection);
+            }
+        });
+        listener
+    });
+    let (nscd_out, _) = run(exec(
+        &world,
+        &[],
+        &["sh", "-c", PRIVILEGES_PROBE, nscd.to_str().unwrap()],
+    ));
+    if nscd_listener.is_some() {
+        let _ = std::fs::remove_file(nscd);
+    }
+    if made_nscd_dir {
+        let _ = std::fs::remove_dir("/run/nscd");
+    }
+    assert!(
+        text(&nscd_out).0.contains("socket=hidden"),
+        "{}",
+        text(&nscd_out).0
+    );
     let (out, pid) = run(exec(
         &world,
         &[],

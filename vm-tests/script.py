@@ -123,9 +123,18 @@ with subtest("allowed_https"):
     else:
         agent.succeed("iptables -t mangle -S nixos-fw-rpfilter | grep -q -- '-i lo -m mark --mark'")
     # Names resolve under RestrictNetworkInterfaces=lo both ways a program may
-    # ask: glibc (through nscd) and a DNS client of its own (127.0.0.53 on lo).
+    # ask: glibc (its own files and dns: nscd's socket and resolved's varlink
+    # API are hidden from agent units) and a DNS client of its own (127.0.0.53
+    # on lo); both answered by the daemon's handler, under the policy.
     probe = in_agent("getent hosts allowed.test && dig +short +time=2 +tries=1 @127.0.0.53 allowed.test")
     assert probe.rc == 0 and probe.out.count(INTERNET4) >= 1, probe.out
+    probe = in_agent(
+        "for s in /run/nscd/socket /run/systemd/resolve/io.systemd.Resolve; do"
+        " socat -u OPEN:/dev/null UNIX-CONNECT:$s 2>/dev/null && echo reachable $s; done;"
+        " getent hosts blocked.test; echo getent=$?"
+    )
+    assert "reachable" not in probe.out and "getent=2" in probe.out, probe.out
+    wait_for_audit("glibc's lookup of the blocked name", event="dns", host="blocked.test", rcode="NXDOMAIN")
     expect_page("https://allowed.test/?c=allowed_https", "allowed-site-marker")
     wait_for_audit("for the allowed HTTPS request", host="allowed.test", rule="allow", outbound="direct")
 
