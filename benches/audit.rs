@@ -42,6 +42,7 @@ fn typical_record() -> Record {
         resolved_name: None,
         name_mismatch: None,
         rate_limited: None,
+        cached: None,
         bytes_up: 1_834,
         bytes_down: 48_211,
         duration_ms: 412,

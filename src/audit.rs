@@ -101,6 +101,9 @@ pub struct Record {
     /// A DNS query over a per-agent limit (`dns.rate_limit`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limited: Option<bool>,
+    /// A DNS query answered from the handler's cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached: Option<bool>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,

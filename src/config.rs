@@ -176,6 +176,9 @@ pub struct Dns {
     /// in long labels (the protocol allows 63 and 255 bytes).
     pub max_label_length: usize,
     pub max_name_length: usize,
+    /// Answers the handler keeps (by name and type, as long as their TTL
+    /// says); 0: none.
+    pub cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -473,6 +476,7 @@ impl Default for Config {
                 },
                 max_label_length: 48,
                 max_name_length: 180,
+                cache_entries: 4096,
             },
             outbounds: builtin_outbounds(),
             rules: Vec::new(),
@@ -1011,6 +1015,7 @@ impl Reader {
                 "rate_limit",
                 "max_label_length",
                 "max_name_length",
+                "cache_entries",
             ],
         ) else {
             return;
@@ -1030,12 +1035,13 @@ impl Reader {
                 dns.port = p as u16;
             }
         }
-        for (key, slot, most) in [
-            ("max_label_length", &mut dns.max_label_length, 63),
-            ("max_name_length", &mut dns.max_name_length, 253),
+        for (key, slot, least, most) in [
+            ("max_label_length", &mut dns.max_label_length, 1, 63),
+            ("max_name_length", &mut dns.max_name_length, 1, 253),
+            ("cache_entries", &mut dns.cache_entries, 0, 1_000_000),
         ] {
             if let Some(v) = map.get(key) {
-                if let Some(n) = self.u64_in(&join("dns", key), v, 1, most) {
+                if let Some(n) = self.u64_in(&join("dns", key), v, least, most) {
                     *slot = n as usize;
                 }
             }

@@ -72,6 +72,23 @@ fn every_agent_query_is_decided_and_refused_names_leave_nothing() {
     );
     assert_eq!(r["answers"], json!([ALLOWED.v4.to_string()]), "{r}");
     assert_eq!(r["upstream"], format!("{DNS_V4}:53"), "{r}");
+    // Asked again: answered from the cache, the resolver not asked.
+    let asked = world.count_arrived(arrivals::DNS);
+    let out = dig(&world, &DNS_V4.to_string(), &["allowed.test", "A"]);
+    assert!(out.contains(&ALLOWED.v4.to_string()), "{out}");
+    let cached = d.wait_event("dns", "the cached answer", |r| {
+        r["host"] == "allowed.test" && r["cached"] == true
+    });
+    assert_eq!(
+        cached["answers"],
+        json!([ALLOWED.v4.to_string()]),
+        "{cached}"
+    );
+    assert_eq!(
+        world.count_arrived(arrivals::DNS),
+        asked,
+        "the cached name was asked again"
+    );
 
     // Refused: NXDOMAIN at once, and the resolver sees nothing of it.
     let before = world.count_arrived(arrivals::DNS);

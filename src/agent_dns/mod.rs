@@ -20,6 +20,7 @@ mod transparent;
 
 use crate::audit::{AttributionDone, PendingRecord, Record};
 use crate::config::{Mode, Outbound};
+use crate::dns::cache::Cache;
 use crate::procinfo::{OwnerQuery, SockDiag};
 use crate::proxy::Shared;
 use hickory_proto::op::ResponseCode;
@@ -79,7 +80,25 @@ pub struct Handler {
     pending: Slab<Pending>,
     sock_diag: Option<SockDiag>,
     limiter: Limiter,
+    cache: Cache<Kept>,
     buf: Vec<u8>,
+}
+
+/// An answer kept for others who ask the same (name, type).
+#[derive(Clone)]
+struct Kept {
+    response: Vec<u8>,
+    stored: Instant,
+    rcode: ResponseCode,
+    answers: Vec<String>,
+    addresses: Vec<(IpAddr, u32)>,
+}
+
+/// Answers are kept at most this long, whatever their TTL.
+const MAX_KEPT: Duration = Duration::from_secs(300);
+
+fn cache_key(name: &str, qtype: RecordType) -> String {
+    format!("{name}/{qtype}")
 }
 
 impl Handler {
@@ -106,6 +125,7 @@ impl Handler {
         let sock_diag = SockDiag::open()
             .map_err(|e| log::warn!("dns: socket owner lookups unavailable: {e}"))
             .ok();
+        let cache_entries = shared.runtime().config.dns.cache_entries;
         Ok(Handler {
             poll,
             shared,
@@ -115,6 +135,7 @@ impl Handler {
             pending: Slab::new(),
             sock_diag,
             limiter: Limiter::default(),
+            cache: Cache::new(cache_entries),
             buf: vec![0; MAX_DATAGRAM],
         })
     }
@@ -294,6 +315,9 @@ impl Handler {
                     record.verdict = "would_block";
                     return self.forward(query, name, qtype, agent, asked, record, owner, started);
                 }
+                if self.answer_from_cache(query, &name, qtype, agent, asked, &mut record, started) {
+                    return self.finish(record, owner, started);
+                }
                 record.verdict = "allow";
                 self.forward(query, name, qtype, agent, asked, record, owner, started);
             }
@@ -402,6 +426,22 @@ impl Handler {
                 );
             }
             record.rcode = Some(question::mnemonic(summary.rcode));
+            let keep = summary
+                .ttl
+                .map(|ttl| Duration::from_secs(u64::from(ttl)).min(MAX_KEPT))
+                .filter(|ttl| !ttl.is_zero() && !summary.truncated);
+            if let Some(ttl) = keep {
+                let now = Instant::now();
+                let kept = Kept {
+                    response: answer.to_vec(),
+                    stored: now,
+                    rcode: summary.rcode,
+                    answers: summary.answers.clone(),
+                    addresses: summary.addresses.clone(),
+                };
+                self.cache
+                    .insert(cache_key(&pending.name, pending.qtype), kept, ttl, now);
+            }
             record.answers = Some(summary.answers);
             if summary.truncated {
                 record.error = Some("truncated: the agent may ask again over TCP".into());
@@ -411,6 +451,40 @@ impl Handler {
             }
             return self.finish(record, pending.owner, pending.started);
         }
+    }
+
+    /// Answers `query` from the cache if an answer to the same (name, type)
+    /// is kept; true when it did.
+    #[allow(clippy::too_many_arguments)]
+    fn answer_from_cache(
+        &mut self,
+        query: &[u8],
+        name: &str,
+        qtype: RecordType,
+        agent: SocketAddr,
+        asked: SocketAddr,
+        record: &mut Record,
+        now: Instant,
+    ) -> bool {
+        let Some(kept) = self.cache.get(&cache_key(name, qtype), now) else {
+            return false;
+        };
+        let age = now.saturating_duration_since(kept.stored);
+        let Some(response) = question::from_cache(&kept.response, query, age) else {
+            return false;
+        };
+        record.cached = Some(true);
+        record.rcode = Some(question::mnemonic(kept.rcode));
+        record.answers = Some(kept.answers);
+        if record.verdict == "allow" && !kept.addresses.is_empty() {
+            self.shared
+                .resolved
+                .insert(record.agent.as_deref(), name, &kept.addresses, now);
+        }
+        if let Err(e) = self.replier.send(asked, agent, &response) {
+            record.error = Some(format!("answering {agent}: {e}"));
+        }
+        true
     }
 
     /// The server asked did not answer in time or refused the datagram: the

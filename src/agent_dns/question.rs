@@ -223,11 +223,20 @@ pub fn read_answer(datagram: &[u8], id: u16, name: &str, qtype: RecordType) -> O
             _ => None,
         })
         .collect();
+    // How long the answer may be kept: its shortest TTL (a negative answer's
+    // from its SOA). None: nothing to keep it by.
+    let ttl = message
+        .answers
+        .iter()
+        .chain(&message.authorities)
+        .map(|record| record.ttl)
+        .min();
     Some(Summary {
         rcode: metadata.response_code,
         truncated: metadata.truncation,
         answers,
         addresses,
+        ttl,
     })
 }
 
@@ -239,6 +248,34 @@ pub struct Summary {
     pub answers: Vec<String>,
     /// The answer's addresses with their TTLs (seconds), for [`super::names`].
     pub addresses: Vec<(IpAddr, u32)>,
+    /// The shortest TTL of its records, seconds.
+    pub ttl: Option<u32>,
+}
+
+/// A kept answer served for `query` after `age`: the agent's id and question,
+/// every TTL less the age.
+pub fn from_cache(kept: &[u8], query: &[u8], age: std::time::Duration) -> Option<Vec<u8>> {
+    let request = Message::from_vec(query).ok()?;
+    let room = usize::from(request.max_payload());
+    let mut response = Message::from_vec(kept).ok()?;
+    response.metadata.id = request.metadata.id;
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.queries = request.queries;
+    let age = u32::try_from(age.as_secs()).unwrap_or(u32::MAX);
+    for record in response
+        .answers
+        .iter_mut()
+        .chain(response.authorities.iter_mut())
+        .chain(response.additionals.iter_mut())
+    {
+        record.ttl = record.ttl.saturating_sub(age);
+    }
+    // Larger than the agent takes over UDP (512 bytes without EDNS): asked
+    // anew, the server truncates it for this agent as it should.
+    response
+        .to_vec()
+        .ok()
+        .filter(|bytes| bytes.len() <= room)
 }
 
 /// A response code as resolvers and dig print it (`NOERROR`, `NXDOMAIN`, ...).
@@ -279,6 +316,7 @@ mod tests {
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     use std::str::FromStr;
+    use std::time::Duration;
 
     fn query(name: &str, qtype: RecordType) -> Vec<u8> {
         let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
@@ -422,6 +460,18 @@ mod tests {
         assert_eq!(summary.answers, ["198.51.100.10"]);
         assert_eq!(summary.addresses, [("198.51.100.10".parse().unwrap(), 60)]);
         assert_eq!(summary.rcode, ResponseCode::NoError);
+        assert_eq!(summary.ttl, Some(60));
+        // Kept and served 25 s later for a query with another id.
+        let mut later = Message::from_vec(&query("ALLOWED.test.", RecordType::A)).unwrap();
+        later.metadata.id = 0x4321;
+        let served = from_cache(&bytes, &later.to_vec().unwrap(), Duration::from_secs(25)).unwrap();
+        let served = Message::from_vec(&served).unwrap();
+        assert_eq!(served.metadata.id, 0x4321);
+        assert!(served.queries[0]
+            .name
+            .to_ascii()
+            .eq_ignore_ascii_case("allowed.test."));
+        assert_eq!(served.answers[0].ttl, 35);
         assert!(read_answer(&bytes, 0x1235, "allowed.test", RecordType::A).is_none());
         assert!(read_answer(&bytes, 0x1234, "other.test", RecordType::A).is_none());
         assert!(read_answer(&bytes, 0x1234, "allowed.test", RecordType::AAAA).is_none());

@@ -1,22 +1,23 @@
-//! A bounded map from names to results that expire.
+//! A bounded map from names to results that expire (our own lookups, and the
+//! DNS handler's answers to the agents).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-pub(super) struct Cache<V> {
+pub(crate) struct Cache<V> {
     entries: HashMap<String, (V, Instant)>,
     capacity: usize,
 }
 
 impl<V: Clone> Cache<V> {
-    pub(super) fn new(capacity: usize) -> Cache<V> {
+    pub(crate) fn new(capacity: usize) -> Cache<V> {
         Cache {
             entries: HashMap::new(),
             capacity,
         }
     }
 
-    pub(super) fn get(&mut self, name: &str, now: Instant) -> Option<V> {
+    pub(crate) fn get(&mut self, name: &str, now: Instant) -> Option<V> {
         match self.entries.get(name) {
             Some((value, expires)) if *expires > now => Some(value.clone()),
             Some(_) => {
@@ -27,7 +28,7 @@ impl<V: Clone> Cache<V> {
         }
     }
 
-    pub(super) fn insert(&mut self, name: String, value: V, ttl: Duration, now: Instant) {
+    pub(crate) fn insert(&mut self, name: String, value: V, ttl: Duration, now: Instant) {
         if self.capacity == 0 {
             return;
         }

@@ -15,7 +15,7 @@
 //! wakes the caller, and we learn which transaction from our own set. A socket
 //! leaves the set when it is closed (dropped): none is ever duplicated.
 
-mod cache;
+pub(crate) mod cache;
 mod tcp;
 mod wire;
 

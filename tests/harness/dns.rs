@@ -46,6 +46,7 @@ impl DnsmasqFiles {
              no-resolv\nno-hosts\nno-poll\nuser=root\nbind-interfaces\n\
              listen-address={DNS_V4},{FORBIDDEN_DNS_V4}\n\
              pid-file={pid}\nlog-facility={log}\nlog-queries\n\
+             # TTLs as a real zone has them (dnsmasq's own default is 0).\nlocal-ttl=30\n\
              # Everything not named below is NXDOMAIN.\naddress=/#/\n",
             pid = self.dir.join("dnsmasq.pid").display(),
             log = self.log.display(),
