@@ -179,6 +179,9 @@ pub struct Dns {
     /// Answers the handler keeps (by name and type, as long as their TTL
     /// says); 0: none.
     pub cache_entries: usize,
+    /// Take the `ech` parameter out of HTTPS and SVCB answers, so clients
+    /// send the name they connect to in the clear, where the policy sees it.
+    pub strip_ech: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -477,6 +480,7 @@ impl Default for Config {
                 max_label_length: 48,
                 max_name_length: 180,
                 cache_entries: 4096,
+                strip_ech: true,
             },
             outbounds: builtin_outbounds(),
             rules: Vec::new(),
@@ -1016,6 +1020,7 @@ impl Reader {
                 "max_label_length",
                 "max_name_length",
                 "cache_entries",
+                "strip_ech",
             ],
         ) else {
             return;
@@ -1023,6 +1028,7 @@ impl Reader {
         for (key, slot) in [
             ("capture", &mut dns.capture),
             ("require_dns", &mut dns.require_dns),
+            ("strip_ech", &mut dns.strip_ech),
         ] {
             if let Some(v) = map.get(key) {
                 if let Some(b) = self.bool(&join("dns", key), v) {

@@ -498,3 +498,31 @@ fn getent_with_a_loopback_resolver_obeys_the_policy() {
         loopback.log()
     );
 }
+
+/// allowed.test publishes an HTTPS record with an ECH config: the agent gets
+/// the record without it (a client would otherwise send only the provider's
+/// public name in the clear); with `strip_ech` off, with it.
+#[test]
+fn ech_configs_are_taken_out_of_https_answers() {
+    if !harness::require_root_and_tools(&["dig"]) {
+        return;
+    }
+    for strip in [true, false] {
+        let world = World::new();
+        let config = daemon::config(
+            &world,
+            json!({"dns": {"servers": [DNS_V4.to_string()], "strip_ech": strip}}),
+        );
+        let d = Daemon::start(&world, config);
+        let out = dig(&world, &DNS_V4.to_string(), &["allowed.test", "HTTPS"]);
+        assert_eq!(status_of(&out), "NOERROR", "{out}");
+        assert!(
+            out.contains("alpn=\"h2\"") || out.contains("alpn=h2"),
+            "{out}"
+        );
+        assert_eq!(out.contains("ech="), !strip, "strip_ech {strip}: {out}");
+        let r = record(&d, "allowed.test", "HTTPS");
+        let said = r["answers"].to_string().contains("ech taken out");
+        assert_eq!(said, strip, "{r}");
+    }
+}

@@ -405,14 +405,22 @@ impl Handler {
                     return self.next_server(key, why);
                 }
             };
-            let answer = &self.buf[..n];
             // Another id or question: late, stray or forged; wait on.
-            let Some(summary) =
-                question::read_answer(answer, pending.our_id, &pending.name, pending.qtype)
+            let Some(mut summary) =
+                question::read_answer(&self.buf[..n], pending.our_id, &pending.name, pending.qtype)
             else {
                 continue;
             };
-            let mut response = answer.to_vec();
+            let mut response = self.buf[..n].to_vec();
+            if self.shared.runtime().config.dns.strip_ech {
+                if let Some((stripped, dropped)) = question::strip_ech(&response) {
+                    response = stripped;
+                    summary
+                        .answers
+                        .push(format!("(ech taken out of {dropped} record(s))"));
+                }
+            }
+            let to_keep = response.clone();
             response[..2].copy_from_slice(&pending.agent_id.to_be_bytes());
             let pending = self.pending.remove(key);
             let mut record = pending.record;
@@ -433,7 +441,7 @@ impl Handler {
             if let Some(ttl) = keep {
                 let now = Instant::now();
                 let kept = Kept {
-                    response: answer.to_vec(),
+                    response: to_keep,
                     stored: now,
                     rcode: summary.rcode,
                     answers: summary.answers.clone(),

@@ -5,6 +5,7 @@
 use crate::config::{Dns, RefuseWith};
 use crate::names::normalize_host;
 use hickory_proto::op::{Header, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::svcb::SvcParamKey;
 use hickory_proto::rr::{RData, RecordType};
 use hickory_proto::serialize::binary::BinDecodable;
 use std::net::IpAddr;
@@ -252,6 +253,34 @@ pub struct Summary {
     pub ttl: Option<u32>,
 }
 
+/// `response` without the `ech` parameter of its HTTPS and SVCB records, and
+/// how many it dropped; `None` when it had none (send it as it is). A client
+/// that gets an ECH config sends only the provider's public name in the
+/// clear: the proxy would decide and audit a name the agent did not ask for.
+pub fn strip_ech(response: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut message = Message::from_vec(response).ok()?;
+    let mut dropped = 0;
+    for record in message
+        .answers
+        .iter_mut()
+        .chain(message.additionals.iter_mut())
+    {
+        let svcb = match &mut record.data {
+            RData::HTTPS(https) => &mut https.0,
+            RData::SVCB(svcb) => svcb,
+            _ => continue,
+        };
+        let before = svcb.svc_params.len();
+        svcb.svc_params
+            .retain(|(key, _)| *key != SvcParamKey::EchConfigList);
+        dropped += before - svcb.svc_params.len();
+    }
+    if dropped == 0 {
+        return None;
+    }
+    message.to_vec().ok().map(|bytes| (bytes, dropped))
+}
+
 /// A kept answer served for `query` after `age`: the agent's id and question,
 /// every TTL less the age.
 pub fn from_cache(kept: &[u8], query: &[u8], age: std::time::Duration) -> Option<Vec<u8>> {
@@ -272,10 +301,7 @@ pub fn from_cache(kept: &[u8], query: &[u8], age: std::time::Duration) -> Option
     }
     // Larger than the agent takes over UDP (512 bytes without EDNS): asked
     // anew, the server truncates it for this agent as it should.
-    response
-        .to_vec()
-        .ok()
-        .filter(|bytes| bytes.len() <= room)
+    response.to_vec().ok().filter(|bytes| bytes.len() <= room)
 }
 
 /// A response code as resolvers and dig print it (`NOERROR`, `NXDOMAIN`, ...).
@@ -414,6 +440,44 @@ mod tests {
             rcode_of(&decided(&query(&long, RecordType::A))).0,
             ResponseCode::Refused
         );
+    }
+
+    #[test]
+    fn ech_configs_are_taken_out_of_https_records() {
+        use hickory_proto::rr::rdata::svcb::{Alpn, EchConfigList, SvcParamValue, SVCB};
+        use hickory_proto::rr::rdata::HTTPS;
+        let mut answer = Message::from_vec(&query("allowed.test.", RecordType::HTTPS)).unwrap();
+        answer.metadata.message_type = MessageType::Response;
+        let svcb = SVCB::new(
+            1,
+            Name::root(),
+            vec![
+                (
+                    SvcParamKey::Alpn,
+                    SvcParamValue::Alpn(Alpn(vec!["h2".into()])),
+                ),
+                (
+                    SvcParamKey::EchConfigList,
+                    SvcParamValue::EchConfigList(EchConfigList(vec![0xde, 0xad, 0xbe, 0xef])),
+                ),
+            ],
+        );
+        answer.add_answer(hickory_proto::rr::Record::from_rdata(
+            Name::from_str("allowed.test.").unwrap(),
+            60,
+            RData::HTTPS(HTTPS(svcb)),
+        ));
+        let bytes = answer.to_vec().unwrap();
+        let (stripped, dropped) = strip_ech(&bytes).expect("an ech parameter to drop");
+        assert_eq!(dropped, 1);
+        let stripped = Message::from_vec(&stripped).unwrap();
+        let RData::HTTPS(https) = &stripped.answers[0].data else {
+            panic!("not an HTTPS record: {stripped:?}");
+        };
+        assert_eq!(https.0.svc_params.len(), 1);
+        assert_eq!(https.0.svc_params[0].0, SvcParamKey::Alpn);
+        // Nothing to drop: sent as it is.
+        assert!(strip_ech(&stripped.to_vec().unwrap()).is_none());
     }
 
     #[test]

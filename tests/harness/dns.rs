@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::process::ChildGuard;
-use super::topology::{DNS_V4, FORBIDDEN_DNS_V4, NAMED_HOSTS, REBINDS};
+use super::topology::{ALLOWED, DNS_V4, FORBIDDEN_DNS_V4, NAMED_HOSTS, REBINDS};
+
+/// RDATA of an HTTPS record (RFC 9460): SvcPriority 1, TargetName ".",
+/// alpn=h2, ech=deadbeef.
+const HTTPS_RECORD_WITH_ECH: &str = "0001000001000302683200050004deadbeef";
 
 pub struct DnsmasqFiles {
     pub dir: PathBuf,
@@ -62,6 +66,10 @@ impl DnsmasqFiles {
             }
             let _ = writeln!(conf, "{record}");
         }
+        // allowed.test publishes an HTTPS record with an ECH config (priority 1,
+        // target ".", alpn h2, ech: four opaque bytes), which the DNS handler
+        // takes out: a client would otherwise hide the name it connects to.
+        let _ = writeln!(conf, "dns-rr={},65,{HTTPS_RECORD_WITH_ECH}", ALLOWED.name);
         // The longest `address=` match wins over allowed.test's.
         for (name, v4, v6, _) in REBINDS {
             let _ = writeln!(conf, "address=/{name}/{v4}\naddress=/{name}/{v6}");
