@@ -2,13 +2,13 @@
 
 use std::hint::black_box;
 
-use agent_egress::audit::{encode_line, Record, EVENT_END};
+use agent_egress::audit::{encode_line, Dial, Event, Proto, Record, Verdict};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn typical_record() -> Record {
     Record {
         ts: "2026-11-25T08:40:25.123Z".into(),
-        event: EVENT_END,
+        event: Event::End,
         conn_id: Some(123_456),
         agent: Some("agents.slice/claude.service".into()),
         subtree: None,
@@ -23,15 +23,15 @@ fn typical_record() -> Record {
         ]),
         src: "10.0.0.2:51234".into(),
         dst: "[2001:db8::10]:443".into(),
-        proto: "tls",
+        proto: Proto::Tls,
         host: Some("api.github.com".into()),
         sni: Some("api.github.com".into()),
         http_host: None,
         ech: false,
         rule: Some("github".into()),
         outbound: "direct".into(),
-        verdict: "allow",
-        dial: Some("resolved".into()),
+        verdict: Verdict::Allow,
+        dial: Some(Dial::Resolved),
         upstream: Some("198.51.100.10:443".into()),
         sniff: None,
         listener: None,

@@ -5,9 +5,12 @@
 //! half of process attribution (/proc reads), so the event loop only ever does the
 //! kernel socket lookup.
 //!
-//! JSON shape: every field of [`Record`] is always present, `null` when unknown, so that
-//! consumers see one fixed schema; the only exception is `dropped`, which appears only
-//! on drop-summary events (`audit_drops`, kernel `drops`).
+//! JSON shape: the fields of [`Record`] are present, `null` when unknown, so that
+//! consumers see one fixed schema; the exceptions appear only where they apply:
+//! `dropped` on drop summaries (`audit_drops`, kernel `drops`), `subtree` for a
+//! connection captured through a delegated subtree, the DNS fields (`qtype`,
+//! `rcode`, `answers`, `rate_limited`, `cached`) on queries, and `resolved`,
+//! `resolved_name`, `name_mismatch` where DNS is captured.
 //!
 //! Early attribution: a short-lived client (curl) may be gone by the time its
 //! connection ends. At accept time the proxy calls [`AuditLog::attribute_early`] with a
@@ -31,18 +34,93 @@ use serde::Serialize;
 
 use crate::procinfo::{Attributor, OwnerQuery, ProcessInfo};
 
-pub const EVENT_START: &str = "start";
-pub const EVENT_END: &str = "end";
-pub const EVENT_AUDIT_DROPS: &str = "audit_drops";
-/// Agents' non-TCP packets the kernel dropped, per destination.
-pub const EVENT_DROPS: &str = "drops";
+/// What a record is about.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A connection was decided (with `audit.start_events`).
+    Start,
+    /// A connection ended.
+    #[default]
+    End,
+    /// Records the writer lost (a full queue), counted.
+    AuditDrops,
+    /// Agents' non-TCP packets the kernel dropped, per destination.
+    Drops,
+    /// A DNS query of an agent, answered.
+    Dns,
+}
+
+/// What the connection or query carried, as far as the sniff could tell.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Proto {
+    Tls,
+    Http,
+    #[default]
+    Tcp,
+    Udp,
+    Dns,
+}
+
+/// What the policy (or a failure) made of it.
+#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Ended before anything was decided (the client closed, the daemon stopped).
+    #[default]
+    Undecided,
+    Allow,
+    Block,
+    /// Audit mode: let through, and enforce would have refused it.
+    WouldBlock,
+    /// Allowed, and then the upstream failed.
+    Error,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Undecided => "undecided",
+            Verdict::Allow => "allow",
+            Verdict::Block => "block",
+            Verdict::WouldBlock => "would_block",
+            Verdict::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// How the upstream address was chosen, or why none was dialled.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Dial {
+    /// The address the agent connected to.
+    Original,
+    /// The agent's address, which our resolver gives for the name too.
+    OriginalVerified,
+    /// An address our resolver gives for the name.
+    Resolved,
+    /// The upstream proxy resolves the name it is given.
+    UpstreamResolves,
+    RefusedMismatch,
+    RefusedPrivate,
+    RefusedIpRule,
+    RefusedSelf,
+    RefusedUnresolved,
+}
 
 #[derive(Serialize, Clone, Debug, Default, PartialEq)]
 pub struct Record {
     /// RFC 3339 UTC with milliseconds. Left empty, the writer stamps it when writing.
     pub ts: String,
-    /// "end" | "start" | "audit_drops" | "drops" | ...
-    pub event: &'static str,
+    /// What the record is about.
+    pub event: Event,
     /// Links the records of one connection (from [`AuditLog::next_conn_id`]).
     pub conn_id: Option<u64>,
     /// The configured cgroup path the connection came from.
@@ -60,8 +138,8 @@ pub struct Record {
     /// "ip:port", "[v6]:port"
     pub src: String,
     pub dst: String,
-    /// "tls" | "http" | "tcp"
-    pub proto: &'static str,
+    /// What the sniff found
+    pub proto: Proto,
     /// The normalised name used for policy.
     pub host: Option<String>,
     pub sni: Option<String>,
@@ -70,10 +148,10 @@ pub struct Record {
     /// Rule name, "rules[3]" or "default".
     pub rule: Option<String>,
     pub outbound: String,
-    /// "allow" | "block" | "would_block" (audit mode) | "error"
-    pub verdict: &'static str,
-    /// How the upstream was chosen: "resolved" | "original" | "refused_mismatch" | ...
-    pub dial: Option<String>,
+    /// What was made of it.
+    pub verdict: Verdict,
+    /// How the upstream was chosen, or why none was dialled.
+    pub dial: Option<Dial>,
     /// The address actually dialed (a resolved address, or the upstream proxy).
     pub upstream: Option<String>,
     /// Why no name was learnt (not TLS/HTTP, malformed, sniff timeout...).
@@ -601,7 +679,7 @@ impl Writer {
         }
         if record.pid.is_none() {
             let early = record.conn_id.and_then(|id| {
-                if record.event == EVENT_END {
+                if record.event == Event::End {
                     self.early.remove(&id)
                 } else {
                     self.early.get(&id).cloned()
@@ -616,7 +694,7 @@ impl Writer {
                 record.exe = record.exe.or(info.exe);
                 record.cmdline = record.cmdline.or(info.cmdline);
             }
-        } else if record.event == EVENT_END {
+        } else if record.event == Event::End {
             if let Some(id) = record.conn_id {
                 self.early.remove(&id);
             }
@@ -701,7 +779,7 @@ impl Writer {
             self.reported_drops = dropped;
             log::warn!("audit queue full: {lost} records dropped");
             self.write_record(&Record {
-                event: EVENT_AUDIT_DROPS,
+                event: Event::AuditDrops,
                 dropped: Some(lost),
                 ..Record::default()
             });

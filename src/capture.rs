@@ -12,7 +12,7 @@
 //! [`crate::backstop`]), which stays when the daemon stops without cleaning
 //! up, dies or is frozen.
 
-use crate::audit::{Record, EVENT_DROPS};
+use crate::audit::{Event, Proto, Record, Verdict};
 use crate::backstop::{self, Backstop};
 use crate::bpf::BpfError;
 use crate::cgroup::{self, Change, Delegation, Watcher};
@@ -991,10 +991,10 @@ impl Keeper {
         for (addr, packets) in fresh.into_iter().take(DROP_REPORT_DESTINATIONS) {
             self.shared.audit.submit(
                 Record {
-                    event: EVENT_DROPS,
+                    event: Event::Drops,
                     dst: addr.to_string(),
-                    proto: "udp",
-                    verdict: "block",
+                    proto: Proto::Udp,
+                    verdict: Verdict::Block,
                     dropped: Some(packets),
                     ..Record::default()
                 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_egress::audit::{
-    AttributionDone, AuditError, AuditLog, PendingRecord, Record, Sink, EVENT_END,
+    AttributionDone, AuditError, AuditLog, Event, PendingRecord, Proto, Record, Sink, Verdict,
 };
 use agent_egress::procinfo::{
     describe, lookup_socket, pid_of_socket, Attributor, OwnerQuery, SockDiag,
@@ -65,14 +65,14 @@ fn wait_for_records(path: &Path, count: usize) -> Vec<Value> {
 fn connection(conn_id: u64, host: &str) -> Record {
     Record {
         ts: "2026-11-25T08:40:25.123Z".into(),
-        event: EVENT_END,
+        event: Event::End,
         conn_id: Some(conn_id),
         src: "127.0.0.1:40000".into(),
         dst: "192.0.2.10:443".into(),
-        proto: "tls",
+        proto: Proto::Tls,
         host: Some(host.into()),
         outbound: "direct".into(),
-        verdict: "allow",
+        verdict: Verdict::Allow,
         bytes_up: 10,
         bytes_down: 20,
         ..Record::default()

@@ -18,7 +18,7 @@ pub mod names;
 pub mod question;
 mod transparent;
 
-use crate::audit::{AttributionDone, PendingRecord, Record};
+use crate::audit::{AttributionDone, Event, PendingRecord, Proto, Record, Verdict};
 use crate::config::{Mode, Outbound};
 use crate::dns::cache::Cache;
 use crate::procinfo::{OwnerQuery, SockDiag};
@@ -47,8 +47,6 @@ const EVENTS_PER_POLL: usize = 128;
 const TICK: Duration = Duration::from_millis(50);
 const WAKER: Token = Token(usize::MAX - 1);
 const LISTENER_BASE: usize = usize::MAX - 16;
-
-pub const EVENT_DNS: &str = "dns";
 
 /// One forwarded query waiting for a server.
 struct Pending {
@@ -210,11 +208,11 @@ impl Handler {
         let started = Instant::now();
         let audit = &self.shared.audit;
         let mut record = Record {
-            event: EVENT_DNS,
+            event: Event::Dns,
             conn_id: Some(audit.next_conn_id()),
             src: agent.to_string(),
             dst: asked.to_string(),
-            proto: "dns",
+            proto: Proto::Dns,
             ..Record::default()
         };
         let owner = self
@@ -248,7 +246,7 @@ impl Handler {
         });
         match plan {
             Plan::Drop(why) => {
-                record.verdict = "block";
+                record.verdict = Verdict::Block;
                 record.error = Some(why);
                 self.finish(record, owner, started);
             }
@@ -270,13 +268,13 @@ impl Handler {
                 // the same, and its record says what enforce would have done.
                 if let (Mode::Audit, Some(name), Some(qtype)) = (config.mode, &name, qtype) {
                     record.host = Some(name.clone());
-                    record.verdict = "would_block";
+                    record.verdict = Verdict::WouldBlock;
                     let name = name.clone();
                     return self.forward(query, name, qtype, agent, asked, record, owner, started);
                 }
                 record.host = name;
                 record.rcode = Some(question::mnemonic(rcode));
-                record.verdict = "block";
+                record.verdict = Verdict::Block;
                 record.error = Some(why);
                 if let Err(e) = self.replier.send(asked, agent, &response) {
                     record.error = Some(format!(
@@ -304,7 +302,7 @@ impl Handler {
                 if let Err(why) = limited {
                     record.rate_limited = Some(true);
                     if config.mode == Mode::Enforce {
-                        record.verdict = "block";
+                        record.verdict = Verdict::Block;
                         record.rcode = Some(question::mnemonic(ResponseCode::Refused));
                         if let Some(refusal) = question::refused(query) {
                             let _ = self.replier.send(asked, agent, &refusal);
@@ -312,13 +310,13 @@ impl Handler {
                         record.error = Some(why);
                         return self.finish(record, owner, started);
                     }
-                    record.verdict = "would_block";
+                    record.verdict = Verdict::WouldBlock;
                     return self.forward(query, name, qtype, agent, asked, record, owner, started);
                 }
                 if self.answer_from_cache(query, &name, qtype, agent, asked, &mut record, started) {
                     return self.finish(record, owner, started);
                 }
-                record.verdict = "allow";
+                record.verdict = Verdict::Allow;
                 self.forward(query, name, qtype, agent, asked, record, owner, started);
             }
         }
@@ -425,7 +423,7 @@ impl Handler {
             let pending = self.pending.remove(key);
             let mut record = pending.record;
             // Only what enforce lets the agent learn names its addresses.
-            if record.verdict == "allow" && !summary.addresses.is_empty() {
+            if record.verdict == Verdict::Allow && !summary.addresses.is_empty() {
                 self.shared.resolved.insert(
                     record.agent.as_deref(),
                     &pending.name,
@@ -484,7 +482,7 @@ impl Handler {
         record.cached = Some(true);
         record.rcode = Some(question::mnemonic(kept.rcode));
         record.answers = Some(kept.answers);
-        if record.verdict == "allow" && !kept.addresses.is_empty() {
+        if record.verdict == Verdict::Allow && !kept.addresses.is_empty() {
             self.shared
                 .resolved
                 .insert(record.agent.as_deref(), name, &kept.addresses, now);

@@ -7,7 +7,7 @@ mod session;
 mod worker;
 
 use crate::agent_dns::names::ResolvedNames;
-use crate::audit::{AuditLog, Record};
+use crate::audit::{AuditLog, Record, Verdict};
 use crate::cgroup;
 use crate::config::Config;
 use crate::connect_log::ConnectLog;
@@ -155,7 +155,7 @@ pub struct Stats {
 /// Verdicts per host, for the short report `exec` prints at the end.
 #[derive(Default, Clone)]
 pub struct Summary {
-    by_host: BTreeMap<(String, &'static str), u64>,
+    by_host: BTreeMap<(String, Verdict), u64>,
 }
 
 impl Summary {

@@ -6,7 +6,7 @@
 use super::relay::{write_fd, Flow, Pump};
 use super::Runtime;
 use crate::agent_dns::names::ResolvedNames;
-use crate::audit::{AttributionDone, Record};
+use crate::audit::{AttributionDone, Dial, Proto, Record, Verdict};
 use crate::config::{DomainDial, Mode, Outbound};
 use crate::dns::{Lookup, QueryId, Resolver};
 use crate::loopback::{self, Listener};
@@ -356,18 +356,18 @@ impl Session {
     fn apply_sniffed(&mut self, found: Sniffed) {
         let raw = match found {
             Sniffed::Tls { sni, ech } => {
-                self.record.proto = "tls";
+                self.record.proto = Proto::Tls;
                 self.record.ech = ech;
                 self.record.sni = sni.clone();
                 sni
             }
             Sniffed::Http { host } => {
-                self.record.proto = "http";
+                self.record.proto = Proto::Http;
                 self.record.http_host = Some(host.clone());
                 Some(host)
             }
             Sniffed::Unnamed { reason } => {
-                self.record.proto = "tcp";
+                self.record.proto = Proto::Tcp;
                 self.record.sniff = Some(reason.to_string());
                 None
             }
@@ -387,7 +387,7 @@ impl Session {
     fn decide(&mut self, ctx: &mut Ctx, sniff_ended: Option<&str>) -> Step {
         if let Some(why) = sniff_ended {
             self.record.proto = if self.sniffed.is_empty() {
-                "tcp"
+                Proto::Tcp
             } else {
                 self.record.proto
             };
@@ -416,7 +416,7 @@ impl Session {
             self.record.rule = Some(decision.rule_name.to_string());
             self.record.outbound = "block".into();
             return self.refuse_dial((
-                "refused_unresolved",
+                Dial::RefusedUnresolved,
                 format!(
                     "{} was never resolved through agent-egress, and no rule by address allows it (dns.require_dns)",
                     self.original_dst.ip()
@@ -431,21 +431,21 @@ impl Session {
         };
         if runtime.config.mode == Mode::Audit {
             self.record.verdict = if matches!(outbound, Outbound::Block) {
-                "would_block"
+                Verdict::WouldBlock
             } else {
-                "allow"
+                Verdict::Allow
             };
-            self.record.dial = Some("original".into());
+            self.record.dial = Some(Dial::Original);
             return self.connect(ctx, vec![self.original_dst], Via::Direct);
         }
         let port = self.original_dst.port();
         match outbound {
             Outbound::Block => {
-                self.record.verdict = "block";
+                self.record.verdict = Verdict::Block;
                 self.refuse_politely(decision.rule_name)
             }
             Outbound::Direct { interface, mark } => {
-                self.record.verdict = "allow";
+                self.record.verdict = Verdict::Allow;
                 self.dial_options = DialOptions {
                     interface: interface.clone(),
                     mark: *mark,
@@ -453,22 +453,22 @@ impl Session {
                 match (decision.matched_domain, host) {
                     (true, Some(host)) => self.resolve(ctx, host, port),
                     _ => {
-                        self.record.dial = Some("original".into());
+                        self.record.dial = Some(Dial::Original);
                         self.connect(ctx, vec![self.original_dst], Via::Direct)
                     }
                 }
             }
             Outbound::Socks5 { server, .. } | Outbound::Http { server, .. } => {
-                self.record.verdict = "allow";
+                self.record.verdict = Verdict::Allow;
                 // The upstream resolves a name it is given: the agent's choice
                 // of IP is not trusted when a domain rule let it through.
                 let target = match (decision.matched_domain, host) {
                     (true, Some(host)) => {
-                        self.record.dial = Some("upstream_resolves".into());
+                        self.record.dial = Some(Dial::UpstreamResolves);
                         Target::Name(host, port)
                     }
                     _ => {
-                        self.record.dial = Some("original".into());
+                        self.record.dial = Some(Dial::Original);
                         Target::Addr(self.original_dst)
                     }
                 };
@@ -479,7 +479,7 @@ impl Session {
 
     fn decide_loopback(&mut self, ctx: &mut Ctx, listener: Option<Listener>) -> Step {
         self.record.sniff = Some("loopback: decided by its listener, not sniffed".into());
-        self.record.dial = Some("original".into());
+        self.record.dial = Some(Dial::Original);
         self.decided = true;
         if let Some(refusal) = self.own_listener(self.original_dst) {
             self.record.rule = Some(loopback::REFUSED_RULE.into());
@@ -496,9 +496,9 @@ impl Session {
         self.record.rule = Some(decision.rule.to_string());
         let enforce = runtime.config.mode == Mode::Enforce;
         self.record.verdict = match (decision.allowed, enforce) {
-            (true, _) => "allow",
-            (false, true) => "block",
-            (false, false) => "would_block",
+            (true, _) => Verdict::Allow,
+            (false, true) => Verdict::Block,
+            (false, false) => Verdict::WouldBlock,
         };
         if decision.allowed || !enforce {
             self.record.outbound = "direct".into();
@@ -560,19 +560,19 @@ impl Session {
             if let Some(refusal) = self.dial_refusal(self.original_dst) {
                 return self.refuse_dial(refusal);
             }
-            self.record.dial = Some("original_verified".into());
+            self.record.dial = Some(Dial::OriginalVerified);
             return self.connect(ctx, vec![self.original_dst], Via::Direct);
         }
         match self.runtime.config.dns.domain_dial {
             DomainDial::Verify => self.refuse_dial((
-                "refused_mismatch",
+                Dial::RefusedMismatch,
                 format!(
                     "{original} is not an address of {host} (our resolver gives {})",
                     list(addrs)
                 ),
             )),
             DomainDial::Resolve => {
-                self.record.dial = Some("resolved".into());
+                self.record.dial = Some(Dial::Resolved);
                 let mut refusals = Vec::new();
                 let mut candidates: Vec<SocketAddr> = addrs
                     .iter()
@@ -601,7 +601,7 @@ impl Session {
     /// listener (a loop), an address a rule by address refuses, or an internal
     /// one (loopback, link-local and metadata, private) that no rule by
     /// address allows. A name an agent may reach can resolve to anything.
-    fn dial_refusal(&self, addr: SocketAddr) -> Option<(&'static str, String)> {
+    fn dial_refusal(&self, addr: SocketAddr) -> Option<(Dial, String)> {
         if let Some(refusal) = self.own_listener(addr) {
             return Some(refusal);
         }
@@ -611,14 +611,14 @@ impl Session {
         match self.runtime.policy.decide_address(ip, addr.port(), agent) {
             Some(decision) => match config.outbounds.get(decision.outbound) {
                 Some(Outbound::Block) | None => Some((
-                    "refused_ip_rule",
+                    Dial::RefusedIpRule,
                     format!("{ip} is refused by rule {:?}", decision.rule_name),
                 )),
                 Some(_) => None,
             },
             None => policy::internal_range(ip).map(|range| {
                 (
-                    "refused_private",
+                    Dial::RefusedPrivate,
                     format!("{ip} is a {range} address, which a name reaches only through a rule by address (ips)"),
                 )
             }),
@@ -626,7 +626,7 @@ impl Session {
     }
 
     /// Dialling `addr` would connect the proxy to itself (a loop).
-    fn own_listener(&self, addr: SocketAddr) -> Option<(&'static str, String)> {
+    fn own_listener(&self, addr: SocketAddr) -> Option<(Dial, String)> {
         let ip = addr.ip().to_canonical();
         let config = &self.runtime.config;
         let listener = config
@@ -634,13 +634,17 @@ impl Session {
             .addresses
             .iter()
             .any(|a| a.to_canonical() == ip);
-        (addr.port() == config.listen.port && (listener || ip.is_loopback()))
-            .then(|| ("refused_self", format!("{addr} is this proxy's listener")))
+        (addr.port() == config.listen.port && (listener || ip.is_loopback())).then(|| {
+            (
+                Dial::RefusedSelf,
+                format!("{addr} is this proxy's listener"),
+            )
+        })
     }
 
-    fn refuse_dial(&mut self, (dial, reason): (&'static str, String)) -> Step {
-        self.record.dial = Some(dial.into());
-        self.record.verdict = "block";
+    fn refuse_dial(&mut self, (dial, reason): (Dial, String)) -> Step {
+        self.record.dial = Some(dial);
+        self.record.verdict = Verdict::Block;
         self.record.error = Some(reason);
         let rule = self.record.rule.clone().unwrap_or_default();
         self.refuse_politely(&rule)
@@ -776,7 +780,7 @@ impl Session {
         // (An IP literal is the host it is held to.)
         let host = self.record.host.as_ref().or(self.record.http_host.as_ref());
         let inspect = match (self.record.proto, host) {
-            ("http", Some(host)) if self.runtime.config.mode != Mode::Audit => Some(
+            (Proto::Http, Some(host)) if self.runtime.config.mode != Mode::Audit => Some(
                 RequestStream::new(host, self.runtime.config.limits.sniff_bytes),
             ),
             _ => None,
@@ -794,7 +798,7 @@ impl Session {
     /// A request that must not pass on a connection already relayed: a 403 to
     /// the client, the connection ended.
     fn refuse_request(&mut self, why: String) -> Step {
-        self.record.verdict = "block";
+        self.record.verdict = Verdict::Block;
         self.record.error = Some(why);
         let rule = self.record.rule.clone().unwrap_or_default();
         self.send_refusal(&rule)
@@ -868,8 +872,10 @@ impl Session {
 
     fn send_refusal(&mut self, rule: &str) -> Step {
         let message = match self.record.proto {
-            "tls" => outbound::tls_access_denied_alert().to_vec(),
-            "http" => outbound::http_forbidden(rule, self.record.host.as_deref().unwrap_or("")),
+            Proto::Tls => outbound::tls_access_denied_alert().to_vec(),
+            Proto::Http => {
+                outbound::http_forbidden(rule, self.record.host.as_deref().unwrap_or(""))
+            }
             _ => return self.abort(),
         };
         // A fresh socket's send buffer takes these few bytes whole.
@@ -883,7 +889,7 @@ impl Session {
     }
 
     fn refuse(&mut self, error: String) -> Step {
-        self.record.verdict = "block";
+        self.record.verdict = Verdict::Block;
         self.record.error = Some(error);
         self.abort()
     }
@@ -904,8 +910,8 @@ impl Session {
 
     /// An upstream failure: the client gets a reset at once, the record says why.
     fn fail(&mut self, error: String) -> Step {
-        if self.record.verdict != "block" {
-            self.record.verdict = "error";
+        if self.record.verdict != Verdict::Block {
+            self.record.verdict = Verdict::Error;
         }
         self.record.error = Some(error);
         self.abort()

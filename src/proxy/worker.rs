@@ -3,7 +3,7 @@
 
 use super::session::{set_linger_zero, Ctx, Readiness, Session, Step};
 use super::{Runtime, Shared};
-use crate::audit::{AttributionDone, PendingRecord, Record, EVENT_END, EVENT_START};
+use crate::audit::{AttributionDone, Event, PendingRecord, Proto, Record};
 use crate::cgroup;
 use crate::dns::{QueryId, Resolver};
 use crate::loopback::Listener;
@@ -162,7 +162,7 @@ impl Worker {
         if let Some(session) = self.sessions.get_mut(key) {
             if session.take_decided() && self.runtime.config.audit.start_events {
                 let mut record = session.record.clone();
-                record.event = EVENT_START;
+                record.event = Event::Start;
                 self.shared.audit.submit(record.into());
             }
         }
@@ -202,7 +202,7 @@ impl Worker {
         self.shared.stats.active.fetch_sub(1, Ordering::Relaxed);
         self.shared.count(&session.record);
         let mut record = std::mem::take(&mut session.record);
-        record.event = EVENT_END;
+        record.event = Event::End;
         self.shared.audit.submit(PendingRecord {
             record,
             owner: session.owner.take(),
@@ -305,7 +305,7 @@ impl Worker {
             conn_id: Some(audit.next_conn_id()),
             src: peer.to_string(),
             dst: original_dst.to_string(),
-            proto: "tcp",
+            proto: Proto::Tcp,
             ..Record::default()
         };
         let mut owner_query = None;
