@@ -484,6 +484,8 @@ impl AuditLog {
                 done: done.clone(),
             };
             if self.try_send(message) {
+                // No linger for it: the process may exit any moment.
+                self.writer.unpark();
                 return;
             }
         }
@@ -678,8 +680,10 @@ impl Writer {
             record.cgroup_id = record.cgroup_id.or(owner.owner.cgroup_id);
         }
         if record.pid.is_none() {
+            // The last record of a connection, or a query's only one, takes it.
+            let last = matches!(record.event, Event::End | Event::Dns);
             let early = record.conn_id.and_then(|id| {
-                if record.event == Event::End {
+                if last {
                     self.early.remove(&id)
                 } else {
                     self.early.get(&id).cloned()
@@ -694,7 +698,7 @@ impl Writer {
                 record.exe = record.exe.or(info.exe);
                 record.cmdline = record.cmdline.or(info.cmdline);
             }
-        } else if record.event == Event::End {
+        } else if matches!(record.event, Event::End | Event::Dns) {
             if let Some(id) = record.conn_id {
                 self.early.remove(&id);
             }

@@ -128,6 +128,9 @@ in
             "rebind-md.allowed.test,${metadata4}"
             "rebind-pv.allowed.test,10.1.2.3"
           ];
+          # An HTTPS record with an ECH config (alpn h2, ech: four opaque bytes),
+          # which the agents get without.
+          dns-rr = [ "allowed.test,65,0001000001000302683200050004deadbeef" ];
         };
       };
 

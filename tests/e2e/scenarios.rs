@@ -43,6 +43,24 @@ pub const ALL: &[Scenario] = &[
         crate::backstop::repairs_leak_nothing,
     ),
     ("delegated_subtree_captured", delegated_subtree_captured),
+    ("dns_decided", crate::dns::dns_decided),
+    (
+        "dns_handler_down_leaks_nothing",
+        crate::dns::dns_handler_down_leaks_nothing,
+    ),
+    (
+        "dns_exfiltration_limited",
+        crate::dns::dns_exfiltration_limited,
+    ),
+    (
+        "nameless_by_resolved_name",
+        crate::dns::nameless_by_resolved_name,
+    ),
+    ("ech_stripped", crate::dns::ech_stripped),
+    (
+        "getent_loopback_resolver",
+        crate::dns::getent_loopback_resolver,
+    ),
 ];
 
 /// A world with the daemon running the default test policy.

@@ -1,14 +1,9 @@
-// SPDX-License-Identifier: GPL-3.0-or-later
-//! `dns.capture`: the agent's own DNS clients (dig, curl's resolver) against a
-//! daemon that answers every query of the agent under the policy, whatever
-//! resolver it asks: allowed names are forwarded to `dns.servers`, refused
-//! names and tunnel types are answered at once and nothing leaves, a rogue
-//! resolver's address and a loopback resolver are answered by the handler.
+//! The DNS scenarios: the agent's own DNS clients (dig, curl's resolver,
+//! getent) against a daemon that answers every query of the agent under the
+//! policy (`dns.capture`), whatever resolver it asks.
 
-mod harness;
-
-use harness::daemon::{self, Daemon};
-use harness::{arrivals, World, ALLOWED, BLOCKED, DNS_V4, OTHER};
+use crate::harness::daemon::{self, Daemon};
+use crate::harness::{self, arrivals, World, ALLOWED, BLOCKED, DNS_V4, OTHER};
 use serde_json::{json, Value};
 use std::process::Output;
 
@@ -47,11 +42,7 @@ fn record(d: &Daemon, host: &str, qtype: &str) -> Value {
     })
 }
 
-#[test]
-fn every_agent_query_is_decided_and_refused_names_leave_nothing() {
-    if !harness::require_root_and_tools(&["dig", "curl", "socat"]) {
-        return;
-    }
+pub fn dns_decided() {
     let world = World::new();
     let config = daemon::config(
         &world,
@@ -155,11 +146,7 @@ fn every_agent_query_is_decided_and_refused_names_leave_nothing() {
 /// by nobody and reaches no resolver; one to a loopback resolver is refused
 /// at once (ICMP port unreachable; the kernel cannot send one from a foreign
 /// address, so a query to an off-host resolver times out instead).
-#[test]
-fn handler_down_leaks_nothing() {
-    if !harness::require_root_and_tools(&["dig"]) {
-        return;
-    }
+pub fn dns_handler_down_leaks_nothing() {
     let world = World::new();
     let config = daemon::config(
         &world,
@@ -208,11 +195,7 @@ fn nameless(world: &World, addr: &str) -> String {
 /// resolved its address for; with `require_dns`, one to an address it never
 /// resolved through us gets only rules by address, even when the default
 /// would let it through.
-#[test]
-fn nameless_connections_take_the_name_their_address_was_resolved_for() {
-    if !harness::require_root_and_tools(&["dig", "socat"]) {
-        return;
-    }
+pub fn nameless_by_resolved_name() {
     let world = World::new();
     let config = daemon::config(
         &world,
@@ -329,11 +312,7 @@ except socket.timeout:
 print(" ".join(f"{k}:{v}" for k, v in sorted(codes.items())))
 "#;
 
-#[test]
-fn an_exfiltration_shaped_burst_is_refused_past_the_limit() {
-    if !harness::require_root_and_tools(&["dig", "python3"]) {
-        return;
-    }
+pub fn dns_exfiltration_limited() {
     let world = World::new();
     let config = daemon::config(
         &world,
@@ -406,11 +385,7 @@ fn an_exfiltration_shaped_burst_is_refused_past_the_limit() {
 /// glibc's own resolver (`getent`) in the agent's cgroup, pointed at a
 /// resolver on the agent host's loopback that answers any name: answered by
 /// the handler under the policy; the loopback resolver is asked nothing.
-#[test]
-fn getent_with_a_loopback_resolver_obeys_the_policy() {
-    if !harness::require_root_and_tools(&["dig", "dnsmasq", "getent", "unshare"]) {
-        return;
-    }
+pub fn getent_loopback_resolver() {
     let world = World::new();
     let config = daemon::config(
         &world,
@@ -502,11 +477,7 @@ fn getent_with_a_loopback_resolver_obeys_the_policy() {
 /// allowed.test publishes an HTTPS record with an ECH config: the agent gets
 /// the record without it (a client would otherwise send only the provider's
 /// public name in the clear); with `strip_ech` off, with it.
-#[test]
-fn ech_configs_are_taken_out_of_https_answers() {
-    if !harness::require_root_and_tools(&["dig"]) {
-        return;
-    }
+pub fn ech_stripped() {
     for strip in [true, false] {
         let world = World::new();
         let config = daemon::config(
