@@ -6,6 +6,9 @@ latency  fresh TCP + TLS + GET, one at a time: p50/p99 of the whole exchange
 blocked  how long a connection to a blocked name takes to fail
 idle     hold N TLS connections open (handshake done, no request) and read a
          process's resident memory before and with them
+dns      DNS queries over UDP for one name (repeated: a cache may answer) or
+         names below it (--unique: each a first), p50/p99 one at a time, then
+         queries/s with --window queries in flight
 
 Each prints one JSON object on stdout. Run inside the agent cgroup and netns;
 names resolve through that netns's hosts file.
@@ -18,6 +21,7 @@ import select
 import socket
 import ssl
 import statistics
+import struct
 import sys
 import time
 
@@ -157,9 +161,69 @@ def idle(args):
     }
 
 
+def dns_query(qid, name):
+    header = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    labels = b"".join(bytes([len(label)]) + label.encode() for label in name.split("."))
+    return header + labels + b"\0\0\1\0\1"
+
+
+def dns(args):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((args.server, 53))
+    sock.settimeout(TIMEOUT_S)
+    serial = [0]
+
+    def next_query():
+        serial[0] += 1
+        name = f"q{serial[0]}.{args.name}" if args.unique else args.name
+        return serial[0] & 0xFFFF, dns_query(serial[0] & 0xFFFF, name)
+
+    times, errors = [], 0
+    for _ in range(args.count):
+        qid, query = next_query()
+        started = time.perf_counter()
+        sock.send(query)
+        try:
+            while struct.unpack(">H", sock.recv(4096)[:2])[0] != qid:
+                pass
+            times.append((time.perf_counter() - started) * 1000)
+        except socket.timeout:
+            errors += 1
+    answered, sent = 0, 0
+    sock.settimeout(1)
+    deadline = time.perf_counter() + args.seconds
+    started = time.perf_counter()
+    while sent < args.window:
+        sock.send(next_query()[1])
+        sent += 1
+    while time.perf_counter() < deadline:
+        try:
+            sock.recv(4096)
+        except socket.timeout:
+            errors += 1
+            sock.send(next_query()[1])
+            continue
+        answered += 1
+        sock.send(next_query()[1])
+    elapsed = time.perf_counter() - started
+    return {
+        "p50_ms": percentile(times, 0.5) if times else None,
+        "p99_ms": percentile(times, 0.99) if times else None,
+        "qps": answered / elapsed,
+        "errors": errors,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="test", required=True)
+    p = sub.add_parser("dns")
+    p.add_argument("--server", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--seconds", type=float, default=3)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--unique", action="store_true")
     for name in ("latency", "blocked", "idle"):
         p = sub.add_parser(name)
         p.add_argument("--host", required=True)
@@ -171,7 +235,7 @@ def main():
             p.add_argument("--pid", type=int, required=True, help="process whose RSS to read")
             p.add_argument("--settle", type=float, default=1.0, help="seconds before reading")
     args = parser.parse_args()
-    result = {"latency": latency, "blocked": blocked, "idle": idle}[args.test](args)
+    result = {"latency": latency, "blocked": blocked, "idle": idle, "dns": dns}[args.test](args)
     json.dump(result, sys.stdout)
     print()
     return 1 if "error" in result else 0

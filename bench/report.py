@@ -32,6 +32,12 @@ METRICS = {
     "cpu_us_per_http_conn": ("proxy CPU per new plain-HTTP connection", "µs", LOWER),
     "cpu_s_per_GB_tls": ("proxy CPU per GB, TLS bulk", "s/GB", LOWER),
     "cpu_s_per_GB_raw": ("proxy CPU per GB, raw TCP bulk", "s/GB", LOWER),
+    "dns_repeated_p50_ms": ("DNS query for one name, one at a time, p50", "ms", LOWER),
+    "dns_repeated_p99_ms": ("DNS query for one name, one at a time, p99", "ms", LOWER),
+    "dns_repeated_qps": ("DNS queries/s for one name, 32 in flight", "q/s", HIGHER),
+    "dns_unique_p50_ms": ("DNS query, a new name each, p50", "ms", LOWER),
+    "dns_unique_p99_ms": ("DNS query, a new name each, p99", "ms", LOWER),
+    "dns_unique_qps": ("DNS queries/s, a new name each, 32 in flight", "q/s", HIGHER),
     "https_errors": ("wrk socket errors + non-2xx, HTTPS run", "count", LOWER),
     "http_errors": ("wrk socket errors + non-2xx, HTTP run", "count", LOWER),
 }

@@ -108,6 +108,22 @@ test_blocked() {
     record_percentiles blocked "$out"
 }
 
+# The agent's DNS: straight to dnsmasq (none), or answered by agent-egress's
+# handler. The other proxies leave DNS alone (their capture is TCP only).
+test_dns() {
+    case $PROXY in none | agent-egress) ;; *) return 0 ;; esac
+    local out variant flag
+    for variant in repeated unique; do
+        flag=
+        [ "$variant" = unique ] && flag=--unique
+        out=$(as_agent python3 "$BENCH_DIR/client.py" dns --server "$SERVER_IP" \
+            --name "$ALLOWED_HOST" --count "$LATENCY_COUNT" $flag)
+        [ "$(jq -r .errors <<<"$out")" = 0 ] || die "dns test ($variant) had errors: $out"
+        record_percentiles "dns_$variant" "$out"
+        record "dns_${variant}_qps" "$(jq -r '.qps | round' <<<"$out")"
+    done
+}
+
 test_tls_bulk() {
     local cpu0 cpu1 out speed size
     cpu0=$(proxy_cpu)
@@ -176,6 +192,7 @@ run_proxy_round() {
     test_idle_connections
     test_latency
     test_blocked
+    test_dns
     test_tls_bulk
     test_raw_bulk
     test_new_connections https
