@@ -7,7 +7,10 @@
 # connection and perf's summaries (by thread, by binary, by symbol with
 # children). Run as root:
 #
-#   bash bench/profile.sh [https|http] [SECONDS]
+#   bash bench/profile.sh [https|http|dns] [SECONDS]
+#
+# dns: bench/client.py asks for a new name below the bench host each time,
+# 32 in flight, through the DNS handler.
 #
 # Needs perf (Debian: linux-perf) besides bench/run.sh's tools.
 set -euo pipefail
@@ -27,7 +30,7 @@ main() {
         command -v "$tool" >/dev/null || die "missing tool: $tool"
     done
     [ -x "$AGENT_EGRESS" ] || die "no agent-egress binary at $AGENT_EGRESS (cargo build --release)"
-    case $SCHEME in http | https) ;; *) die "scheme must be http or https, not $SCHEME" ;; esac
+    case $SCHEME in http | https | dns) ;; *) die "scheme must be http, https or dns, not $SCHEME" ;; esac
     BENCH_ID=$(printf '%04x' "$$")
     WORK=$(mktemp -d "/tmp/aebench-$BENCH_ID.XXXX")
     # No bulk test here: the served big file need not exist.
@@ -39,7 +42,7 @@ main() {
     build_world
     PROXY=agent-egress
     proxy_start agent-egress
-    as_agent curl -sSk -o /dev/null --max-time 5 "$SCHEME://$ALLOWED_HOST/hello.txt" ||
+    as_agent curl -sSk -o /dev/null --max-time 5 "https://$ALLOWED_HOST/hello.txt" ||
         die "a first request failed"
 
     local cpu0 cpu1 out requests perf_pid
@@ -47,16 +50,27 @@ main() {
     perf record -F 2000 -g -p "$PROXY_PID" -o "$WORK/perf.data" -- sleep "$SECONDS_TO_RUN" \
         >/dev/null 2>&1 &
     perf_pid=$!
-    out=$(as_agent wrk -t2 -c32 -d"${SECONDS_TO_RUN}s" -H 'Connection: close' \
-        "$SCHEME://$ALLOWED_HOST/hello.txt")
-    cpu1=$(cpu_ticks "$PROXY_PID")
-    wait "$perf_pid" || true
-    requests=$(awk '/requests in/ { print $1 }' <<<"$out")
-    [ -n "$requests" ] || die "wrk: no result: $out"
-    printf '%s: %s new connections/s, proxy CPU %s µs per connection\n\n' "$SCHEME" \
-        "$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")" \
-        "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
-            'BEGIN { printf "%.0f", c * 1e6 / n }')"
+    if [ "$SCHEME" = dns ]; then
+        out=$(as_agent python3 "$BENCH_DIR/client.py" dns --server "$SERVER_IP" \
+            --name "$ALLOWED_HOST" --count 1 --seconds "$SECONDS_TO_RUN" --unique)
+        cpu1=$(cpu_ticks "$PROXY_PID")
+        wait "$perf_pid" || true
+        requests=$(jq -r ".qps * $SECONDS_TO_RUN | round" <<<"$out")
+        printf 'dns: %s queries/s, proxy CPU %s µs per query\n\n' "$(jq -r '.qps | round' <<<"$out")" \
+            "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
+                'BEGIN { printf "%.1f", c * 1e6 / n }')"
+    else
+        out=$(as_agent wrk -t2 -c32 -d"${SECONDS_TO_RUN}s" -H 'Connection: close' \
+            "$SCHEME://$ALLOWED_HOST/hello.txt")
+        cpu1=$(cpu_ticks "$PROXY_PID")
+        wait "$perf_pid" || true
+        requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+        [ -n "$requests" ] || die "wrk: no result: $out"
+        printf '%s: %s new connections/s, proxy CPU %s µs per connection\n\n' "$SCHEME" \
+            "$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")" \
+            "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
+                'BEGIN { printf "%.0f", c * 1e6 / n }')"
+    fi
     local report=(perf report -i "$WORK/perf.data" --stdio -g none)
     echo "== by thread"
     "${report[@]}" --no-children --sort comm 2>/dev/null | grep '%' | head -8
