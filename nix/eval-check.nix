@@ -377,12 +377,15 @@ let
       ];
       message = "services.agentEgress.agents.a.allow.lists names unknown lists no-such-list;";
     };
-    remote-resolver = {
+    remote-resolver-uncaptured = {
       modules = [
         {
           services.agentEgress = {
             enable = true;
-            settings.dns.servers = [ "192.0.2.53" ];
+            settings.dns = {
+              servers = [ "192.0.2.53" ];
+              capture = false;
+            };
           };
         }
       ];

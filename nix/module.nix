@@ -695,8 +695,13 @@ in
             message = "services.agentEgress.settings.dns.servers is empty: enable services.resolved (its stub 127.0.0.53 is then the default) or list a resolver that listens on loopback (dnsmasq, unbound).";
           }
           {
-            assertion = cfg.agentInterfaces != [ "lo" ] || lib.all loopbackServer settings.dns.servers;
-            message = "services.agentEgress.settings.dns.servers must listen on loopback (e.g. 127.0.0.53 of services.resolved): the agents may use only lo (services.agentEgress.agentInterfaces). Found: ${toString settings.dns.servers}.";
+            # Captured (the daemon's default), the agents' queries go to the
+            # daemon's DNS handler over lo, and only the daemon asks the servers.
+            assertion =
+              (settings.dns.capture or true)
+              || cfg.agentInterfaces != [ "lo" ]
+              || lib.all loopbackServer settings.dns.servers;
+            message = "services.agentEgress.settings.dns.servers must listen on loopback (e.g. 127.0.0.53 of services.resolved) when settings.dns.capture is false: the agents may use only lo (services.agentEgress.agentInterfaces). Found: ${toString settings.dns.servers}.";
           }
         ];
 
