@@ -581,3 +581,10 @@ with subtest("getent_loopback_resolver"):
     )
     assert "reachable" not in probe.out and "getent=2" in probe.out and INTERNET4 in probe.out, probe.out
     wait_for_audit("glibc's lookup of the blocked name", event="dns", host="blocked.test", rcode="NXDOMAIN")
+
+with subtest("dns_over_tcp"):
+    # An agent's query over TCP: answered by the handler under the policy.
+    probe = in_agent(f"dig +tcp +time=2 +tries=1 @{INTERNET4} allowed.test")
+    assert "status: NOERROR" in probe.out and INTERNET4 in probe.out, probe.out
+    probe = in_agent("dig +tcp +time=2 +tries=1 @127.0.0.53 x.blocked.test")
+    assert "status: NXDOMAIN" in probe.out, probe.out

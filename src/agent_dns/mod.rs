@@ -10,12 +10,18 @@
 //! after another on timeouts, and the answer goes back to the agent from the
 //! address it asked ([`transparent`]). Every query leaves an audit record.
 //!
+//! Queries over TCP (a resolver retrying an answer truncated over UDP) come
+//! to the same handler on the same port and are forwarded over TCP
+//! ([`stream`]).
+//!
 //! One thread, one mio loop, bounded: at most [`MAX_PENDING`] forwarded
-//! queries wait at a time; more get SERVFAIL at once, counted.
+//! queries wait at a time (more get SERVFAIL at once) and [`MAX_CLIENTS`]
+//! TCP connections are open.
 
 pub mod limits;
 pub mod names;
 pub mod question;
+mod stream;
 mod transparent;
 
 use crate::audit::{AttributionDone, Event, PendingRecord, Proto, Record, Verdict};
@@ -26,7 +32,7 @@ use crate::proxy::Shared;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use limits::Limiter;
-use mio::net::UdpSocket;
+use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 use question::{NameVerdict, Plan};
 use slab::Slab;
@@ -34,6 +40,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use stream::Conn;
 use transparent::Replier;
 
 /// Forwarded queries waiting for a server at most.
@@ -46,20 +53,63 @@ const EVENTS_PER_POLL: usize = 128;
 /// How often deadlines are looked at when nothing else wakes the loop.
 const TICK: Duration = Duration::from_millis(50);
 const WAKER: Token = Token(usize::MAX - 1);
+/// Tokens: the UDP listeners above LISTENER_BASE, the TCP ones above
+/// TCP_LISTENER_BASE, the agents' TCP connections from CLIENT_BASE, and the
+/// pending queries' upstream sockets below, by their slab keys.
 const LISTENER_BASE: usize = usize::MAX - 16;
+const TCP_LISTENER_BASE: usize = usize::MAX - 32;
+const CLIENT_BASE: usize = 1 << 40;
+/// Agents' TCP connections open at once at most; more are closed at once.
+pub const MAX_CLIENTS: usize = 64;
+/// A TCP connection with nothing to do this long is closed.
+const CLIENT_IDLE: Duration = Duration::from_secs(10);
+
+/// Who asked, and where the answer goes.
+#[derive(Clone, Copy)]
+struct Asker {
+    agent: SocketAddr,
+    /// The address the agent asked: a UDP answer comes from there.
+    asked: SocketAddr,
+    via: Via,
+}
+
+#[derive(Clone, Copy)]
+enum Via {
+    Udp,
+    /// The agent's TCP connection: its slab key, and the serial of the
+    /// connection that asked (a key may be reused by the time an answer comes).
+    Tcp {
+        key: usize,
+        serial: u64,
+    },
+}
+
+/// The socket a forwarded query waits on: UDP for a UDP query, TCP for a
+/// TCP one (its answer may be too large for a datagram).
+enum Upstream {
+    Udp(UdpSocket),
+    Tcp(Conn),
+}
+
+/// An agent's TCP connection to the handler.
+struct Client {
+    conn: Conn,
+    agent: SocketAddr,
+    asked: SocketAddr,
+    serial: u64,
+    last_active: Instant,
+}
 
 /// One forwarded query waiting for a server.
 struct Pending {
-    upstream: UdpSocket,
+    upstream: Upstream,
     /// The query as sent: the agent's bytes with our id.
     query: Vec<u8>,
     our_id: u16,
     agent_id: u16,
     name: String,
     qtype: RecordType,
-    /// The agent's socket, and the address it asked (the answer comes from there).
-    agent: SocketAddr,
-    asked: SocketAddr,
+    asker: Asker,
     /// Index into `dns.servers` of the server asked now.
     server: usize,
     started: Instant,
@@ -73,6 +123,9 @@ pub struct Handler {
     poll: Poll,
     shared: Arc<Shared>,
     listeners: Vec<UdpSocket>,
+    tcp_listeners: Vec<TcpListener>,
+    clients: Slab<Client>,
+    next_serial: u64,
     replier: Replier,
     waker: Arc<Waker>,
     pending: Slab<Pending>,
@@ -119,6 +172,21 @@ impl Handler {
             )?;
             listeners.push(socket);
         }
+        let mut tcp_listeners = Vec::new();
+        for ip in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            let addr = SocketAddr::new(ip, port);
+            let mut listener = crate::proxy::listener::transparent_listener(addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("dns handler on tcp {addr}: {e}")))?;
+            poll.registry().register(
+                &mut listener,
+                Token(TCP_LISTENER_BASE + tcp_listeners.len()),
+                Interest::READABLE,
+            )?;
+            tcp_listeners.push(listener);
+        }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let sock_diag = SockDiag::open()
             .map_err(|e| log::warn!("dns: socket owner lookups unavailable: {e}"))
@@ -128,6 +196,9 @@ impl Handler {
             poll,
             shared,
             listeners,
+            tcp_listeners,
+            clients: Slab::new(),
+            next_serial: 0,
             replier: Replier::new()?,
             waker,
             pending: Slab::new(),
@@ -168,6 +239,10 @@ impl Handler {
                 match event.token() {
                     WAKER => {}
                     Token(t) if t >= LISTENER_BASE => ready.push(t - LISTENER_BASE),
+                    Token(t) if t >= TCP_LISTENER_BASE => {
+                        self.accept_clients(t - TCP_LISTENER_BASE)
+                    }
+                    Token(t) if t >= CLIENT_BASE => self.on_client(t - CLIENT_BASE),
                     Token(key) => self.read_answer(key),
                 }
             }
@@ -191,7 +266,12 @@ impl Handler {
             match transparent::receive(socket, &mut self.buf) {
                 Ok(datagram) => {
                     let query = self.buf[..datagram.len].to_vec();
-                    self.on_query(&query, datagram.from, datagram.to);
+                    let asker = Asker {
+                        agent: datagram.from,
+                        asked: datagram.to,
+                        via: Via::Udp,
+                    };
+                    self.on_query(&query, asker);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => log::debug!("dns: {e}"),
@@ -204,7 +284,8 @@ impl Handler {
         true
     }
 
-    fn on_query(&mut self, query: &[u8], agent: SocketAddr, asked: SocketAddr) {
+    fn on_query(&mut self, query: &[u8], asker: Asker) {
+        let Asker { agent, asked, via } = asker;
         let started = Instant::now();
         let audit = &self.shared.audit;
         let mut record = Record {
@@ -218,7 +299,10 @@ impl Handler {
         let owner = self
             .sock_diag
             .as_mut()
-            .and_then(|d| d.lookup_udp(agent, asked).ok().flatten())
+            .and_then(|d| match via {
+                Via::Udp => d.lookup_udp(agent, asked).ok().flatten(),
+                Via::Tcp { .. } => d.lookup(agent, asked).ok().flatten(),
+            })
             .and_then(|owner| self.shared.attribute_query(owner, &mut record));
         // Now, while the process that asked surely still exists: a refused
         // client may be gone by the time the record is written.
@@ -270,13 +354,13 @@ impl Handler {
                     record.host = Some(name.clone());
                     record.verdict = Verdict::WouldBlock;
                     let name = name.clone();
-                    return self.forward(query, name, qtype, agent, asked, record, owner, started);
+                    return self.forward(query, name, qtype, asker, record, owner, started);
                 }
                 record.host = name;
                 record.rcode = Some(question::mnemonic(rcode));
                 record.verdict = Verdict::Block;
                 record.error = Some(why);
-                if let Err(e) = self.replier.send(asked, agent, &response) {
+                if let Err(e) = self.reply(asker, &response) {
                     record.error = Some(format!(
                         "{}; answering {agent}: {e}",
                         record.error.unwrap_or_default()
@@ -305,19 +389,19 @@ impl Handler {
                         record.verdict = Verdict::Block;
                         record.rcode = Some(question::mnemonic(ResponseCode::Refused));
                         if let Some(refusal) = question::refused(query) {
-                            let _ = self.replier.send(asked, agent, &refusal);
+                            let _ = self.reply(asker, &refusal);
                         }
                         record.error = Some(why);
                         return self.finish(record, owner, started);
                     }
                     record.verdict = Verdict::WouldBlock;
-                    return self.forward(query, name, qtype, agent, asked, record, owner, started);
+                    return self.forward(query, name, qtype, asker, record, owner, started);
                 }
-                if self.answer_from_cache(query, &name, qtype, agent, asked, &mut record, started) {
+                if self.answer_from_cache(query, &name, qtype, asker, &mut record, started) {
                     return self.finish(record, owner, started);
                 }
                 record.verdict = Verdict::Allow;
-                self.forward(query, name, qtype, agent, asked, record, owner, started);
+                self.forward(query, name, qtype, asker, record, owner, started);
             }
         }
     }
@@ -328,8 +412,7 @@ impl Handler {
         query: &[u8],
         name: String,
         qtype: RecordType,
-        agent: SocketAddr,
-        asked: SocketAddr,
+        asker: Asker,
         mut record: Record,
         owner: Option<OwnerQuery>,
         started: Instant,
@@ -337,7 +420,7 @@ impl Handler {
         let servers = self.shared.runtime().config.dns.servers.clone();
         let give_up = |this: &mut Handler, mut record: Record, why: String| {
             if let Some(failure) = question::server_failure(query) {
-                let _ = this.replier.send(asked, agent, &failure);
+                let _ = this.reply(asker, &failure);
             }
             record.rcode = Some(question::mnemonic(ResponseCode::ServFail));
             record.error = Some(why);
@@ -365,7 +448,7 @@ impl Handler {
         let entry = self.pending.vacant_entry();
         let key = entry.key();
         let timeout = Duration::from_millis(self.shared.runtime().config.dns.timeout_ms);
-        match ask(self.poll.registry(), key, servers[0], &ours) {
+        match ask(self.poll.registry(), key, servers[0], &ours, asker.via) {
             Ok(upstream) => {
                 record.upstream = Some(servers[0].to_string());
                 entry.insert(Pending {
@@ -375,8 +458,7 @@ impl Handler {
                     agent_id,
                     name,
                     qtype,
-                    agent,
-                    asked,
+                    asker,
                     server: 0,
                     started,
                     deadline: started + timeout,
@@ -389,73 +471,200 @@ impl Handler {
         }
     }
 
+    /// An upstream socket is ready: its answers, if one is ours.
     fn read_answer(&mut self, key: usize) {
-        let Some(pending) = self.pending.get(key) else {
-            return;
-        };
         for _ in 0..READS_PER_EVENT {
-            let n = match pending.upstream.recv(&mut self.buf) {
-                Ok(n) => n,
+            let Some(pending) = self.pending.get_mut(key) else {
+                return;
+            };
+            let answer = match &mut pending.upstream {
+                Upstream::Udp(socket) => match socket.recv(&mut self.buf) {
+                    Ok(n) => self.buf[..n].to_vec(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    // An ICMP error from the server: try the next one now.
+                    Err(e) => return self.next_server(key, e.to_string()),
+                },
+                Upstream::Tcp(conn) => {
+                    if let Err(e) = conn.flush().and_then(|()| conn.fill()) {
+                        return self.next_server(key, format!("over tcp: {e}"));
+                    }
+                    match conn.next_message() {
+                        Some(message) => message,
+                        None if conn.closed || conn.overfull() => {
+                            return self
+                                .next_server(key, "over tcp: closed without an answer".into())
+                        }
+                        None => return,
+                    }
+                }
+            };
+            if self.on_answer(key, &answer) {
+                return;
+            }
+        }
+    }
+
+    /// `answer` came for pending query `key`; true when it settled it.
+    /// Another id or question (late, stray or forged) settles nothing.
+    fn on_answer(&mut self, key: usize, answer: &[u8]) -> bool {
+        let Some(pending) = self.pending.get(key) else {
+            return true;
+        };
+        let Some(mut summary) =
+            question::read_answer(answer, pending.our_id, &pending.name, pending.qtype)
+        else {
+            return false;
+        };
+        let mut response = answer.to_vec();
+        if self.shared.runtime().config.dns.strip_ech {
+            if let Some((stripped, dropped)) = question::strip_ech(&response) {
+                response = stripped;
+                summary
+                    .answers
+                    .push(format!("(ech taken out of {dropped} record(s))"));
+            }
+        }
+        let to_keep = response.clone();
+        response[..2].copy_from_slice(&pending.agent_id.to_be_bytes());
+        let pending = self.pending.remove(key);
+        let mut record = pending.record;
+        // Only what enforce lets the agent learn names its addresses.
+        if record.verdict == Verdict::Allow && !summary.addresses.is_empty() {
+            self.shared.resolved.insert(
+                record.agent.as_deref(),
+                &pending.name,
+                &summary.addresses,
+                Instant::now(),
+            );
+        }
+        record.rcode = Some(question::mnemonic(summary.rcode));
+        let keep = summary
+            .ttl
+            .map(|ttl| Duration::from_secs(u64::from(ttl)).min(MAX_KEPT))
+            .filter(|ttl| !ttl.is_zero() && !summary.truncated);
+        if let Some(ttl) = keep {
+            let now = Instant::now();
+            let kept = Kept {
+                response: to_keep,
+                stored: now,
+                rcode: summary.rcode,
+                answers: summary.answers.clone(),
+                addresses: summary.addresses.clone(),
+            };
+            self.cache
+                .insert(cache_key(&pending.name, pending.qtype), kept, ttl, now);
+        }
+        record.answers = Some(summary.answers);
+        if summary.truncated {
+            record.error = Some("truncated: the agent may ask again over TCP".into());
+        }
+        if let Err(e) = self.reply(pending.asker, &response) {
+            record.error = Some(format!("answering {}: {e}", pending.asker.agent));
+        }
+        self.finish(record, pending.owner, pending.started);
+        true
+    }
+
+    /// `message` to the agent: a datagram from the address it asked, or on
+    /// its TCP connection if that is still the one that asked.
+    fn reply(&mut self, asker: Asker, message: &[u8]) -> io::Result<()> {
+        match asker.via {
+            Via::Udp => self.replier.send(asker.asked, asker.agent, message),
+            Via::Tcp { key, serial } => match self.clients.get_mut(key) {
+                Some(client) if client.serial == serial => {
+                    client.last_active = Instant::now();
+                    client.conn.send(message)
+                }
+                _ => Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "the agent closed its connection",
+                )),
+            },
+        }
+    }
+
+    /// A TCP listener is ready: take its connections (at most MAX_CLIENTS open).
+    fn accept_clients(&mut self, index: usize) {
+        loop {
+            let Some(listener) = self.tcp_listeners.get(index) else {
+                return;
+            };
+            let (stream, agent) = match listener.accept() {
+                Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    // An ICMP error from the server: try the next one now.
-                    let why = format!("{}", e);
-                    return self.next_server(key, why);
+                    log::warn!("dns: accepting a tcp query: {e}");
+                    return;
                 }
             };
-            // Another id or question: late, stray or forged; wait on.
-            let Some(mut summary) =
-                question::read_answer(&self.buf[..n], pending.our_id, &pending.name, pending.qtype)
-            else {
+            if self.clients.len() >= MAX_CLIENTS {
+                log::warn!("dns: {MAX_CLIENTS} tcp connections open: closing {agent}'s");
+                continue;
+            }
+            let Ok(asked) = stream.local_addr() else {
                 continue;
             };
-            let mut response = self.buf[..n].to_vec();
-            if self.shared.runtime().config.dns.strip_ech {
-                if let Some((stripped, dropped)) = question::strip_ech(&response) {
-                    response = stripped;
-                    summary
-                        .answers
-                        .push(format!("(ech taken out of {dropped} record(s))"));
-                }
+            let entry = self.clients.vacant_entry();
+            let key = entry.key();
+            let mut conn = Conn::new(stream);
+            if let Err(e) = self.poll.registry().register(
+                &mut conn.stream,
+                Token(CLIENT_BASE + key),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                log::warn!("dns: watching {agent}'s tcp connection: {e}");
+                continue;
             }
-            let to_keep = response.clone();
-            response[..2].copy_from_slice(&pending.agent_id.to_be_bytes());
-            let pending = self.pending.remove(key);
-            let mut record = pending.record;
-            // Only what enforce lets the agent learn names its addresses.
-            if record.verdict == Verdict::Allow && !summary.addresses.is_empty() {
-                self.shared.resolved.insert(
-                    record.agent.as_deref(),
-                    &pending.name,
-                    &summary.addresses,
-                    Instant::now(),
-                );
-            }
-            record.rcode = Some(question::mnemonic(summary.rcode));
-            let keep = summary
-                .ttl
-                .map(|ttl| Duration::from_secs(u64::from(ttl)).min(MAX_KEPT))
-                .filter(|ttl| !ttl.is_zero() && !summary.truncated);
-            if let Some(ttl) = keep {
-                let now = Instant::now();
-                let kept = Kept {
-                    response: to_keep,
-                    stored: now,
-                    rcode: summary.rcode,
-                    answers: summary.answers.clone(),
-                    addresses: summary.addresses.clone(),
-                };
-                self.cache
-                    .insert(cache_key(&pending.name, pending.qtype), kept, ttl, now);
-            }
-            record.answers = Some(summary.answers);
-            if summary.truncated {
-                record.error = Some("truncated: the agent may ask again over TCP".into());
-            }
-            if let Err(e) = self.replier.send(pending.asked, pending.agent, &response) {
-                record.error = Some(format!("answering {}: {e}", pending.agent));
-            }
-            return self.finish(record, pending.owner, pending.started);
+            self.next_serial += 1;
+            entry.insert(Client {
+                conn,
+                agent,
+                asked,
+                serial: self.next_serial,
+                last_active: Instant::now(),
+            });
+            self.on_client(key);
+        }
+    }
+
+    /// An agent's TCP connection is ready: its queries, and what waits to be written.
+    fn on_client(&mut self, key: usize) {
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        if client
+            .conn
+            .flush()
+            .and_then(|()| client.conn.fill())
+            .is_err()
+        {
+            self.clients.remove(key);
+            return;
+        }
+        let asker = Asker {
+            agent: client.agent,
+            asked: client.asked,
+            via: Via::Tcp {
+                key,
+                serial: client.serial,
+            },
+        };
+        let mut queries = Vec::new();
+        while let Some(query) = client.conn.next_message() {
+            queries.push(query);
+        }
+        if !queries.is_empty() {
+            client.last_active = Instant::now();
+        }
+        // A peer that closed its side may still read: answers to queries
+        // just taken go out before it is dropped (or the idle timeout).
+        let done = client.conn.overfull()
+            || (client.conn.closed && client.conn.drained() && queries.is_empty());
+        for query in queries {
+            self.on_query(&query, asker);
+        }
+        if done {
+            self.clients.remove(key);
         }
     }
 
@@ -467,8 +676,7 @@ impl Handler {
         query: &[u8],
         name: &str,
         qtype: RecordType,
-        agent: SocketAddr,
-        asked: SocketAddr,
+        asker: Asker,
         record: &mut Record,
         now: Instant,
     ) -> bool {
@@ -487,8 +695,8 @@ impl Handler {
                 .resolved
                 .insert(record.agent.as_deref(), name, &kept.addresses, now);
         }
-        if let Err(e) = self.replier.send(asked, agent, &response) {
-            record.error = Some(format!("answering {agent}: {e}"));
+        if let Err(e) = self.reply(asker, &response) {
+            record.error = Some(format!("answering {}: {e}", asker.agent));
         }
         true
     }
@@ -509,7 +717,13 @@ impl Handler {
         while pending.server + 1 < servers.len() {
             pending.server += 1;
             let server = servers[pending.server];
-            match ask(self.poll.registry(), key, server, &pending.query) {
+            match ask(
+                self.poll.registry(),
+                key,
+                server,
+                &pending.query,
+                pending.asker.via,
+            ) {
                 Ok(upstream) => {
                     // The old socket leaves the epoll set as it closes.
                     pending.upstream = upstream;
@@ -525,7 +739,7 @@ impl Handler {
         if let Some(failure) = question::server_failure(&pending.query) {
             let mut failure = failure;
             failure[..2].copy_from_slice(&pending.agent_id.to_be_bytes());
-            let _ = self.replier.send(pending.asked, pending.agent, &failure);
+            let _ = self.reply(pending.asker, &failure);
         }
         record.rcode = Some(question::mnemonic(ResponseCode::ServFail));
         record.error = Some(format!(
@@ -546,6 +760,8 @@ impl Handler {
             let timeout = self.shared.runtime().config.dns.timeout_ms;
             self.next_server(key, format!("timed out after {timeout} ms"));
         }
+        self.clients
+            .retain(|_, client| now.saturating_duration_since(client.last_active) < CLIENT_IDLE);
     }
 
     fn fail_all(&mut self, why: &str) {
@@ -562,13 +778,32 @@ impl Handler {
     }
 }
 
-/// The query on a fresh socket connected to `server`, registered under `key`.
+/// The query on a fresh socket to `server`, registered under `key`: UDP for a
+/// UDP query, TCP for a TCP one.
 fn ask(
     registry: &mio::Registry,
     key: usize,
     server: SocketAddr,
     query: &[u8],
-) -> io::Result<UdpSocket> {
+    via: Via,
+) -> io::Result<Upstream> {
+    if let Via::Tcp { .. } = via {
+        let mut conn = Conn::new(mio::net::TcpStream::connect(server)?);
+        registry.register(
+            &mut conn.stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        // Queued until the connection is up: the first writable event sends it.
+        conn.send(query).or_else(|e| {
+            if e.kind() == io::ErrorKind::NotConnected {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        return Ok(Upstream::Tcp(conn));
+    }
     let local = match server {
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
@@ -577,5 +812,5 @@ fn ask(
     socket.connect(server)?;
     socket.send(query)?;
     registry.register(&mut socket, Token(key), Interest::READABLE)?;
-    Ok(socket)
+    Ok(Upstream::Udp(socket))
 }

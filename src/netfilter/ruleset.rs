@@ -8,23 +8,28 @@
 //!   set dropped_v6  { type ipv6_addr . inet_service; ... }
 //!   chain output { type route hook output priority mangle; policy accept;
 //!     ct direction original ct mark MARK meta mark set MARK accept  # a captured flow's later packets
+//!     socket cgroupv2 level L @agents udp dport 53 goto agent_traffic  # dns.capture, per level
 //!     ip(6) daddr 127.0.0.0/8|::1 meta l4proto != tcp accept  # loopback: TCP is decided
-//!     ip(6) daddr 127.0.0.0/8|::1 tcp dport 53 accept        # a loopback resolver
+//!     ip(6) daddr 127.0.0.0/8|::1 tcp dport 53 accept        # a loopback resolver (no dns.capture)
 //!     ip(6) daddr 127.0.0.0/8|::1 ct direction reply accept  # an agent's listener answering
 //!     ip(6) daddr <bypass CIDR> accept                      # one rule each
-//!     ip(6) daddr <dns> udp|tcp dport 53 accept             # the resolvers, direct
+//!     ip(6) daddr <dns> udp|tcp dport 53 accept             # the resolvers, direct (no dns.capture)
 //!     socket cgroupv2 level L @agents goto agent_traffic    # one rule per level in use
 //!   }
 //!   chain agent_traffic {
 //!     meta l4proto tcp meta mark set MARK ct mark set meta mark accept  # to lo, then tproxy'd
+//!     udp dport 53 meta mark set MARK ct mark set meta mark accept      # dns.capture
 //!     meta nfproto ipv4 meta l4proto udp update @dropped_v4 { ip daddr . udp dport counter }
 //!     meta nfproto ipv6 meta l4proto udp update @dropped_v6 { ip6 daddr . udp dport counter }
 //!     counter drop                                          # everything else of agents
 //!   }
 //!   chain prerouting { type filter hook prerouting priority mangle; policy accept;
 //!     meta l4proto tcp meta mark MARK socket transparent 1 accept
+//!     meta l4proto tcp meta mark MARK tcp dport 53 tproxy to :DNS_PORT accept  # dns.capture
 //!     meta l4proto tcp meta mark MARK tproxy to :PORT accept
 //!     meta l4proto tcp meta mark MARK reject with tcp reset # proxy down: refuse, not hang
+//!     meta l4proto udp meta mark MARK tproxy to :DNS_PORT accept  # dns.capture
+//!     meta l4proto udp meta mark MARK counter reject        # handler down: never delivered
 //!   }
 //!   chain postrouting { type filter hook postrouting priority mangle; policy accept;
 //!     meta mark MARK oif != lo counter drop                 # a socket bound to a device
@@ -440,7 +445,29 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
         .concat(),
     );
     refuse.hint = Some(HINT_REJECT.into());
-    rules.extend([established, tproxy, refuse]);
+    rules.push(established);
+    // The agents' DNS over TCP (a resolver retrying a truncated answer) goes
+    // to the DNS handler, on the same port as their UDP queries.
+    if let Some(dns_port) = plan.dns_port {
+        let mut to_handler = Rule::new(
+            PREROUTING_CHAIN,
+            "tproxy dns over tcp to the handler",
+            [
+                l4proto(IPPROTO_TCP),
+                mark_is(plan.mark),
+                dport(DNS_PORT),
+                vec![
+                    Expr::Immediate(dns_port.to_be_bytes().to_vec()),
+                    Expr::Tproxy,
+                ],
+                accept(),
+            ]
+            .concat(),
+        );
+        to_handler.hint = Some(HINT_TPROXY.into());
+        rules.push(to_handler);
+    }
+    rules.extend([tproxy, refuse]);
     if let Some(dns_port) = plan.dns_port {
         let mut to_handler = Rule::new(
             PREROUTING_CHAIN,
@@ -756,6 +783,42 @@ mod tests {
             names(&rules, AGENT_CHAIN).last().map(String::as_str),
             Some("drop agent non-tcp")
         );
+    }
+
+    /// DNS captured: the agents' port 53 is taken before any rule lets DNS
+    /// through, and handed to the handler over UDP and TCP.
+    #[test]
+    fn captured_dns_goes_to_the_handler_before_anything_lets_it_through() {
+        let mut captured = plan();
+        captured.dns_port = Some(15053);
+        let rules = rules(&captured);
+        let output = names(&rules, OUTPUT_CHAIN);
+        assert_eq!(
+            output[..3],
+            [
+                "captured flow",
+                "agents' dns at cgroup level 1",
+                "agents' dns at cgroup level 2"
+            ]
+        );
+        assert!(
+            !output
+                .iter()
+                .any(|n| n.starts_with("dns ") || n.contains("dns over tcp")),
+            "{output:?}"
+        );
+        assert_eq!(
+            names(&rules, PREROUTING_CHAIN),
+            [
+                "established to proxy",
+                "tproxy dns over tcp to the handler",
+                "tproxy to proxy",
+                "refuse when proxy down",
+                "tproxy dns to the handler",
+                "refuse dns when the handler is down"
+            ]
+        );
+        assert!(names(&rules, AGENT_CHAIN).contains(&"agent dns to the handler".to_string()));
     }
 
     /// An agent's TCP to loopback is not let through: only its other

@@ -497,3 +497,48 @@ pub fn ech_stripped() {
         assert_eq!(said, strip, "{r}");
     }
 }
+
+/// Over TCP too: an agent's TCP query is answered by the handler under the
+/// policy, and an answer too large for a datagram, truncated over UDP, comes
+/// whole when the agent's resolver asks again over TCP.
+pub fn dns_over_tcp() {
+    let world = World::new();
+    let config = daemon::config(
+        &world,
+        json!({"dns": {"servers": [DNS_V4.to_string()], "timeout_ms": 1000}}),
+    );
+    let d = Daemon::start(&world, config);
+    let out = dig(&world, &DNS_V4.to_string(), &["+tcp", "allowed.test", "A"]);
+    assert_eq!(status_of(&out), "NOERROR", "{out}");
+    assert!(out.contains(&ALLOWED.v4.to_string()), "{out}");
+    let before = world.count_arrived(arrivals::DNS);
+    let out = dig(&world, "127.0.0.53", &["+tcp", "x.blocked.test", "A"]);
+    assert_eq!(status_of(&out), "NXDOMAIN", "{out}");
+    assert_eq!(
+        world.count_arrived(arrivals::DNS),
+        before,
+        "a refused TCP query was forwarded"
+    );
+    // No EDNS: 512 bytes over UDP, too few for its addresses; dig asks again over TCP.
+    let out = dig(
+        &world,
+        &DNS_V4.to_string(),
+        &["+noedns", harness::BIG_NAME, "A"],
+    );
+    assert_eq!(status_of(&out), "NOERROR", "{out}");
+    assert!(out.contains("Truncated, retrying in TCP mode"), "{out}");
+    let answers = out.lines().filter(|l| l.contains("\tA\t")).count();
+    assert_eq!(answers, harness::BIG_NAME_ADDRESSES as usize, "{out}");
+    let r = d.wait_event("dns", "the query over TCP", |r| {
+        r["host"] == harness::BIG_NAME && r["answers"].as_array().is_some_and(|a| a.len() >= 16)
+    });
+    assert_eq!(
+        (&r["verdict"], &r["rcode"]),
+        (&json!("allow"), &json!("NOERROR")),
+        "{r}"
+    );
+    assert!(
+        r["pid"].is_u64(),
+        "the TCP query's process was not named: {r}"
+    );
+}

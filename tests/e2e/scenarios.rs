@@ -61,6 +61,7 @@ pub const ALL: &[Scenario] = &[
         "getent_loopback_resolver",
         crate::dns::getent_loopback_resolver,
     ),
+    ("dns_over_tcp", crate::dns::dns_over_tcp),
 ];
 
 /// A world with the daemon running the default test policy.

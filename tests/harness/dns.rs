@@ -8,6 +8,10 @@ use std::process::Command;
 use super::process::ChildGuard;
 use super::topology::{ALLOWED, DNS_V4, FORBIDDEN_DNS_V4, NAMED_HOSTS, REBINDS};
 
+/// A name below allowed.test with [`BIG_NAME_ADDRESSES`] A records.
+pub const BIG_NAME: &str = "big.allowed.test";
+pub const BIG_NAME_ADDRESSES: u32 = 40;
+
 /// RDATA of an HTTPS record (RFC 9460): SvcPriority 1, TargetName ".",
 /// alpn=h2, ech=deadbeef.
 const HTTPS_RECORD_WITH_ECH: &str = "0001000001000302683200050004deadbeef";
@@ -70,6 +74,11 @@ impl DnsmasqFiles {
         // target ".", alpn h2, ech: four opaque bytes), which the DNS handler
         // takes out: a client would otherwise hide the name it connects to.
         let _ = writeln!(conf, "dns-rr={},65,{HTTPS_RECORD_WITH_ECH}", ALLOWED.name);
+        // A name with more addresses than fit a 512-byte answer: over UDP
+        // without EDNS it comes truncated, and the client asks again over TCP.
+        for i in 1..=BIG_NAME_ADDRESSES {
+            let _ = writeln!(conf, "host-record={BIG_NAME},198.51.100.{i}");
+        }
         // The longest `address=` match wins over allowed.test's.
         for (name, v4, v6, _) in REBINDS {
             let _ = writeln!(conf, "address=/{name}/{v4}\naddress=/{name}/{v6}");
