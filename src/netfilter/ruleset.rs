@@ -419,21 +419,12 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
         .concat(),
     );
     established.hint = Some(HINT_SOCKET.into());
-    let mut tproxy = Rule::new(
-        PREROUTING_CHAIN,
+    let tproxy = tproxy_rule(
         "tproxy to proxy",
-        [
-            l4proto(IPPROTO_TCP),
-            mark_is(plan.mark),
-            vec![
-                Expr::Immediate(plan.port.to_be_bytes().to_vec()),
-                Expr::Tproxy,
-            ],
-            accept(),
-        ]
-        .concat(),
+        plan.mark,
+        l4proto(IPPROTO_TCP),
+        plan.port,
     );
-    tproxy.hint = Some(HINT_TPROXY.into());
     let mut refuse = Rule::new(
         PREROUTING_CHAIN,
         "refuse when proxy down",
@@ -449,41 +440,21 @@ fn rules(plan: &TablePlan) -> Vec<Rule> {
     // The agents' DNS over TCP (a resolver retrying a truncated answer) goes
     // to the DNS handler, on the same port as their UDP queries.
     if let Some(dns_port) = plan.dns_port {
-        let mut to_handler = Rule::new(
-            PREROUTING_CHAIN,
+        rules.push(tproxy_rule(
             "tproxy dns over tcp to the handler",
-            [
-                l4proto(IPPROTO_TCP),
-                mark_is(plan.mark),
-                dport(DNS_PORT),
-                vec![
-                    Expr::Immediate(dns_port.to_be_bytes().to_vec()),
-                    Expr::Tproxy,
-                ],
-                accept(),
-            ]
-            .concat(),
-        );
-        to_handler.hint = Some(HINT_TPROXY.into());
-        rules.push(to_handler);
+            plan.mark,
+            [l4proto(IPPROTO_TCP), dport(DNS_PORT)].concat(),
+            dns_port,
+        ));
     }
     rules.extend([tproxy, refuse]);
     if let Some(dns_port) = plan.dns_port {
-        let mut to_handler = Rule::new(
-            PREROUTING_CHAIN,
+        let to_handler = tproxy_rule(
             "tproxy dns to the handler",
-            [
-                l4proto(IPPROTO_UDP),
-                mark_is(plan.mark),
-                vec![
-                    Expr::Immediate(dns_port.to_be_bytes().to_vec()),
-                    Expr::Tproxy,
-                ],
-                accept(),
-            ]
-            .concat(),
+            plan.mark,
+            l4proto(IPPROTO_UDP),
+            dns_port,
         );
-        to_handler.hint = Some(HINT_TPROXY.into());
         // Handler down: never delivered where the agent sent it (a loopback
         // resolver would answer). Refused with ICMP, which the kernel sends
         // only from a local address: a query to a loopback resolver fails at
@@ -577,6 +548,23 @@ fn loopback_rules(dns_captured: bool) -> Vec<Rule> {
         rules.push(replies);
     }
     rules
+}
+
+/// `<matches> meta mark MARK tproxy to :PORT accept` in prerouting.
+fn tproxy_rule(name: &str, mark: u32, matches: Vec<Expr>, port: u16) -> Rule {
+    let mut rule = Rule::new(
+        PREROUTING_CHAIN,
+        name,
+        [
+            matches,
+            mark_is(mark),
+            vec![Expr::Immediate(port.to_be_bytes().to_vec()), Expr::Tproxy],
+            accept(),
+        ]
+        .concat(),
+    );
+    rule.hint = Some(HINT_TPROXY.into());
+    rule
 }
 
 /// `socket cgroupv2 level L @agents meta l4proto udp udp dport 53 goto agent_traffic`.
