@@ -21,37 +21,122 @@ pub const MAX_NAMES_PER_ADDRESS: usize = 4;
 pub const MIN_TTL: Duration = Duration::from_secs(60);
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
 
-type Key = (Option<Arc<str>>, IpAddr);
+/// An agent by its place in [`Inner::agents`]: a few of them, named by many entries.
+type AgentId = u16;
+type Key = (AgentId, IpAddr);
 
-#[derive(Default)]
+/// One address's names, most recent first, each with when it expires (seconds
+/// since [`Inner::base`]). One name, the common case, takes no allocation of its own.
+enum Names {
+    One(Box<str>, u32),
+    Many(Vec<(Box<str>, u32)>),
+}
+
+impl Names {
+    fn list(self) -> Vec<(Box<str>, u32)> {
+        match self {
+            Names::One(name, until) => vec![(name, until)],
+            Names::Many(list) => list,
+        }
+    }
+
+    fn from_list(mut list: Vec<(Box<str>, u32)>) -> Option<Names> {
+        match list.len() {
+            0 => None,
+            1 => list.pop().map(|(name, until)| Names::One(name, until)),
+            _ => Some(Names::Many(list)),
+        }
+    }
+
+    fn current(&self, now: u32) -> Vec<String> {
+        let slice: &[(Box<str>, u32)] = match self {
+            Names::One(name, until) => {
+                return if *until > now {
+                    vec![name.to_string()]
+                } else {
+                    Vec::new()
+                }
+            }
+            Names::Many(list) => list,
+        };
+        slice
+            .iter()
+            .filter(|(_, until)| *until > now)
+            .map(|(name, _)| name.to_string())
+            .collect()
+    }
+}
+
 struct Inner {
-    /// Most recent name first.
-    names: HashMap<Key, Vec<(Arc<str>, Instant)>>,
+    agents: Vec<Option<Arc<str>>>,
+    /// Expiries count seconds from here.
+    base: Instant,
+    names: HashMap<Key, Names>,
     /// Keys in the order they were first added, for eviction.
     order: VecDeque<Key>,
 }
 
-#[derive(Default)]
+impl Inner {
+    fn seconds(&self, at: Instant) -> u32 {
+        u32::try_from(at.saturating_duration_since(self.base).as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn agent_id(&mut self, agent: Option<&str>) -> Option<AgentId> {
+        if let Some(id) = self.find_agent(agent) {
+            return Some(id);
+        }
+        let id = AgentId::try_from(self.agents.len()).ok()?;
+        self.agents.push(agent.map(Arc::from));
+        Some(id)
+    }
+
+    fn find_agent(&self, agent: Option<&str>) -> Option<AgentId> {
+        let at = self.agents.iter().position(|a| a.as_deref() == agent)?;
+        AgentId::try_from(at).ok()
+    }
+}
+
 pub struct ResolvedNames {
     inner: Mutex<Inner>,
+}
+
+impl Default for ResolvedNames {
+    fn default() -> Self {
+        ResolvedNames {
+            inner: Mutex::new(Inner {
+                agents: Vec::new(),
+                base: Instant::now(),
+                names: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+        }
+    }
 }
 
 impl ResolvedNames {
     /// `agent` resolved `name` to `addrs` (each with its answer's TTL, seconds).
     pub fn insert(&self, agent: Option<&str>, name: &str, addrs: &[(IpAddr, u32)], now: Instant) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let agent: Option<Arc<str>> = agent.map(Arc::from);
-        let name: Arc<str> = Arc::from(name);
+        let Some(agent) = inner.agent_id(agent) else {
+            return;
+        };
+        let now_s = inner.seconds(now);
         for (addr, ttl) in addrs {
             let ttl = Duration::from_secs(u64::from(*ttl)).clamp(MIN_TTL, MAX_TTL);
-            let key = (agent.clone(), addr.to_canonical());
-            let is_new = !inner.names.contains_key(&key);
-            let names = inner.names.entry(key.clone()).or_default();
-            names.retain(|(n, until)| *n != name && *until > now);
-            names.insert(0, (name.clone(), now + ttl));
-            names.truncate(MAX_NAMES_PER_ADDRESS);
-            if is_new {
-                inner.order.push_back(key);
+            let until = inner.seconds(now + ttl);
+            let key = (agent, addr.to_canonical());
+            let mut list = match inner.names.remove(&key) {
+                Some(names) => names.list(),
+                None => {
+                    inner.order.push_back(key);
+                    Vec::new()
+                }
+            };
+            list.retain(|(n, until)| **n != *name && *until > now_s);
+            list.insert(0, (name.into(), until));
+            list.truncate(MAX_NAMES_PER_ADDRESS);
+            if let Some(names) = Names::from_list(list) {
+                inner.names.insert(key, names);
             }
         }
         while inner.order.len() > MAX_ENTRIES {
@@ -65,17 +150,14 @@ impl ResolvedNames {
     /// recent first; empty when it never did (or they expired).
     pub fn lookup(&self, agent: Option<&str>, addr: IpAddr, now: Instant) -> Vec<String> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (agent.map(Arc::from), addr.to_canonical());
+        let Some(agent) = inner.find_agent(agent) else {
+            return Vec::new();
+        };
+        let now_s = inner.seconds(now);
         inner
             .names
-            .get(&key)
-            .map(|names| {
-                names
-                    .iter()
-                    .filter(|(_, until)| *until > now)
-                    .map(|(n, _)| n.to_string())
-                    .collect()
-            })
+            .get(&(agent, addr.to_canonical()))
+            .map(|names| names.current(now_s))
             .unwrap_or_default()
     }
 
