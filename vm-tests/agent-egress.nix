@@ -308,6 +308,7 @@ in
       FIREWALL_BACKEND = "${firewallBackend}"
       TOPLEVEL = "${nodes.agent.system.build.toplevel}"
       SPECIALISATION = "wider"
+      DNS_BURST = "${./dns-burst.py}"
     ''
     + builtins.readFile ./script.py;
 }

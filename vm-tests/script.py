@@ -1,7 +1,8 @@
 # The VM test's scenarios, one subtest each (the names are
 # vm-tests/scenarios.txt, shared with the e2e suite). agent-egress.nix
 # prepends the constants: CA, INTERNET4/6, BLOCKED4/6, METADATA4, AGENT6,
-# TABLE, TESTER_SLICE, AUDIT, FIREWALL_BACKEND, TOPLEVEL, SPECIALISATION.
+# TABLE, TESTER_SLICE, AUDIT, FIREWALL_BACKEND, TOPLEVEL, SPECIALISATION,
+# DNS_BURST.
 # SPDX-License-Identifier: GPL-3.0-or-later
 
 import base64
@@ -501,30 +502,6 @@ with subtest("delegated_subtree_captured"):
     wait_for_daemon()
 
 
-EXFIL_BURST = r"""
-import socket, struct, sys, random, string
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-s.connect((sys.argv[1], 53))
-s.settimeout(3)
-def query(i, name):
-    q = struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 0)
-    for label in name.split("."):
-        q += bytes([len(label)]) + label.encode()
-    return q + b"\0\0\1\0\1"
-for i in range(1000):
-    label = "".join(random.choice(string.ascii_lowercase) for _ in range(20))
-    s.send(query(i, label + ".allowed.test"))
-codes = {}
-try:
-    while sum(codes.values()) < 1000:
-        rcode = s.recv(4096)[3] & 0xF
-        codes[rcode] = codes.get(rcode, 0) + 1
-except socket.timeout:
-    pass
-print(" ".join(f"{k}:{v}" for k, v in sorted(codes.items())))
-"""
-
 with subtest("dns_decided"):
     # Every query of an agent is answered by the daemon's handler under the
     # policy, whichever resolver it asks: refused names leave nothing behind.
@@ -550,7 +527,7 @@ with subtest("dns_handler_down_leaks_nothing"):
 with subtest("dns_exfiltration_limited"):
     # 1,000 random labels below an allowed domain at once: past the per-agent
     # bounds, REFUSED at once and not forwarded.
-    probe = in_agent(f"python3 -c {shlex.quote(EXFIL_BURST)} {INTERNET4}")
+    probe = in_agent(f"python3 {DNS_BURST} {INTERNET4}")
     counts = dict(item.split(":") for item in probe.out.split())
     assert int(counts.get("5", 0)) >= 850, probe.out
     wait_for_audit("a rate-limited query", event="dns", rate_limited=True)

@@ -5,10 +5,10 @@
 //! distinct names below one parent domain per minute. Over either, the query
 //! is refused (REFUSED) and its record says `rate_limited`.
 //!
-//! Bounded: at most [`MAX_TRACKED`] (agent, parent) pairs are remembered, the
-//! least recently used forgotten first.
+//! Bounded: at most [`MAX_TRACKED`] (agent, parent) pairs are remembered;
+//! when full, those whose minute is over go first, else the oldest window.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 pub const MAX_TRACKED: usize = 4096;
@@ -27,8 +27,6 @@ pub struct RateLimits {
 pub struct Limiter {
     buckets: HashMap<Option<String>, Bucket>,
     parents: HashMap<(Option<String>, String), Names>,
-    /// Keys of `parents`, least recently used first.
-    recency: VecDeque<(Option<String>, String)>,
 }
 
 struct Bucket {
@@ -71,24 +69,25 @@ impl Limiter {
             return Ok(());
         };
         let key = (agent_key, parent.to_string());
-        let names = match self.parents.get_mut(&key) {
-            Some(names) => {
-                self.recency.retain(|k| *k != key);
-                names
-            }
-            None => {
-                if self.parents.len() >= MAX_TRACKED {
-                    if let Some(oldest) = self.recency.pop_front() {
-                        self.parents.remove(&oldest);
-                    }
+        // Work beyond the lookup only when a new pair finds the map full.
+        if !self.parents.contains_key(&key) && self.parents.len() >= MAX_TRACKED {
+            self.parents
+                .retain(|_, names| now.saturating_duration_since(names.since) < WINDOW);
+            if self.parents.len() >= MAX_TRACKED {
+                let oldest = self
+                    .parents
+                    .iter()
+                    .min_by_key(|(_, names)| names.since)
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    self.parents.remove(&oldest);
                 }
-                self.parents.entry(key.clone()).or_insert(Names {
-                    since: now,
-                    seen: HashSet::new(),
-                })
             }
-        };
-        self.recency.push_back(key);
+        }
+        let names = self.parents.entry(key).or_insert(Names {
+            since: now,
+            seen: HashSet::new(),
+        });
         if now.saturating_duration_since(names.since) >= WINDOW {
             names.since = now;
             names.seen.clear();

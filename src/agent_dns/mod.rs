@@ -313,17 +313,13 @@ impl Handler {
         let runtime = self.shared.runtime();
         let config = &runtime.config;
         let agent_name = record.agent.clone();
+        let is_block = |o: &str| matches!(config.outbounds.get(o), Some(Outbound::Block) | None);
         let plan = question::plan(query, &config.dns, |name| {
             let decision = runtime
                 .policy
-                .decide_name(name, agent_name.as_deref(), |o| {
-                    matches!(config.outbounds.get(o), Some(Outbound::Block) | None)
-                });
+                .decide_name(name, agent_name.as_deref(), is_block);
             NameVerdict {
-                allowed: !matches!(
-                    config.outbounds.get(decision.outbound),
-                    Some(Outbound::Block) | None
-                ),
+                allowed: !is_block(decision.outbound),
                 rule: decision.rule_name.to_string(),
                 outbound: decision.outbound.to_string(),
             }
@@ -417,7 +413,9 @@ impl Handler {
         owner: Option<OwnerQuery>,
         started: Instant,
     ) {
-        let servers = self.shared.runtime().config.dns.servers.clone();
+        // One read of the config for the query (no copy of the server list).
+        let runtime = self.shared.runtime();
+        let servers = &runtime.config.dns.servers;
         let give_up = |this: &mut Handler, mut record: Record, why: String| {
             if let Some(failure) = question::server_failure(query) {
                 let _ = this.reply(asker, &failure);
@@ -447,7 +445,7 @@ impl Handler {
         record.upstream = None;
         let entry = self.pending.vacant_entry();
         let key = entry.key();
-        let timeout = Duration::from_millis(self.shared.runtime().config.dns.timeout_ms);
+        let timeout = Duration::from_millis(runtime.config.dns.timeout_ms);
         match ask(self.poll.registry(), key, servers[0], &ours, asker.via) {
             Ok(upstream) => {
                 record.upstream = Some(servers[0].to_string());
@@ -704,8 +702,9 @@ impl Handler {
     /// The server asked did not answer in time or refused the datagram: the
     /// next one gets the query, or the agent gets SERVFAIL.
     fn next_server(&mut self, key: usize, why: String) {
-        let servers = self.shared.runtime().config.dns.servers.clone();
-        let timeout = Duration::from_millis(self.shared.runtime().config.dns.timeout_ms);
+        let runtime = self.shared.runtime();
+        let servers = &runtime.config.dns.servers;
+        let timeout = Duration::from_millis(runtime.config.dns.timeout_ms);
         let Some(pending) = self.pending.get_mut(key) else {
             return;
         };
@@ -756,9 +755,11 @@ impl Handler {
             .filter(|(_, p)| now >= p.deadline)
             .map(|(k, _)| k)
             .collect();
-        for key in late {
+        if !late.is_empty() {
             let timeout = self.shared.runtime().config.dns.timeout_ms;
-            self.next_server(key, format!("timed out after {timeout} ms"));
+            for key in late {
+                self.next_server(key, format!("timed out after {timeout} ms"));
+            }
         }
         self.clients
             .retain(|_, client| now.saturating_duration_since(client.last_active) < CLIENT_IDLE);

@@ -517,7 +517,8 @@ fn loopback_rules(dns_captured: bool) -> Vec<Rule> {
             ]
             .concat(),
         ));
-        // Captured DNS has no TCP path to a loopback resolver: the proxy decides it.
+        // Captured, the agents' DNS over TCP goes to the DNS handler instead
+        // (prerouting), a loopback resolver's too.
         if !dns_captured {
             rules.push(Rule::new(
                 OUTPUT_CHAIN,

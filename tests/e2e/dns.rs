@@ -287,30 +287,7 @@ pub fn nameless_by_resolved_name() {
 /// 1,000 queries for random labels under an allowed domain, as fast as one
 /// socket sends them: past the per-agent bound on distinct names below one
 /// parent, REFUSED at once and not forwarded; the agent's other lookups go on.
-const EXFIL_BURST: &str = r#"
-import socket, struct, sys, random, string
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-# SO_RCVBUFFORCE (root): room for every answer, read after the burst.
-s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
-s.connect((sys.argv[1], 53))
-s.settimeout(2)
-def query(i, name):
-    q = struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 0)
-    for label in name.split("."):
-        q += bytes([len(label)]) + label.encode()
-    return q + b"\0\0\1\0\1"
-for i in range(1000):
-    label = "".join(random.choice(string.ascii_lowercase) for _ in range(20))
-    s.send(query(i, label + ".allowed.test"))
-codes = {}
-try:
-    while sum(codes.values()) < 1000:
-        rcode = s.recv(4096)[3] & 0xF
-        codes[rcode] = codes.get(rcode, 0) + 1
-except socket.timeout:
-    pass
-print(" ".join(f"{k}:{v}" for k, v in sorted(codes.items())))
-"#;
+const EXFIL_BURST: &str = include_str!("../../vm-tests/dns-burst.py");
 
 pub fn dns_exfiltration_limited() {
     let world = World::new();
