@@ -48,6 +48,7 @@ fn typical_record() -> Record {
         duration_ms: 412,
         error: None,
         dropped: None,
+        policy: None,
     }
 }
 

@@ -17,6 +17,7 @@ fn rule(name: String, outbound: &str) -> Rule {
         ports: Vec::new(),
         agents: Vec::new(),
         outbound: outbound.into(),
+        locked: false,
     }
 }
 

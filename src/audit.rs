@@ -32,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::control::events::EventBus;
 use crate::procinfo::{Attributor, OwnerQuery, ProcessInfo};
 
 /// What a record is about.
@@ -49,6 +50,35 @@ pub enum Event {
     Drops,
     /// A DNS query of an agent, answered.
     Dns,
+    /// A change of the policy: `policy` says what, `uid`/`pid`/`exe` who.
+    Policy,
+}
+
+/// What a supervisor (or the daemon itself) changed.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyAction {
+    RuleAdded,
+    RuleRemoved,
+    /// A runtime rule reached its `expires`.
+    RuleExpired,
+    /// The config was reloaded (SIGHUP or the control API).
+    Reloaded,
+    /// A live connection was closed over the control API (`conn_id`).
+    ConnectionClosed,
+}
+
+/// The `policy` field of an `event: "policy"` record.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct PolicyChange {
+    pub action: PolicyAction,
+    /// The runtime rule added, removed or expired, as the control API shows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<serde_json::Value>,
+    /// SHA-256 of the config file now running.
+    pub config_hash: String,
+    /// Runtime rules in force after the change.
+    pub runtime_rules: usize,
 }
 
 /// What the connection or query carried, as far as the sniff could tell.
@@ -189,6 +219,9 @@ pub struct Record {
     /// Number of records or packets lost, on drop-summary events only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropped: Option<u64>,
+    /// On `event: "policy"` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyChange>,
 }
 
 /// Set once an early attribution is finished (found or not). A refusal is held
@@ -349,6 +382,14 @@ pub fn encode_line(record: &Record, out: &mut Vec<u8>) -> Result<(), AuditError>
 
 enum Message {
     Record(Box<PendingRecord>),
+    /// For the event stream only, not the file (a connection decided while
+    /// `audit.start_events` is off).
+    Stream(Box<Record>),
+    /// The processes found early for these connections, for the control API.
+    Processes {
+        conn_ids: Vec<u64>,
+        reply: Sender<Vec<(u64, ProcessInfo)>>,
+    },
     Attribute {
         conn_id: u64,
         query: OwnerQuery,
@@ -371,6 +412,7 @@ struct Shared {
 pub struct AuditLog {
     queue: Sender<Message>,
     shared: Arc<Shared>,
+    events: Arc<EventBus>,
     attributing: bool,
     writer: thread::Thread,
 }
@@ -419,9 +461,11 @@ impl AuditLog {
             next_conn_id: AtomicU64::new(1),
         });
         let attributing = attributor.is_some();
+        let events = Arc::new(EventBus::default());
         let writer = Writer {
             output,
             shared: Arc::clone(&shared),
+            events: Arc::clone(&events),
             attributor,
             early: BTreeMap::new(),
             line: Vec::with_capacity(1024),
@@ -440,6 +484,7 @@ impl AuditLog {
             AuditLog {
                 queue: queue.clone(),
                 shared,
+                events,
                 attributing,
                 writer: handle.thread().clone(),
             },
@@ -452,6 +497,30 @@ impl AuditLog {
         if !self.try_send(Message::Record(Box::new(record))) {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Show `record` on the event stream without writing it, if anyone watches.
+    pub fn stream(&self, record: Record) {
+        if self.events.watched() && !self.try_send(Message::Stream(Box::new(record))) {
+            self.events.note_lost();
+        }
+    }
+
+    /// Every record written, live: the control API's event stream.
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
+    }
+
+    /// The processes found for these open connections (by `conn_id`), asked
+    /// of the writer; those it does not know, or all when it does not answer
+    /// within `wait`, are left out.
+    pub fn processes(&self, conn_ids: Vec<u64>, wait: Duration) -> Vec<(u64, ProcessInfo)> {
+        let (reply, answer) = channel();
+        if !self.try_send(Message::Processes { conn_ids, reply }) {
+            return Vec::new();
+        }
+        self.writer.unpark();
+        answer.recv_timeout(wait).unwrap_or_default()
     }
 
     /// Send unless `capacity` messages wait already or the writer is gone.
@@ -580,6 +649,7 @@ fn open_append(path: &PathBuf) -> Result<(File, Option<(u64, u64)>), AuditError>
 struct Writer {
     output: Output,
     shared: Arc<Shared>,
+    events: Arc<EventBus>,
     attributor: Option<Attributor>,
     /// Early attributions by connection id; ids grow, so the first entry is the oldest.
     early: BTreeMap<u64, ProcessInfo>,
@@ -650,6 +720,28 @@ impl Writer {
         }
         match message {
             Message::Record(pending) => self.write_pending(*pending),
+            Message::Stream(mut record) => {
+                if let Some(info) = record.conn_id.and_then(|id| self.early.get(&id)) {
+                    record.pid = Some(info.pid);
+                    record.exe.clone_from(&info.exe);
+                    record.cmdline.clone_from(&info.cmdline);
+                }
+                if record.ts.is_empty() {
+                    record.ts = format_timestamp(SystemTime::now());
+                }
+                self.line.clear();
+                match encode_line(&record, &mut self.line) {
+                    Ok(()) => self.events.publish(&record, &self.line),
+                    Err(e) => log::error!("{e}"),
+                }
+            }
+            Message::Processes { conn_ids, reply } => {
+                let found = conn_ids
+                    .into_iter()
+                    .filter_map(|id| Some((id, self.early.get(&id)?.clone())))
+                    .collect();
+                let _ = reply.send(found);
+            }
             Message::Attribute {
                 conn_id,
                 query,
@@ -722,6 +814,7 @@ impl Writer {
             log::error!("{e}");
             return;
         }
+        self.events.publish(record, &self.line);
         let written = self.output.writer.write_all(&self.line);
         self.note_write_result(written);
     }

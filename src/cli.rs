@@ -1,6 +1,7 @@
 //! Command-line interface: one binary, a subcommand per job.
 
 use crate::config::{Config, SecretFiles};
+use crate::control::rules::RuleSet;
 use crate::daemon;
 use crate::doctor;
 use crate::exec;
@@ -60,6 +61,9 @@ struct CheckArgs {
     /// their paths: for checking where they are not present, such as a Nix build.
     #[arg(long)]
     no_secret_files: bool,
+    /// Also check a runtime-rules state file against the config.
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -91,6 +95,10 @@ struct ExplainArgs {
     /// (path relative to the cgroup2 root).
     #[arg(long)]
     listener: Option<String>,
+    /// The runtime-rules state file (default: the one in the config's
+    /// `state_dir`, if there is one).
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -170,12 +178,26 @@ fn check(args: &CheckArgs) -> i32 {
     } else {
         SecretFiles::Read
     };
-    match load_with(&args.config, secrets) {
-        Some(_) => {
-            println!("{}: ok", args.config.display());
-            0
-        }
-        None => 1,
+    let Some(config) = load_with(&args.config, secrets) else {
+        return 1;
+    };
+    println!("{}: ok", args.config.display());
+    match &args.state {
+        Some(state) => match RuleSet::load(state, &config) {
+            Ok(rules) => {
+                println!(
+                    "{}: ok, {} runtime rule(s)",
+                    state.display(),
+                    rules.rules().len()
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                1
+            }
+        },
+        None => 0,
     }
 }
 
@@ -217,7 +239,26 @@ fn explain(args: &ExplainArgs) -> i32 {
         );
         return 0;
     }
-    let runtime = Runtime::new(config);
+    let state = args
+        .state
+        .clone()
+        .unwrap_or_else(|| crate::control::state::state_file(&config));
+    let rules = match RuleSet::load(&state, &config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let in_force = rules.in_force(crate::control::state::now_ms());
+    if !in_force.is_empty() {
+        println!(
+            "{} runtime rule(s) from {}, asked first",
+            in_force.len(),
+            state.display()
+        );
+    }
+    let runtime = Runtime::with_rules(config, &in_force);
     let query = Query {
         host: name.as_deref(),
         ip,

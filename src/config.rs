@@ -34,7 +34,24 @@ pub struct Config {
     pub mode: Mode,
     pub limits: Limits,
     pub loopback: Loopback,
+    pub control: Control,
+    /// Where the daemon keeps what it must remember across restarts (the
+    /// runtime rules).
+    pub state_dir: PathBuf,
 }
+
+/// The supervisor's control API on a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    pub enable: bool,
+    pub socket: PathBuf,
+    /// The group whose members may connect (mode 0660, owner root); None:
+    /// root only.
+    pub group: Option<String>,
+}
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/agent-egress/control.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agent-egress";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listen {
@@ -254,6 +271,9 @@ pub struct Rule {
     pub ports: Vec<PortRange>,
     pub agents: Vec<String>,
     pub outbound: String,
+    /// No runtime rule may widen what this rule decides (a supervisor may
+    /// override only the rules not locked).
+    pub locked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -502,6 +522,12 @@ impl Default for Config {
                 own_listeners: true,
                 allow: Vec::new(),
             },
+            control: Control {
+                enable: false,
+                socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+                group: None,
+            },
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
 }
@@ -566,6 +592,29 @@ impl Config {
             Ok(config)
         } else {
             Err(ConfigErrors(reader.errors))
+        }
+    }
+
+    /// The rule part of a runtime rule (`value`, at `path`), checked against
+    /// this config's outbounds and agents; `extra` are the keys its caller
+    /// reads itself. Every error names its JSON path.
+    pub fn runtime_rule(
+        &self,
+        path: &str,
+        value: &Value,
+        extra: &[&str],
+    ) -> Result<Rule, ConfigErrors> {
+        let mut reader = Reader::default();
+        let rule = reader.rule(
+            path,
+            value,
+            &self.outbounds,
+            &self.interception.cgroups,
+            extra,
+        );
+        match rule {
+            Some(rule) if reader.errors.is_empty() => Ok(rule),
+            _ => Err(ConfigErrors(reader.errors)),
         }
     }
 
@@ -718,10 +767,20 @@ impl Reader {
                 "mode",
                 "limits",
                 "loopback",
+                "control",
+                "state_dir",
             ],
         ) else {
             return config;
         };
+        if let Some(v) = top.get("control") {
+            self.control(v, &mut config.control);
+        }
+        if let Some(v) = top.get("state_dir") {
+            if let Some(dir) = self.absolute_path("state_dir", v) {
+                config.state_dir = dir;
+            }
+        }
         if let Some(v) = top.get("listen") {
             self.listen(v, &mut config.listen);
         }
@@ -759,7 +818,9 @@ impl Reader {
             let outbounds = &config.outbounds;
             let cgroups = &config.interception.cgroups;
             config.rules = self
-                .array("rules", v, |r, path, v| r.rule(path, v, outbounds, cgroups))
+                .array("rules", v, |r, path, v| {
+                    r.rule(path, v, outbounds, cgroups, &[])
+                })
                 .unwrap_or_default();
         }
         if let Some(v) = top.get("loopback") {
@@ -1276,18 +1337,70 @@ impl Reader {
         }
     }
 
+    fn control(&mut self, value: &Value, control: &mut Control) {
+        let Some(map) = self.object("control", value, &["enable", "socket", "group"]) else {
+            return;
+        };
+        if let Some(v) = map.get("enable") {
+            if let Some(b) = self.bool("control.enable", v) {
+                control.enable = b;
+            }
+        }
+        if let Some(v) = map.get("socket") {
+            if let Some(path) = self.absolute_path("control.socket", v) {
+                control.socket = path;
+            }
+        }
+        match map.get("group") {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                if let Some(name) = self.string("control.group", v) {
+                    if crate::control::socket::valid_group_name(name) {
+                        control.group = Some(name.to_string());
+                    } else {
+                        self.error(
+                            "control.group",
+                            format!("{name:?} is not a group name (letters, digits, ., _, -)"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn absolute_path(&mut self, path: &str, value: &Value) -> Option<PathBuf> {
+        let s = self.string(path, value)?;
+        if !s.starts_with('/') || s.split('/').any(|part| part == "..") {
+            self.error(
+                path,
+                format!("{s:?} is not an absolute path without \"..\""),
+            );
+            return None;
+        }
+        Some(PathBuf::from(s))
+    }
+
+    /// A rule of the config (`extra` empty) or a runtime rule, whose own
+    /// keys (`id`, `ttl`, ...) its caller reads; a runtime rule cannot be
+    /// `locked`.
     fn rule(
         &mut self,
         path: &str,
         value: &Value,
         outbounds: &BTreeMap<String, Outbound>,
         cgroups: &[String],
+        extra: &[&str],
     ) -> Option<Rule> {
-        let map = self.object(
-            path,
-            value,
-            &["name", "domains", "ips", "ports", "agents", "outbound"],
-        )?;
+        let mut known = vec!["name", "domains", "ips", "ports", "agents", "outbound"];
+        if extra.is_empty() {
+            known.push("locked");
+        }
+        known.extend_from_slice(extra);
+        let map = self.object(path, value, &known)?;
+        let locked = match map.get("locked") {
+            Some(v) => self.bool(&join(path, "locked"), v).unwrap_or(true),
+            None => false,
+        };
         let name = match map.get("name") {
             Some(v) => self.string(&join(path, "name"), v)?.to_string(),
             None => path.to_string(),
@@ -1332,6 +1445,7 @@ impl Reader {
             ports,
             agents,
             outbound,
+            locked,
         })
     }
 
@@ -1555,7 +1669,7 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                "bogus: unknown key (expected one of: listen, interception, dns, outbounds, rules, default, audit, mode, limits, loopback)",
+                "bogus: unknown key (expected one of: listen, interception, dns, outbounds, rules, default, audit, mode, limits, loopback, control, state_dir)",
                 "listen.port: 70000 is out of range (1..=65535)",
                 "outbounds.x.type: \"ftp\" is not one of: direct, block, socks5, http",
                 "rules[0].ips[0]: \"10.0.0.300/8\" is not a CIDR",

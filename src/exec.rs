@@ -145,6 +145,7 @@ fn exec_config(args: &ExecArgs) -> Result<Config, String> {
                 ports: Vec::new(),
                 agents: Vec::new(),
                 outbound: "direct".into(),
+                locked: false,
             },
         );
         if !config.outbounds.contains_key("direct") {

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod confine;
 pub mod connect_log;
+pub mod control;
 pub mod daemon;
 pub mod dns;
 pub mod doctor;

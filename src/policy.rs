@@ -17,7 +17,7 @@
 //!   address family, from network address to rules;
 //! - the rest (only `ports`/`agents`, or nothing): one ordered list.
 
-use crate::config::{Cidr, Config, DomainPattern, PortRange};
+use crate::config::{Cidr, Config, DomainPattern, Outbound, PortRange, Rule};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
@@ -46,6 +46,8 @@ pub struct Decision<'p> {
     pub matched_domain: bool,
     /// The winning rule has `ips`: it names the address itself.
     pub by_address: bool,
+    /// The winning rule is a runtime rule (`rule` indexes those).
+    pub runtime: bool,
 }
 
 /// The kind of address `ip` is when it is not one on the internet: what a name
@@ -103,6 +105,9 @@ pub struct Policy {
     by_ipv6: PrefixTable<u128>,
     /// Rules with neither `domains` nor `ips`, ascending.
     unindexed: Vec<usize>,
+    /// The runtime rules, asked before these (a policy of its own, whose
+    /// default is never used); a locked rule's decision they may only narrow.
+    runtime: Option<Box<Policy>>,
 }
 
 #[derive(Debug)]
@@ -114,6 +119,9 @@ struct CompiledRule {
     ips: Vec<Cidr>,
     ports: Vec<PortRange>,
     agents: Vec<String>,
+    locked: bool,
+    /// Its outbound refuses (type block).
+    blocks: bool,
 }
 
 /// Rules naming one domain, each list ascending.
@@ -138,15 +146,29 @@ enum FoundBy {
 impl Policy {
     /// Compiles a validated config (every outbound a rule names exists).
     pub fn compile(config: &Config) -> Policy {
+        Policy::compile_rules(config, &config.rules)
+    }
+
+    /// The config's rules with `runtime` rules (validated against it) before them.
+    pub fn with_runtime(config: &Config, runtime: &[Rule]) -> Policy {
+        let mut policy = Policy::compile(config);
+        if !runtime.is_empty() {
+            policy.runtime = Some(Box::new(Policy::compile_rules(config, runtime)));
+        }
+        policy
+    }
+
+    fn compile_rules(config: &Config, rules: &[Rule]) -> Policy {
         let mut policy = Policy {
-            rules: Vec::with_capacity(config.rules.len()),
+            rules: Vec::with_capacity(rules.len()),
             default_outbound: config.default.clone(),
             by_domain: DomainIndex::default(),
             by_ipv4: PrefixTable::default(),
             by_ipv6: PrefixTable::default(),
             unindexed: Vec::new(),
+            runtime: None,
         };
-        for (index, rule) in config.rules.iter().enumerate() {
+        for (index, rule) in rules.iter().enumerate() {
             let ips: Vec<Cidr> = rule.ips.iter().map(|c| canonical_cidr(*c)).collect();
             if !rule.domains.is_empty() {
                 for pattern in &rule.domains {
@@ -181,30 +203,69 @@ impl Policy {
                 ips,
                 ports: rule.ports.clone(),
                 agents: rule.agents.clone(),
+                locked: rule.locked,
+                blocks: matches!(config.outbounds.get(&rule.outbound), Some(Outbound::Block)),
             });
         }
         policy
     }
 
+    /// How many runtime rules are compiled in.
+    pub fn runtime_rules(&self) -> usize {
+        self.runtime.as_ref().map_or(0, |r| r.rules.len())
+    }
+
     pub fn decide(&self, q: &Query) -> Decision<'_> {
-        match self.first_match(q) {
-            Some(index) => {
-                let rule = &self.rules[index];
-                Decision {
-                    rule: Some(index),
-                    rule_name: &rule.name,
-                    outbound: &rule.outbound,
-                    matched_domain: !rule.domains.is_empty(),
-                    by_address: !rule.ips.is_empty(),
-                }
-            }
-            None => Decision {
-                rule: None,
-                rule_name: DEFAULT_RULE_NAME,
-                outbound: &self.default_outbound,
-                matched_domain: false,
-                by_address: false,
+        let own = self
+            .first_match(q)
+            .map_or_else(|| self.default_decision(), |i| self.decision(i));
+        self.with_runtime_rule(own, |runtime| runtime.first_match(q))
+    }
+
+    /// `own` (this policy's decision), unless a runtime rule (`find` in
+    /// the runtime policy) decides first: never against a locked rule,
+    /// except to refuse what it lets through.
+    fn with_runtime_rule<'p>(
+        &'p self,
+        own: Decision<'p>,
+        find: impl FnOnce(&'p Policy) -> Option<usize>,
+    ) -> Decision<'p> {
+        let Some(runtime) = self.runtime.as_deref() else {
+            return own;
+        };
+        let locked = own.rule.map(|i| &self.rules[i]).filter(|r| r.locked);
+        if locked.is_some_and(|r| r.blocks) {
+            return own;
+        }
+        match find(runtime) {
+            Some(i) if locked.is_none() || runtime.rules[i].blocks => Decision {
+                runtime: true,
+                ..runtime.decision(i)
             },
+            _ => own,
+        }
+    }
+
+    fn decision(&self, index: usize) -> Decision<'_> {
+        let rule = &self.rules[index];
+        Decision {
+            rule: Some(index),
+            rule_name: &rule.name,
+            outbound: &rule.outbound,
+            matched_domain: !rule.domains.is_empty(),
+            by_address: !rule.ips.is_empty(),
+            runtime: false,
+        }
+    }
+
+    fn default_decision(&self) -> Decision<'_> {
+        Decision {
+            rule: None,
+            rule_name: DEFAULT_RULE_NAME,
+            outbound: &self.default_outbound,
+            matched_domain: false,
+            by_address: false,
+            runtime: false,
         }
     }
 
@@ -221,6 +282,18 @@ impl Policy {
         agent: Option<&str>,
         is_block: impl Fn(&str) -> bool,
     ) -> Decision<'_> {
+        let own = self
+            .name_match(host, agent, &is_block)
+            .map_or_else(|| self.default_decision(), |i| self.decision(i));
+        self.with_runtime_rule(own, |runtime| runtime.name_match(host, agent, &is_block))
+    }
+
+    fn name_match(
+        &self,
+        host: &str,
+        agent: Option<&str>,
+        is_block: &impl Fn(&str) -> bool,
+    ) -> Option<usize> {
         let mut candidates: Vec<usize> = self.unindexed.clone();
         if let Some(host) = usable_name(Some(host)) {
             self.by_domain
@@ -236,22 +309,10 @@ impl Policy {
             }
             let refuses = is_block(&rule.outbound);
             if !refuses || (rule.ports.is_empty() && rule.ips.is_empty()) {
-                return Decision {
-                    rule: Some(index),
-                    rule_name: &rule.name,
-                    outbound: &rule.outbound,
-                    matched_domain: !rule.domains.is_empty(),
-                    by_address: !rule.ips.is_empty(),
-                };
+                return Some(index);
             }
         }
-        Decision {
-            rule: None,
-            rule_name: DEFAULT_RULE_NAME,
-            outbound: &self.default_outbound,
-            matched_domain: false,
-            by_address: false,
-        }
+        None
     }
 
     /// Human text for `agent-egress explain`: the connection, the rule and
@@ -272,16 +333,33 @@ impl Policy {
                 decision.outbound
             )),
             Some(index) => {
-                let rule = &self.rules[index];
+                let (rules, place) = match (decision.runtime, self.runtime.as_deref()) {
+                    (true, Some(runtime)) => (runtime, "runtime rule"),
+                    _ => (self, "rules"),
+                };
+                let rule = &rules.rules[index];
                 lines.push(format!(
-                    "rule {:?} (rules[{index}]) matched: outbound {:?}",
-                    rule.name, rule.outbound
+                    "rule {:?} ({place}[{index}]) matched: outbound {:?}{}",
+                    rule.name,
+                    rule.outbound,
+                    if rule.locked { " (locked)" } else { "" }
                 ));
                 lines.extend(rule.reasons(q, ip));
                 if decision.matched_domain {
                     lines.push(format!(
                         "matched by name: the proxy dials {} itself, not the address the client chose",
                         q.host.unwrap_or_default()
+                    ));
+                }
+                let held = self
+                    .runtime
+                    .as_deref()
+                    .filter(|_| !decision.runtime)
+                    .and_then(|runtime| Some(&runtime.rules[runtime.first_match(q)?]));
+                if let Some(held) = held {
+                    lines.push(format!(
+                        "runtime rule {:?} matches too, but a locked rule's decision stands (runtime rules may only refuse what it allows)",
+                        held.name
                     ));
                 }
             }
@@ -310,18 +388,24 @@ impl Policy {
             port,
             agent,
         };
-        let mut best = usize::MAX;
-        self.scan_ip_rules(&q, ip.to_canonical(), &mut best);
-        (best != usize::MAX).then(|| {
-            let rule = &self.rules[best];
-            Decision {
-                rule: Some(best),
-                rule_name: &rule.name,
-                outbound: &rule.outbound,
-                matched_domain: false,
-                by_address: true,
+        let own = self.address_match(&q).map(|i| self.decision(i));
+        match own {
+            Some(own) => Some(self.with_runtime_rule(own, |runtime| runtime.address_match(&q))),
+            None => {
+                let runtime = self.runtime.as_deref()?;
+                let i = runtime.address_match(&q)?;
+                Some(Decision {
+                    runtime: true,
+                    ..runtime.decision(i)
+                })
             }
-        })
+        }
+    }
+
+    fn address_match(&self, q: &Query) -> Option<usize> {
+        let mut best = usize::MAX;
+        self.scan_ip_rules(q, q.ip.to_canonical(), &mut best);
+        (best != usize::MAX).then_some(best)
     }
 
     fn first_match(&self, q: &Query) -> Option<usize> {
@@ -818,12 +902,70 @@ mod tests {
                 rule_name: "default",
                 outbound: "block",
                 matched_domain: false,
-                by_address: false
+                by_address: false,
+                runtime: false,
             }
         );
         let open = policy(r#"{"default": "direct"}"#);
         let d = open.decide(&query(None, "::1", 1, None));
         assert_eq!((d.rule, d.outbound), (None, "direct"));
+    }
+
+    #[test]
+    fn runtime_rules_come_first_but_never_widen_a_locked_rule() {
+        let config = Config::from_json(
+            r#"{"rules": [
+                {"name": "api", "domains": ["=api.example.com"], "outbound": "direct"},
+                {"name": "metadata", "ips": ["169.254.169.254/32"], "outbound": "block", "locked": true},
+                {"name": "corp", "domains": ["corp.test"], "outbound": "direct", "locked": true},
+                {"name": "example", "domains": ["example.com"], "outbound": "block"}
+            ], "default": "block"}"#,
+        )
+        .unwrap();
+        let runtime: Vec<Rule> = [
+            r#"{"name": "open-example", "domains": ["example.com"], "outbound": "direct"}"#,
+            r#"{"name": "open-metadata", "ips": ["169.254.0.0/16"], "outbound": "direct"}"#,
+            r#"{"name": "shut-corp", "domains": ["=x.corp.test"], "outbound": "block"}"#,
+            r#"{"name": "open-corp", "domains": ["corp.test"], "outbound": "block"}"#,
+        ]
+        .iter()
+        .map(|r| {
+            config
+                .runtime_rule("", &serde_json::from_str(r).unwrap(), &[])
+                .unwrap()
+        })
+        .collect();
+        let p = Policy::with_runtime(&config, &runtime);
+        let decide = |host, ip| {
+            let d = p.decide(&query(host, ip, 443, None));
+            (d.rule_name, d.runtime)
+        };
+        // Before the config's rules, unlocked ones included.
+        assert_eq!(
+            decide(Some("www.example.com"), "192.0.2.1"),
+            ("open-example", true)
+        );
+        assert_eq!(
+            decide(Some("api.example.com"), "192.0.2.1"),
+            ("open-example", true)
+        );
+        // A locked block stands; a locked allow may only be narrowed.
+        assert_eq!(decide(None, "169.254.169.254"), ("metadata", false));
+        assert_eq!(
+            decide(Some("x.corp.test"), "192.0.2.1"),
+            ("shut-corp", true)
+        );
+        assert_eq!(
+            decide(Some("y.corp.test"), "192.0.2.1"),
+            ("open-corp", true)
+        );
+        assert_eq!(decide(None, "169.254.1.1"), ("open-metadata", true));
+        let address = p.decide_address("169.254.169.254".parse().unwrap(), 80, None);
+        assert_eq!(address.map(|d| d.rule_name), Some("metadata"));
+        assert!(p
+            .explain(&query(None, "169.254.169.254", 80, None))
+            .contains("locked rule's decision stands"));
+        assert_eq!(p.runtime_rules(), 4);
     }
 
     #[test]

@@ -85,6 +85,7 @@ fn rules() -> impl Strategy<Value = Vec<Rule>> {
                 ports,
                 agents,
                 outbound: if direct { "direct" } else { "block" }.into(),
+                locked: false,
             })
             .collect()
     })

@@ -10,16 +10,20 @@ use crate::agent_dns::names::ResolvedNames;
 use crate::audit::{AuditLog, Record, Verdict};
 use crate::cgroup;
 use crate::config::Config;
+use crate::config::Rule;
 use crate::connect_log::ConnectLog;
 use crate::policy::Policy;
 use crate::procinfo::{OwnerQuery, SocketOwner};
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// One config and its compiled policy. A connection keeps the one it was
 /// accepted under, so a reload never changes an established connection.
@@ -30,8 +34,139 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(config: Config) -> Arc<Runtime> {
-        let policy = Policy::compile(&config);
+        Runtime::with_rules(config, &[])
+    }
+
+    /// The config with runtime rules (checked against it) asked first.
+    pub fn with_rules(config: Config, runtime_rules: &[Rule]) -> Arc<Runtime> {
+        let policy = Policy::with_runtime(&config, runtime_rules);
         Arc::new(Runtime { config, policy })
+    }
+}
+
+/// One live connection, for the control API.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub agent: Option<String>,
+    pub uid: Option<u32>,
+    pub pid: Option<u32>,
+    pub exe: Option<String>,
+    pub src: String,
+    pub dst: String,
+    pub host: Option<String>,
+    pub rule: Option<String>,
+    pub outbound: String,
+    pub verdict: Verdict,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub age_ms: u64,
+}
+
+/// What the control API asks of a worker; answered on its next wake-up, so
+/// the data path takes no lock for it.
+pub enum WorkerRequest {
+    Connections(mpsc::Sender<Vec<ConnectionInfo>>),
+    /// Close the connection with this id, if the worker has it; say whether.
+    Close {
+        id: u64,
+        why: String,
+        reply: mpsc::Sender<bool>,
+    },
+}
+
+/// How long the control API waits for a worker's answer.
+const WORKER_ANSWER: Duration = Duration::from_secs(2);
+
+/// A cheap, clonable handle on the running proxy: reload it, ask its workers.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+    wakers: Vec<Arc<mio::Waker>>,
+    workers: Vec<(mpsc::Sender<WorkerRequest>, Arc<mio::Waker>)>,
+}
+
+impl ProxyHandle {
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// New connections use `runtime` from now on; open ones keep theirs.
+    pub fn reload(&self, runtime: Arc<Runtime>) {
+        match self.shared.runtime.write() {
+            Ok(mut r) => *r = runtime,
+            Err(poisoned) => *poisoned.into_inner() = runtime,
+        }
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        for w in &self.wakers {
+            if let Err(e) = w.wake() {
+                log::warn!("cannot wake a worker: {e}");
+            }
+        }
+    }
+
+    fn ask(&self, request: impl Fn() -> WorkerRequest) {
+        for (tx, waker) in &self.workers {
+            if tx.send(request()).is_ok() {
+                let _ = waker.wake();
+            }
+        }
+    }
+
+    /// Every worker's open connections, oldest first; a worker that does not
+    /// answer in time is left out.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        let (reply, answers) = mpsc::channel();
+        self.ask(|| WorkerRequest::Connections(reply.clone()));
+        drop(reply);
+        let deadline = std::time::Instant::now() + WORKER_ANSWER;
+        let mut all = Vec::new();
+        for _ in 0..self.workers.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match answers.recv_timeout(left) {
+                Ok(some) => all.extend(some),
+                Err(_) => break,
+            }
+        }
+        let ids = all.iter().map(|c| c.id).collect();
+        let found: HashMap<u64, crate::procinfo::ProcessInfo> = self
+            .shared
+            .audit
+            .processes(ids, WORKER_ANSWER)
+            .into_iter()
+            .collect();
+        for c in &mut all {
+            if let Some(p) = found.get(&c.id) {
+                c.pid = Some(p.pid);
+                c.exe.clone_from(&p.exe);
+            }
+        }
+        all.sort_by_key(|c| std::cmp::Reverse(c.age_ms));
+        all
+    }
+
+    /// Close connection `id`; false if no worker has it.
+    pub fn close(&self, id: u64, why: &str) -> bool {
+        let (reply, answers) = mpsc::channel();
+        self.ask(|| WorkerRequest::Close {
+            id,
+            why: why.to_string(),
+            reply: reply.clone(),
+        });
+        drop(reply);
+        let deadline = std::time::Instant::now() + WORKER_ANSWER;
+        for _ in 0..self.workers.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match answers.recv_timeout(left) {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(_) => break,
+            }
+        }
+        false
     }
 }
 
@@ -276,8 +411,7 @@ impl Shared {
 
 /// The running proxy: its workers and the handle to reload or stop them.
 pub struct Proxy {
-    shared: Arc<Shared>,
-    wakers: Vec<Arc<mio::Waker>>,
+    handle: ProxyHandle,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -314,6 +448,7 @@ impl Proxy {
             summary: Mutex::new(Summary::default()),
         });
         let mut wakers = Vec::new();
+        let mut lines = Vec::new();
         let mut handles = Vec::new();
         let dns = &shared.runtime().config.dns;
         if dns.capture {
@@ -326,46 +461,43 @@ impl Proxy {
             );
         }
         for (i, listeners) in sockets.into_iter().enumerate() {
-            let mut w = worker::Worker::new(shared.clone(), listeners)?;
+            let (tx, requests) = mpsc::channel();
+            let mut w = worker::Worker::new(shared.clone(), listeners, requests)?;
             wakers.push(w.waker());
+            lines.push((tx, w.waker()));
             let handle = std::thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || w.run())?;
             handles.push(handle);
         }
         Ok(Proxy {
-            shared,
-            wakers,
+            handle: ProxyHandle {
+                shared,
+                wakers,
+                workers: lines,
+            },
             workers: handles,
         })
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+        &self.handle.shared
+    }
+
+    pub fn handle(&self) -> &ProxyHandle {
+        &self.handle
     }
 
     /// New connections use `runtime` from now on; open ones keep theirs.
     pub fn reload(&self, runtime: Arc<Runtime>) {
-        match self.shared.runtime.write() {
-            Ok(mut r) => *r = runtime,
-            Err(poisoned) => *poisoned.into_inner() = runtime,
-        }
-        self.wake_all();
-    }
-
-    fn wake_all(&self) {
-        for w in &self.wakers {
-            if let Err(e) = w.wake() {
-                log::warn!("cannot wake a worker: {e}");
-            }
-        }
+        self.handle.reload(runtime);
     }
 
     /// Stop accepting, end every open connection with an audit record, and
     /// wait for the workers.
     pub fn stop(self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        self.wake_all();
+        self.handle.shared.stop.store(true, Ordering::SeqCst);
+        self.handle.wake_all();
         for h in self.workers {
             if h.join().is_err() {
                 log::error!("a worker thread panicked");

@@ -290,6 +290,35 @@ impl Session {
         }
     }
 
+    /// What the control API shows of this connection (its process is the
+    /// audit writer's to tell).
+    pub fn snapshot(&self, now: Instant) -> super::ConnectionInfo {
+        let r = &self.record;
+        super::ConnectionInfo {
+            id: r.conn_id.unwrap_or(0),
+            agent: r.agent.clone(),
+            uid: r.uid,
+            pid: None,
+            exe: None,
+            src: r.src.clone(),
+            dst: r.dst.clone(),
+            host: r.host.clone(),
+            rule: r.rule.clone(),
+            outbound: r.outbound.clone(),
+            verdict: r.verdict,
+            bytes_up: self.up.delivered,
+            bytes_down: self.down.delivered,
+            age_ms: now.saturating_duration_since(self.started).as_millis() as u64,
+        }
+    }
+
+    /// Closed on a supervisor's request: a reset, the record says by whom.
+    pub fn close_by_request(&mut self, why: String) {
+        self.record.error = Some(why);
+        self.abort();
+        self.finish_record();
+    }
+
     /// Ending on a shutdown of the daemon.
     pub fn shutdown(&mut self) {
         if self.record.error.is_none() && !matches!(self.phase, Phase::Refused) {

@@ -2,7 +2,7 @@
 //! client and socket-owner lookups.
 
 use super::session::{set_linger_zero, Ctx, Readiness, Session, Step};
-use super::{Runtime, Shared};
+use super::{Runtime, Shared, WorkerRequest};
 use crate::audit::{AttributionDone, Event, PendingRecord, Proto, Record};
 use crate::cgroup;
 use crate::dns::{QueryId, Resolver};
@@ -16,6 +16,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,10 +52,16 @@ pub struct Worker {
     /// Held so that accept can still take (and refuse) a connection when the
     /// process runs out of fds: close it, accept, reset, reopen.
     spare_fd: Option<OwnedFd>,
+    /// The control API's questions, with a wake-up each.
+    requests: mpsc::Receiver<WorkerRequest>,
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, mut listeners: Vec<TcpListener>) -> io::Result<Worker> {
+    pub fn new(
+        shared: Arc<Shared>,
+        mut listeners: Vec<TcpListener>,
+        requests: mpsc::Receiver<WorkerRequest>,
+    ) -> io::Result<Worker> {
         let poll = Poll::new()?;
         for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
@@ -80,6 +87,7 @@ impl Worker {
             workers: runtime.config.workers(),
             accept_paused_until: None,
             spare_fd: open_spare_fd(),
+            requests,
         };
         worker.rebuild_resolver(None);
         Ok(worker)
@@ -114,7 +122,10 @@ impl Worker {
             }
             for event in events.iter() {
                 match event.token() {
-                    WAKER => self.follow_runtime(),
+                    WAKER => {
+                        self.follow_runtime();
+                        self.answer_requests();
+                    }
                     RESOLVER => self.on_dns_readable(),
                     Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
                     Token(t) => {
@@ -160,10 +171,18 @@ impl Worker {
 
     fn after(&mut self, key: usize, step: Step) {
         if let Some(session) = self.sessions.get_mut(key) {
-            if session.take_decided() && self.runtime.config.audit.start_events {
-                let mut record = session.record.clone();
-                record.event = Event::Start;
-                self.shared.audit.submit(record.into());
+            if session.take_decided() {
+                let audit = &self.shared.audit;
+                let streamed = audit.events().watched();
+                if self.runtime.config.audit.start_events || streamed {
+                    let mut record = session.record.clone();
+                    record.event = Event::Start;
+                    if self.runtime.config.audit.start_events {
+                        audit.submit(record.into());
+                    } else {
+                        audit.stream(record);
+                    }
+                }
             }
         }
         match step {
@@ -380,6 +399,32 @@ impl Worker {
                 .and_then(|found| found.agent),
             cgroup,
         })
+    }
+
+    fn answer_requests(&mut self) {
+        while let Ok(request) = self.requests.try_recv() {
+            match request {
+                WorkerRequest::Connections(reply) => {
+                    let now = Instant::now();
+                    let all = self.sessions.iter().map(|(_, s)| s.snapshot(now)).collect();
+                    let _ = reply.send(all);
+                }
+                WorkerRequest::Close { id, why, reply } => {
+                    let key = self
+                        .sessions
+                        .iter()
+                        .find(|(_, s)| s.record.conn_id == Some(id))
+                        .map(|(k, _)| k);
+                    if let Some(key) = key {
+                        if let Some(session) = self.sessions.get_mut(key) {
+                            session.close_by_request(why);
+                        }
+                        self.close(key);
+                    }
+                    let _ = reply.send(key.is_some());
+                }
+            }
+        }
     }
 
     /// A reload may have changed the DNS servers.

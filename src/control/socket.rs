@@ -1,0 +1,118 @@
+// SPDX-License-Identifier: GPL-3.0-or-later
+//! The control socket: a Unix stream socket, mode 0660, owner root, group
+//! `control.group`; and who is on the other end of each connection
+//! (SO_PEERCRED, and the peer's executable).
+//!
+//! The group is looked up in /etc/group by hand: the static binary must not
+//! call NSS (getgrnam).
+
+use serde::Serialize;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+/// Who sent a request, as the kernel tells it.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+    pub exe: Option<String>,
+}
+
+impl Peer {
+    pub fn of(stream: &UnixStream) -> io::Result<Peer> {
+        let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map_err(io::Error::from)?;
+        let pid = u32::try_from(cred.pid()).unwrap_or(0);
+        let exe = fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|p| p.display().to_string());
+        Ok(Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid,
+            exe,
+        })
+    }
+}
+
+/// Letters, digits, `.`, `_`, `-` (and not starting with `-`), at most 32.
+pub fn valid_group_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The gid of `name` in an /etc/group text.
+fn gid_in(group_file: &str, name: &str) -> Option<u32> {
+    group_file.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then_some(())?;
+        fields.nth(1)?.parse().ok()
+    })
+}
+
+pub fn group_id(name: &str) -> Result<u32, String> {
+    let text = fs::read_to_string("/etc/group").map_err(|e| format!("/etc/group: {e}"))?;
+    gid_in(&text, name).ok_or_else(|| format!("control.group: no group {name:?} in /etc/group"))
+}
+
+/// Listen at `path`: its directory made if missing (0755), a stale socket
+/// replaced (never another kind of file), then owner root, group `gid` (root
+/// without one) and mode 0660. Until the chmod the socket has the umask's
+/// mode, which gives no one but root write (connect) permission.
+pub fn bind(path: &Path, gid: Option<u32>) -> Result<UnixListener, String> {
+    let fail = |what: &str, e: io::Error| format!("control socket {}: {what}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| fail("making its directory", e))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            fs::remove_file(path).map_err(|e| fail("removing the stale socket", e))?
+        }
+        Ok(_) => {
+            return Err(format!(
+                "control socket {}: exists and is not a socket; not replacing it",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail("looking at it", e)),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| fail("bind", e))?;
+    std::os::unix::fs::chown(path, Some(0), Some(gid.unwrap_or(0)))
+        .map_err(|e| fail("chown", e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660)).map_err(|e| fail("chmod", e))?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_found_by_name_only() {
+        let file = "root:x:0:\nagent-egress-control:x:991:alice,bob\nbad:x:notanumber:\n";
+        assert_eq!(gid_in(file, "agent-egress-control"), Some(991));
+        assert_eq!(gid_in(file, "root"), Some(0));
+        assert_eq!(gid_in(file, "agent"), None);
+        assert_eq!(gid_in(file, "bad"), None);
+        assert!(valid_group_name("agent-egress_1.x"));
+        assert!(!valid_group_name("-x") && !valid_group_name("a:b") && !valid_group_name(""));
+    }
+
+    #[test]
+    fn the_peer_is_who_connected() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = Peer::of(&a).unwrap();
+        assert_eq!(peer.pid, std::process::id());
+        assert_eq!(peer.uid, unsafe { libc::getuid() });
+        assert!(peer.exe.is_some());
+    }
+}
