@@ -1,0 +1,426 @@
+// SPDX-License-Identifier: GPL-3.0-or-later
+//! The control API through the real daemon in the test world: runtime rules
+//! (allowed at once, kept over a restart, expiring, never widening a locked
+//! rule), who may reach the socket, the event stream with a slow watcher, live
+//! connections, and bad or heavy clients.
+
+mod harness;
+
+use harness::daemon::{self, Daemon};
+use harness::{World, ALLOWED, BLOCKED, METADATA, OTHER};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The socket's directory under /run, removed when the test ends.
+struct SocketDir(PathBuf);
+
+impl SocketDir {
+    fn new(world: &World) -> SocketDir {
+        SocketDir(PathBuf::from(format!("/run/ae-control-{}", world.id())))
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.0.join("control.sock")
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(world: &World, socket: &Path) -> Value {
+    daemon::config(
+        world,
+        json!({
+            "control": {"enable": true, "socket": socket, "group": "root"},
+            "state_dir": world.dir().join("state"),
+            "rules": [
+                {"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"},
+                {"name": "metadata", "ips": ["169.254.169.254/32"], "outbound": "block", "locked": true}
+            ],
+        }),
+    )
+}
+
+/// One request; the status and the JSON body (Null when there is none).
+fn call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+    let body = body.unwrap_or("");
+    // A refused body may be cut short by the server's answer (413): write
+    // what it takes, then read the answer.
+    let _ = write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: agent-egress\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    response(stream)
+}
+
+fn response(mut stream: UnixStream) -> (u16, Value) {
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn curl_status(world: &World, host: &harness::TestHost) -> (bool, String) {
+    let out = world.curl_agent([
+        "--resolve",
+        &host.resolve_v4(443),
+        &format!("https://{}/", host.name),
+    ]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn runtime_rules_apply_at_once_survive_a_restart_expire_and_never_widen_a_locked_rule() {
+    if !harness::require_root_and_tools(&["curl", "nft"]) {
+        return;
+    }
+    let world = World::new();
+    let dir = SocketDir::new(&world);
+    let sock = dir.socket();
+    let config = config(&world, &sock);
+    let first = Daemon::start(&world, config.clone());
+
+    assert!(
+        !curl_status(&world, &BLOCKED).0,
+        "blocked.test is blocked by default"
+    );
+    let (status, added) = call(
+        &sock,
+        "POST",
+        "/v1/rules",
+        Some(r#"{"name": "let-blocked", "domains": ["blocked.test"], "outbound": "direct"}"#),
+    );
+    assert_eq!(status, 201, "{added}");
+    assert_eq!(added["by"]["pid"], std::process::id());
+    // At once: the reply comes after the proxy has the new policy.
+    assert_eq!(curl_status(&world, &BLOCKED), (true, BLOCKED.body()));
+    let record = first.wait_event("policy", "the rule added", |r| {
+        r["policy"]["action"] == "rule_added"
+    });
+    assert_eq!(record["pid"], std::process::id());
+    assert_eq!(record["policy"]["rule"]["name"], "let-blocked");
+    assert_eq!(
+        record["exe"],
+        std::fs::read_link("/proc/self/exe")
+            .unwrap()
+            .display()
+            .to_string()
+    );
+
+    // A locked rule's block stands, whatever a runtime rule says.
+    let (status, _) = call(
+        &sock,
+        "POST",
+        "/v1/rules",
+        Some(r#"{"ips": ["169.254.169.254/32"], "outbound": "direct"}"#),
+    );
+    assert_eq!(status, 201);
+    let out = world.curl_agent(["http://169.254.169.254/"]);
+    assert_ne!(String::from_utf8_lossy(&out.stdout), METADATA.body());
+    let explain = std::process::Command::new(daemon::binary())
+        .args(["explain", "--config"])
+        .arg(&first.config)
+        .args(["169.254.169.254:80"])
+        .output()
+        .unwrap();
+    let explain = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        explain.contains("\"metadata\"") && explain.contains("locked"),
+        "{explain}"
+    );
+
+    // An expiring rule: in force, then gone (from the list and the policy).
+    assert!(!curl_status(&world, &OTHER).0);
+    let (status, brief) = call(
+        &sock,
+        "POST",
+        "/v1/rules",
+        Some(r#"{"domains": ["other.test"], "outbound": "direct", "ttl": 2}"#),
+    );
+    assert_eq!(status, 201, "{brief}");
+    assert_eq!(curl_status(&world, &OTHER), (true, OTHER.body()));
+    let brief_id = brief["id"].clone();
+    wait_until("the rule expired", Duration::from_secs(5), || {
+        let (_, list) = call(&sock, "GET", "/v1/rules", None);
+        list["rules"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|r| r["id"] != brief_id))
+    });
+    assert!(
+        !curl_status(&world, &OTHER).0,
+        "other.test is blocked again"
+    );
+    first.wait_event("policy", "the rule expired", |r| {
+        r["policy"]["action"] == "rule_expired"
+    });
+
+    // A restart: the state file brings the rule back before the first connection.
+    let (stopped, _) = first.guard.stop(harness_grace());
+    assert!(stopped.success());
+    assert!(!sock.exists(), "the socket goes with the daemon");
+    let second = Daemon::start(&world, config);
+    assert_eq!(curl_status(&world, &BLOCKED), (true, BLOCKED.body()));
+    let explain = std::process::Command::new(daemon::binary())
+        .args(["explain", "--config"])
+        .arg(&second.config)
+        .arg("blocked.test")
+        .output()
+        .unwrap();
+    let explain = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        explain.contains("runtime rule") && explain.contains("let-blocked"),
+        "{explain}"
+    );
+    let (_, list) = call(&sock, "GET", "/v1/rules", None);
+    let id = list["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "let-blocked"))
+        .map(|r| r["id"].clone())
+        .unwrap();
+    let (status, _) = call(&sock, "DELETE", &format!("/v1/rules/{id}"), None);
+    assert_eq!(status, 200);
+    assert!(!curl_status(&world, &BLOCKED).0, "removed: blocked again");
+    let (status, _) = call(&sock, "DELETE", &format!("/v1/rules/{id}"), None);
+    assert_eq!(status, 404);
+    assert_eq!(curl_status(&world, &ALLOWED), (true, ALLOWED.body()));
+}
+
+fn harness_grace() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Connect as uid/gid nobody without groups, from `cmd` (the agent's cgroup or not).
+fn connect_as_nobody(mut cmd: std::process::Command, socket: &Path) -> String {
+    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1]); print('connected')\nexcept OSError as e: print(e.errno)";
+    cmd.args([
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        script,
+    ]);
+    cmd.arg(socket);
+    let out = cmd.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_socket_serves_its_group_only_streams_events_and_bounds_its_clients() {
+    if !harness::require_root_and_tools(&["curl", "nft", "setpriv"]) {
+        return;
+    }
+    let world = World::new();
+    let dir = SocketDir::new(&world);
+    let sock = dir.socket();
+    let daemon = Daemon::start(&world, config(&world, &sock));
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        (meta.permissions().mode() & 0o777, meta.uid(), meta.gid()),
+        (0o660, 0, 0)
+    );
+
+    // Who may connect: not a user outside the group, not the agent.
+    assert_eq!(
+        connect_as_nobody(world.host_cmd(Vec::<&str>::new()), &sock),
+        libc::EACCES.to_string()
+    );
+    assert_eq!(
+        connect_as_nobody(world.agent_cmd(Vec::<&str>::new()), &sock),
+        libc::EACCES.to_string()
+    );
+
+    // Bad requests: 4xx naming the field.
+    let (status, e) = call(&sock, "POST", "/v1/rules", Some("{not json"));
+    assert_eq!((status, e["field"].as_str()), (400, Some("body")));
+    let (status, e) = call(
+        &sock,
+        "POST",
+        "/v1/rules",
+        Some(r#"{"domains": ["x.test"], "outbound": "direct", "colour": "red"}"#),
+    );
+    assert_eq!((status, e["field"].as_str()), (422, Some("colour")), "{e}");
+    let (status, e) = call(
+        &sock,
+        "POST",
+        "/v1/rules",
+        Some(r#"{"domains": ["x.test"], "outbound": "nowhere"}"#),
+    );
+    assert_eq!(
+        (status, e["field"].as_str()),
+        (422, Some("outbound")),
+        "{e}"
+    );
+    let (status, _) = call(&sock, "PUT", "/v1/rules", None);
+    assert_eq!(status, 405);
+    let (status, _) = call(&sock, "GET", "/v2/status", None);
+    assert_eq!(status, 404);
+    let (status, e) = call(&sock, "DELETE", "/v1/connections/abc", None);
+    assert_eq!((status, e["field"].as_str()), (400, Some("id")));
+    let big = format!(r#"{{"domains": ["{}"]}}"#, "a".repeat(100 * 1024));
+    let (status, e) = call(&sock, "POST", "/v1/rules", Some(&big));
+    assert_eq!((status, e["field"].as_str()), (413, Some("body")));
+    // A silent client is timed out; the server meanwhile serves others.
+    let silent = UnixStream::connect(&sock).unwrap();
+    let started = Instant::now();
+    let (status, _) = call(&sock, "GET", "/v1/status", None);
+    assert_eq!(status, 200);
+    let (status, _) = response(silent);
+    let waited = started.elapsed();
+    assert_eq!(status, 408);
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+
+    // 100 clients at once.
+    let started = Instant::now();
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let all: Vec<_> = (0..100)
+            .map(|_| scope.spawn(|| call(&sock, "GET", "/v1/status", None).0))
+            .collect();
+        all.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    eprintln!("100 parallel status requests in {:?}", started.elapsed());
+
+    // Live connections: one held open by the agent, listed with its
+    // process, then closed over the API.
+    let holder = world.spawn(
+        "holder",
+        world.agent_cmd([
+            "/usr/bin/python3",
+            "-c",
+            "import socket,time\ns=socket.create_connection(('198.51.100.10',80))\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\n\\r\\n')\nprint(s.recv(4096)[:15], flush=True)\nprint('ended', s.recv(4096), flush=True)\ntime.sleep(30)",
+        ]),
+    );
+    let mut listed = Value::Null;
+    wait_until("the connection is listed", Duration::from_secs(5), || {
+        let (_, all) = call(&sock, "GET", "/v1/connections", None);
+        listed = all
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["host"] == "allowed.test"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        !listed.is_null() && !listed["pid"].is_null()
+    });
+    assert_eq!(listed["pid"], holder.pid(), "{listed}");
+    assert_eq!(listed["rule"], "allowed");
+    assert!(listed["bytes_down"].as_u64().unwrap() > 0, "{listed}");
+    let close = || {
+        call(
+            &sock,
+            "DELETE",
+            &format!("/v1/connections/{}", listed["id"]),
+            None,
+        )
+        .0
+    };
+    assert_eq!(close(), 200);
+    let end = daemon.wait_record("the closed connection", |r| r["conn_id"] == listed["id"]);
+    assert!(
+        end["error"].as_str().unwrap().contains("control API"),
+        "{end}"
+    );
+    assert_eq!(close(), 404);
+
+    // Two watchers, one that never reads: the other sees every event, the
+    // slow one is cut off, and the proxy decides every connection meanwhile.
+    let watch = |accept: &str| {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        write!(
+            s,
+            "GET /v1/events HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n"
+        )
+        .unwrap();
+        s
+    };
+    let slow = watch("application/x-ndjson");
+    let fast = watch("text/event-stream");
+    wait_until("two watchers", Duration::from_secs(5), || {
+        call(&sock, "GET", "/v1/status", None).1["events"]["watchers"] == 2
+    });
+    const CONNECTIONS: usize = 1500;
+    let reader = std::thread::spawn(move || {
+        let mut lines = BufReader::new(fast);
+        let (mut ends, mut line) = (0, String::new());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ends < CONNECTIONS && Instant::now() < deadline {
+            line.clear();
+            if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            if let Some(data) = line.strip_prefix("data: ") {
+                let event: Value = serde_json::from_str(data).unwrap();
+                if event["event"] == "end" && event["host"] == "blocked.test" {
+                    ends += 1;
+                }
+            }
+        }
+        ends
+    });
+    let burst = format!(
+        "import socket\nfor i in range({CONNECTIONS}):\n s=socket.create_connection(('198.51.100.20',80))\n s.sendall(b'GET / HTTP/1.0\\r\\nHost: blocked.test\\r\\n\\r\\n')\n s.recv(4096)\n s.close()"
+    );
+    let started = Instant::now();
+    let out = world
+        .agent_cmd(["/usr/bin/python3", "-c", &burst])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "{CONNECTIONS} blocked connections with a stalled watcher in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        reader.join().unwrap(),
+        CONNECTIONS,
+        "the fast watcher saw every end"
+    );
+    let (_, status) = call(&sock, "GET", "/v1/status", None);
+    assert!(
+        status["events"]["watchers_cut_off"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    let mut rest = String::new();
+    let _ = BufReader::new(slow).read_to_string(&mut rest);
+    let last = rest.lines().last().unwrap_or_default();
+    assert!(last.contains("cut_off"), "{last}");
+    let ends = daemon
+        .records()
+        .iter()
+        .filter(|r| r["event"] == "end" && r["host"] == "blocked.test")
+        .count();
+    assert_eq!(ends, CONNECTIONS, "every connection has its record");
+}
