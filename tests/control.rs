@@ -142,16 +142,10 @@ fn runtime_rules_apply_at_once_survive_a_restart_expire_and_never_widen_a_locked
     assert_eq!(status, 201);
     let out = world.curl_agent(["http://169.254.169.254/"]);
     assert_ne!(String::from_utf8_lossy(&out.stdout), METADATA.body());
-    let explain = std::process::Command::new(daemon::binary())
-        .args(["explain", "--config"])
-        .arg(&first.config)
-        .args(["169.254.169.254:80"])
-        .output()
-        .unwrap();
-    let explain = String::from_utf8_lossy(&explain.stdout);
+    let said = explain(&first.config, "169.254.169.254:80");
     assert!(
-        explain.contains("\"metadata\"") && explain.contains("locked"),
-        "{explain}"
+        said.contains("\"metadata\"") && said.contains("locked"),
+        "{said}"
     );
 
     // An expiring rule: in force, then gone (from the list and the policy).
@@ -185,16 +179,10 @@ fn runtime_rules_apply_at_once_survive_a_restart_expire_and_never_widen_a_locked
     assert!(!sock.exists(), "the socket goes with the daemon");
     let second = Daemon::start(&world, config);
     assert_eq!(curl_status(&world, &BLOCKED), (true, BLOCKED.body()));
-    let explain = std::process::Command::new(daemon::binary())
-        .args(["explain", "--config"])
-        .arg(&second.config)
-        .arg("blocked.test")
-        .output()
-        .unwrap();
-    let explain = String::from_utf8_lossy(&explain.stdout);
+    let said = explain(&second.config, "blocked.test");
     assert!(
-        explain.contains("runtime rule") && explain.contains("let-blocked"),
-        "{explain}"
+        said.contains("runtime rule") && said.contains("let-blocked"),
+        "{said}"
     );
     let (_, list) = call(&sock, "GET", "/v1/rules", None);
     let id = list["rules"]
@@ -208,6 +196,17 @@ fn runtime_rules_apply_at_once_survive_a_restart_expire_and_never_widen_a_locked
     let (status, _) = call(&sock, "DELETE", &format!("/v1/rules/{id}"), None);
     assert_eq!(status, 404);
     assert_eq!(curl_status(&world, &ALLOWED), (true, ALLOWED.body()));
+}
+
+/// What `agent-egress explain` prints for `target` under `config` (and its state file).
+fn explain(config: &Path, target: &str) -> String {
+    let out = std::process::Command::new(daemon::binary())
+        .args(["explain", "--config"])
+        .arg(config)
+        .arg(target)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn harness_grace() -> Duration {

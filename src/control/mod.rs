@@ -123,9 +123,3 @@ impl ControlServer {
         let _ = std::fs::remove_file(&self.path);
     }
 }
-
-/// The routes the server serves, as (method, path template): for the check
-/// against the OpenAPI document.
-pub fn route_table() -> Vec<(&'static str, &'static str)> {
-    routes::ROUTES.iter().map(|r| (r.method, r.path)).collect()
-}

@@ -272,7 +272,27 @@ fn reload(control: &Control, request: &Request, _: &[&str]) -> Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::bind;
+    use super::{bind, ROUTES};
+    use std::collections::BTreeSet;
+
+    /// docs/control-api.json describes exactly the routes served.
+    #[test]
+    fn the_openapi_document_names_every_route_and_no_other() {
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/control-api.json")).unwrap();
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        let served: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|r| (r.method.to_string(), r.path.to_string()))
+            .collect();
+        assert_eq!(documented, served);
+        assert_eq!(served.len(), ROUTES.len(), "a route twice in the table");
+    }
 
     #[test]
     fn templates_bind_one_segment_each() {

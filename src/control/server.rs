@@ -130,7 +130,25 @@ fn client(mut stream: UnixStream, control: &Control) {
     match reply {
         Reply::Events { sse, watcher } => stream_events(stream, control, sse, watcher),
         reply => {
-            let _ = write_reply(&mut stream, &reply);
+            if write_reply(&mut stream, &reply).is_ok() {
+                linger(&mut stream);
+            }
+        }
+    }
+}
+
+/// Closing with unread bytes (a refused body) would make the kernel reset
+/// the client before it reads the answer: end our side, then read and discard
+/// what still comes, briefly and boundedly.
+fn linger(stream: &mut UnixStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut sink = [0u8; 4096];
+    let mut left = 4 * BODY_MAX;
+    while left > 0 {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
         }
     }
 }
