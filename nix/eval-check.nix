@@ -239,6 +239,10 @@ let
           ];
         };
         agents.tester.units = [ "agent-probe@" ];
+        control = {
+          enable = true;
+          group = "supervisors";
+        };
         settings = {
           outbounds.tor = {
             type = "socks5";
@@ -321,7 +325,29 @@ let
     ++ expectMatch "fixture: iptables rpfilter exception"
       ".*ip46tables -t mangle -I nixos-fw-rpfilter -i lo -m mark --mark 4242 -j RETURN.*"
       fixture.networking.firewall.extraCommands
-    ++ expect "fixture: no nftables rules with the iptables firewall" fixture.networking.firewall.extraReversePathFilterRules "";
+    ++ expect "fixture: no nftables rules with the iptables firewall" fixture.networking.firewall.extraReversePathFilterRules ""
+    ++ expect "fixture: control socket and state" {
+      inherit (fixture.services.agentEgress.settings) control state_dir;
+      group = fixture.users.groups ? supervisors;
+      inherit (fixture.systemd.services.agent-egress.serviceConfig)
+        RuntimeDirectory
+        StateDirectory
+        SupplementaryGroups
+        ;
+    } {
+      control = {
+        enable = true;
+        socket = "/run/agent-egress/control.sock";
+        group = "supervisors";
+      };
+      state_dir = "/var/lib/agent-egress";
+      group = true;
+      RuntimeDirectory = "agent-egress";
+      StateDirectory = "agent-egress";
+      SupplementaryGroups = [ "supervisors" ];
+    }
+    ++ expect "fixture: the metadata block is locked" (ruleNamed fixture "metadata").locked true
+    ++ expect "example: no control socket by default" (example.services.agentEgress.settings ? control) false;
 
   # The flake's module builds the package from the system's nixpkgs.
   flake = (import ../flake.nix).outputs {

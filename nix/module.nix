@@ -105,6 +105,8 @@ let
           "fd00:ec2::254/128"
         ];
         outbound = "block";
+        # No runtime rule (services.agentEgress.control) may open it.
+        locked = true;
       }
     ))
     (mkOrder 1100 (rule "block" "block" cfg.block { }))
@@ -192,6 +194,8 @@ let
     builtins.toJSON {
       listen = settings.listen or { };
       audit = settings.audit or { };
+      control = settings.control or { };
+      state_dir = settings.state_dir or null;
       interception = lib.filterAttrs (
         name: _:
         lib.elem name [
@@ -525,6 +529,29 @@ in
       so a block here also wins over an agent's own allow list.
     '';
 
+    control = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          The control API: HTTP/1.1 + JSON on the Unix socket
+          /run/agent-egress/control.sock (mode 0660, group
+          {option}`services.agentEgress.control.group`), for a supervisor (a
+          person, a script, an AI agent) to see live connections and events
+          and to add runtime rules, kept in /var/lib/agent-egress. Rules the
+          config marks `locked` (the metadata block) cannot be widened by them.
+        '';
+      };
+      group = mkOption {
+        type = types.strMatching "[A-Za-z0-9_][A-Za-z0-9_.-]*";
+        default = "agent-egress-control";
+        description = ''
+          The group whose members may use the control socket (created). Keep
+          the agents' users out of it: a member can change their policy.
+        '';
+      };
+    };
+
     blockCloudMetadata = mkOption {
       type = types.bool;
       default = true;
@@ -711,6 +738,12 @@ in
           "services.agentEgress: networking.firewall.backend is \"firewalld\", for which the module adds no reverse-path exception: captured agent traffic comes back in on lo with mark ${toString settings.interception.mark}, and if firewalld's reverse-path filter drops it the agents' connections fail (closed, nothing leaks). Let such packets pass in firewalld, or use the nftables or iptables backend.";
 
       services.agentEgress.settings = {
+        control = mkIf cfg.control.enable {
+          enable = true;
+          socket = "/run/agent-egress/control.sock";
+          inherit (cfg.control) group;
+        };
+        state_dir = mkIf cfg.control.enable "/var/lib/agent-egress";
         interception.cgroups = [ (sliceCgroupPath cfg.slice) ] ++ lib.concatMap (agent: agent.cgroups) (lib.attrValues agents);
         rules = mkMerge generatedRules;
       };
@@ -724,6 +757,7 @@ in
         description = "agent-egress daemon";
       };
       users.groups.agent-egress = { };
+      users.groups.${cfg.control.group} = mkIf cfg.control.enable { };
 
       systemd.services = mkMerge [
         (mkIf doctorTimer {
@@ -775,6 +809,19 @@ in
               UMask = "0027";
               ReadWritePaths = lib.optional (auditFile && !auditInLogsDirectory) "-${dirOf settings.audit.path}";
               LimitNOFILE = 8 * settings.limits.connections + 1024;
+            }
+            // lib.optionalAttrs cfg.control.enable {
+              # The socket's directory, and the runtime rules' state file
+              # (below the inaccessible /var/lib, which this mount opens
+              # for this directory only).
+              RuntimeDirectory = "agent-egress";
+              RuntimeDirectoryMode = "0755";
+              StateDirectory = "agent-egress";
+              StateDirectoryMode = "0700";
+              # A member may give the socket to the group without CAP_CHOWN.
+              SupplementaryGroups = [ cfg.control.group ];
+            }
+            // {
 
               ProtectSystem = "strict";
               ProtectHome = true;

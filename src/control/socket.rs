@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-3.0-or-later
-//! The control socket: a Unix stream socket, mode 0660, owner root, group
-//! `control.group`; and who is on the other end of each connection
+//! The control socket: a Unix stream socket, mode 0660, owner the daemon's
+//! user (root), group `control.group`; and who is on the other end of each connection
 //! (SO_PEERCRED, and the peer's executable).
 //!
 //! The group is looked up in /etc/group by hand: the static binary must not
@@ -64,9 +64,12 @@ pub fn group_id(name: &str) -> Result<u32, String> {
 }
 
 /// Listen at `path`: its directory made if missing (0755), a stale socket
-/// replaced (never another kind of file), then owner root, group `gid` (root
-/// without one) and mode 0660. Until the chmod the socket has the umask's
-/// mode, which gives no one but root write (connect) permission.
+/// replaced (never another kind of file), then group `gid` and mode 0660. The
+/// owner is the daemon's user (root, or the NixOS unit's `agent-egress`, which
+/// may give the socket to a group it is a member of without CAP_CHOWN); with
+/// no group the group stays the daemon's own. Until the chmod the socket has
+/// the umask's mode, which gives no one but the owner write (connect)
+/// permission.
 pub fn bind(path: &Path, gid: Option<u32>) -> Result<UnixListener, String> {
     let fail = |what: &str, e: io::Error| format!("control socket {}: {what}: {e}", path.display());
     if let Some(dir) = path.parent() {
@@ -86,8 +89,9 @@ pub fn bind(path: &Path, gid: Option<u32>) -> Result<UnixListener, String> {
         Err(e) => return Err(fail("looking at it", e)),
     }
     let listener = UnixListener::bind(path).map_err(|e| fail("bind", e))?;
-    std::os::unix::fs::chown(path, Some(0), Some(gid.unwrap_or(0)))
-        .map_err(|e| fail("chown", e))?;
+    if gid.is_some() {
+        std::os::unix::fs::chown(path, None, gid).map_err(|e| fail("chgrp", e))?;
+    }
     fs::set_permissions(path, fs::Permissions::from_mode(0o660)).map_err(|e| fail("chmod", e))?;
     Ok(listener)
 }
