@@ -45,8 +45,8 @@ pub struct Config {
 pub struct Control {
     pub enable: bool,
     pub socket: PathBuf,
-    /// The group whose members may connect (mode 0660, owner root); None:
-    /// root only.
+    /// The group whose members may connect (mode 0660, owner the daemon's
+    /// user); None: the daemon's own group.
     pub group: Option<String>,
 }
 
