@@ -184,6 +184,32 @@ fn runtime_rules_apply_at_once_survive_a_restart_expire_and_never_widen_a_locked
         said.contains("runtime rule") && said.contains("let-blocked"),
         "{said}"
     );
+    let check = |state: &Path| {
+        std::process::Command::new(daemon::binary())
+            .args(["check", "--config"])
+            .arg(&second.config)
+            .arg("--state")
+            .arg(state)
+            .output()
+            .unwrap()
+    };
+    let state = world.dir().join("state/runtime-rules.json");
+    let out = check(&state);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("2 runtime rule(s)"),
+        "{out:?}"
+    );
+    let bad = world.dir().join("bad-state.json");
+    std::fs::write(
+        &bad,
+        r#"{"next_id": 2, "rules": [{"id": 1, "domains": ["x.test"], "outbound": "nowhere"}]}"#,
+    )
+    .unwrap();
+    let out = check(&bad);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("rules[0].outbound"),
+        "{out:?}"
+    );
     let (_, list) = call(&sock, "GET", "/v1/rules", None);
     let id = list["rules"]
         .as_array()
@@ -286,6 +312,28 @@ fn the_socket_serves_its_group_only_streams_events_and_bounds_its_clients() {
     let big = format!(r#"{{"domains": ["{}"]}}"#, "a".repeat(100 * 1024));
     let (status, e) = call(&sock, "POST", "/v1/rules", Some(&big));
     assert_eq!((status, e["field"].as_str()), (413, Some("body")));
+    // A reload over the API: a bad config is refused with its errors (and
+    // the running one stays), a good one is applied and on record.
+    let good = std::fs::read_to_string(&daemon.config).unwrap();
+    std::fs::write(&daemon.config, r#"{"rules": 5}"#).unwrap();
+    let (status, e) = call(&sock, "POST", "/v1/reload", None);
+    assert_eq!(status, 422, "{e}");
+    assert!(
+        e["errors"][0].as_str().unwrap().starts_with("rules:"),
+        "{e}"
+    );
+    std::fs::write(&daemon.config, &good).unwrap();
+    let (status, reloaded) = call(&sock, "POST", "/v1/reload", None);
+    assert_eq!(status, 200, "{reloaded}");
+    assert_eq!(
+        reloaded["config_hash"],
+        harness::sha256_bytes(good.as_bytes()).unwrap()
+    );
+    let record = daemon.wait_event("policy", "the reload", |r| {
+        r["policy"]["action"] == "reloaded"
+    });
+    assert_eq!(record["pid"], std::process::id());
+
     // A silent client is timed out; the server meanwhile serves others.
     let silent = UnixStream::connect(&sock).unwrap();
     let started = Instant::now();
