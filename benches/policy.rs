@@ -105,6 +105,38 @@ fn decide(c: &mut Criterion) {
     group.finish();
 }
 
+/// 10,000 runtime rules before 10,000 config rules: a decision asks both
+/// (the runtime rules first, then the config's for a locked rule).
+fn decide_runtime(c: &mut Criterion) {
+    let config = config();
+    let policy = Policy::with_runtime(&config, &config.rules);
+    let ip: IpAddr = "198.51.100.1".parse().unwrap();
+    let cases = [
+        (
+            "runtime rule, last domain",
+            Some("svc9999.example99.com"),
+            true,
+        ),
+        (
+            "no rule in either",
+            Some("www.nothing-here.example.org"),
+            false,
+        ),
+    ];
+    let mut group = c.benchmark_group("decide_10k_runtime_and_10k_config_rules");
+    for (label, host, runtime) in cases {
+        let q = Query {
+            host,
+            ip,
+            port: 443,
+            agent: None,
+        };
+        assert_eq!(policy.decide(&q).runtime, runtime, "{label}");
+        group.bench_function(label, |b| b.iter(|| policy.decide(black_box(&q)).rule));
+    }
+    group.finish();
+}
+
 fn compile(c: &mut Criterion) {
     let config = config();
     c.bench_function("compile_10k_domain_rules", |b| {
@@ -112,5 +144,5 @@ fn compile(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decide, compile);
+criterion_group!(benches, decide, decide_runtime, compile);
 criterion_main!(benches);

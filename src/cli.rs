@@ -96,7 +96,7 @@ struct ExplainArgs {
     #[arg(long)]
     listener: Option<String>,
     /// The runtime-rules state file (default: the one in the config's
-    /// `state_dir`, if there is one).
+    /// `state_dir` when `control.enable`, as the daemon reads it).
     #[arg(long)]
     state: Option<PathBuf>,
 }
@@ -239,19 +239,23 @@ fn explain(args: &ExplainArgs) -> i32 {
         );
         return 0;
     }
-    let state = args
-        .state
-        .clone()
-        .unwrap_or_else(|| crate::control::state::state_file(&config));
-    let rules = match RuleSet::load(&state, &config) {
-        Ok(r) => r,
-        Err(e) => {
+    // The daemon's runtime rules, where it keeps any (control.enable).
+    let state = args.state.clone().or_else(|| {
+        config
+            .control
+            .enable
+            .then(|| crate::control::state::state_file(&config))
+    });
+    let rules = match state.as_deref().map(|s| RuleSet::load(s, &config)) {
+        None => RuleSet::default(),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
             eprintln!("{e}");
             return 1;
         }
     };
     let in_force = rules.in_force(crate::control::state::now_ms());
-    if !in_force.is_empty() {
+    if let (false, Some(state)) = (in_force.is_empty(), &state) {
         println!(
             "{} runtime rule(s) from {}, asked first",
             in_force.len(),

@@ -49,14 +49,19 @@ pub fn run(args: &RunArgs) -> i32 {
             return 1;
         }
     };
-    // Fail closed: runtime rules that cannot be read or no longer fit the
-    // config stop the start, rather than run without them.
-    let rules = match RuleSet::load(&state::state_file(&config), &config) {
-        Ok(r) => r,
-        Err(e) => {
-            log::error!("runtime rules: {e}");
-            return 1;
+    // Runtime rules belong to the control API: without it the config alone
+    // decides. With it, fail closed: rules that cannot be read or no longer
+    // fit the config stop the start, rather than run without them.
+    let rules = if config.control.enable {
+        match RuleSet::load(&state::state_file(&config), &config) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("runtime rules: {e}");
+                return 1;
+            }
         }
+    } else {
+        RuleSet::default()
     };
     raise_fd_limit();
     let (audit, audit_thread) =
