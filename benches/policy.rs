@@ -60,6 +60,16 @@ fn config() -> Config {
     }
 }
 
+/// A connection to port 443 of `ip`, named `host`, from no known agent.
+fn to_443(host: Option<&str>, ip: IpAddr) -> Query<'_> {
+    Query {
+        host,
+        ip,
+        port: 443,
+        agent: None,
+    }
+}
+
 fn decide(c: &mut Criterion) {
     let policy = Policy::compile(&config());
     let ip: IpAddr = "198.51.100.1".parse().unwrap();
@@ -93,12 +103,7 @@ fn decide(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("decide_10k_domain_rules");
     for (label, host, ip, want) in cases {
-        let q = Query {
-            host,
-            ip,
-            port: 443,
-            agent: None,
-        };
+        let q = to_443(host, ip);
         assert_eq!(policy.decide(&q).rule, want, "{label}");
         group.bench_function(label, |b| b.iter(|| policy.decide(black_box(&q)).rule));
     }
@@ -125,12 +130,7 @@ fn decide_runtime(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("decide_10k_runtime_and_10k_config_rules");
     for (label, host, runtime) in cases {
-        let q = Query {
-            host,
-            ip,
-            port: 443,
-            agent: None,
-        };
+        let q = to_443(host, ip);
         assert_eq!(policy.decide(&q).runtime, runtime, "{label}");
         group.bench_function(label, |b| b.iter(|| policy.decide(black_box(&q)).rule));
     }
