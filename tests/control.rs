@@ -282,6 +282,31 @@ fn the_socket_serves_its_group_only_streams_events_and_bounds_its_clients() {
         libc::EACCES.to_string()
     );
 
+    // curl, as the README shows it: a GET, and a POST with -d (a form type
+    // and no Connection header).
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--unix-socket"])
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(curl(&["http://agent-egress/v1/status"])["runtime_rules"], 0);
+    let added = curl(&[
+        "-d",
+        r#"{"domains": ["x.test"], "outbound": "block"}"#,
+        "http://agent-egress/v1/rules",
+    ]);
+    let removed = curl(&[
+        "-X",
+        "DELETE",
+        &format!("http://agent-egress/v1/rules/{}", added["id"]),
+    ]);
+    assert_eq!(removed["removed"]["id"], added["id"]);
+
     // Bad requests: 4xx naming the field.
     let (status, e) = call(&sock, "POST", "/v1/rules", Some("{not json"));
     assert_eq!((status, e["field"].as_str()), (400, Some("body")));
