@@ -306,6 +306,22 @@ fn the_socket_serves_its_group_only_streams_events_and_bounds_its_clients() {
         &format!("http://agent-egress/v1/rules/{}", added["id"]),
     ]);
     assert_eq!(removed["removed"]["id"], added["id"]);
+    // A body over 1 KiB: curl sends Expect: 100-continue, answered at once.
+    let started = Instant::now();
+    let many: Vec<String> = (0..100).map(|i| format!("host-{i}.x.test")).collect();
+    let body = json!({"domains": many, "outbound": "block"}).to_string();
+    let added = curl(&["-d", &body, "http://agent-egress/v1/rules"]);
+    assert_eq!(added["domains"].as_array().map(Vec::len), Some(100));
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    curl(&[
+        "-X",
+        "DELETE",
+        &format!("http://agent-egress/v1/rules/{}", added["id"]),
+    ]);
 
     // Bad requests: 4xx naming the field.
     let (status, e) = call(&sock, "POST", "/v1/rules", Some("{not json"));

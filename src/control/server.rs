@@ -190,6 +190,14 @@ fn read_request(stream: &mut UnixStream, peer: Peer) -> Result<Request, Reply> {
                 let method = parsed.method.unwrap_or_default().to_string();
                 let target = parsed.path.unwrap_or_default();
                 let path = target.split('?').next().unwrap_or_default().to_string();
+                // curl asks first for a body over 1 KiB, and would wait a second.
+                let expect =
+                    header("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue"));
+                if expect && length > 0 && buf.len() == n {
+                    stream
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .map_err(|e| Reply::error(400, "request", &e.to_string()))?;
+                }
                 break (n, method, path, header("accept"), length);
             }
             Ok(httparse::Status::Partial) if buf.len() >= HEAD_MAX => {
