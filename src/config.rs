@@ -1690,6 +1690,21 @@ mod tests {
                 "mode: \"yolo\" is not \"enforce\" or \"audit\"",
             ),
             (
+                r#"{"control": {"socket": "control.sock"}}"#,
+                "control.socket: \"control.sock\" is not an absolute path",
+            ),
+            (
+                r#"{"control": {"group": "a:b"}}"#,
+                "control.group: \"a:b\" is not a group name",
+            ),
+            (r#"{"control": {"enable": 1}}"#, "control.enable: expected true or false"),
+            (r#"{"control": {"port": 1}}"#, "control.port: unknown key"),
+            (r#"{"state_dir": "/var/../etc"}"#, "state_dir: \"/var/../etc\""),
+            (
+                r#"{"rules": [{"ips": ["10.0.0.0/8"], "outbound": "block", "locked": "yes"}]}"#,
+                "rules[0].locked: expected true or false",
+            ),
+            (
                 r#"{"rules": [{"domains": ["*.*.x.com"], "outbound": "direct"}]}"#,
                 "rules[0].domains[0]",
             ),

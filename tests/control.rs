@@ -132,6 +132,13 @@ fn runtime_rules_apply_at_once_survive_a_restart_expire_and_never_widen_a_locked
             .to_string()
     );
 
+    // A reload (SIGHUP) keeps the runtime rules.
+    first.signal(libc::SIGHUP);
+    first.wait_event("policy", "the reload", |r| {
+        r["policy"]["action"] == "reloaded"
+    });
+    assert_eq!(curl_status(&world, &BLOCKED), (true, BLOCKED.body()));
+
     // A locked rule's block stands, whatever a runtime rule says.
     let (status, _) = call(
         &sock,
