@@ -387,3 +387,32 @@ pub fn json_body(request: &Request) -> Result<Value, Reply> {
     serde_json::from_slice(&request.body)
         .map_err(|e| Reply::error(400, "body", &format!("not valid JSON: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// About the deepest JSON serde_json takes (it stops at 128 levels), parsed and
+    /// checked as a rule on a client thread's stack.
+    #[test]
+    fn a_client_thread_survives_the_deepest_body() {
+        let depth = 120;
+        let body = format!(
+            r#"{{"domains": {}{}, "outbound": "direct"}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let config = crate::config::Config::default();
+        let worker = std::thread::Builder::new()
+            .stack_size(CLIENT_STACK)
+            .spawn(move || {
+                let value: Result<Value, _> = serde_json::from_str(&body);
+                let too_deep: Result<Value, _> =
+                    serde_json::from_str(&format!("{}{}", "[".repeat(200), "]".repeat(200)));
+                assert!(too_deep.is_err());
+                value.map(|v| config.runtime_rule("", &v, &[]).is_err())
+            })
+            .unwrap();
+        assert!(matches!(worker.join().unwrap(), Ok(true)));
+    }
+}
