@@ -4,7 +4,9 @@
 //! watches three things and repairs them at once: the table (someone flushed
 //! the ruleset or deleted it), the ip rules and routes, and the agents'
 //! cgroups (a restarted unit gets a new cgroup id, which must join the set
-//! within milliseconds; systemd units close even that window with `NFTSet=`).
+//! within milliseconds; systemd units close even that window with `NFTSet=`,
+//! and agents whose parent holds nothing else with that parent in the set:
+//! see [`cgroup::agent_only_parent`]).
 //!
 //! Every captured cgroup gets the connect log (see [`crate::connect_log`]),
 //! which names the process behind each connection for the audit records;
@@ -98,8 +100,13 @@ impl Capture {
                 );
             }
         }
-        let delegated = Delegated::look(config.interception.delegated_subtrees, &root, &members)?;
-        let captured = delegated.with_agents(&members);
+        let around = Around::look(
+            config.interception.delegated_subtrees,
+            &root,
+            &config.interception.cgroups,
+            &members,
+        )?;
+        let captured = around.with_agents(&members);
         let plan = table_plan(config, member_list(&captured));
         let route = route_plan(config);
         netfilter::install(&plan).map_err(|e| format!("installing nftables table: {e}"))?;
@@ -137,7 +144,7 @@ impl Capture {
             root,
             configured: config.interception.cgroups.clone(),
             members,
-            delegated,
+            around,
             plan,
             route,
             watcher,
@@ -248,6 +255,16 @@ impl Capture {
             })
             .filter(|(_, d)| !configured.iter().any(|(_, id)| *id == Some(d.ancestor.id)))
             .collect();
+        let parents: Vec<cgroup::CgroupRef> = config
+            .interception
+            .cgroups
+            .iter()
+            .filter_map(|p| {
+                cgroup::agent_only_parent(&root, p, &config.interception.cgroups)
+                    .ok()
+                    .flatten()
+            })
+            .collect();
         let in_set = |id: u64| members.as_ref().is_some_and(|m| m.contains(&id));
         let delegated = delegations
             .iter()
@@ -272,7 +289,8 @@ impl Capture {
                                 .iter()
                                 .find(|(_, d)| d.ancestor.id == *id)
                                 .map(|(_, d)| d.ancestor.path.clone())
-                        }),
+                        })
+                        .or_else(|| parents.iter().find(|c| c.id == *id).map(|c| c.path.clone())),
                 })
                 .collect()
         });
@@ -454,19 +472,25 @@ fn apply_changes(
     (added, removed)
 }
 
-/// The agent cgroups that lie in delegated subtrees, and the subtrees captured
-/// whole for them.
-struct Delegated {
+/// What is captured around the agents' own cgroups: the delegated subtrees they
+/// lie in (`interception.delegated_subtrees: "capture"`) and their agent-only
+/// parents (see [`cgroup::agent_only_parent`]).
+struct Around {
     mode: DelegatedSubtrees,
     /// Agent path → its topmost delegated ancestor, as last reported.
     found: BTreeMap<String, Delegation>,
-    /// The subtrees in the agents set besides the agents' own cgroups.
+    /// The cgroups in the agents set besides the agents' own.
     captured: Members,
 }
 
-impl Delegated {
+impl Around {
     /// At start: says what it finds, or refuses it (`refuse`).
-    fn look(mode: DelegatedSubtrees, root: &Path, members: &Members) -> Result<Delegated, String> {
+    fn look(
+        mode: DelegatedSubtrees,
+        root: &Path,
+        configured: &[String],
+        members: &Members,
+    ) -> Result<Around, String> {
         let found = find_delegations(root, members);
         if mode == DelegatedSubtrees::Refuse && !found.is_empty() {
             let refusals: Vec<String> = found.iter().map(|(a, d)| refusal(a, d)).collect();
@@ -475,9 +499,11 @@ impl Delegated {
         for (agent, d) in &found {
             report(mode, agent, d);
         }
-        Ok(Delegated {
+        let mut captured = subtrees_to_capture(mode, &found);
+        captured.extend(agent_only_parents(root, configured, members));
+        Ok(Around {
             mode,
-            captured: subtrees_to_capture(mode, &found),
+            captured,
             found,
         })
     }
@@ -488,21 +514,39 @@ impl Delegated {
         all
     }
 
-    /// The captured subtrees with the agents inside each.
-    fn subtrees(&self) -> Vec<CapturedSubtree> {
+    /// The captured subtrees with the configured agents inside each.
+    fn subtrees(&self, configured: &[String]) -> Vec<CapturedSubtree> {
         self.captured
-            .iter()
-            .map(|(id, (path, _))| CapturedSubtree {
+            .values()
+            .map(|(path, _)| CapturedSubtree {
                 path: path.clone(),
-                agents: self
-                    .found
+                agents: configured
                     .iter()
-                    .filter(|(_, d)| d.ancestor.id == *id)
-                    .map(|(agent, _)| agent.clone())
+                    .filter(|agent| Path::new(agent.as_str()).starts_with(path))
+                    .cloned()
                     .collect(),
             })
             .collect()
     }
+}
+
+/// The agent-only parents of the configured cgroups that are not captured
+/// already as agents.
+fn agent_only_parents(root: &Path, configured: &[String], members: &Members) -> Members {
+    configured
+        .iter()
+        .filter_map(
+            |path| match cgroup::agent_only_parent(root, path, configured) {
+                Ok(parent) => parent,
+                Err(e) => {
+                    log::warn!("looking at the parent of cgroup {path}: {e}");
+                    None
+                }
+            },
+        )
+        .filter(|parent| !members.contains_key(&parent.id))
+        .map(|parent| (parent.id, (parent.path, parent.level)))
+        .collect()
 }
 
 /// Each agent cgroup's topmost delegated ancestor, for those that have one that
@@ -571,10 +615,18 @@ fn report(mode: DelegatedSubtrees, agent: &str, d: &Delegation) {
     }
 }
 
-/// What `down` detaches from: the configured cgroups and, when captured whole,
-/// the delegated subtrees they lie in.
+/// What `down` detaches from: the configured cgroups, their parents (agent-only
+/// ones were captured; whether they still are nobody knows with the daemon
+/// gone) and, when captured whole, the delegated subtrees they lie in.
 fn captured_paths(root: &Path, config: &Config) -> Vec<String> {
     let mut paths = config.interception.cgroups.clone();
+    for path in &config.interception.cgroups {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            if !paths.iter().any(|p| p == parent) {
+                paths.push(parent.to_string());
+            }
+        }
+    }
     if config.interception.delegated_subtrees == DelegatedSubtrees::Capture {
         for path in &config.interception.cgroups {
             if let Ok(Some(d)) = cgroup::delegated_ancestor(root, path) {
@@ -703,7 +755,7 @@ struct Keeper {
     root: PathBuf,
     configured: Vec<String>,
     members: Members,
-    delegated: Delegated,
+    around: Around,
     plan: TablePlan,
     route: RoutePlan,
     watcher: Watcher,
@@ -766,8 +818,9 @@ impl Keeper {
             }
             if Instant::now() >= next_periodic {
                 self.ensure_routing();
-                // Ownership changes send no inotify event.
-                self.look_at_delegations();
+                // Ownership changes and processes joining a parent send no
+                // inotify event.
+                self.look_around();
                 self.publish_agents();
                 self.report_drops();
                 next_periodic = Instant::now() + PERIODIC;
@@ -840,21 +893,26 @@ impl Keeper {
                 self.attach_backstop(path);
             }
         }
-        self.look_at_delegations();
+        self.look_around();
         self.publish_agents();
     }
 
-    /// The delegated subtrees around the agent cgroups, looked at again: what
-    /// is new is said, and the captured subtrees follow.
-    fn look_at_delegations(&mut self) {
+    /// What is captured around the agent cgroups, looked at again: new
+    /// delegations are said, and the captured subtrees and parents follow.
+    fn look_around(&mut self) {
         let found = find_delegations(&self.root, &self.members);
         for (agent, d) in &found {
-            if self.delegated.found.get(agent) != Some(d) {
-                report(self.delegated.mode, agent, d);
+            if self.around.found.get(agent) != Some(d) {
+                report(self.around.mode, agent, d);
             }
         }
-        let wanted = subtrees_to_capture(self.delegated.mode, &found);
-        self.delegated.found = found;
+        let mut wanted = subtrees_to_capture(self.around.mode, &found);
+        wanted.extend(agent_only_parents(
+            &self.root,
+            &self.configured,
+            &self.members,
+        ));
+        self.around.found = found;
         let matches = |from: &Members, not_in: &Members| -> Vec<CgroupMatch> {
             from.iter()
                 .filter(|(id, _)| !not_in.contains_key(id))
@@ -864,34 +922,45 @@ impl Keeper {
                 })
                 .collect()
         };
-        let released = matches(&self.delegated.captured, &wanted);
-        let taken = matches(&wanted, &self.delegated.captured);
+        let released = matches(&self.around.captured, &wanted);
+        let taken = matches(&wanted, &self.around.captured);
         if released.is_empty() && taken.is_empty() {
             return;
         }
+        for (id, (path, _)) in &wanted {
+            if !self.around.captured.contains_key(id) {
+                log::info!("cgroup {path} (id {id}) captured around the agents");
+            }
+        }
+        for (id, (path, _)) in &self.around.captured {
+            if !wanted.contains_key(id) {
+                log::info!("cgroup {path} (id {id}) no longer captured around the agents");
+            }
+        }
         let before = self.member_paths();
-        if let Err(e) = netfilter::remove_cgroups(&self.plan.table, &released) {
-            log::error!("removing delegated subtrees from the agents set: {e}");
-        }
+        // Taken before released: no moment with neither in the set.
         if let Err(e) = netfilter::add_cgroups(&self.plan.table, &taken) {
-            log::error!("adding delegated subtrees to the agents set: {e}");
+            log::error!("adding cgroups around the agents to the agents set: {e}");
         }
-        self.delegated.captured = wanted;
+        if let Err(e) = netfilter::remove_cgroups(&self.plan.table, &released) {
+            log::error!("removing cgroups around the agents from the agents set: {e}");
+        }
+        self.around.captured = wanted;
         self.update_connect_log(&before);
         self.update_backstop(self.backstop.is_some(), &before);
     }
 
     /// The agents' cgroups and the subtrees captured around them.
     fn captured(&self) -> Members {
-        self.delegated.with_agents(&self.members)
+        self.around.with_agents(&self.members)
     }
 
     fn update(&mut self, config: &Config) {
         let before = self.member_paths();
-        if config.interception.delegated_subtrees != self.delegated.mode {
-            self.delegated.mode = config.interception.delegated_subtrees;
+        if config.interception.delegated_subtrees != self.around.mode {
+            self.around.mode = config.interception.delegated_subtrees;
             // Said again, as the new setting handles it.
-            self.delegated.found.clear();
+            self.around.found.clear();
         }
         if config.interception.cgroups != self.configured {
             match Watcher::new(&self.root, config.interception.cgroups.iter().cloned()) {
@@ -913,7 +982,7 @@ impl Keeper {
                 Err(e) => log::error!("watching the new cgroups: {e}; keeping the old ones"),
             }
         }
-        self.look_at_delegations();
+        self.look_around();
         let plan = table_plan(config, member_list(&self.captured()));
         if plan != self.plan {
             match netfilter::install(&plan) {
@@ -1064,9 +1133,12 @@ impl Keeper {
             cgroups.push((id, path));
         }
         let agents = self.members.values().map(|(p, _)| p.clone()).collect();
-        self.shared
-            .agents
-            .replace(&self.root, agents, self.delegated.subtrees(), cgroups);
+        self.shared.agents.replace(
+            &self.root,
+            agents,
+            self.around.subtrees(&self.configured),
+            cgroups,
+        );
     }
 }
 
