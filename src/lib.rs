@@ -17,6 +17,7 @@ pub mod instance;
 pub mod loopback;
 pub mod names;
 pub mod netfilter;
+pub mod netlink;
 pub mod notify;
 pub mod outbound;
 pub mod policy;
