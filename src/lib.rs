@@ -26,4 +26,3 @@ pub mod procinfo;
 pub mod proxy;
 pub mod routing;
 pub mod sniff;
-pub mod sockaddr;
