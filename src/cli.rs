@@ -7,6 +7,7 @@ use crate::exec;
 use crate::loopback::{self, Listener};
 use crate::policy::Query;
 use crate::proxy::Runtime;
+use crate::suggest;
 use clap::{Args, Parser, Subcommand};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ enum Command {
     /// Test a running daemon: what status shows, and a probe in each agent
     /// cgroup whose TCP must reach the proxy and whose UDP must be dropped.
     Doctor(DoctorArgs),
+    /// Learn a minimal allowlist per agent from audit records.
+    Suggest(SuggestArgs),
     /// Print the version.
     Version,
 }
@@ -104,6 +107,23 @@ struct DoctorArgs {
 }
 
 #[derive(Args)]
+struct SuggestArgs {
+    /// Audit files (JSON lines; gzip-compressed ones too; `-` is standard input).
+    #[arg(long, required = true, num_args = 1..)]
+    audit: Vec<PathBuf>,
+    /// `json`: a `rules` array for the config, with the evidence beside it;
+    /// `nix`: values for `services.agentEgress.agents.<name>`.
+    #[arg(long, value_enum, default_value = "json")]
+    format: suggest::Format,
+    /// Only this agent: its cgroup path as records give it, or its Nix name.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Leave out (and list apart) entries seen fewer times.
+    #[arg(long, default_value_t = 1)]
+    min_count: u64,
+}
+
+#[derive(Args)]
 struct StatusArgs {
     /// The JSON config file (for the table name and port).
     #[arg(long, short)]
@@ -139,6 +159,14 @@ pub fn main() -> i32 {
             Some(config) => doctor(&config, args.json),
             None => 1,
         },
+        Command::Suggest(args) => suggest::run(
+            &args.audit,
+            args.format,
+            suggest::Options {
+                agent: args.agent,
+                min_count: args.min_count,
+            },
+        ),
         Command::Version => {
             println!("agent-egress {}", env!("CARGO_PKG_VERSION"));
             0
