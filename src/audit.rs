@@ -63,6 +63,18 @@ pub enum Proto {
     Dns,
 }
 
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tls => "tls",
+            Proto::Http => "http",
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Dns => "dns",
+        }
+    }
+}
+
 /// What the policy (or a failure) made of it.
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash,

@@ -127,29 +127,35 @@ pub fn for_each_record<R: Read + ?Sized>(
             return Ok(line);
         }
         line += 1;
-        let text = match std::str::from_utf8(&buf) {
-            Ok(t) => t.trim_end_matches(['\n', '\r']),
-            Err(e) => {
-                report(ReadError {
-                    file: name.to_string(),
-                    line: Some(line),
-                    why: format!("not UTF-8 ({e})"),
-                });
-                continue;
-            }
-        };
-        if text.trim().is_empty() {
-            continue;
-        }
-        match LogRecord::parse(text) {
-            Ok(record) => each(&record),
-            Err(why) => report(ReadError {
-                file: name.to_string(),
-                line: Some(line),
-                why: format!("not an audit record: {why}"),
-            }),
+        match parse_line(name, line, &buf) {
+            Ok(Some(record)) => each(&record),
+            Ok(None) => {}
+            Err(e) => report(e),
         }
     }
+}
+
+/// One line (its newline included or not) of file `name`: a record, none for a
+/// blank line, or why it is not one.
+pub fn parse_line<'a>(
+    name: &str,
+    line: u64,
+    bytes: &'a [u8],
+) -> Result<Option<LogRecord<'a>>, ReadError> {
+    let error = |why: String| ReadError {
+        file: name.to_string(),
+        line: Some(line),
+        why,
+    };
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| error(format!("not UTF-8 ({e})")))?
+        .trim_end_matches(['\n', '\r']);
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    LogRecord::parse(text)
+        .map(Some)
+        .map_err(|why| error(format!("not an audit record: {why}")))
 }
 
 /// What reading a set of files came to.
@@ -167,18 +173,7 @@ const SHOWN_ERRORS: u64 = 50;
 /// cannot be read are said on standard error (the first [`SHOWN_ERRORS`]) and counted,
 /// and the other files are read all the same.
 pub fn read_files(files: &[PathBuf], mut each: impl FnMut(&LogRecord<'_>)) -> Totals {
-    let totals = Cell::new(Totals::default());
-    let say = |e: ReadError| {
-        let mut t = totals.get();
-        if t.bad_lines + t.bad_files < SHOWN_ERRORS {
-            eprintln!("agent-egress: {e}");
-        }
-        match e.line {
-            Some(_) => t.bad_lines += 1,
-            None => t.bad_files += 1,
-        }
-        totals.set(t);
-    };
+    let reporter = Reporter::default();
     for path in files {
         let name = path.display().to_string();
         let result = open(path)
@@ -192,12 +187,10 @@ pub fn read_files(files: &[PathBuf], mut each: impl FnMut(&LogRecord<'_>)) -> To
                     &name,
                     &mut input,
                     |r| {
-                        let mut t = totals.get();
-                        t.records += 1;
-                        totals.set(t);
+                        reporter.count_record();
                         each(r);
                     },
-                    say,
+                    |e| reporter.say(e),
                 )
             });
         if let Err(e) = result {
@@ -206,19 +199,51 @@ pub fn read_files(files: &[PathBuf], mut each: impl FnMut(&LogRecord<'_>)) -> To
                 Some(line) => format!("stopped at line {line}: {}", e.why),
                 None => e.why,
             };
-            say(ReadError {
+            reporter.say(ReadError {
                 file: e.file,
                 line: None,
                 why,
             });
         }
     }
-    let totals = totals.get();
-    let hidden = (totals.bad_lines + totals.bad_files).saturating_sub(SHOWN_ERRORS);
-    if hidden > 0 {
-        eprintln!("agent-egress: {hidden} more bad line(s) or file(s) not shown");
+    reporter.finish()
+}
+
+/// Says bad lines and files on standard error (the first [`SHOWN_ERRORS`]) and
+/// counts them, with the records read.
+#[derive(Default)]
+pub struct Reporter {
+    totals: Cell<Totals>,
+}
+
+impl Reporter {
+    pub fn count_record(&self) {
+        let mut t = self.totals.get();
+        t.records += 1;
+        self.totals.set(t);
     }
-    totals
+
+    pub fn say(&self, e: ReadError) {
+        let mut t = self.totals.get();
+        if t.bad_lines + t.bad_files < SHOWN_ERRORS {
+            eprintln!("agent-egress: {e}");
+        }
+        match e.line {
+            Some(_) => t.bad_lines += 1,
+            None => t.bad_files += 1,
+        }
+        self.totals.set(t);
+    }
+
+    /// The totals, after saying how many errors were not shown.
+    pub fn finish(&self) -> Totals {
+        let totals = self.totals.get();
+        let hidden = (totals.bad_lines + totals.bad_files).saturating_sub(SHOWN_ERRORS);
+        if hidden > 0 {
+            eprintln!("agent-egress: {hidden} more bad line(s) or file(s) not shown");
+        }
+        totals
+    }
 }
 
 #[cfg(test)]

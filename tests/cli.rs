@@ -27,7 +27,7 @@ fn temp_config(name: &str, json: &str) -> std::path::PathBuf {
 #[test]
 fn every_subcommand_has_help() {
     for sub in [
-        "run", "check", "explain", "exec", "down", "status", "version",
+        "run", "check", "explain", "exec", "down", "status", "suggest", "log", "version",
     ] {
         let (code, out, _) = run(&[sub, "--help"]);
         assert_eq!(code, 0, "{sub} --help");

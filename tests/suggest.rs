@@ -3,24 +3,15 @@
 //! rules accepted by `check`, the Nix form evaluated with the module, and bad
 //! input named and skipped.
 
+mod cli_run;
+
+use cli_run::run;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const FIXTURE: &str = "tests/fixtures/suggest/audit.jsonl";
-
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_agent-egress"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("agent-egress");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ae-suggest-{}", std::process::id()));
