@@ -222,6 +222,14 @@ fn nix_form_evaluates_with_the_module() {
             "=pypi.org"
         ])
     );
+    // Addresses in a rule of their own: fields AND, one rule would match neither.
+    let openclaw_ips: Vec<&serde_json::Value> = rules
+        .iter()
+        .filter(|r| r["name"] == "agent/openclaw/allow" && r.get("ips").is_some())
+        .collect();
+    assert_eq!(openclaw_ips.len(), 1, "{rules:?}");
+    assert_eq!(openclaw_ips[0]["ips"], serde_json::json!(["203.0.113.9"]));
+    assert!(openclaw_ips[0].get("domains").is_none(), "{rules:?}");
     // What the module generated from it is a config the daemon accepts.
     let config = temp("module-config.json");
     std::fs::write(&config, result["settings"].to_string()).expect("write");
