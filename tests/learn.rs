@@ -98,3 +98,71 @@ fn learn_suggest_enforce() {
         "{out}"
     );
 }
+
+/// The same with `exec`: `--audit-only` to learn, the suggested rules (which name
+/// no cgroup: each run has its own) in `--config` to enforce.
+#[test]
+fn learn_with_exec_then_enforce_with_exec() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let curl = |url: &str| -> Vec<String> {
+        let host = url.split('/').nth(2).unwrap_or_default();
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "--resolve",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            format!("{host}:443:198.51.100.20"),
+            "--resolve".into(),
+            format!("{host}:80:198.51.100.20"),
+            "--cacert".into(),
+            world.ca_cert().to_string_lossy().into_owned(),
+            url.into(),
+        ])
+        .collect()
+    };
+    let exec = |config: &str, extra: &[&str], url: &str| {
+        let config = world.write_config(config);
+        let out = world
+            .host_cmd([daemon::binary(), "exec", "--config"])
+            .arg(config)
+            .args(extra)
+            .arg("--user")
+            .arg("nobody")
+            .arg("--")
+            .args(curl(url))
+            .output()
+            .expect("exec");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let learnt = world.dir().join("exec-learn.jsonl");
+    let dns = r#"{"dns": {"servers": ["198.51.100.53"]}}"#;
+    let learn = ["--audit-only", "--audit", learnt.to_str().expect("path")];
+    assert_eq!(exec(dns, &learn, "https://blocked.test/"), "200");
+
+    let (code, out, err) = agent_egress(&["suggest", "--audit", learnt.to_str().expect("path")]);
+    assert_eq!(code, 0, "{err}");
+    let suggested: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        suggested["rules"][0]["domains"],
+        json!(["=blocked.test"]),
+        "{out}"
+    );
+    assert!(suggested["rules"][0].get("agents").is_none(), "{out}");
+
+    let config =
+        json!({"dns": {"servers": ["198.51.100.53"]}, "rules": suggested["rules"]}).to_string();
+    assert_eq!(exec(&config, &[], "https://blocked.test/"), "200");
+    assert_eq!(exec(&config, &[], "http://blocked.test/"), "403");
+}

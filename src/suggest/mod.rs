@@ -210,7 +210,12 @@ impl Learner {
             (Event::End | Event::Dns, Verdict::Block) => true,
             _ => return self.stats.ignored += 1,
         };
-        let Some(agent) = record.agent.as_deref().filter(|a| self.wanted(a)) else {
+        let Some(agent) = record
+            .agent
+            .as_deref()
+            .map(one_exec)
+            .filter(|a| self.wanted(a))
+        else {
             return self.stats.ignored += 1;
         };
         let dst = record.dst.parse::<SocketAddr>().ok();
@@ -381,6 +386,18 @@ fn group(agent: &str, entries: Vec<Entry>) -> Vec<SuggestedRule> {
             }
         })
         .collect()
+}
+
+/// What `exec` runs are learnt as: each makes a cgroup of its own
+/// (`agent-egress-exec-PID`) that no later run has, so their records are one agent
+/// whose rules name no cgroup (an `exec --config` applies them to its command).
+pub const EXEC_AGENT: &str = "agent-egress-exec";
+
+fn one_exec(cgroup: &str) -> &str {
+    match cgroup.strip_prefix("agent-egress-exec-") {
+        Some(pid) if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) => EXEC_AGENT,
+        _ => cgroup,
+    }
 }
 
 /// `443`, or `8000-8100`.
@@ -603,6 +620,23 @@ mod tests {
             }
         )
         .is_empty());
+    }
+
+    #[test]
+    fn exec_runs_are_one_agent() {
+        let lines: Vec<String> = [("17149", "a.test"), ("20001", "b.test")]
+            .iter()
+            .map(|(pid, host)| {
+                end(host, 443, "t").replace("a.slice", &format!("agent-egress-exec-{pid}"))
+            })
+            .collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let out = learn(&lines, Options::default());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].cgroup, EXEC_AGENT);
+        assert_eq!(patterns(&out[0]), [["=a.test", "=b.test"]]);
+        let json: serde_json::Value = serde_json::from_str(&render::json(&out)).expect("JSON");
+        assert!(json["rules"][0].get("agents").is_none(), "{json}");
     }
 
     #[test]

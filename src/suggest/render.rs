@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{port_text, AgentSuggestion, Entry, Seen};
+use super::{port_text, AgentSuggestion, Entry, Seen, EXEC_AGENT};
 
 #[derive(Serialize)]
 struct JsonRule<'a> {
@@ -23,7 +23,8 @@ struct JsonRule<'a> {
     ips: Vec<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ports: Option<Vec<Value>>,
-    agents: [&'a str; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agents: Option<[&'a str; 1]>,
     outbound: &'a str,
 }
 
@@ -121,7 +122,7 @@ pub fn json(suggestions: &[AgentSuggestion]) -> String {
                 domains,
                 ips,
                 ports: rule.ports.as_deref().map(port_values),
-                agents: [&agent.cgroup],
+                agents: (agent.cgroup != EXEC_AGENT).then_some([agent.cgroup.as_str()]),
                 outbound: &rule.outbound,
             });
             out.evidence.insert(
