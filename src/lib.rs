@@ -1,6 +1,8 @@
 //! agent-egress: a Linux egress controller for AI agents.
 pub mod agent_dns;
 pub mod audit;
+pub mod audit_log;
+pub mod audit_read;
 pub mod backstop;
 pub mod bpf;
 pub mod capture;
@@ -26,3 +28,4 @@ pub mod procinfo;
 pub mod proxy;
 pub mod routing;
 pub mod sniff;
+pub mod suggest;
