@@ -38,7 +38,7 @@ render() {
     local template=$1 out=$2 text name
     text=$(<"$template")
     for name in WORK CGROUP PROXY_PORT SERVER_IP BLOCKED_IP ALLOWED_HOST BLOCKED_HOST \
-        IPERF_PORT CAPTURE_MARK CAPTURE_NFT_TABLE AUDIT_PATH; do
+        IPERF_PORT CAPTURE_MARK CAPTURE_NFT_TABLE AUDIT_PATH HAPROXY_THREADS AE_WORKERS; do
         text=${text//@$name@/${!name-}}
     done
     if [[ $text =~ @[A-Z_]+@ ]]; then
@@ -235,25 +235,36 @@ capture_count() {
         awk '/tproxy/ { for (i = 1; i < NF; i++) if ($i == "packets") print $(i + 1) }'
 }
 
-# Start PROXY (none, v2ray, haproxy, agent-egress) behind its capture; sets PROXY_PID.
+# Start PROXY (none, v2ray, haproxy, haproxy-nbthread1, agent-egress,
+# agent-egress-workers1) behind its capture; sets PROXY_PID.
 proxy_start() {
     local proxy=$1
     PROXY_PID=
+    # The variants: haproxy with one thread (its cheapest per connection here)
+    # beside its default (a thread per CPU); agent-egress with one worker beside
+    # its default (a worker per CPU).
+    HAPROXY_THREADS="# nbthread: the default, one per CPU"
+    AE_WORKERS=0
+    PROXY_LOG=$WORK/$proxy.log
+    case $proxy in
+    haproxy-nbthread1) HAPROXY_THREADS="nbthread 1" ;;
+    agent-egress-workers1) AE_WORKERS=1 ;;
+    esac
     case $proxy in
     none) return 0 ;;
     v2ray)
         render "$BENCH_DIR/v2ray.json.tmpl" "$WORK/v2ray.json"
         capture_install
-        nsenter --net="/run/netns/$NS_AGENT" v2ray -config "$WORK/v2ray.json" >"$WORK/v2ray.log" 2>&1 &
+        nsenter --net="/run/netns/$NS_AGENT" v2ray -config "$WORK/v2ray.json" >"$PROXY_LOG" 2>&1 &
         PROXY_PID=$!
         ;;
-    haproxy)
+    haproxy | haproxy-nbthread1)
         render "$BENCH_DIR/haproxy.cfg.tmpl" "$WORK/haproxy.cfg"
         capture_install
-        nsenter --net="/run/netns/$NS_AGENT" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+        nsenter --net="/run/netns/$NS_AGENT" haproxy -db -f "$WORK/haproxy.cfg" >"$PROXY_LOG" 2>&1 &
         PROXY_PID=$!
         ;;
-    agent-egress)
+    agent-egress | agent-egress-workers1)
         AUDIT_PATH=$WORK/audit.jsonl
         render "$BENCH_DIR/agent-egress.json.tmpl" "$WORK/agent-egress.json"
         # Its own capture, the same shape as ours: ours must be gone.
@@ -261,16 +272,16 @@ proxy_start() {
         # nsenter, not `ip netns exec`: the daemon needs the cgroup2 mount that
         # ip netns exec's fresh /sys would hide.
         nsenter --net="/run/netns/$NS_AGENT" "$AGENT_EGRESS" run --config "$WORK/agent-egress.json" \
-            --cleanup-on-exit >"$WORK/agent-egress.log" 2>&1 &
+            --cleanup-on-exit >"$PROXY_LOG" 2>&1 &
         PROXY_PID=$!
         wait_for 10 ip netns exec "$NS_AGENT" nft list table inet agent_egress ||
-            die "agent-egress did not install its table: $(tail -5 "$WORK/agent-egress.log")"
+            die "agent-egress did not install its table: $(tail -5 "$PROXY_LOG")"
         ;;
     *) die "unknown proxy $proxy" ;;
     esac
     wait_for 10 proxy_ready "$PROXY_PID" ||
-        die "$proxy is not listening on 127.0.0.1:$PROXY_PORT: $(tail -5 "$WORK/$proxy.log")"
-    kill -0 "$PROXY_PID" 2>/dev/null || die "$proxy exited: $(tail -5 "$WORK/$proxy.log")"
+        die "$proxy is not listening on 127.0.0.1:$PROXY_PORT: $(tail -5 "$PROXY_LOG")"
+    kill -0 "$PROXY_PID" 2>/dev/null || die "$proxy exited: $(tail -5 "$PROXY_LOG")"
 }
 
 # Listening, or dead (then waiting longer is pointless): either ends the wait.
@@ -285,7 +296,7 @@ proxy_stop() {
         PROXY_PID=
     fi
     case $proxy in
-    agent-egress)
+    agent-egress*)
         # --cleanup-on-exit removed the table; a crash would have left it.
         if ip netns exec "$NS_AGENT" nft list table inet agent_egress >/dev/null 2>&1; then
             die "agent-egress left its table behind after SIGTERM with --cleanup-on-exit"
@@ -306,7 +317,7 @@ assert_captured() {
             die "direct round with an nftables table in place: $(ip netns exec "$NS_AGENT" nft list tables)"
         fi
         ;;
-    agent-egress)
+    agent-egress*)
         local lines
         lines=$(wc -l <"$AUDIT_PATH" 2>/dev/null || echo 0)
         ((lines > since)) || die "agent-egress wrote no audit record: traffic was not captured"
@@ -323,7 +334,7 @@ assert_captured() {
 capture_mark_now() {
     case $1 in
     none) echo 0 ;;
-    agent-egress) wc -l <"$AUDIT_PATH" 2>/dev/null || echo 0 ;;
+    agent-egress*) wc -l <"$AUDIT_PATH" 2>/dev/null || echo 0 ;;
     *) capture_count ;;
     esac
 }

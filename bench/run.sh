@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-3.0-or-later
 #
-# The side-by-side benchmark: agent-egress against no proxy, v2ray and haproxy,
+# The side-by-side benchmark: agent-egress (a worker per CPU, and one worker)
+# against no proxy, v2ray and haproxy (a thread per CPU, and one thread),
 # each behind the same TPROXY capture of the same agent cgroup, in a world of
 # network namespaces with TEST-NET addresses only. Run as root:
 #
@@ -17,13 +18,14 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROUNDS=${BENCH_ROUNDS:-3}
-PROXIES=${BENCH_PROXIES:-none v2ray haproxy agent-egress}
+PROXIES=${BENCH_PROXIES:-none v2ray haproxy haproxy-nbthread1 agent-egress agent-egress-workers1}
 WRK_SECONDS=${BENCH_WRK_SECONDS:-10}
 WRK_CONNECTIONS=${BENCH_WRK_CONNECTIONS:-32}
 IPERF_SECONDS=${BENCH_IPERF_SECONDS:-5}
 LATENCY_COUNT=${BENCH_LATENCY_COUNT:-300}
 BLOCKED_COUNT=${BENCH_BLOCKED_COUNT:-100}
 IDLE_COUNT=${BENCH_IDLE_COUNT:-2000}
+SYSCALL_COUNT=${BENCH_SYSCALL_COUNT:-200}
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 AGENT_EGRESS=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$REPO/target}/release/agent-egress}
 
@@ -31,14 +33,15 @@ AGENT_EGRESS=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$REPO/target}/release/agent-egr
 preflight() {
     [ "$(id -u)" = 0 ] || die "run as root (it builds network namespaces and cgroups)"
     local tool missing=()
-    for tool in ip nft nsenter unshare nginx iperf3 dnsmasq wrk curl openssl python3 jq ss awk; do
+    for tool in ip nft nsenter unshare nginx iperf3 dnsmasq wrk curl openssl python3 jq ss awk strace; do
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
     local proxy selected=()
     for proxy in $PROXIES; do
         case $proxy in
-        v2ray | haproxy) command -v "$proxy" >/dev/null || missing+=("$proxy") ;;
-        agent-egress)
+        v2ray) command -v v2ray >/dev/null || missing+=(v2ray) ;;
+        haproxy | haproxy-nbthread1) command -v haproxy >/dev/null || missing+=(haproxy) ;;
+        agent-egress | agent-egress-workers1)
             if [ ! -x "$AGENT_EGRESS" ]; then
                 log "WARNING: no agent-egress binary at $AGENT_EGRESS (set AGENT_EGRESS or build with" \
                     "cargo build --release): agent-egress is left out of this run"
@@ -46,7 +49,7 @@ preflight() {
             fi
             ;;
         none) ;;
-        *) die "unknown proxy $proxy in BENCH_PROXIES (none v2ray haproxy agent-egress)" ;;
+        *) die "unknown proxy $proxy in BENCH_PROXIES (none v2ray haproxy haproxy-nbthread1 agent-egress agent-egress-workers1)" ;;
         esac
         selected+=("$proxy")
     done
@@ -111,7 +114,7 @@ test_blocked() {
 # The agent's DNS: straight to dnsmasq (none), or answered by agent-egress's
 # handler. The other proxies leave DNS alone (their capture is TCP only).
 test_dns() {
-    case $PROXY in none | agent-egress) ;; *) return 0 ;; esac
+    case $PROXY in none | agent-egress*) ;; *) return 0 ;; esac
     local out variant flag
     for variant in repeated unique; do
         flag=
@@ -177,6 +180,24 @@ test_new_connections() {
     fi
 }
 
+# System calls the proxy makes per new HTTPS connection: strace -c -f on every
+# thread while SYSCALL_COUNT connections are made one at a time (strace slows
+# the proxy; only the counts are kept, never a time).
+test_syscalls() {
+    [ -n "$PROXY_PID" ] || return 0
+    local summary=$WORK/strace-$PROXY-$ROUND.txt tracer calls
+    strace -f -c -o "$summary" -p "$PROXY_PID" 2>/dev/null &
+    tracer=$!
+    sleep 0.5 # attached to every thread
+    as_agent python3 "$BENCH_DIR/client.py" latency --host "$ALLOWED_HOST" --count "$SYSCALL_COUNT" >/dev/null
+    sleep 0.3 # the last audit records written
+    kill -INT "$tracer"
+    wait "$tracer" || true
+    calls=$(awk '$NF == "total" { print $4 }' "$summary")
+    [ -n "$calls" ] || die "strace gave no total: $(tail -3 "$summary")"
+    record syscalls_per_https_conn "$(awk -v c="$calls" -v n="$SYSCALL_COUNT" 'BEGIN { printf "%.0f", c / n }')"
+}
+
 run_proxy_round() {
     PROXY=$1
     log "round $ROUND: $PROXY"
@@ -197,13 +218,14 @@ run_proxy_round() {
     test_raw_bulk
     test_new_connections https
     test_new_connections http
+    test_syscalls
     proxy_stop "$PROXY"
     teardown_world
 }
 
 write_meta() {
     local ae_version=n/a ae_commit=n/a
-    if [[ " $PROXIES " == *" agent-egress "* ]]; then
+    if [[ " $PROXIES " == *" agent-egress"* ]]; then
         ae_version="$("$AGENT_EGRESS" --version 2>&1 | head -1) ($AGENT_EGRESS)"
         ae_commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
     fi
@@ -222,7 +244,7 @@ write_meta() {
         --arg python "$(python3 -c 'import ssl, sys; print(sys.version.split()[0], ssl.OPENSSL_VERSION)')" \
         --arg agent_egress "$ae_version" --arg commit "$ae_commit" \
         --arg rounds "$ROUNDS" --arg proxies "$PROXIES" \
-        --arg params "wrk -t2 -c$WRK_CONNECTIONS -d${WRK_SECONDS}s; iperf3 -R -t $IPERF_SECONDS -O 1; latency $LATENCY_COUNT; blocked $BLOCKED_COUNT; idle $IDLE_COUNT; TLS bulk $BULK_BYTES bytes" \
+        --arg params "wrk -t2 -c$WRK_CONNECTIONS -d${WRK_SECONDS}s; iperf3 -R -t $IPERF_SECONDS -O 1; latency $LATENCY_COUNT; blocked $BLOCKED_COUNT; idle $IDLE_COUNT; TLS bulk $BULK_BYTES bytes; syscalls over $SYSCALL_COUNT connections" \
         '$ARGS.named' >"$WORK/meta.json"
 }
 

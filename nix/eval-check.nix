@@ -276,7 +276,8 @@ let
     ++ expect "fixture: rules in order" (ruleNames fixture) [
       "metadata"
       "intranet"
-      "block"
+      "block" # its names
+      "block" # its addresses
       "agent/research-bot/allow"
       "agent/research-bot/shared-allow"
       "allow"
@@ -305,12 +306,20 @@ let
         "${fixtureTop}/ai-agents-research\\x2dbot.slice/research-bot.service"
       ];
     }
-    ++ expect "fixture: block rule" (ruleNamed fixture "block") {
-      name = "block";
-      outbound = "block";
-      domains = [ "blocked.test" ];
-      ips = [ "198.51.100.0/24" ];
-    }
+    ++ expect "fixture: block rules, names and addresses apart (fields AND)" (lib.filter (
+      rule: rule.name == "block"
+    ) fixture.services.agentEgress.settings.rules) [
+      {
+        name = "block";
+        outbound = "block";
+        domains = [ "blocked.test" ];
+      }
+      {
+        name = "block";
+        outbound = "block";
+        ips = [ "198.51.100.0/24" ];
+      }
+    ]
     ++ expect "fixture: .service suffix accepted" fixture.systemd.services.research-bot.serviceConfig.Slice "ai-agents-research\\x2dbot.slice"
     ++ expect "fixture: a unit's own NFTSet is kept" (lib.sort lib.lessThan
       fixture.systemd.services."agent-probe@".serviceConfig.NFTSet

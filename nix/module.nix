@@ -86,12 +86,18 @@ let
       inherit (policy) ips;
     };
 
+  # A rule's fields AND: one with both domains and ips would match only a
+  # connection with a name of the list to an address of the list. Names and
+  # addresses get a rule each, under the same name.
   rule =
     name: outbound: policy: extra:
     let
       fields = matchFields policy;
     in
-    lib.optional (fields != { }) ({ inherit name outbound; } // fields // extra);
+    map (field: {
+      inherit name outbound;
+      ${field} = fields.${field};
+    } // extra) (lib.attrNames fields);
 
   agentRules =
     order: f: mkOrder order (lib.concatLists (lib.mapAttrsToList (name: agent: f name agent) agents));

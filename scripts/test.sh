@@ -27,6 +27,12 @@ step() {
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "no merge conflict markers"
+if git grep -nE '^(<<<<<<<|>>>>>>>)( |$)' -- . ; then
+    echo "merge conflict markers above" >&2
+    exit 1
+fi
+
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 

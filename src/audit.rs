@@ -30,13 +30,13 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::control::events::EventBus;
 use crate::procinfo::{Attributor, OwnerQuery, ProcessInfo};
 
 /// What a record is about.
-#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Event {
     /// A connection was decided (with `audit.start_events`).
@@ -82,7 +82,7 @@ pub struct PolicyChange {
 }
 
 /// What the connection or query carried, as far as the sniff could tell.
-#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Proto {
     Tls,
@@ -93,8 +93,22 @@ pub enum Proto {
     Dns,
 }
 
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tls => "tls",
+            Proto::Http => "http",
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Dns => "dns",
+        }
+    }
+}
+
 /// What the policy (or a failure) made of it.
-#[derive(Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Ended before anything was decided (the client closed, the daemon stopped).

@@ -1,5 +1,7 @@
 //! Command-line interface: one binary, a subcommand per job.
 
+use crate::audit::Verdict;
+use crate::audit_log;
 use crate::config::{Config, SecretFiles};
 use crate::control::rules::RuleSet;
 use crate::daemon;
@@ -8,9 +10,11 @@ use crate::exec;
 use crate::loopback::{self, Listener};
 use crate::policy::Query;
 use crate::proxy::Runtime;
+use crate::suggest;
 use clap::{Args, Parser, Subcommand};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +45,10 @@ enum Command {
     /// Test a running daemon: what status shows, and a probe in each agent
     /// cgroup whose TCP must reach the proxy and whose UDP must be dropped.
     Doctor(DoctorArgs),
+    /// Learn a minimal allowlist per agent from audit records.
+    Suggest(SuggestArgs),
+    /// Print audit files as a table (rotated and gzip-compressed ones too).
+    Log(LogArgs),
     /// Print the version.
     Version,
 }
@@ -112,6 +120,44 @@ struct DoctorArgs {
 }
 
 #[derive(Args)]
+struct SuggestArgs {
+    /// Audit files (JSON lines; gzip-compressed ones too; `-` is standard input).
+    #[arg(long, required = true, num_args = 1..)]
+    audit: Vec<PathBuf>,
+    /// `json`: a `rules` array for the config, with the evidence beside it;
+    /// `nix`: values for `services.agentEgress.agents.<name>`.
+    #[arg(long, value_enum, default_value = "json")]
+    format: suggest::Format,
+    /// Only this agent: its cgroup path as records give it, or its Nix name.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Leave out (and list apart) entries seen fewer times.
+    #[arg(long, default_value_t = 1)]
+    min_count: u64,
+}
+
+#[derive(Args)]
+struct LogArgs {
+    /// Audit files (JSON lines, gzip-compressed ones too), shown oldest first.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Then keep printing what is appended to the newest, across rotation.
+    #[arg(long, short)]
+    follow: bool,
+    /// Only this agent: its cgroup path as records give it, or its Nix name.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only records with this verdict (allow, block, would_block, error,
+    /// undecided); repeat for several.
+    #[arg(long, value_parser = audit_log::parse_verdict)]
+    verdict: Vec<Verdict>,
+    /// Only records from this UTC time on (2026-11-25, 2026-11-25T09:40) or of
+    /// this age at most (90s, 30m, 2h, 7d).
+    #[arg(long, value_parser = |s: &str| audit_log::parse_since(s, SystemTime::now()))]
+    since: Option<String>,
+}
+
+#[derive(Args)]
 struct StatusArgs {
     /// The JSON config file (for the table name and port).
     #[arg(long, short)]
@@ -147,6 +193,23 @@ pub fn main() -> i32 {
             Some(config) => doctor(&config, args.json),
             None => 1,
         },
+        Command::Suggest(args) => suggest::run(
+            &args.audit,
+            args.format,
+            suggest::Options {
+                agent: args.agent,
+                min_count: args.min_count,
+            },
+        ),
+        Command::Log(args) => audit_log::run(
+            &args.files,
+            audit_log::Filter {
+                agent: args.agent,
+                verdicts: args.verdict,
+                since: args.since,
+            },
+            args.follow,
+        ),
         Command::Version => {
             println!("agent-egress {}", env!("CARGO_PKG_VERSION"));
             0

@@ -1,6 +1,8 @@
 //! agent-egress: a Linux egress controller for AI agents.
 pub mod agent_dns;
 pub mod audit;
+pub mod audit_log;
+pub mod audit_read;
 pub mod backstop;
 pub mod bpf;
 pub mod capture;
@@ -18,6 +20,7 @@ pub mod instance;
 pub mod loopback;
 pub mod names;
 pub mod netfilter;
+pub mod netlink;
 pub mod notify;
 pub mod outbound;
 pub mod policy;
@@ -26,4 +29,4 @@ pub mod procinfo;
 pub mod proxy;
 pub mod routing;
 pub mod sniff;
-pub mod sockaddr;
+pub mod suggest;

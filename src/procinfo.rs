@@ -18,7 +18,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NetlinkAddr};
+use crate::netlink::{self, u32_at, u64_at, Attrs, RequestSocket, Wait, NLMSG_ERROR};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
 /// What the kernel says about the socket at one end of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,8 +81,6 @@ impl fmt::Display for ProcInfoError {
 impl std::error::Error for ProcInfoError {}
 
 // Kernel ABI numbers (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h).
-const NLMSG_HDR_LEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_REQ_V2_LEN: usize = 56;
@@ -97,21 +96,18 @@ const MAX_STRAY_REPLIES: usize = 4;
 
 /// A NETLINK_SOCK_DIAG socket for exact TCP socket lookups. Keep one per thread.
 pub struct SockDiag {
-    socket: Socket,
-    seq: u32,
+    // The kernel answers inside send(); never waiting keeps a missing answer
+    // from ever stalling the event loop.
+    socket: RequestSocket,
     reply: Vec<u8>,
 }
 
 impl SockDiag {
     pub fn open() -> Result<Self, ProcInfoError> {
-        let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(ProcInfoError::Open)?;
-        socket.bind_auto().map_err(ProcInfoError::Open)?;
-        socket
-            .connect(&NetlinkAddr::new(0, 0))
-            .map_err(ProcInfoError::Open)?;
+        let socket =
+            RequestSocket::open(NETLINK_SOCK_DIAG, Wait::Never).map_err(ProcInfoError::Open)?;
         Ok(Self {
             socket,
-            seq: 0,
             reply: Vec::with_capacity(8192),
         })
     }
@@ -147,21 +143,18 @@ impl SockDiag {
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Result<Option<SocketOwner>, ProcInfoError> {
-        self.seq = self.seq.wrapping_add(1);
-        let request = encode_request(self.seq, protocol, src, dst)?;
-        self.socket.send(&request, 0).map_err(ProcInfoError::Send)?;
+        let seq = self.socket.next_seq();
+        let request = encode_request(seq, protocol, src, dst)?;
+        self.socket.send(&request).map_err(ProcInfoError::Send)?;
         for _ in 0..MAX_STRAY_REPLIES {
-            self.reply.clear();
-            // The kernel answers inside send(); MSG_DONTWAIT keeps a missing answer
-            // from ever stalling the event loop.
-            if let Err(e) = self.socket.recv(&mut self.reply, libc::MSG_DONTWAIT) {
+            if let Err(e) = self.socket.recv(&mut self.reply) {
                 return Err(if e.kind() == io::ErrorKind::WouldBlock {
                     ProcInfoError::NoReply
                 } else {
                     ProcInfoError::Receive(e)
                 });
             }
-            if let Some(answer) = parse_reply(&self.reply, self.seq)? {
+            if let Some(answer) = parse_reply(&self.reply, seq)? {
                 return Ok(answer);
             }
         }
@@ -213,7 +206,7 @@ fn encode_request(
         (IpAddr::V6(s), IpAddr::V6(d)) => (libc::AF_INET6 as u8, s.octets(), d.octets()),
         _ => return Err(ProcInfoError::MixedFamilies { src, dst }),
     };
-    let total = NLMSG_HDR_LEN + INET_DIAG_REQ_V2_LEN;
+    let total = netlink::NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN;
     let mut msg = Vec::with_capacity(total);
     // struct nlmsghdr (host byte order)
     msg.extend_from_slice(&(total as u32).to_ne_bytes());
@@ -236,78 +229,53 @@ fn encode_request(
     Ok(msg)
 }
 
-fn read_u16(buf: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(buf.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(buf.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn read_u64(buf: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_ne_bytes(buf.get(at..at + 8)?.try_into().ok()?))
-}
-
 /// `Ok(None)`: the datagram holds no message for `seq`.
 /// `Ok(Some(None))`: the kernel knows no such socket.
 fn parse_reply(datagram: &[u8], seq: u32) -> Result<Option<Option<SocketOwner>>, ProcInfoError> {
-    let mut rest = datagram;
-    while rest.len() >= NLMSG_HDR_LEN {
-        let len = read_u32(rest, 0).ok_or(ProcInfoError::Malformed("short header"))? as usize;
-        if len < NLMSG_HDR_LEN || len > rest.len() {
-            return Err(ProcInfoError::Malformed("message length out of bounds"));
+    for message in netlink::messages(datagram) {
+        let message =
+            message.map_err(|_| ProcInfoError::Malformed("message length out of bounds"))?;
+        if message.seq != seq {
+            continue;
         }
-        let kind = read_u16(rest, 4).ok_or(ProcInfoError::Malformed("short header"))?;
-        let msg_seq = read_u32(rest, 8).ok_or(ProcInfoError::Malformed("short header"))?;
-        let body = &rest[NLMSG_HDR_LEN..len];
-        if msg_seq == seq {
-            return match kind {
-                NLMSG_ERROR => {
-                    let code = read_u32(body, 0)
-                        .ok_or(ProcInfoError::Malformed("short error message"))?
-                        as i32;
-                    match -code {
-                        0 | libc::ENOENT => Ok(Some(None)),
-                        errno => Err(ProcInfoError::Kernel(errno)),
-                    }
+        return match message.kind {
+            NLMSG_ERROR => {
+                let code = u32_at(message.body, 0)
+                    .ok_or(ProcInfoError::Malformed("short error message"))?
+                    as i32;
+                match -code {
+                    0 | libc::ENOENT => Ok(Some(None)),
+                    errno => Err(ProcInfoError::Kernel(errno)),
                 }
-                SOCK_DIAG_BY_FAMILY => parse_diag_msg(body).map(|owner| Some(Some(owner))),
-                _ => Err(ProcInfoError::Malformed("unexpected message type")),
-            };
-        }
-        rest = &rest[align4(len).min(rest.len())..];
+            }
+            SOCK_DIAG_BY_FAMILY => parse_diag_msg(message.body).map(|owner| Some(Some(owner))),
+            _ => Err(ProcInfoError::Malformed("unexpected message type")),
+        };
     }
     Ok(None)
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
 }
 
 fn parse_diag_msg(body: &[u8]) -> Result<SocketOwner, ProcInfoError> {
     if body.len() < INET_DIAG_MSG_LEN {
         return Err(ProcInfoError::Malformed("inet_diag_msg too short"));
     }
-    let uid = read_u32(body, INET_DIAG_MSG_UID).ok_or(ProcInfoError::Malformed("no uid"))?;
-    let inode = read_u32(body, INET_DIAG_MSG_INODE).ok_or(ProcInfoError::Malformed("no inode"))?;
+    let uid = u32_at(body, INET_DIAG_MSG_UID).ok_or(ProcInfoError::Malformed("no uid"))?;
+    let inode = u32_at(body, INET_DIAG_MSG_INODE).ok_or(ProcInfoError::Malformed("no inode"))?;
     // idiag_cookie[2]: the low half first, each in host byte order.
     let cookie_low =
-        read_u32(body, INET_DIAG_MSG_COOKIE).ok_or(ProcInfoError::Malformed("no cookie"))?;
+        u32_at(body, INET_DIAG_MSG_COOKIE).ok_or(ProcInfoError::Malformed("no cookie"))?;
     let cookie_high =
-        read_u32(body, INET_DIAG_MSG_COOKIE + 4).ok_or(ProcInfoError::Malformed("no cookie"))?;
+        u32_at(body, INET_DIAG_MSG_COOKIE + 4).ok_or(ProcInfoError::Malformed("no cookie"))?;
     let mut cgroup_id = None;
-    let mut attrs = &body[INET_DIAG_MSG_LEN..];
-    while attrs.len() >= 4 {
-        let len = read_u16(attrs, 0).unwrap_or(0) as usize;
-        let kind = read_u16(attrs, 2).unwrap_or(0);
-        if len < 4 || len > attrs.len() {
-            return Err(ProcInfoError::Malformed("attribute length out of bounds"));
-        }
+    let mut attrs = Attrs::new(&body[INET_DIAG_MSG_LEN..]);
+    for (kind, payload) in attrs.by_ref() {
         if kind == INET_DIAG_CGROUP_ID {
             cgroup_id =
-                Some(read_u64(attrs, 4).ok_or(ProcInfoError::Malformed("short cgroup id"))?);
+                Some(u64_at(payload, 0).ok_or(ProcInfoError::Malformed("short cgroup id"))?);
         }
-        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    if attrs.malformed() {
+        return Err(ProcInfoError::Malformed("attribute length out of bounds"));
     }
     Ok(SocketOwner {
         inode: u64::from(inode),
@@ -460,10 +428,10 @@ mod tests {
         let dst: SocketAddr = "[::ffff:198.51.100.7]:443".parse().unwrap();
         let msg = encode_request(7, libc::IPPROTO_TCP as u8, src, dst).unwrap();
         assert_eq!(msg.len(), 72);
-        assert_eq!(read_u32(&msg, 0), Some(72));
-        assert_eq!(read_u16(&msg, 4), Some(SOCK_DIAG_BY_FAMILY));
-        assert_eq!(read_u32(&msg, 8), Some(7));
-        let req = &msg[NLMSG_HDR_LEN..];
+        assert_eq!(u32_at(&msg, 0), Some(72));
+        assert_eq!(netlink::u16_at(&msg, 4), Some(SOCK_DIAG_BY_FAMILY));
+        assert_eq!(u32_at(&msg, 8), Some(7));
+        let req = &msg[netlink::NLMSG_HDRLEN..];
         assert_eq!(
             req[0],
             libc::AF_INET as u8,
@@ -488,14 +456,7 @@ mod tests {
     }
 
     fn nlmsg(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend_from_slice(&((NLMSG_HDR_LEN + body.len()) as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&0u16.to_ne_bytes());
-        m.extend_from_slice(&seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(body);
-        m
+        netlink::frame(kind, 0, seq, body)
     }
 
     #[test]

@@ -27,7 +27,7 @@ fn temp_config(name: &str, json: &str) -> std::path::PathBuf {
 #[test]
 fn every_subcommand_has_help() {
     for sub in [
-        "run", "check", "explain", "exec", "down", "status", "version",
+        "run", "check", "explain", "exec", "down", "status", "suggest", "log", "version",
     ] {
         let (code, out, _) = run(&[sub, "--help"]);
         assert_eq!(code, 0, "{sub} --help");
@@ -156,15 +156,32 @@ fn status_shows_table_set_and_listener() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
     assert_eq!(status["table_installed"], true, "{status}");
     assert_eq!(status["routing_installed"], true, "{status}");
+    // The agent's cgroup, and its parent, which holds nothing else.
+    let set = status["agents_set"].as_array().cloned().unwrap_or_default();
+    let member = |id: u64| set.iter().find(|m| m["id"] == id).cloned();
+    let agent = member(world.agent().id()).unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(agent["path"], world.agent().relative_path(), "{status}");
+    let parent_path = world
+        .agent()
+        .path()
+        .parent()
+        .expect("the agent's parent")
+        .to_path_buf();
+    let parent_id = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(&parent_path).expect("the agent's parent"),
+    );
+    let parent = member(parent_id).unwrap_or_else(|| panic!("no parent in {status}"));
     assert_eq!(
-        status["agents_set"][0]["id"],
-        world.agent().id(),
+        parent["path"],
+        world
+            .agent()
+            .relative_path()
+            .rsplit_once('/')
+            .map(|(p, _)| p)
+            .unwrap_or_default(),
         "{status}"
     );
-    assert_eq!(
-        status["agents_set"][0]["path"],
-        world.agent().relative_path()
-    );
+    assert_eq!(set.len(), 2, "{status}");
     assert_eq!(status["listener"]["127.0.0.1:15001"], true, "{status}");
     let text = world
         .host_cmd([binary(), "status", "--config"])

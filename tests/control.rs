@@ -229,6 +229,24 @@ fn runtime_rules_apply_at_once_survive_a_restart_expire_and_never_widen_a_locked
     let (status, _) = call(&sock, "DELETE", &format!("/v1/rules/{id}"), None);
     assert_eq!(status, 404);
     assert_eq!(curl_status(&world, &ALLOWED), (true, ALLOWED.body()));
+
+    // Every record, the policy ones of each action too, fits the audit schema.
+    second.wait_event("policy", "the rule removed", |r| {
+        r["policy"]["action"] == "rule_removed"
+    });
+    let schema: Value =
+        serde_json::from_str(include_str!("../docs/audit-record.schema.json")).unwrap();
+    let validator = jsonschema::draft202012::new(&schema).unwrap();
+    let records = second.records();
+    for record in &records {
+        assert!(validator.is_valid(record), "{record}");
+    }
+    for action in ["rule_added", "rule_expired", "reloaded", "rule_removed"] {
+        assert!(
+            records.iter().any(|r| r["policy"]["action"] == action),
+            "{action}"
+        );
+    }
 }
 
 /// What `agent-egress explain` prints for `target` under `config` (and its state file).

@@ -134,3 +134,138 @@ fn misbehaving_upstreams_settle_nothing() {
     drop(d);
     drop(servers);
 }
+
+/// argv[2] queries a second for argv[3] seconds to argv[1]:53, each for a
+/// fresh random label below allowed.test (paced in 10 ms steps), reading
+/// answers as they come. Prints "sent N" and each rcode's count.
+const LABEL_FLOOD: &str = r#"
+import random, socket, string, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+s.connect((sys.argv[1], 53))
+s.setblocking(False)
+rate, seconds = int(sys.argv[2]), float(sys.argv[3])
+codes, sent, start = {}, 0, time.monotonic()
+def drain():
+    while True:
+        try:
+            rcode = s.recv(4096)[3] & 0xF
+        except BlockingIOError:
+            return
+        codes[rcode] = codes.get(rcode, 0) + 1
+while time.monotonic() - start < seconds:
+    due = int((time.monotonic() - start) * rate)
+    while sent < due:
+        label = "".join(random.choice(string.ascii_lowercase) for _ in range(30))
+        q = struct.pack(">HHHHHH", sent & 0xFFFF, 0x0100, 1, 0, 0, 0)
+        for part in (label, "allowed", "test"):
+            q += bytes([len(part)]) + part.encode()
+        s.send(q + b"\0\0\1\0\1")
+        sent += 1
+    drain()
+    time.sleep(0.01)
+time.sleep(0.5)
+drain()
+print("sent", sent, " ".join(f"{k}:{v}" for k, v in sorted(codes.items())))
+"#;
+
+/// argv[1]:53 asked for allowed.test every 20 ms for argv[2] seconds, one at a
+/// time. Prints how many were answered NOERROR, how many were not, and the
+/// slowest answer in ms.
+const STEADY_LOOKUPS: &str = r#"
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 53))
+s.settimeout(2)
+ok = bad = 0
+slowest = 0.0
+q = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"\7allowed\4test\0\0\1\0\1"
+start = time.monotonic()
+while time.monotonic() - start < float(sys.argv[2]):
+    t = time.monotonic()
+    s.send(q)
+    try:
+        answer = s.recv(4096)
+        ok, bad = (ok + 1, bad) if answer[3] & 0xF == 0 else (ok, bad + 1)
+    except socket.timeout:
+        bad += 1
+    slowest = max(slowest, (time.monotonic() - t) * 1000)
+    time.sleep(0.02)
+print(ok, bad, round(slowest, 1))
+"#;
+
+/// 1,000 random labels a second below an allowed suffix from one agent, for
+/// three seconds: refused past its limits, while another agent's lookups are
+/// all answered, none stalled, and the flooding agent's own ordinary lookup
+/// is answered again once its rate allows.
+#[test]
+fn a_label_flood_is_refused_and_stalls_no_other_agent() {
+    if !harness::require_root_and_tools(&["python3"]) {
+        return;
+    }
+    let world = World::new();
+    let other = world.add_cgroup("other-agent");
+    let d = Daemon::start(
+        &world,
+        daemon::config(
+            &world,
+            json!({
+                "interception": {"cgroups": [world.agent().relative_path(), other.relative_path()]},
+                "audit": {"path": world.dir().join("audit.jsonl"), "queue": 65536}
+            }),
+        ),
+    );
+    let resolver = DNS_V4.to_string();
+    let flood = world
+        .agent_cmd(["python3", "-c", LABEL_FLOOD, &resolver, "1000", "3"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let steady = world
+        .cgroup_cmd(&other, ["python3", "-c", STEADY_LOOKUPS, &resolver, "3"])
+        .output()
+        .expect("python3");
+    let flood = flood.wait_with_output().expect("the flood");
+    let flood_out = String::from_utf8_lossy(&flood.stdout).trim().to_string();
+    let steady_out = String::from_utf8_lossy(&steady.stdout).trim().to_string();
+
+    // The other agent: every lookup answered, none slow.
+    let fields: Vec<f64> = steady_out
+        .split(' ')
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let [ok, bad, slowest] = fields[..] else {
+        panic!(
+            "steady lookups: {steady_out:?} {}",
+            String::from_utf8_lossy(&steady.stderr)
+        );
+    };
+    assert!(ok >= 100.0 && bad == 0.0, "other agent: {steady_out}");
+    assert!(slowest < 500.0, "an other agent's lookup took {slowest} ms");
+
+    // The flood: sent at the rate asked, and refused past the limits (100
+    // names below one parent a minute, 100 queries a second after a burst
+    // of 500).
+    let mut sent = 0u32;
+    let mut refused = 0u32;
+    let mut answered = 0u32;
+    for field in flood_out.split(' ') {
+        match field.split_once(':') {
+            Some(("5", n)) => refused += n.parse::<u32>().unwrap_or(0),
+            Some((_, n)) => answered += n.parse::<u32>().unwrap_or(0),
+            None => sent = field.parse().unwrap_or(sent),
+        }
+    }
+    assert!(sent >= 2_700, "the flood sent {sent}: {flood_out}");
+    assert!(
+        answered <= 100 && refused + answered >= sent * 9 / 10,
+        "the flood: {flood_out}"
+    );
+    let r = d.wait_event("dns", "a rate-limited query", |r| r["rate_limited"] == true);
+    assert_eq!(r["agent"], world.agent().relative_path(), "{r}");
+
+    // Its limit refills: an ordinary lookup of the flooding agent is answered.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let (out, _) = dig(&world, "allowed.test");
+    assert!(out.contains(&ALLOWED.v4.to_string()), "{out}");
+}

@@ -19,7 +19,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use crate::proxy::listener::set_int;
+use crate::proxy::listener::need_net_admin;
+use socket2::{SockFilter, SockRef};
 
 const UDP_HEADER_LEN: usize = 8;
 /// The listeners' receive queue, in bytes (the kernel counts each datagram's
@@ -50,19 +51,15 @@ pub fn listener(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
     }
     match addr {
         SocketAddr::V4(a) => {
-            setsockopt(&fd, sockopt::IpTransparent, &true).map_err(need_net_admin)?;
+            setsockopt(&fd, sockopt::IpTransparent, &true).map_err(errno_net_admin)?;
             setsockopt(&fd, sockopt::Ipv4OrigDstAddr, &true).map_err(io::Error::from)?;
             socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a))
         }
         SocketAddr::V6(a) => {
             setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(io::Error::from)?;
-            set_int(
-                fd.as_raw_fd(),
-                libc::SOL_IPV6,
-                libc::IPV6_TRANSPARENT,
-                1,
-                "IPV6_TRANSPARENT",
-            )?;
+            SockRef::from(&fd)
+                .set_ip_transparent_v6(true)
+                .map_err(need_net_admin)?;
             setsockopt(&fd, sockopt::Ipv6OrigDstAddr, &true).map_err(io::Error::from)?;
             socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a))
         }
@@ -138,23 +135,13 @@ pub struct Replier {
 impl Replier {
     pub fn new() -> io::Result<Replier> {
         let v4 = raw_udp(AddressFamily::Inet)?;
-        setsockopt(&v4, sockopt::IpTransparent, &true).map_err(need_net_admin)?;
+        setsockopt(&v4, sockopt::IpTransparent, &true).map_err(errno_net_admin)?;
         let v6 = raw_udp(AddressFamily::Inet6)?;
-        set_int(
-            v6.as_raw_fd(),
-            libc::SOL_IPV6,
-            libc::IPV6_TRANSPARENT,
-            1,
-            "IPV6_TRANSPARENT",
-        )?;
+        SockRef::from(&v6)
+            .set_ip_transparent_v6(true)
+            .map_err(need_net_admin)?;
         // The kernel fills in the checksum over the IPv6 pseudo-header.
-        set_int(
-            v6.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_CHECKSUM,
-            UDP_CHECKSUM_OFFSET,
-            "IPV6_CHECKSUM",
-        )?;
+        set_ipv6_checksum(&v6, UDP_CHECKSUM_OFFSET)?;
         Ok(Replier { v4, v6 })
     }
 
@@ -240,31 +227,10 @@ fn raw_udp(family: AddressFamily) -> io::Result<OwnedFd> {
             format!("raw UDP socket: {e} (answering agents' DNS needs CAP_NET_RAW)"),
         )
     })?;
-    let mut drop_all = [libc::sock_filter {
-        code: (libc::BPF_RET | libc::BPF_K) as u16,
-        jt: 0,
-        jf: 0,
-        k: 0,
-    }];
-    let program = libc::sock_fprog {
-        len: 1,
-        filter: drop_all.as_mut_ptr(),
-    };
-    // SAFETY: `program` points at one valid instruction for the duration of
-    // the call; the kernel copies it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&program as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("SO_ATTACH_FILTER: {e}")));
-    }
+    let drop_all = SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0);
+    SockRef::from(&fd)
+        .attach_filter(&[drop_all])
+        .map_err(|e| io::Error::new(e.kind(), format!("SO_ATTACH_FILTER: {e}")))?;
     Ok(fd)
 }
 
@@ -299,11 +265,31 @@ fn udp4_checksum(src: [u8; 4], dst: [u8; 4], header: &[u8], payload: &[u8]) -> u
     }
 }
 
-fn need_net_admin(e: nix::errno::Errno) -> io::Error {
-    io::Error::new(
-        io::Error::from(e).kind(),
-        format!("{e} (transparent sockets need CAP_NET_ADMIN or CAP_NET_RAW)"),
-    )
+fn errno_net_admin(e: nix::errno::Errno) -> io::Error {
+    need_net_admin(e.into())
+}
+
+/// IPV6_CHECKSUM, which neither nix nor socket2 carries.
+fn set_ipv6_checksum(fd: &OwnedFd, offset: i32) -> io::Result<()> {
+    // SAFETY: fd is an open socket; offset lives for the call and its size is given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_CHECKSUM,
+            (&offset as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(
+            e.kind(),
+            format!("setsockopt IPV6_CHECKSUM: {e}"),
+        ))
+    }
 }
 
 #[cfg(test)]

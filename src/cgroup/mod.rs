@@ -8,10 +8,12 @@
 
 mod delegation;
 mod lifecycle;
+mod parent;
 mod watcher;
 
 pub use delegation::{delegated_ancestor, Delegation, Writer};
 pub use lifecycle::{command_in_cgroup, create, procs_recursive, remove};
+pub use parent::agent_only_parent;
 pub use watcher::{Change, Watcher};
 
 use std::collections::VecDeque;

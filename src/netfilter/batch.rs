@@ -4,10 +4,10 @@
 use super::decode::{self, Ack, NlMsg};
 use super::encode::{Message, MessageWriter, FAMILY_UNSPEC, NLM_F_ACK};
 use super::NetfilterError;
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use crate::netlink::{set_buffer, RequestSocket, Wait};
+use netlink_sys::protocols::NETLINK_NETFILTER;
 use rustables::sys;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -19,7 +19,6 @@ const RECV_BUFFER: usize = 64 * 1024;
 const MAX_DUMP_BYTES: usize = 64 * 1024 * 1024;
 /// Kernel accounting per queued ack is well under this (skb truesize).
 const RCVBUF_PER_MESSAGE: usize = 2048;
-const MAX_SOCKET_BUFFER: usize = 64 * 1024 * 1024;
 /// How many of our recent batch sockets the monitor can recognise as ours.
 const OWN_PORTS_KEPT: usize = 64;
 /// BATCH_BEGIN's sequence number; the kernel reports a failed commit against it.
@@ -55,108 +54,9 @@ fn io_error(action: &'static str) -> impl FnOnce(io::Error) -> NetfilterError {
     move |source| NetfilterError::Io { action, source }
 }
 
-/// A bound NETLINK_NETFILTER socket with extended acks on.
-struct NfSocket {
-    socket: Socket,
-    port: u32,
-}
-
-impl NfSocket {
-    fn open() -> Result<Self, NetfilterError> {
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(io_error("socket"))?;
-        let address = socket.bind_auto().map_err(io_error("bind"))?;
-        // Extended acks name the refused attribute; capped acks keep them small.
-        socket
-            .set_ext_ack(true)
-            .map_err(io_error("setsockopt NETLINK_EXT_ACK"))?;
-        socket
-            .set_cap_ack(true)
-            .map_err(io_error("setsockopt NETLINK_CAP_ACK"))?;
-        set_receive_timeout(&socket, ACK_TIMEOUT)?;
-        Ok(NfSocket {
-            port: address.port_number(),
-            socket,
-        })
-    }
-
-    fn socket(&self) -> &Socket {
-        &self.socket
-    }
-
-    fn send(&self, bytes: &[u8]) -> Result<(), NetfilterError> {
-        let kernel = SocketAddr::new(0, 0);
-        let sent = self
-            .socket
-            .send_to(bytes, &kernel, 0)
-            .map_err(io_error("send"))?;
-        if sent != bytes.len() {
-            return Err(NetfilterError::Protocol(format!(
-                "sent {sent} of {} bytes",
-                bytes.len()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Receives one datagram into `buf` (cleared first).
-    fn recv(&self, buf: &mut Vec<u8>) -> io::Result<()> {
-        buf.clear();
-        buf.reserve(RECV_BUFFER);
-        let len = self.socket.recv(buf, libc::MSG_TRUNC)?;
-        if len > buf.len() {
-            return Err(io::Error::other(format!(
-                "netlink datagram of {len} bytes truncated"
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Sets a socket buffer's size, best effort: first with the `force` option (past the
-/// sysctl cap; needs CAP_NET_ADMIN, which nf_tables changes need anyway), else `plain`.
-pub(crate) fn set_buffer(socket: &Socket, force: libc::c_int, plain: libc::c_int, size: usize) {
-    let value = size.min(MAX_SOCKET_BUFFER) as libc::c_int;
-    let set = |option| {
-        // SAFETY: fd is a valid socket owned by `socket`; the value is a c_int of the
-        // length passed.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        }
-    };
-    // The default sizes still hold ordinary batches.
-    if set(force) != 0 {
-        set(plain);
-    }
-}
-
-fn set_receive_timeout(socket: &Socket, timeout: Duration) -> Result<(), NetfilterError> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: fd is a valid socket owned by `socket`; tv is a timeval of the length passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(NetfilterError::Io {
-            action: "setsockopt SO_RCVTIMEO",
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+/// A NETLINK_NETFILTER socket with extended acks on.
+fn open() -> Result<RequestSocket, NetfilterError> {
+    RequestSocket::open(NETLINK_NETFILTER, Wait::Upto(ACK_TIMEOUT)).map_err(io_error("socket"))
 }
 
 /// One refused message of a batch (`index` None: the batch as a whole, e.g. its commit).
@@ -226,7 +126,7 @@ impl Batch {
             return Ok(Vec::new());
         };
         let bytes = self.encode()?;
-        let socket = NfSocket::open()?;
+        let socket = open()?;
         set_buffer(
             socket.socket(),
             libc::SO_SNDBUFFORCE,
@@ -240,8 +140,8 @@ impl Batch {
             libc::SO_RCVBUF,
             (self.messages.len() + 1) * RCVBUF_PER_MESSAGE + RECV_BUFFER,
         );
-        remember_own_port(socket.port);
-        socket.send(&bytes)?;
+        remember_own_port(socket.port());
+        socket.send(&bytes).map_err(io_error("send"))?;
 
         let mut refusals = Vec::new();
         let mut buf = Vec::with_capacity(RECV_BUFFER);
@@ -331,8 +231,8 @@ pub(crate) fn dump(
 ) -> Result<(), NetfilterError> {
     let mut bytes = request.finish(what)?;
     bytes[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    let socket = NfSocket::open()?;
-    socket.send(&bytes)?;
+    let socket = open()?;
+    socket.send(&bytes).map_err(io_error("send"))?;
     let mut buf = Vec::with_capacity(RECV_BUFFER);
     let mut total = 0usize;
     loop {

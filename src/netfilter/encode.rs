@@ -192,7 +192,10 @@ impl Message {
             return part.name.clone();
         }
         let op = self.bytes.get(4).map_or(0, |kind| u32::from(*kind));
-        let attr = self.bytes.get(offset..).and_then(|rest| Attrs(rest).next());
+        let attr = self
+            .bytes
+            .get(offset..)
+            .and_then(|rest| Attrs::new(rest).next());
         match attr.and_then(|(kind, payload)| Some((attribute_name(op, kind)?, payload))) {
             Some((name, payload)) if name.ends_with("name") => {
                 format!("the {name} {:?}", String::from_utf8_lossy(string(payload)))

@@ -1,19 +1,16 @@
 //! Watching nf_tables change notifications for someone else touching our table.
 
-use super::batch::{is_own_port, set_buffer};
-use super::decode::{messages, string, NlMsg};
+use super::batch::is_own_port;
+use super::decode::{messages, string, NftMessage, NlMsg};
 use super::NetfilterError;
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+use crate::netlink::Monitor;
+use netlink_sys::protocols::NETLINK_NETFILTER;
 use rustables::sys;
-use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 /// Room for the notifications of a large ruleset flush; an overrun is still handled
 /// (reported as a change).
 const MONITOR_RCVBUF: usize = 4 * 1024 * 1024;
-const RECV_BUFFER: usize = 64 * 1024;
-/// Datagrams read per `read_events` call; a backlog past this is reported as a change.
-const MAX_DATAGRAMS_PER_READ: usize = 4096;
 
 /// NFT_MSG_DESTROY* (kernel 6.3+) are past the end of rustables' headers.
 const NFT_MSG_DESTROYTABLE: u16 = 26;
@@ -24,33 +21,22 @@ const NFT_MSG_DESTROYSETELEM: u16 = 30;
 /// the thread that created it. Poll its fd (e.g. with `mio::unix::SourceFd`, edge or level
 /// triggered) and call [`TableMonitor::read_events`] when it is readable.
 pub struct TableMonitor {
-    socket: Socket,
+    monitor: Monitor,
     table: String,
-    buf: Vec<u8>,
 }
 
 impl TableMonitor {
     /// Watches table `inet <table>`.
     pub fn new(table: &str) -> Result<Self, NetfilterError> {
-        let io_error = |action| move |source| NetfilterError::Io { action, source };
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(io_error("socket"))?;
-        socket.bind_auto().map_err(io_error("bind"))?;
-        socket
-            .add_membership(sys::NFNLGRP_NFTABLES)
-            .map_err(io_error("join NFNLGRP_NFTABLES"))?;
-        socket
-            .set_non_blocking(true)
-            .map_err(io_error("set non-blocking"))?;
-        set_buffer(
-            &socket,
-            libc::SO_RCVBUFFORCE,
-            libc::SO_RCVBUF,
-            MONITOR_RCVBUF,
-        );
+        let monitor =
+            Monitor::subscribe(NETLINK_NETFILTER, &[sys::NFNLGRP_NFTABLES], MONITOR_RCVBUF)
+                .map_err(|source| NetfilterError::Io {
+                    action: "subscribe to NFNLGRP_NFTABLES",
+                    source,
+                })?;
         Ok(TableMonitor {
-            socket,
+            monitor,
             table: table.to_string(),
-            buf: Vec::with_capacity(RECV_BUFFER),
         })
     }
 
@@ -61,33 +47,18 @@ impl TableMonitor {
     /// changes made by this process (its own re-installs). Lost notifications (receive
     /// buffer overrun) count as a change: re-install to be sure.
     pub fn read_events(&mut self) -> Result<bool, NetfilterError> {
-        let mut changed = false;
-        for _ in 0..MAX_DATAGRAMS_PER_READ {
-            self.buf.clear();
-            self.buf.reserve(RECV_BUFFER);
-            match self
-                .socket
-                .recv(&mut self.buf, libc::MSG_DONTWAIT | libc::MSG_TRUNC)
-            {
-                Ok(len) if len > self.buf.len() => changed = true, // truncated: unknown content
-                Ok(_) => {
-                    // A notification we cannot parse could be a deletion: count it.
-                    changed |= messages(&self.buf)
-                        .map(|msgs| msgs.iter().any(|m| is_foreign_change(&self.table, m)))
-                        .unwrap_or(true);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(changed),
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => changed = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(NetfilterError::Io {
-                        action: "recv notification",
-                        source,
-                    })
-                }
-            }
-        }
-        Ok(true)
+        let table = &self.table;
+        self.monitor
+            .drain(|datagram| {
+                // A notification we cannot parse could be a deletion: count it.
+                messages(datagram)
+                    .map(|msgs| msgs.iter().any(|m| is_foreign_change(table, m)))
+                    .unwrap_or(true)
+            })
+            .map_err(|source| NetfilterError::Io {
+                action: "recv notification",
+                source,
+            })
     }
 }
 
@@ -127,7 +98,7 @@ fn is_foreign_change(table: &str, msg: &NlMsg<'_>) -> bool {
 
 impl AsRawFd for TableMonitor {
     fn as_raw_fd(&self) -> RawFd {
-        self.socket.as_raw_fd()
+        self.monitor.as_raw_fd()
     }
 }
 

@@ -2,7 +2,7 @@
 //! agents, and what agents had dropped.
 
 use super::batch::dump;
-use super::decode::{be32, be64, string, Attrs};
+use super::decode::{be32, be64, string, Attrs, NftMessage};
 use super::encode::{nft_type, MessageWriter, FAMILY_INET, NLM_F_DUMP};
 use super::ruleset::{AGENT_CHAIN, DROPPED_V4_SET, DROPPED_V6_SET, OUTPUT_CHAIN};
 use super::{DropCounters, DroppedDestination, NetfilterError, AGENTS_SET};
@@ -28,7 +28,7 @@ fn for_each_rule_expr(
             .attrs()
             .get(sys::NFTA_RULE_EXPRESSIONS)
             .unwrap_or_default();
-        for (_, expr) in Attrs(exprs) {
+        for (_, expr) in Attrs::new(exprs) {
             let (name, data) = expr_parts(expr);
             each(name, data);
         }
@@ -38,17 +38,19 @@ fn for_each_rule_expr(
 
 /// An expression's name and data attributes.
 fn expr_parts(expr: &[u8]) -> (&[u8], &[u8]) {
-    let name = Attrs(expr)
+    let name = Attrs::new(expr)
         .get(sys::NFTA_EXPR_NAME)
         .map(string)
         .unwrap_or_default();
-    let data = Attrs(expr).get(sys::NFTA_EXPR_DATA).unwrap_or_default();
+    let data = Attrs::new(expr)
+        .get(sys::NFTA_EXPR_DATA)
+        .unwrap_or_default();
     (name, data)
 }
 
 /// (packets, bytes) of a counter expression's data.
 fn counter_values(data: &[u8]) -> (u64, u64) {
-    let get = |kind| Attrs(data).get(kind).and_then(be64).unwrap_or(0);
+    let get = |kind| Attrs::new(data).get(kind).and_then(be64).unwrap_or(0);
     (get(sys::NFTA_COUNTER_PACKETS), get(sys::NFTA_COUNTER_BYTES))
 }
 
@@ -56,9 +58,9 @@ fn counter_values(data: &[u8]) -> (u64, u64) {
 pub(crate) fn installed_levels(table: &str) -> Result<BTreeSet<u32>, NetfilterError> {
     let mut levels = BTreeSet::new();
     for_each_rule_expr(table, OUTPUT_CHAIN, |name, data| {
-        let key = Attrs(data).get(sys::NFTA_SOCKET_KEY).and_then(be32);
+        let key = Attrs::new(data).get(sys::NFTA_SOCKET_KEY).and_then(be32);
         if name == b"socket" && key == Some(sys::NFT_SOCKET_CGROUPV2) {
-            if let Some(level) = Attrs(data).get(sys::NFTA_SOCKET_LEVEL).and_then(be32) {
+            if let Some(level) = Attrs::new(data).get(sys::NFTA_SOCKET_LEVEL).and_then(be32) {
                 levels.insert(level);
             }
         }
@@ -102,7 +104,7 @@ fn for_each_set_element(
             .attrs()
             .get(sys::NFTA_SET_ELEM_LIST_ELEMENTS)
             .unwrap_or_default();
-        for (_, element) in Attrs(elements) {
+        for (_, element) in Attrs::new(elements) {
             each(element);
         }
         Ok(())
@@ -126,9 +128,9 @@ fn dropped_destinations(
 pub(crate) fn agent_ids(table: &str) -> Result<Vec<u64>, NetfilterError> {
     let mut ids = Vec::new();
     for_each_set_element(table, AGENTS_SET, |element| {
-        let id = Attrs(element)
+        let id = Attrs::new(element)
             .get(sys::NFTA_SET_ELEM_KEY)
-            .and_then(|key| Attrs(key).get(sys::NFTA_DATA_VALUE))
+            .and_then(|key| Attrs::new(key).get(sys::NFTA_DATA_VALUE))
             .and_then(|v| <[u8; 8]>::try_from(v.get(..8)?).ok())
             .map(u64::from_ne_bytes);
         if let Some(id) = id {
@@ -140,19 +142,19 @@ pub(crate) fn agent_ids(table: &str) -> Result<Vec<u64>, NetfilterError> {
 
 /// One element of a dropped set: key `address . port` and its counter.
 fn dropped_destination(element: &[u8], addr_len: usize) -> Option<DroppedDestination> {
-    let key = Attrs(element).get(sys::NFTA_SET_ELEM_KEY)?;
-    let key = Attrs(key).get(sys::NFTA_DATA_VALUE)?;
+    let key = Attrs::new(element).get(sys::NFTA_SET_ELEM_KEY)?;
+    let key = Attrs::new(key).get(sys::NFTA_DATA_VALUE)?;
     let addr = match addr_len {
         4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(key.get(..4)?).ok()?)),
         _ => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(key.get(..16)?).ok()?)),
     };
     let port = u16::from_be_bytes(key.get(addr_len..addr_len + 2)?.try_into().ok()?);
     // One expression (NFTA_SET_ELEM_EXPR) or a list of them, depending on the kernel.
-    let single = Attrs(element).get(sys::NFTA_SET_ELEM_EXPR);
-    let listed = Attrs(element)
+    let single = Attrs::new(element).get(sys::NFTA_SET_ELEM_EXPR);
+    let listed = Attrs::new(element)
         .get(sys::NFTA_SET_ELEM_EXPRESSIONS)
         .into_iter()
-        .flat_map(|list| Attrs(list).map(|(_, expr)| expr));
+        .flat_map(|list| Attrs::new(list).map(|(_, expr)| expr));
     let (packets, bytes) = single
         .into_iter()
         .chain(listed)

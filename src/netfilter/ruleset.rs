@@ -715,6 +715,7 @@ fn prefix_mask(len: usize, prefix: u8) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netfilter::decode::NftMessage;
 
     fn plan() -> TablePlan {
         TablePlan {

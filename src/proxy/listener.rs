@@ -4,86 +4,51 @@
 //! agent's original destination); SO_REUSEPORT gives each worker thread its
 //! own socket on the same port so the kernel spreads connections over them.
 
+use socket2::{Domain, Socket, Type};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::net::SocketAddr;
 
 const BACKLOG: i32 = 4096;
 
 pub fn transparent_listener(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
-    let family = match addr.ip() {
-        IpAddr::V4(_) => libc::AF_INET,
-        IpAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: plain socket creation; the fd is owned at once below.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and nothing else owns it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
-    set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1, "SO_REUSEPORT")?;
-    match addr.ip() {
-        IpAddr::V4(_) => set_int(fd, libc::SOL_IP, libc::IP_TRANSPARENT, 1, "IP_TRANSPARENT")
-            .map_err(need_net_admin)?,
-        IpAddr::V6(_) => {
-            set_int(fd, libc::SOL_IPV6, libc::IPV6_V6ONLY, 1, "IPV6_V6ONLY")?;
-            set_int(
-                fd,
-                libc::SOL_IPV6,
-                libc::IPV6_TRANSPARENT,
-                1,
-                "IPV6_TRANSPARENT",
-            )
-            .map_err(need_net_admin)?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    let context = |what: &'static str| move |e: io::Error| annotate(e, what);
+    socket
+        .set_reuse_address(true)
+        .map_err(context("setsockopt SO_REUSEADDR"))?;
+    socket
+        .set_reuse_port(true)
+        .map_err(context("setsockopt SO_REUSEPORT"))?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true).map_err(need_net_admin)?,
+        SocketAddr::V6(_) => {
+            socket
+                .set_only_v6(true)
+                .map_err(context("setsockopt IPV6_V6ONLY"))?;
+            socket.set_ip_transparent_v6(true).map_err(need_net_admin)?;
         }
     }
-    let (storage, len) = crate::sockaddr::from_socket_addr(addr);
-    // SAFETY: storage holds a valid sockaddr of `len` bytes for this family.
-    let rc = unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("bind {addr}: {e}")));
-    }
-    // SAFETY: fd is a bound stream socket.
-    if unsafe { libc::listen(fd, BACKLOG) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("listen on {addr}: {e}")));
-    }
-    Ok(mio::net::TcpListener::from_std(
-        std::net::TcpListener::from(owned),
-    ))
+    socket
+        .bind(&addr.into())
+        .map_err(|e| annotate(e, &format!("bind {addr}")))?;
+    socket
+        .listen(BACKLOG)
+        .map_err(|e| annotate(e, &format!("listen on {addr}")))?;
+    Ok(mio::net::TcpListener::from_std(socket.into()))
 }
 
-fn need_net_admin(e: io::Error) -> io::Error {
+fn annotate(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// An IP_TRANSPARENT refusal, with what it takes.
+pub fn need_net_admin(e: io::Error) -> io::Error {
     io::Error::new(
         e.kind(),
         format!("{e} (transparent sockets need CAP_NET_ADMIN or CAP_NET_RAW)"),
     )
-}
-
-pub fn set_int(fd: RawFd, level: i32, name: i32, value: i32, what: &str) -> io::Result<()> {
-    // SAFETY: value lives for the call; its size is given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        let e = io::Error::last_os_error();
-        Err(io::Error::new(e.kind(), format!("setsockopt {what}: {e}")))
-    }
 }

@@ -442,7 +442,7 @@ fn audit_names_process() {
 }
 
 fn agent_restart_captured() {
-    let (world, _d) = world_with_daemon(json!({}));
+    let (world, d) = world_with_daemon(json!({}));
     let before = world.count_arrived(BLOCKED.counter);
     for _ in 0..3 {
         let old = world.agent().id();
@@ -457,6 +457,70 @@ fn agent_restart_captured() {
         wait_connect_log_programs(&world, 2);
     }
     assert_eq!(world.count_arrived(BLOCKED.counter), before);
+
+    // The watcher cannot win this race: the daemon is frozen. The agent's
+    // parent holds nothing else, so it is in the set too and the kernel
+    // captures the cgroup made again from its first packet.
+    // Its address given, as the daemon's DNS handler is frozen too.
+    let resolve = format!("blocked.test:443:{}", BLOCKED.v4);
+    d.signal(libc::SIGSTOP);
+    world.agent().recreate().expect("recreate the agent cgroup");
+    let (out, _) = curl(
+        &world,
+        &[
+            "--max-time",
+            "2",
+            "--resolve",
+            &resolve,
+            "https://blocked.test/",
+        ],
+    );
+    d.signal(libc::SIGCONT);
+    assert!(
+        !out.status.success(),
+        "the agent made again under a frozen daemon escaped capture"
+    );
+    assert_eq!(world.count_arrived(BLOCKED.counter), before);
+    let (out, _) = curl(&world, &["https://allowed.test/"]);
+    assert_body(&out, &ALLOWED.body());
+
+    // A sibling that is no agent takes the parent out of the set: the
+    // sibling's traffic is its own business.
+    let sibling = world.add_cgroup("not-an-agent");
+    let started = Instant::now();
+    loop {
+        let out = world
+            .cgroup_cmd(
+                &sibling,
+                [
+                    "curl",
+                    "-sS",
+                    "--noproxy",
+                    "*",
+                    "--max-time",
+                    "1",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://blocked.test/",
+                ],
+            )
+            .output()
+            .expect("curl");
+        if stdout(&out) == "200" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the sibling is still captured: {}\n{}",
+            stderr(&out),
+            d.guard.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (out, _) = curl(&world, &["https://blocked.test/"]);
+    assert!(!out.status.success(), "the agent escaped with a sibling");
 }
 
 fn ruleset_flush_reinstalled() {
