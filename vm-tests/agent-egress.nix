@@ -127,10 +127,20 @@ in
             # DNS rebinding: allowed names that lead to where no name may.
             "rebind-md.allowed.test,${metadata4}"
             "rebind-pv.allowed.test,10.1.2.3"
+            # The public name of allowed.test's ECH config.
+            "public.test,${ipv4},${ipv6}"
           ];
-          # An HTTPS record with an ECH config (alpn h2, ech: four opaque bytes),
-          # which the agents get without.
-          dns-rr = [ "allowed.test,65,0001000001000302683200050004deadbeef" ];
+          # An HTTPS record with an ECH config (alpn h2, ech: one config that
+          # Chromium accepts, public name public.test; the e2e world's
+          # tests/harness/dns.rs spells it out), which the agents get without.
+          dns-rr = [
+            (
+              "allowed.test,65,0001000001000302683200050040"
+              + "003efe0d003a0100200020"
+              + "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+              + "000400010001400b7075626c69632e746573740000"
+            )
+          ];
         };
       };
 

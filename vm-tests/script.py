@@ -331,6 +331,29 @@ with subtest("chromium_quic_fallback"):
     agent.succeed("nft delete table inet quic_attempts")
     assert not [line for line in served("quic.html") if line.endswith("HTTP/3.0")], "a QUIC request got through"
 
+with subtest("chromium_ech_stripped"):
+    # allowed.test's HTTPS record carries an ECH config whose public name is
+    # public.test: Chromium gets the record without it, so the name in the
+    # clear, which the proxy decides on, is allowed.test. (The e2e scenario
+    # also runs the control: with strip_ech off, Chromium sends public.test.)
+    seen = len(audit_records())
+    probe = in_agent(
+        f"exec {CHROMIUM} --enable-features=AsyncDns,UseDnsHttpsSvcb,EncryptedClientHello"
+        " --user-data-dir=$HOME/chromium-ech --dump-dom https://allowed.test/"
+    )
+    assert "allowed-site-marker" in probe.out, probe.out
+    deadline = time.monotonic() + 20
+    while True:
+        new = audit_records()[seen:]
+        https = [r for r in new if r.get("event") == "dns" and r.get("host") == "allowed.test" and r.get("qtype") == "HTTPS"]
+        pages = [r for r in new if r.get("event") == "end" and r.get("host") == "allowed.test" and r.get("bytes_down", 0) > 0]
+        if (https and pages) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert https and all("ech taken out" in json.dumps(r["answers"]) for r in https), f"Chromium's HTTPS query: {https}"
+    assert pages and all(r["sni"] == "allowed.test" for r in pages), f"the page's connections: {pages}"
+    assert not [r for r in new if r.get("sni") == "public.test"], f"the ECH public name in the clear: {new}"
+
 with subtest("kernel_backstop"):
     # Table gone and daemon frozen: only RestrictNetworkInterfaces=lo is left.
     agent.succeed("systemctl kill --signal=SIGSTOP agent-egress.service")

@@ -32,6 +32,7 @@ pub const ALL: &[Scenario] = &[
         crate::chromium::allowed_page_blocked_subresource,
     ),
     ("chromium_quic_fallback", crate::chromium::quic_fallback),
+    ("chromium_ech_stripped", crate::chromium::ech_stripped),
     ("kernel_backstop", kernel_backstop),
     ("interface_bound_dropped", interface_bound_dropped),
     ("closed_flows_stay_captured", closed_flows_stay_captured),

@@ -12,9 +12,49 @@ use super::topology::{ALLOWED, DNS_V4, FORBIDDEN_DNS_V4, NAMED_HOSTS, REBINDS};
 pub const BIG_NAME: &str = "big.allowed.test";
 pub const BIG_NAME_ADDRESSES: u32 = 40;
 
-/// RDATA of an HTTPS record (RFC 9460): SvcPriority 1, TargetName ".",
-/// alpn=h2, ech=deadbeef.
-const HTTPS_RECORD_WITH_ECH: &str = "0001000001000302683200050004deadbeef";
+/// The public name of allowed.test's ECH config: what a client using the
+/// config puts in the clear in its ClientHello's SNI. It resolves to
+/// allowed.test's addresses, as a provider's public name does to its front.
+pub const ECH_PUBLIC_NAME: &str = "public.test";
+
+/// The X25519 public key of allowed.test's ECH config: RFC 7748 §6.1's
+/// (Alice's). No server here uses its private key, so none can read the inner
+/// ClientHello: a client that uses the config reaches nothing under the real name.
+const ECH_PUBLIC_KEY: [u8; 32] = [
+    0x85, 0x20, 0xf0, 0x09, 0x89, 0x30, 0xa7, 0x54, 0x74, 0x8b, 0x7d, 0xdc, 0xb4, 0x3e, 0xf7, 0x5a,
+    0x0d, 0xbf, 0x3a, 0x0d, 0x26, 0x38, 0x1a, 0xf4, 0xeb, 0xa4, 0xa9, 0x8e, 0xaa, 0x9b, 0x4e, 0x6a,
+];
+
+/// RDATA of an HTTPS record (RFC 9460), in hex for dnsmasq's `dns-rr`:
+/// SvcPriority 1, TargetName ".", alpn=h2, and ech= an ECHConfigList (RFC 9849
+/// §4) of one config that Chromium's BoringSSL accepts: version 0xfe0d, config
+/// id 1, KEM X25519 with [`ECH_PUBLIC_KEY`], one cipher suite HKDF-SHA256 /
+/// AES-128-GCM, maximum name length 64, public name [`ECH_PUBLIC_NAME`], no
+/// extensions. vm-tests/agent-egress.nix serves the same bytes.
+fn https_record_with_ech() -> String {
+    let u16_len = |bytes: &[u8]| u16::try_from(bytes.len()).expect("short").to_be_bytes();
+    let name = ECH_PUBLIC_NAME.as_bytes();
+    let mut contents = vec![1]; // config_id
+    contents.extend(0x0020u16.to_be_bytes()); // kem_id: DHKEM(X25519, HKDF-SHA256)
+    contents.extend(u16_len(&ECH_PUBLIC_KEY));
+    contents.extend(ECH_PUBLIC_KEY);
+    // cipher_suites: one, kdf_id HKDF-SHA256 (1), aead_id AES-128-GCM (1).
+    contents.extend([0, 4, 0, 1, 0, 1]);
+    contents.push(64); // maximum_name_length
+    contents.push(u8::try_from(name.len()).expect("a short name"));
+    contents.extend(name);
+    contents.extend([0, 0]); // extensions: none
+    let mut config = 0xfe0du16.to_be_bytes().to_vec(); // version
+    config.extend(u16_len(&contents));
+    config.extend(contents);
+    let mut list = u16_len(&config).to_vec();
+    list.extend(config);
+    // SvcPriority 1, TargetName ".", key 1 (alpn) = "h2", key 5 (ech) = the list.
+    let mut rdata = vec![0, 1, 0, 0, 1, 0, 3, 2, b'h', b'2', 0, 5];
+    rdata.extend(u16_len(&list));
+    rdata.extend(list);
+    rdata.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 pub struct DnsmasqFiles {
     pub dir: PathBuf,
@@ -71,9 +111,20 @@ impl DnsmasqFiles {
             let _ = writeln!(conf, "{record}");
         }
         // allowed.test publishes an HTTPS record with an ECH config (priority 1,
-        // target ".", alpn h2, ech: four opaque bytes), which the DNS handler
-        // takes out: a client would otherwise hide the name it connects to.
-        let _ = writeln!(conf, "dns-rr={},65,{HTTPS_RECORD_WITH_ECH}", ALLOWED.name);
+        // target ".", alpn h2, ech: public name public.test), which the DNS
+        // handler takes out: a client would otherwise hide the name it connects
+        // to behind the public name, which resolves as allowed.test does.
+        let _ = writeln!(
+            conf,
+            "dns-rr={},65,{}",
+            ALLOWED.name,
+            https_record_with_ech()
+        );
+        let mut public = format!("host-record={ECH_PUBLIC_NAME},{}", ALLOWED.v4);
+        if let Some(v6) = ALLOWED.v6 {
+            let _ = write!(public, ",{v6}");
+        }
+        let _ = writeln!(conf, "{public}");
         // A name with more addresses than fit a 512-byte answer: over UDP
         // without EDNS it comes truncated, and the client asks again over TCP.
         for i in 1..=BIG_NAME_ADDRESSES {

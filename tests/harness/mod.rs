@@ -59,7 +59,7 @@ pub mod arrivals;
 mod cgroup;
 pub mod daemon;
 mod dns;
-pub use dns::{BIG_NAME, BIG_NAME_ADDRESSES};
+pub use dns::{BIG_NAME, BIG_NAME_ADDRESSES, ECH_PUBLIC_NAME};
 mod files;
 mod leftovers;
 mod names;
