@@ -154,15 +154,18 @@ pub(super) fn report(mode: DelegatedSubtrees, agent: &str, d: &Delegation) {
     }
 }
 
-/// What `down` detaches from: the configured cgroups, their parents (agent-only
-/// ones were captured; whether they still are nobody knows with the daemon
-/// gone) and, when captured whole, the delegated subtrees they lie in.
+/// What `down` detaches from: the configured cgroups, their agent-only
+/// parents and, when captured whole, the delegated subtrees they lie in. A
+/// parent with anything else in it is left alone: the keeper took it out of
+/// the capture when that appeared, and its other programs (systemd's) are
+/// not ours to look at.
 pub(super) fn captured_paths(root: &Path, config: &Config) -> Vec<String> {
-    let mut paths = config.interception.cgroups.clone();
-    for path in &config.interception.cgroups {
-        if let Some((parent, _)) = path.rsplit_once('/') {
-            if !paths.iter().any(|p| p == parent) {
-                paths.push(parent.to_string());
+    let configured = &config.interception.cgroups;
+    let mut paths = configured.clone();
+    for path in configured {
+        if let Ok(Some(parent)) = cgroup::agent_only_parent(root, path, configured) {
+            if !paths.contains(&parent.path) {
+                paths.push(parent.path);
             }
         }
     }
