@@ -5,7 +5,7 @@ use super::Members;
 use crate::cgroup::{self, Delegation};
 use crate::config::{Config, DelegatedSubtrees};
 use crate::proxy::CapturedSubtree;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// What is captured around the agents' own cgroups: the delegated subtrees they
@@ -17,6 +17,10 @@ pub(super) struct Around {
     pub(super) found: BTreeMap<String, Delegation>,
     /// The cgroups in the agents set besides the agents' own.
     pub(super) captured: Members,
+    /// Which of them are there only as agent-only parents: in the set, but
+    /// without the backstop (detaching it again, once something else
+    /// appears there, would take opening systemd's programs by id).
+    pub(super) parents: BTreeSet<u64>,
 }
 
 impl Around {
@@ -35,18 +39,29 @@ impl Around {
         for (agent, d) in &found {
             report(mode, agent, d);
         }
-        let mut captured = subtrees_to_capture(mode, &found);
-        captured.extend(agent_only_parents(root, configured, members));
+        let (captured, parents) = around_agents(
+            subtrees_to_capture(mode, &found),
+            agent_only_parents(root, configured, members),
+        );
         Ok(Around {
             mode,
             captured,
             found,
+            parents,
         })
     }
 
     pub(super) fn with_agents(&self, members: &Members) -> Members {
         let mut all = members.clone();
         all.extend(self.captured.clone());
+        all
+    }
+
+    /// What the backstop covers: the agents' cgroups and the delegated
+    /// subtrees, not the agent-only parents.
+    pub(super) fn fenced(&self, members: &Members) -> Members {
+        let mut all = self.with_agents(members);
+        all.retain(|id, _| !self.parents.contains(id));
         all
     }
 
@@ -64,6 +79,19 @@ impl Around {
             })
             .collect()
     }
+}
+
+/// The delegated subtrees and the agent-only parents in one, and which ids
+/// are there only as parents.
+pub(super) fn around_agents(subtrees: Members, parents: Members) -> (Members, BTreeSet<u64>) {
+    let only_parents = parents
+        .keys()
+        .filter(|id| !subtrees.contains_key(id))
+        .copied()
+        .collect();
+    let mut captured = subtrees;
+    captured.extend(parents);
+    (captured, only_parents)
 }
 
 /// The agent-only parents of the configured cgroups that are not captured
@@ -154,21 +182,11 @@ pub(super) fn report(mode: DelegatedSubtrees, agent: &str, d: &Delegation) {
     }
 }
 
-/// What `down` detaches from: the configured cgroups, their agent-only
-/// parents and, when captured whole, the delegated subtrees they lie in. A
-/// parent with anything else in it is left alone: the keeper took it out of
-/// the capture when that appeared, and its other programs (systemd's) are
-/// not ours to look at.
+/// What `down` detaches from: the configured cgroups and, when captured whole,
+/// the delegated subtrees they lie in. (Agent-only parents get no backstop,
+/// and the connect log's links go with the daemon.)
 pub(super) fn captured_paths(root: &Path, config: &Config) -> Vec<String> {
-    let configured = &config.interception.cgroups;
-    let mut paths = configured.clone();
-    for path in configured {
-        if let Ok(Some(parent)) = cgroup::agent_only_parent(root, path, configured) {
-            if !paths.contains(&parent.path) {
-                paths.push(parent.path);
-            }
-        }
-    }
+    let mut paths = config.interception.cgroups.clone();
     if config.interception.delegated_subtrees == DelegatedSubtrees::Capture {
         for path in &config.interception.cgroups {
             if let Ok(Some(d)) = cgroup::delegated_ancestor(root, path) {

@@ -1,7 +1,9 @@
 //! The keeper thread: repairs the table and the routing when someone removes
 //! them, follows the agents' cgroups, and reports the agents' dropped packets.
 
-use super::around::{agent_only_parents, find_delegations, report, subtrees_to_capture, Around};
+use super::around::{
+    agent_only_parents, around_agents, find_delegations, report, subtrees_to_capture, Around,
+};
 use super::programs::{attach_connect_log, detach_everywhere};
 use super::{apply_changes, member_list, table_plan, Control, Members};
 use crate::audit::{Event, Proto, Record, Verdict};
@@ -189,12 +191,10 @@ impl Keeper {
                 report(self.around.mode, agent, d);
             }
         }
-        let mut wanted = subtrees_to_capture(self.around.mode, &found);
-        wanted.extend(agent_only_parents(
-            &self.root,
-            &self.configured,
-            &self.members,
-        ));
+        let (wanted, parents) = around_agents(
+            subtrees_to_capture(self.around.mode, &found),
+            agent_only_parents(&self.root, &self.configured, &self.members),
+        );
         self.around.found = found;
         let matches = |from: &Members, not_in: &Members| -> Vec<CgroupMatch> {
             from.iter()
@@ -208,6 +208,7 @@ impl Keeper {
         let released = matches(&self.around.captured, &wanted);
         let taken = matches(&wanted, &self.around.captured);
         if released.is_empty() && taken.is_empty() {
+            self.around.parents = parents;
             return;
         }
         for (id, (path, _)) in &wanted {
@@ -221,6 +222,7 @@ impl Keeper {
             }
         }
         let before = self.member_paths();
+        let fenced_before = self.fenced_paths();
         // Taken before released: no moment with neither in the set.
         if let Err(e) = netfilter::add_cgroups(&self.plan.table, &taken) {
             log::error!("adding cgroups around the agents to the agents set: {e}");
@@ -229,8 +231,9 @@ impl Keeper {
             log::error!("removing cgroups around the agents from the agents set: {e}");
         }
         self.around.captured = wanted;
+        self.around.parents = parents;
         self.update_connect_log(&before);
-        self.update_backstop(self.backstop.is_some(), &before);
+        self.update_backstop(self.backstop.is_some(), &fenced_before);
     }
 
     /// The agents' cgroups and the subtrees captured around them.
@@ -240,6 +243,7 @@ impl Keeper {
 
     fn update(&mut self, config: &Config) {
         let before = self.member_paths();
+        let fenced_before = self.fenced_paths();
         if config.interception.delegated_subtrees != self.around.mode {
             self.around.mode = config.interception.delegated_subtrees;
             // Said again, as the new setting handles it.
@@ -273,7 +277,7 @@ impl Keeper {
                 Err(e) => log::error!("re-installing the table for the new config: {e}"),
             }
         }
-        self.update_backstop(config.backstop_wanted().unwrap_or(false), &before);
+        self.update_backstop(config.backstop_wanted().unwrap_or(false), &fenced_before);
         self.update_connect_log(&before);
         self.publish_agents();
     }
@@ -359,6 +363,15 @@ impl Keeper {
         self.captured().into_values().map(|(p, _)| p).collect()
     }
 
+    /// The cgroups the backstop is on.
+    fn fenced_paths(&self) -> Vec<String> {
+        self.around
+            .fenced(&self.members)
+            .into_values()
+            .map(|(p, _)| p)
+            .collect()
+    }
+
     fn attach_backstop(&self, path: &str) {
         if let Some(b) = &self.backstop {
             if let Err(e) = b.attach(&self.root.join(path)) {
@@ -368,7 +381,8 @@ impl Keeper {
     }
 
     /// After a reload: the backstop on (or off) as configured, on every
-    /// member, and off the cgroups that are no longer captured.
+    /// fenced cgroup, and off those no longer fenced (`before`: the fenced
+    /// paths before the change).
     fn update_backstop(&mut self, wanted: bool, before: &[String]) {
         if wanted && self.backstop.is_none() {
             match Backstop::load() {
@@ -376,7 +390,7 @@ impl Keeper {
                 Err(e) => log::error!("interception.backstop: {e}"),
             }
         }
-        let now = self.member_paths();
+        let now = self.fenced_paths();
         if self.backstop.is_some() {
             let released = before.iter().filter(|p| !wanted || !now.contains(p));
             if let Err(e) = detach_everywhere(&self.root, released) {
@@ -400,7 +414,7 @@ impl Keeper {
             log::error!("removing table inet {}: {e}", self.plan.table);
         }
         if self.backstop.is_some() {
-            if let Err(e) = detach_everywhere(&self.root, self.member_paths().iter()) {
+            if let Err(e) = detach_everywhere(&self.root, self.fenced_paths().iter()) {
                 log::error!("{e}");
             }
         }

@@ -105,7 +105,7 @@ impl Capture {
         let rule_monitor =
             RuleMonitor::new(&route).map_err(|e| format!("watching the kernel state: {e}"))?;
         if let Some(b) = &backstop {
-            installing.backstop(b, &root, &captured)?;
+            installing.backstop(b, &root, &around.fenced(&members))?;
         }
         start_connect_log(&shared, &root, &captured);
         let poll = Poll::new().map_err(|e| e.to_string())?;

@@ -533,9 +533,10 @@ for t in 1 2 3; do fetch \$t --resolve allowed.test:80:203.0.113.10 http://allow
 # daemon knows each agent unit's cgroup, also one made after it started.
 s_audit_names_agent() {
     local bad
-    # (Connections only; the doctor's probes, run as ExecStartPost at each
-    # start, are its own, and so are the drop reports of their UDP.)
-    bad=$(cat "$audit" "$audit.1" 2>/dev/null | jq -c "select(.event != \"drops\" and .host != \"doctor.agent-egress.invalid\") | select(($attributed) | not) | {cgroup_id, host, agent, pid, exe}" | sort | uniq -c)
+    # (Connections only: no drop reports or policy changes; the doctor's
+    # probes, run as ExecStartPost at each start, are its own, and so are the
+    # drop reports of their UDP.)
+    bad=$(cat "$audit" "$audit.1" 2>/dev/null | jq -c "select(.event != \"drops\" and .event != \"policy\" and .host != \"doctor.agent-egress.invalid\") | select(($attributed) | not) | {cgroup_id, host, agent, pid, exe}" | sort | uniq -c)
     if [ -n "$bad" ]; then
         local ids probe_ids
         probe_ids=$(grep -H '^cgroup_id=' "$probes"/*.out | sed 's|.*/||; s|\.out:cgroup_id=| |' | tr '\n' ' ')
