@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 /// Installed for a start that has not finished; undone on drop unless kept.
 pub(super) struct Installing {
-    table: String,
+    table: Option<String>,
     route: Option<RoutePlan>,
     /// The cgroup2 root and the cgroups the backstop was attached to.
     backstop: Option<(PathBuf, Vec<String>)>,
@@ -25,7 +25,7 @@ impl Installing {
     ) -> Result<Installing, String> {
         netfilter::install(plan).map_err(|e| format!("installing nftables table: {e}"))?;
         let mut installing = Installing {
-            table: plan.table.clone(),
+            table: Some(plan.table.clone()),
             route: None,
             backstop: None,
         };
@@ -49,7 +49,7 @@ impl Installing {
 
     /// The start went through: the keeper owns what is installed.
     pub(super) fn keep(mut self) {
-        self.table.clear();
+        self.table = None;
         self.route = None;
         self.backstop = None;
     }
@@ -63,8 +63,8 @@ impl Drop for Installing {
         if let Some(route) = self.route.take() {
             let _ = routing::remove(&route);
         }
-        if !self.table.is_empty() {
-            let _ = netfilter::remove(&self.table);
+        if let Some(table) = self.table.take() {
+            let _ = netfilter::remove(&table);
         }
     }
 }

@@ -285,13 +285,15 @@ impl Keeper {
     /// After a reload: the connect log on every member, off released cgroups.
     fn update_connect_log(&self, before: &[String]) {
         let now = self.member_paths();
+        // Attached before detached: a parent released keeps logging until its
+        // agents log themselves.
+        for path in &now {
+            attach_connect_log(&self.shared, &self.root.join(path));
+        }
         if let Some(connects) = self.shared.connect_log.get() {
             for released in before.iter().filter(|p| !now.contains(p)) {
                 connects.detach(&self.root.join(released));
             }
-        }
-        for path in &now {
-            attach_connect_log(&self.shared, &self.root.join(path));
         }
     }
 
