@@ -1,7 +1,12 @@
 //! Moving bytes one way between two non-blocking sockets.
 //!
-//! splice(2) through a pipe keeps the payload in the kernel; when no pipe can be
-//! had (fd exhaustion) a small user-space buffer does the same job. Both are
+//! A young flow is copied through its thread's scratch buffer: a TLS
+//! handshake or an API call moves a few KiB, and for that read(2) + send(2)
+//! cost less than splice(2)'s pipe pages. Past [`SPLICE_AFTER`] bytes the flow
+//! is bulk and goes through a pipe, which keeps the payload in the kernel; when
+//! no pipe can be had (fd exhaustion) a small user-space buffer does the same
+//! job. Bytes the destination did not take wait in a buffer of the flow's own.
+//! All are
 //! driven edge-triggered: every call drains until the kernel says EAGAIN, so the
 //! next readiness edge is guaranteed to come. A side that said EAGAIN is not
 //! tried again until the event loop reports it ready: an event on one socket
@@ -24,11 +29,16 @@ const PIPE_DEFAULT: usize = 64 * 1024;
 const GROW_AFTER: u64 = 1 << 20;
 const PIPE_BULK: usize = 1 << 20;
 const FALLBACK_BUFFER: usize = 16 * 1024;
+/// Bytes a flow copies through the scratch buffer before it splices.
+const SPLICE_AFTER: u64 = 64 * 1024;
+/// One read's most while copying: a TLS record (16 KiB) and then some.
+const SCRATCH: usize = 32 * 1024;
 /// Empty pipes a worker thread keeps for its next connections (two fds each).
 const SPARE_PIPES_MAX: usize = 64;
 
 thread_local! {
     static SPARE_PIPES: RefCell<Vec<((OwnedFd, OwnedFd), usize)>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
 /// A pipe and how many bytes it holds. Dropped empty, it goes back to the
@@ -128,11 +138,16 @@ pub enum Pump {
 enum Channel {
     /// Not needed yet: nothing has flowed (idle connections hold no pipe).
     Unset,
+    /// Through the thread's scratch buffer; holds nothing between calls.
+    Copy,
     Pipe(Pipe),
     Buffer {
         buf: Box<[u8]>,
         start: usize,
         end: usize,
+        /// What a copy's destination did not take: the buffer goes once
+        /// it is empty.
+        leftover: bool,
     },
 }
 
@@ -198,7 +213,7 @@ impl Flow {
     pub fn is_empty(&self) -> bool {
         self.prefix_sent == self.prefix.len()
             && match &self.channel {
-                Channel::Unset => true,
+                Channel::Unset | Channel::Copy => true,
                 Channel::Pipe(pipe) => pipe.held == 0,
                 Channel::Buffer { start, end, .. } => start == end,
             }
@@ -209,6 +224,11 @@ impl Flow {
         if self.is_empty() {
             self.channel = Channel::Unset;
         }
+    }
+
+    /// True while bytes wait for the destination to take them.
+    pub fn waits_to_write(&self) -> bool {
+        !self.dest_ready && !self.finished
     }
 
     /// True once the source's end was passed on.
@@ -269,12 +289,7 @@ impl Flow {
             if !self.source_ready {
                 return Ok(Pump::WaitRead);
             }
-            if matches!(self.channel, Channel::Unset) {
-                self.channel = match self.inspect {
-                    Some(_) => buffer_channel(),
-                    None => make_channel(),
-                };
-            }
+            self.choose_channel();
             let got = match &mut self.channel {
                 Channel::Pipe(pipe) => {
                     if self.delivered >= GROW_AFTER {
@@ -286,7 +301,9 @@ impl Flow {
                     }
                     r
                 }
-                Channel::Buffer { buf, start, end } => {
+                Channel::Buffer {
+                    buf, start, end, ..
+                } => {
                     *start = 0;
                     let len = (*budget).min(buf.len());
                     let r = read_fd(src, &mut buf[..len]);
@@ -299,6 +316,17 @@ impl Flow {
                         }
                     }
                     r
+                }
+                Channel::Copy => {
+                    let len = (*budget).min(SCRATCH);
+                    match self.copy(src, dst, len) {
+                        Ok(Some(n)) => Ok(n),
+                        Ok(None) => {
+                            self.dest_ready = false;
+                            return Ok(Pump::WaitWrite);
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 Channel::Unset => Err(io::Error::other("relay channel missing")),
             };
@@ -315,11 +343,73 @@ impl Flow {
         }
     }
 
+    /// The channel for the next read: a buffer for an inspected flow, the
+    /// scratch buffer while the flow is young, then a pipe. A buffer that
+    /// held what a young flow's destination did not take goes once it is empty.
+    fn choose_channel(&mut self) {
+        let young = self.delivered < SPLICE_AFTER;
+        match &self.channel {
+            Channel::Unset => {}
+            Channel::Copy if young => return,
+            Channel::Copy => {}
+            Channel::Buffer {
+                start,
+                end,
+                leftover: true,
+                ..
+            } if start == end => {}
+            Channel::Buffer { .. } | Channel::Pipe(_) => return,
+        }
+        self.channel = match (&self.inspect, young) {
+            (Some(_), _) => buffer_channel(),
+            (None, true) => Channel::Copy,
+            (None, false) => make_channel(),
+        };
+    }
+
+    /// Read up to `len` bytes into the scratch buffer and send them on. What
+    /// the destination does not take is kept in a buffer of the flow's own
+    /// (None: the destination blocked). Ok(Some(0)) is the source's end.
+    fn copy(&mut self, src: RawFd, dst: RawFd, len: usize) -> io::Result<Option<usize>> {
+        SCRATCH_BUFFER.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let got = read_fd(src, &mut scratch[..len])?;
+            let mut sent = 0;
+            while sent < got {
+                match write_fd(dst, &scratch[sent..got]) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            "destination accepted no bytes",
+                        ))
+                    }
+                    Ok(n) => {
+                        sent += n;
+                        self.delivered += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let rest = scratch[sent..got].to_vec().into_boxed_slice();
+                        let end = rest.len();
+                        self.channel = Channel::Buffer {
+                            buf: rest,
+                            start: 0,
+                            end,
+                            leftover: true,
+                        };
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Some(got))
+        })
+    }
+
     /// Write out what the channel holds; true if the destination blocked first.
     fn flush(&mut self, dst: RawFd) -> io::Result<bool> {
         loop {
             let sent = match &mut self.channel {
-                Channel::Unset => return Ok(false),
+                Channel::Unset | Channel::Copy => return Ok(false),
                 Channel::Pipe(pipe) => {
                     if pipe.held == 0 {
                         return Ok(false);
@@ -330,7 +420,9 @@ impl Flow {
                     }
                     r
                 }
-                Channel::Buffer { buf, start, end } => {
+                Channel::Buffer {
+                    buf, start, end, ..
+                } => {
                     if start == end {
                         return Ok(false);
                     }
@@ -369,6 +461,7 @@ fn buffer_channel() -> Channel {
         buf: vec![0; FALLBACK_BUFFER].into_boxed_slice(),
         start: 0,
         end: 0,
+        leftover: false,
     }
 }
 
@@ -460,11 +553,7 @@ mod tests {
         dst.set_nonblocking(true).unwrap();
         let mut flow = Flow::new(prefix.to_vec());
         if force_buffer {
-            flow.channel = Channel::Buffer {
-                buf: vec![0; FALLBACK_BUFFER].into_boxed_slice(),
-                start: 0,
-                end: 0,
-            };
+            flow.channel = buffer_channel();
         }
         let payload_owned = payload.to_vec();
         let writer = std::thread::spawn(move || {
@@ -544,6 +633,66 @@ mod tests {
         let mut got = [0u8; 4];
         server.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ping");
+    }
+
+    #[test]
+    fn a_young_flow_copies_and_keeps_what_its_destination_did_not_take() {
+        let (mut client, src) = pair();
+        // A destination that takes little: small buffers on both of its ends.
+        let small =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        small.set_recv_buffer_size(4096).unwrap();
+        small
+            .bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+        small.listen(1).unwrap();
+        let listener = TcpListener::from(small);
+        let dst = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&dst)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        let payload: Vec<u8> = (0..60_000u32).map(|i| (i % 241) as u8).collect();
+        client.write_all(&payload).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (s, d) = (src.as_raw_fd(), dst.as_raw_fd());
+        let mut flow = Flow::new(Vec::new());
+        let mut budget = 1 << 20;
+        // The server reads nothing yet: the destination fills up.
+        assert_eq!(
+            flow.pump(s, d, &mut budget, false).unwrap(),
+            Pump::WaitWrite
+        );
+        assert!(matches!(
+            flow.channel,
+            Channel::Buffer { leftover: true, start, end, .. } if end > start
+        ));
+        assert_eq!(spare_count(), 0, "no pipe for a young flow");
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            server.read_to_end(&mut out).unwrap();
+            out
+        });
+        loop {
+            flow.source_readable();
+            flow.dest_writable();
+            let mut budget = 1 << 20;
+            if flow.pump(s, d, &mut budget, false).unwrap() == Pump::Finished {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(reader.join().unwrap(), payload);
+        assert_eq!(flow.delivered, 60_000);
+        assert_eq!(spare_count(), 0, "still young: no pipe was taken");
     }
 
     #[test]

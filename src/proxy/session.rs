@@ -104,6 +104,11 @@ pub struct Session {
     pub attribution: Option<AttributionDone>,
     /// Set when the policy decided, until the worker has seen it.
     decided: bool,
+    /// Whether each socket is registered for writability: only while a
+    /// write waits (or a connect completes), since every ACK that frees send
+    /// space would otherwise wake the loop for nothing.
+    client_watches_writes: bool,
+    upstream_watches_writes: bool,
 }
 
 /// One readiness event, for [`Session::note_readiness`].
@@ -162,6 +167,8 @@ impl Session {
             owner: None,
             attribution: None,
             decided: false,
+            client_watches_writes: false,
+            upstream_watches_writes: false,
         }
     }
 
@@ -178,11 +185,40 @@ impl Session {
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        registry.register(
-            &mut self.client,
-            token,
-            Interest::READABLE | Interest::WRITABLE,
-        )
+        registry.register(&mut self.client, token, Interest::READABLE)
+    }
+
+    /// Watch each socket for writability exactly while something waits to
+    /// be written to it (or its connect to complete). Edge-triggered: a
+    /// socket registered again while writable reports it at once.
+    pub fn watch_writes(
+        &mut self,
+        registry: &Registry,
+        client_token: Token,
+        upstream_token: Token,
+    ) -> io::Result<()> {
+        let relaying = matches!(self.phase, Phase::Relaying);
+        let client_wants = relaying && self.down.waits_to_write();
+        let upstream_wants = match self.phase {
+            Phase::Connecting { .. } | Phase::Handshaking { .. } => true,
+            Phase::Relaying => self.up.waits_to_write(),
+            _ => false,
+        };
+        let interest = |writes: bool| match writes {
+            true => Interest::READABLE | Interest::WRITABLE,
+            false => Interest::READABLE,
+        };
+        if client_wants != self.client_watches_writes {
+            registry.reregister(&mut self.client, client_token, interest(client_wants))?;
+            self.client_watches_writes = client_wants;
+        }
+        if let Some(up) = self.upstream.as_mut() {
+            if upstream_wants != self.upstream_watches_writes {
+                registry.reregister(up, upstream_token, interest(upstream_wants))?;
+                self.upstream_watches_writes = upstream_wants;
+            }
+        }
+        Ok(())
     }
 
     /// What the event loop reported for one of the two sockets; the relay
@@ -710,6 +746,7 @@ impl Session {
                 }
                 self.record.upstream = Some(addr.to_string());
                 self.upstream = Some(stream);
+                self.upstream_watches_writes = true;
                 Step::Continue
             }
             Err(e) => self.try_next_candidate(ctx, Some(format!("upstream {addr}: {e}"))),

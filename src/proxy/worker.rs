@@ -154,7 +154,7 @@ impl Worker {
             registry: self.poll.registry(),
             resolver: self.resolver.as_mut(),
             now: Instant::now(),
-            upstream_token: Token(key * 2 + 1),
+            upstream_token: upstream_token(key),
             resolved: &self.shared.resolved,
         };
         (ctx, &mut self.sessions)
@@ -169,8 +169,17 @@ impl Worker {
         self.after(key, step);
     }
 
-    fn after(&mut self, key: usize, step: Step) {
+    fn after(&mut self, key: usize, mut step: Step) {
         if let Some(session) = self.sessions.get_mut(key) {
+            if !matches!(step, Step::Close) {
+                let registry = self.poll.registry();
+                if let Err(e) =
+                    session.watch_writes(registry, client_token(key), upstream_token(key))
+                {
+                    session.record.error = Some(format!("watching the connection: {e}"));
+                    step = Step::Close;
+                }
+            }
             if session.take_decided() {
                 let audit = &self.shared.audit;
                 let streamed = audit.events().watched();
@@ -359,7 +368,7 @@ impl Worker {
         }
         session.owner = owner_query;
         session.attribution = attribution;
-        if let Err(e) = session.register(self.poll.registry(), Token(key * 2)) {
+        if let Err(e) = session.register(self.poll.registry(), client_token(key)) {
             log::warn!("cannot watch connection from {peer}: {e}");
             return;
         }
@@ -508,6 +517,15 @@ impl Worker {
             self.close(key);
         }
     }
+}
+
+/// A session's two tokens: its client socket's and its upstream socket's.
+fn client_token(key: usize) -> Token {
+    Token(key * 2)
+}
+
+fn upstream_token(key: usize) -> Token {
+    Token(key * 2 + 1)
 }
 
 fn reset(stream: &mio::net::TcpStream) {
