@@ -161,7 +161,7 @@ start_servers() {
     ip netns exec "$NS_NET" iperf3 -s -B "$SERVER_IP" -p "$IPERF_PORT" >"$WORK/iperf3.out" 2>&1 &
     track $!
     ip netns exec "$NS_NET" dnsmasq -k -C /dev/null -u root --no-hosts --no-resolv \
-        --bind-interfaces --listen-address="$SERVER_IP" --pid-file="$WORK/dnsmasq.pid" \
+        --bind-interfaces --listen-address="$SERVER_IP" --pid-file="$WORK/dnsmasq.pid" --local-ttl=300 \
         --address="/$ALLOWED_HOST/$SERVER_IP" --address="/$BLOCKED_HOST/$BLOCKED_IP" \
         >"$WORK/dnsmasq.out" 2>&1 &
     track $!
