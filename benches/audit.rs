@@ -21,6 +21,7 @@ fn typical_record() -> Record {
             "-sS".into(),
             "https://api.github.com/repos/example/project".into(),
         ]),
+        ancestry: Some(Vec::new()),
         src: "10.0.0.2:51234".into(),
         dst: "[2001:db8::10]:443".into(),
         proto: Proto::Tls,

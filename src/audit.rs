@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::control::events::EventBus;
-use crate::procinfo::{Attributor, OwnerQuery, ProcessInfo};
+use crate::procinfo::{Ancestor, Attributor, OwnerQuery, ProcessInfo};
 
 /// What a record is about.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,6 +179,9 @@ pub struct Record {
     pub uid: Option<u32>,
     pub exe: Option<String>,
     pub cmdline: Option<Vec<String>>,
+    /// The process's parent, its parent, ... within the agent's cgroup
+    /// subtree (nearest first, bounded), read when the process was.
+    pub ancestry: Option<Vec<Ancestor>>,
     /// "ip:port", "[v6]:port"
     pub src: String,
     pub dst: String,
@@ -739,6 +742,7 @@ impl Writer {
                     record.pid = Some(info.pid);
                     record.exe.clone_from(&info.exe);
                     record.cmdline.clone_from(&info.cmdline);
+                    record.ancestry = Some(info.ancestry.clone());
                 }
                 if record.ts.is_empty() {
                     record.ts = format_timestamp(SystemTime::now());
@@ -803,6 +807,7 @@ impl Writer {
                 record.pid = Some(info.pid);
                 record.exe = record.exe.or(info.exe);
                 record.cmdline = record.cmdline.or(info.cmdline);
+                record.ancestry = record.ancestry.or(Some(info.ancestry));
             }
         } else if matches!(record.event, Event::End | Event::Dns) {
             if let Some(id) = record.conn_id {
@@ -953,6 +958,7 @@ mod tests {
             "uid",
             "exe",
             "cmdline",
+            "ancestry",
             "src",
             "dst",
             "proto",
@@ -976,7 +982,7 @@ mod tests {
         }
         assert!(object["pid"].is_null());
         assert!(!object.contains_key("dropped"));
-        assert_eq!(object.len(), 27);
+        assert_eq!(object.len(), 28);
     }
 
     /// The loop is woken only when it watches: a set before the watch is seen by

@@ -483,6 +483,11 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
     let query = OwnerQuery {
         owner,
         cgroup_dir: agent_dir.clone(),
+        scope: agent_dir
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
         connector: None,
     };
     let info = attributor.resolve(&query).unwrap();
@@ -495,6 +500,16 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
     let cmdline = info.cmdline.clone().unwrap();
     assert_eq!(cmdline[0], "bash");
     assert_eq!(cmdline.last().unwrap(), "agent-under-test");
+    assert_eq!(info.comm.as_deref(), Some("bash"));
+    assert_eq!(
+        info.cgroup.as_deref(),
+        leaf.strip_prefix(&root).unwrap().to_str()
+    );
+    assert!(
+        info.ancestry.is_empty(),
+        "its parent, this test, is outside the agent's cgroup: {:?}",
+        info.ancestry
+    );
 
     let dir = TempDir::new("attribution");
     let path = dir.0.join("audit.jsonl");
@@ -540,6 +555,7 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
         assert_eq!(record["pid"], child_pid, "conn {id}: {record}");
         assert!(record["exe"].as_str().unwrap().ends_with("/bash"));
         assert_eq!(record["cmdline"][0], "bash");
+        assert_eq!(record["ancestry"], serde_json::json!([]), "{record}");
         assert_eq!(record["uid"], 0);
         assert_eq!(record["cgroup_id"], leaf_id);
     }

@@ -207,6 +207,11 @@ with subtest("audit_names_process"):
     assert not record.get("error"), record
     for key in ["ts", "src", "dst", "proto", "duration_ms"]:
         assert key in record, f"{key} missing: {record}"
+    # Lineage: the curl a shell started lists that shell among its ancestors.
+    in_agent(f"sh -c 'curl --silent --max-time 10 --cacert {CA} https://allowed.test/?c=lineage; true' lineage-shell")
+    agent.wait_until_succeeds(f"grep -q 'c=lineage' {AUDIT}")
+    lineage = next(r for r in audit_records() if "c=lineage" in json.dumps(r.get("cmdline")) and r["event"] == "end")
+    assert any(a["cmdline"][-1:] == ["lineage-shell"] for a in lineage["ancestry"]), lineage
 
 with subtest("agent_restart_captured"):
     # Each start of a unit makes a new cgroup, with a new id; systemd adds it

@@ -392,6 +392,7 @@ impl Shared {
         Some(OwnerQuery {
             owner,
             cgroup_dir: root.join(scope),
+            scope: scope.clone(),
             connector,
         })
     }
