@@ -22,6 +22,8 @@ fn typical_record() -> Record {
             "https://api.github.com/repos/example/project".into(),
         ]),
         ancestry: Some(Vec::new()),
+        exe_sha256: None,
+        attribution: None,
         src: "10.0.0.2:51234".into(),
         dst: "[2001:db8::10]:443".into(),
         proto: Proto::Tls,

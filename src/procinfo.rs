@@ -18,6 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::exe_hash::ExeHashes;
 use crate::netlink::{self, u32_at, u64_at, Attrs, RequestSocket, Wait, NLMSG_ERROR};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
@@ -45,6 +46,8 @@ pub struct ProcessInfo {
     pub cgroup: Option<String>,
     /// Its parent, grandparent, ... up to the agent's cgroup subtree's edge.
     pub ancestry: Vec<Ancestor>,
+    /// Lowercase hex SHA-256 of its executable, when the policy pins hashes.
+    pub exe_sha256: Option<String>,
 }
 
 /// One ancestor of a connecting process, as an audit record's `ancestry` has it.
@@ -309,6 +312,8 @@ pub struct Attributor {
     pub max_cgroups: usize,
     /// processes whose fd tables are searched.
     pub max_candidates: usize,
+    /// The executables hashed so far.
+    pub exe_hashes: ExeHashes,
 }
 
 impl Default for Attributor {
@@ -316,6 +321,7 @@ impl Default for Attributor {
         Self {
             max_cgroups: 1024,
             max_candidates: 4096,
+            exe_hashes: ExeHashes::default(),
         }
     }
 }
@@ -333,13 +339,15 @@ pub struct OwnerQuery {
     /// The pid that connected the socket, when the kernel recorded it
     /// ([`crate::connect_log`]): no search needed.
     pub connector: Option<u32>,
+    /// Hash its executable too (a rule pins hashes).
+    pub hash_exe: bool,
 }
 
 impl Attributor {
     /// The process that connected the queried socket when the kernel recorded it;
     /// else the process holding it, searched among the processes of the agent's
     /// cgroup subtree (the socket's own cgroup first). With its exe and cmdline.
-    pub fn resolve(&self, query: &OwnerQuery) -> Option<ProcessInfo> {
+    pub fn resolve(&mut self, query: &OwnerQuery) -> Option<ProcessInfo> {
         let pid = match query.connector {
             Some(pid) => pid,
             None => {
@@ -355,6 +363,10 @@ impl Attributor {
             comm: comm_of(pid),
             cgroup: cgroup_of(pid),
             ancestry: ancestry(pid, &query.scope),
+            exe_sha256: query
+                .hash_exe
+                .then(|| self.exe_hashes.of_process(pid))
+                .flatten(),
         })
     }
 
