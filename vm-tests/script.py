@@ -593,3 +593,43 @@ with subtest("dns_over_tcp"):
     assert "status: NOERROR" in probe.out and INTERNET4 in probe.out, probe.out
     probe = in_agent("dig +tcp +time=2 +tries=1 @127.0.0.53 x.blocked.test")
     assert "status: NXDOMAIN" in probe.out, probe.out
+
+with subtest("process_rules_decide"):
+    # Rules by process (agents.tester.rules): curl reaches proc.test, python3 not.
+    probe = in_agent("curl --silent --max-time 10 'http://proc.test/?c=proc_curl'; true")
+    record = wait_for_audit("of curl to proc.test", host="proc.test", rule="curl-only")
+    assert record["verdict"] == "allow" and record["exe"].endswith("/curl"), record
+    assert served("c=proc_curl"), "curl's request did not arrive"
+    probe = in_agent(
+        "python3 -c \"import urllib.request as u; print(u.urlopen('http://proc.test/?c=proc_python').status)\"; true"
+    )
+    assert "403" in probe.out, probe.out
+    assert not served("c=proc_python"), "python3 reached proc.test"
+    record = wait_for_audit("of python3 to proc.test", host="proc.test", verdict="block")
+    assert "python3" in record["exe"], record
+    # What git started (its http helper) reaches git.test; a shell's curl not.
+    probe = in_agent("GIT_TERMINAL_PROMPT=0 git ls-remote http://git.test/process-rules.git; true")
+    record = wait_for_audit("of git's helper", host="git.test", rule="git-started")
+    assert any(a["exe"] and a["exe"].endswith("/git") for a in record["ancestry"]), record
+    probe = in_agent("sh -c \"curl --silent --max-time 10 'http://git.test/?c=proc_shell'; true\"")
+    assert not served("c=proc_shell"), "a shell's curl reached git.test"
+    # A pin no binary has refuses curl by its hash alone; the record names curl's.
+    in_agent("curl --silent --max-time 10 'http://pinned.test/?c=proc_pinned'; true")
+    assert not served("c=proc_pinned"), "curl passed a pin of another hash"
+    record = wait_for_audit("of curl to pinned.test", host="pinned.test", verdict="block")
+    digest = agent.succeed(f"sha256sum {record['exe']}").split()[0]
+    assert record["exe_sha256"] == digest, record
+
+with subtest("process_exited_still_matched"):
+    # Part of a request, then gone: decided at the sniff timeout, still by its executable.
+    client = (
+        "import os, socket, time\n"
+        f"s = socket.create_connection(('{INTERNET4}', 80))\n"
+        "time.sleep(0.3)\n"
+        "s.sendall(b'GET /?c=proc_exited HTTP/1.1\\r\\nHo')\n"
+        "os._exit(0)\n"
+    )
+    encoded = base64.b64encode(client.encode()).decode()
+    in_agent(f"echo {encoded} | base64 -d > {PROBE_DIR}/exited.py; python3 {PROBE_DIR}/exited.py")
+    record = wait_for_audit("of the exited client", rule="python-by-address", sniff="sniff timeout")
+    assert record["verdict"] == "allow" and "python3" in record["exe"], record

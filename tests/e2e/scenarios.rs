@@ -63,6 +63,11 @@ pub const ALL: &[Scenario] = &[
         crate::dns::getent_loopback_resolver,
     ),
     ("dns_over_tcp", crate::dns::dns_over_tcp),
+    ("process_rules_decide", crate::process::process_rules_decide),
+    (
+        "process_exited_still_matched",
+        crate::process::process_exited_still_matched,
+    ),
 ];
 
 /// A world with the daemon running the default test policy.
