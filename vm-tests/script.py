@@ -633,3 +633,19 @@ with subtest("process_exited_still_matched"):
     in_agent(f"echo {encoded} | base64 -d > {PROBE_DIR}/exited.py; python3 {PROBE_DIR}/exited.py")
     record = wait_for_audit("of the exited client", rule="python-by-address", sniff="sniff timeout")
     assert record["verdict"] == "allow" and "python3" in record["exe"], record
+    # Gone before the daemon could read it (the daemon stopped meanwhile): not matched, and said.
+    gone = (
+        "import os, socket\n"
+        f"s = socket.create_connection(('{INTERNET4}', 80))\n"
+        "s.sendall(b'GET /?c=proc_gone HTTP/1.1\\r\\nHost: gone.test\\r\\n\\r\\n')\n"
+        "os._exit(0)\n"
+    )
+    encoded = base64.b64encode(gone.encode()).decode()
+    agent.succeed("systemctl kill --signal=SIGSTOP agent-egress.service")
+    try:
+        in_agent(f"echo {encoded} | base64 -d > {PROBE_DIR}/gone.py; python3 {PROBE_DIR}/gone.py")
+    finally:
+        agent.succeed("systemctl kill --signal=SIGCONT agent-egress.service")
+    record = wait_for_audit("of the vanished client", http_host="gone.test", verdict="block")
+    assert "gone" in record["attribution"], record
+    assert not served("c=proc_gone"), "the vanished client's request went through"

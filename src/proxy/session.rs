@@ -528,7 +528,11 @@ impl Session {
     fn query<'q>(&'q self, host: Option<&'q str>, dst: SocketAddr) -> Query<'q> {
         let process = match &self.attribution {
             None => Process::Unknown,
-            Some(done) if done.is_done() => done.process().map_or(Process::Unknown, Process::Known),
+            // No executable read: gone (or hidden) by the time it was read.
+            Some(done) if done.is_done() => match done.process() {
+                Some(info) if info.exe.is_some() => Process::Known(info),
+                _ => Process::Unknown,
+            },
             Some(_) if self.process_wait_over => Process::Unknown,
             Some(_) => Process::Pending,
         };
@@ -562,7 +566,7 @@ impl Session {
                 "the process was not read within {} ms: rules on the process did not match",
                 PROCESS_WAIT.as_millis()
             ),
-            Some(_) => "the process was not found (gone before it was read): rules on the process did not match".into(),
+            Some(_) => "the process was gone, or its executable unreadable, when it was read after accept: rules on the process did not match".into(),
             None => "no process to read (no socket owner or agent found, or attribution off): rules on the process did not match".into(),
         }
     }

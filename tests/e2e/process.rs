@@ -214,4 +214,38 @@ pub fn process_exited_still_matched() {
         "{r}"
     );
     assert!(r.get("attribution").is_none(), "{r}");
+
+    // Gone before the daemon could read it (the daemon stopped meanwhile; a
+    // child keeps the socket open): the rule does not match, the record says why.
+    let client = format!(
+        "import os, socket, time\n\
+         s = socket.create_connection(('{}', 80))\n\
+         s.sendall(b'GET /?by=gone HTTP/1.1\\r\\nHost: other.test\\r\\n\\r\\n')\n\
+         if os.fork() == 0:\n\
+         \x20   os.closerange(0, 3); time.sleep(3); os._exit(0)\n\
+         os._exit(0)\n",
+        OTHER.v4
+    );
+    d.signal(libc::SIGSTOP);
+    let out = world.agent_cmd(["python3", "-c", &client]).output();
+    d.signal(libc::SIGCONT);
+    assert!(out.as_ref().is_ok_and(|o| o.status.success()), "{out:?}");
+    let r = d.wait_record("the vanished client's", |r| {
+        r["http_host"] == "other.test" && r["dst"] == format!("{}:80", OTHER.v4)
+    });
+    assert_eq!(
+        (&r["rule"], &r["verdict"]),
+        (&json!("default"), &json!("block")),
+        "{r}"
+    );
+    assert!(
+        r["attribution"]
+            .as_str()
+            .is_some_and(|a| a.contains("gone")),
+        "{r}"
+    );
+    assert!(
+        r["pid"].as_u64().is_some(),
+        "the connect log still names it: {r}"
+    );
 }
