@@ -3,8 +3,10 @@
 //!
 //! Semantics: rules are ordered and the first that matches wins, else the
 //! default outbound. Within a rule the fields (`domains`, `ips`, `ports`,
-//! `agents`) must all match and an absent field matches anything; within a
-//! field any one value matching is enough.
+//! `agents`, and those on the process: [`crate::process_match`]) must all
+//! match and an absent field matches anything; within a field any one value
+//! matching is enough. While the process is still being read, a rule on it
+//! may match, and the decision says it awaits the process.
 //!
 //! Compiled form: every rule lands in exactly one index, chosen by its most
 //! selective field, and a decision collects the candidate lists the query can
@@ -15,7 +17,7 @@
 //!   whose hashes one right-to-left pass over the host yields;
 //! - rules with `ips` but no `domains`: one map per prefix length in use and
 //!   address family, from network address to rules;
-//! - the rest (only `ports`/`agents`, or nothing): one ordered list.
+//! - the rest (only `ports`/`agents`/the process, or nothing): one ordered list.
 
 use crate::config::{Cidr, Config, DomainPattern, Outbound, PortRange, Rule};
 pub use crate::process_match::Process;
