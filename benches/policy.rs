@@ -2,7 +2,7 @@
 //! must stay well under a microsecond whichever rule (or none) matches.
 
 use agent_egress::config::{Cidr, Config, DomainPattern, PortRange, Rule};
-use agent_egress::policy::{Policy, Query};
+use agent_egress::policy::{Policy, Process, Query};
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -16,6 +16,7 @@ fn rule(name: String, outbound: &str) -> Rule {
         ips: Vec::new(),
         ports: Vec::new(),
         agents: Vec::new(),
+        process: Default::default(),
         outbound: outbound.into(),
         locked: false,
     }
@@ -67,6 +68,8 @@ fn to_443(host: Option<&str>, ip: IpAddr) -> Query<'_> {
         ip,
         port: 443,
         agent: None,
+        uid: None,
+        process: Process::Unknown,
     }
 }
 

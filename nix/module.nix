@@ -64,6 +64,7 @@ let
       allow
       block
       allowBus
+      rules
       ;
     cgroup = sliceCgroupPath slice;
     # A template's instances get cgroups whose names are not known here; the
@@ -118,6 +119,13 @@ let
     (mkOrder 1100 (rule "block" "block" cfg.block { }))
     (agentRules 1200 (
       name: agent: rule "agent/${name}/block" "block" agent.block { agents = agent.cgroups; }
+    ))
+    # An agent's own rules (by process, say): after both block lists, before the allow lists.
+    (agentRules 1250 (
+      name: agent:
+      lib.imap0 (
+        i: r: { name = "agent/${name}/rules[${toString i}]"; } // r // { agents = agent.cgroups; }
+      ) agent.rules
     ))
     (agentRules 1300 (
       name: agent: rule "agent/${name}/allow" agent.outbound agent.allow { agents = agent.cgroups; }
@@ -442,8 +450,9 @@ in
           default = [ ];
           description = ''
             Ordered rules, first match wins; each has `name`, `domains`,
-            `ips`, `ports` and `agents` (fields AND, values within a field
-            OR) and names an `outbound`.
+            `ips`, `ports` and `agents`, and on the connecting process
+            `process`, `comm`, `user`, `ancestor`, `cgroup` and `exe_sha256`
+            (fields AND, values within a field OR) and names an `outbound`.
           '';
         };
 
@@ -619,6 +628,29 @@ in
               };
               allow = policyOption "allow" "What this agent may reach besides the shared allow list.";
               block = policyOption "block" "What this agent may not reach even if the shared allow list has it.";
+              rules = mkOption {
+                type = types.listOf (jsonObject {
+                  outbound = mkOption {
+                    type = types.str;
+                    description = "Name of the outbound a matching connection takes.";
+                  };
+                });
+                default = [ ];
+                example = literalExpression ''
+                  [
+                    { domains = [ "github.com" ]; ancestor = [ "*/git" ]; outbound = "direct"; }
+                    { domains = [ "api.example.com" ]; process = [ "*/bin/curl" ];
+                      exe_sha256 = [ "…" ]; outbound = "direct"; }
+                  ]
+                '';
+                description = ''
+                  This agent's own rules, in the daemon's rule format (`domains`,
+                  `ips`, `ports`, and by process `process`, `comm`, `user`,
+                  `ancestor`, `cgroup`, `exe_sha256`), limited to its cgroups
+                  (`agents` is set to them). They come after the shared and the
+                  agent's block lists and before the allow lists.
+                '';
+              };
               allowBus = mkOption {
                 type = types.bool;
                 default = false;

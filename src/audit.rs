@@ -26,14 +26,14 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::control::events::EventBus;
-use crate::procinfo::{Attributor, OwnerQuery, ProcessInfo};
+use crate::procinfo::{Ancestor, Attributor, OwnerQuery, ProcessInfo};
 
 /// What a record is about.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,6 +179,16 @@ pub struct Record {
     pub uid: Option<u32>,
     pub exe: Option<String>,
     pub cmdline: Option<Vec<String>>,
+    /// The process's parent, its parent, ... within the agent's cgroup
+    /// subtree (nearest first, bounded), read when the process was.
+    pub ancestry: Option<Vec<Ancestor>>,
+    /// The executable's SHA-256, when a rule pins hashes (`exe_sha256`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe_sha256: Option<String>,
+    /// Why a rule by process could not be asked: the process was not read
+    /// in time, or not found; its selectors did not match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<String>,
     /// "ip:port", "[v6]:port"
     pub src: String,
     pub dst: String,
@@ -243,10 +253,15 @@ pub struct Record {
 /// with it the trace of its process, as soon as it reads the refusal. The
 /// event loop is woken only when it watches (holds a refusal): most
 /// connections are not refused, and their loops need no wake-up.
+///
+/// A connection that a rule by process decides also takes the process found
+/// from it ([`AttributionDone::wanting_process`]).
 #[derive(Clone)]
 pub struct AttributionDone {
     state: Arc<AtomicU8>,
     waker: Arc<mio::Waker>,
+    /// Set before the state says done, when wanted.
+    process: Option<Arc<OnceLock<ProcessInfo>>>,
 }
 
 const ATTRIBUTION_PENDING: u8 = 0;
@@ -258,6 +273,29 @@ impl AttributionDone {
         AttributionDone {
             state: Arc::new(AtomicU8::new(ATTRIBUTION_PENDING)),
             waker,
+            process: None,
+        }
+    }
+
+    /// One that also hands over the process it found.
+    pub fn wanting_process(waker: Arc<mio::Waker>) -> AttributionDone {
+        AttributionDone {
+            process: Some(Arc::new(OnceLock::new())),
+            ..AttributionDone::new(waker)
+        }
+    }
+
+    /// The process found, once done (None: not found, or not wanted).
+    pub fn process(&self) -> Option<&ProcessInfo> {
+        if !self.is_done() {
+            return None;
+        }
+        self.process.as_deref()?.get()
+    }
+
+    fn offer(&self, info: &ProcessInfo) {
+        if let Some(slot) = &self.process {
+            let _ = slot.set(info.clone());
         }
     }
 
@@ -739,6 +777,8 @@ impl Writer {
                     record.pid = Some(info.pid);
                     record.exe.clone_from(&info.exe);
                     record.cmdline.clone_from(&info.cmdline);
+                    record.ancestry = Some(info.ancestry.clone());
+                    record.exe_sha256.clone_from(&info.exe_sha256);
                 }
                 if record.ts.is_empty() {
                     record.ts = format_timestamp(SystemTime::now());
@@ -761,7 +801,9 @@ impl Writer {
                 query,
                 done,
             } => {
-                self.attribute_early(conn_id, &query);
+                if let Some(info) = self.attribute_early(conn_id, &query) {
+                    done.offer(info);
+                }
                 done.set();
             }
             Message::Stop => return true,
@@ -769,14 +811,14 @@ impl Writer {
         false
     }
 
-    fn attribute_early(&mut self, conn_id: u64, query: &OwnerQuery) {
-        let Some(info) = self.attributor.as_ref().and_then(|a| a.resolve(query)) else {
-            return;
-        };
+    fn attribute_early(&mut self, conn_id: u64, query: &OwnerQuery) -> Option<&ProcessInfo> {
+        let info = self.attributor.as_mut()?.resolve(query)?;
         if self.early.len() >= EARLY_ATTRIBUTIONS_MAX {
             self.early.pop_first();
         }
-        self.early.insert(conn_id, info);
+        let slot = self.early.entry(conn_id).or_default();
+        *slot = info;
+        Some(slot)
     }
 
     fn write_pending(&mut self, pending: PendingRecord) {
@@ -796,13 +838,15 @@ impl Writer {
                 }
             });
             let late = || {
-                let attributor = self.attributor.as_ref()?;
+                let attributor = self.attributor.as_mut()?;
                 attributor.resolve(owner.as_ref()?)
             };
             if let Some(info) = early.or_else(late) {
                 record.pid = Some(info.pid);
                 record.exe = record.exe.or(info.exe);
                 record.cmdline = record.cmdline.or(info.cmdline);
+                record.ancestry = record.ancestry.or(Some(info.ancestry));
+                record.exe_sha256 = record.exe_sha256.or(info.exe_sha256);
             }
         } else if matches!(record.event, Event::End | Event::Dns) {
             if let Some(id) = record.conn_id {
@@ -953,6 +997,7 @@ mod tests {
             "uid",
             "exe",
             "cmdline",
+            "ancestry",
             "src",
             "dst",
             "proto",
@@ -976,7 +1021,7 @@ mod tests {
         }
         assert!(object["pid"].is_null());
         assert!(!object.contains_key("dropped"));
-        assert_eq!(object.len(), 27);
+        assert_eq!(object.len(), 28);
     }
 
     /// The loop is woken only when it watches: a set before the watch is seen by

@@ -8,7 +8,8 @@ use crate::daemon;
 use crate::doctor;
 use crate::exec;
 use crate::loopback::{self, Listener};
-use crate::policy::Query;
+use crate::policy::{Process, Query};
+use crate::procinfo::{Ancestor, ProcessInfo};
 use crate::proxy::Runtime;
 use crate::suggest;
 use clap::{Args, Parser, Subcommand};
@@ -103,6 +104,22 @@ struct ExplainArgs {
     /// (path relative to the cgroup2 root).
     #[arg(long)]
     listener: Option<String>,
+    /// The connecting process's executable, for rules by `process`.
+    #[arg(long, value_name = "EXE")]
+    process: Option<String>,
+    /// Its command name, for rules by `comm`.
+    #[arg(long)]
+    comm: Option<String>,
+    /// Who owns its socket (a name in /etc/passwd, or a uid), for rules by `user`.
+    #[arg(long)]
+    user: Option<String>,
+    /// The executable of an ancestor, nearest first (repeat for each), for
+    /// rules by `ancestor`.
+    #[arg(long, value_name = "EXE")]
+    ancestor: Vec<String>,
+    /// Its cgroup below the agent's (with --agent), for rules by `cgroup`.
+    #[arg(long)]
+    cgroup: Option<String>,
     /// The runtime-rules state file (default: the one in the config's
     /// `state_dir` when `control.enable`, as the daemon reads it).
     #[arg(long)]
@@ -325,15 +342,65 @@ fn explain(args: &ExplainArgs) -> i32 {
             state.display()
         );
     }
+    let uid = match args.user.as_deref().map(uid_of_user).transpose() {
+        Ok(uid) => uid,
+        Err(e) => {
+            eprintln!("--user: {e}");
+            return 2;
+        }
+    };
+    let process = explained_process(args);
     let runtime = Runtime::with_rules(config, &in_force);
     let query = Query {
         host: name.as_deref(),
         ip,
         port,
         agent: args.agent.as_deref(),
+        uid,
+        process: process.as_ref().map_or(Process::Unknown, Process::Known),
     };
     println!("{}", runtime.policy.explain(&query));
     0
+}
+
+/// `--user`: a uid, or a name /etc/passwd knows.
+fn uid_of_user(user: &str) -> Result<u32, String> {
+    if let Ok(uid) = user.parse() {
+        return Ok(uid);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| format!("cannot read /etc/passwd to look up {user:?}: {e}"))?;
+    crate::process_match::uid_in_passwd(&passwd, user)
+        .ok_or_else(|| format!("no user named {user:?} in /etc/passwd"))
+}
+
+/// The process `explain` was told of, if any of its facts was given.
+fn explained_process(args: &ExplainArgs) -> Option<ProcessInfo> {
+    let given = args.process.is_some()
+        || args.comm.is_some()
+        || !args.ancestor.is_empty()
+        || args.cgroup.is_some();
+    let cgroup = match (&args.agent, &args.cgroup) {
+        (Some(agent), Some(sub)) => Some(format!("{agent}/{}", sub.trim_matches('/'))),
+        (None, Some(sub)) => Some(sub.trim_matches('/').to_string()),
+        (_, None) => args.agent.clone(),
+    };
+    given.then(|| ProcessInfo {
+        exe: args.process.clone(),
+        comm: args.comm.clone(),
+        cgroup,
+        ancestry: args
+            .ancestor
+            .iter()
+            .map(|exe| Ancestor {
+                pid: 0,
+                exe: Some(exe.clone()),
+                cmdline: None,
+                cmdline_truncated: false,
+            })
+            .collect(),
+        ..ProcessInfo::default()
+    })
 }
 
 /// `host`, `host:port`, `1.2.3.4:80`, `[::1]:443`, `::1`.

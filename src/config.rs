@@ -270,10 +270,51 @@ pub struct Rule {
     pub ips: Vec<Cidr>,
     pub ports: Vec<PortRange>,
     pub agents: Vec<String>,
+    /// What it asks of the connecting process; all empty: anything.
+    pub process: ProcessSelectors,
     pub outbound: String,
     /// No runtime rule may widen what this rule decides (a supervisor may
     /// override only the rules not locked).
     pub locked: bool,
+}
+
+/// A rule's fields on the connecting process (each a list, values OR).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessSelectors {
+    /// Globs on its executable's path (`*` crosses `/`).
+    pub process: Vec<String>,
+    /// Globs on its command name (`/proc/PID/comm`, at most 15 bytes).
+    pub comm: Vec<String>,
+    /// Who owns its socket.
+    pub user: Vec<UserSpec>,
+    /// Globs on the executables of its ancestors within the agent.
+    pub ancestor: Vec<String>,
+    /// Cgroup paths relative to the agent's: the process is in one or below.
+    pub cgroup: Vec<String>,
+    /// Lowercase hex SHA-256 digests its executable must have one of.
+    pub exe_sha256: Vec<String>,
+}
+
+impl ProcessSelectors {
+    pub fn is_empty(&self) -> bool {
+        *self == ProcessSelectors::default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserSpec {
+    Uid(u32),
+    /// Looked up in /etc/passwd when the policy is compiled.
+    Name(String),
+}
+
+impl fmt::Display for UserSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UserSpec::Uid(uid) => write!(f, "uid {uid}"),
+            UserSpec::Name(name) => f.write_str(name),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -1392,6 +1433,7 @@ impl Reader {
         extra: &[&str],
     ) -> Option<Rule> {
         let mut known = vec!["name", "domains", "ips", "ports", "agents", "outbound"];
+        known.extend_from_slice(&PROCESS_FIELDS);
         if extra.is_empty() {
             known.push("locked");
         }
@@ -1423,6 +1465,7 @@ impl Reader {
             .and_then(|v| self.array(&join(path, "ports"), v, port_range))
             .unwrap_or_default();
         let agents = self.agents_field(path, map, cgroups);
+        let process = self.process_selectors(path, map);
         let outbound_path = join(path, "outbound");
         let outbound = match map.get("outbound") {
             Some(v) => {
@@ -1438,15 +1481,37 @@ impl Reader {
             }
         };
         self.no_empty_lists(path, map, &["domains", "ips", "ports", "agents"]);
+        self.no_empty_lists(path, map, &PROCESS_FIELDS);
         Some(Rule {
             name,
             domains,
             ips,
             ports,
             agents,
+            process,
             outbound,
             locked,
         })
+    }
+
+    fn process_selectors(&mut self, path: &str, map: &Map<String, Value>) -> ProcessSelectors {
+        let field =
+            |r: &mut Self, key: &str, item: fn(&mut Self, &str, &Value) -> Option<String>| {
+                map.get(key)
+                    .and_then(|v| r.array(&join(path, key), v, item))
+                    .unwrap_or_default()
+            };
+        ProcessSelectors {
+            process: field(self, "process", exe_glob),
+            comm: field(self, "comm", comm_glob),
+            ancestor: field(self, "ancestor", exe_glob),
+            cgroup: field(self, "cgroup", sub_cgroup),
+            exe_sha256: field(self, "exe_sha256", sha256_hex),
+            user: map
+                .get("user")
+                .and_then(|v| self.array(&join(path, "user"), v, user_spec))
+                .unwrap_or_default(),
+        }
     }
 
     fn audit(&mut self, value: &Value, audit: &mut Audit) {
@@ -1526,6 +1591,100 @@ impl Reader {
             }
         }
     }
+}
+
+/// The rule fields on the connecting process.
+const PROCESS_FIELDS: [&str; 6] = [
+    "process",
+    "comm",
+    "user",
+    "ancestor",
+    "cgroup",
+    "exe_sha256",
+];
+
+/// An executable's path, or a glob on it: `/usr/bin/curl`, `*/git`.
+fn exe_glob(r: &mut Reader, path: &str, v: &Value) -> Option<String> {
+    let s = r.string(path, v)?;
+    if !(s.starts_with('/') || s.starts_with('*')) {
+        r.error(
+            path,
+            format!("{s:?} is not an absolute path or a glob starting with * (\"*/git\")"),
+        );
+        return None;
+    }
+    Some(s.to_string())
+}
+
+/// The kernel keeps 15 bytes of a command name: a longer literal never matches.
+fn comm_glob(r: &mut Reader, path: &str, v: &Value) -> Option<String> {
+    let s = r.string(path, v)?;
+    let glob = s.contains(['*', '?']);
+    if s.is_empty() || (!glob && s.len() > 15) {
+        r.error(
+            path,
+            format!("{s:?} is not a command name (1 to 15 bytes, as /proc/PID/comm has it)"),
+        );
+        return None;
+    }
+    Some(s.to_string())
+}
+
+/// `browser.scope`, `app.slice/chromium.scope`: below the agent's cgroup.
+fn sub_cgroup(r: &mut Reader, path: &str, v: &Value) -> Option<String> {
+    let s = r.string(path, v)?.trim_end_matches('/');
+    if s.is_empty()
+        || s.starts_with('/')
+        || s.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        r.error(
+            path,
+            format!("{s:?} is not a cgroup path relative to the agent's (\"browser.scope\")"),
+        );
+        return None;
+    }
+    Some(s.to_string())
+}
+
+fn sha256_hex(r: &mut Reader, path: &str, v: &Value) -> Option<String> {
+    let s = r.string(path, v)?;
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        r.error(
+            path,
+            format!("{s:?} is not a SHA-256 digest (64 hex digits)"),
+        );
+        return None;
+    }
+    Some(s.to_ascii_lowercase())
+}
+
+/// A uid, or a user name as /etc/passwd has it.
+fn user_spec(r: &mut Reader, path: &str, v: &Value) -> Option<UserSpec> {
+    if let Value::Number(n) = v {
+        // (uid_t)-1 means "no uid" to the kernel.
+        return match n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|&n| n != u32::MAX)
+        {
+            Some(uid) => Some(UserSpec::Uid(uid)),
+            None => {
+                r.error(path, format!("{n} is not a uid (0 to 4294967294)"));
+                None
+            }
+        };
+    }
+    let s = r.string(path, v)?;
+    let valid = !s.is_empty()
+        && s.len() <= 32
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-$".contains(&b));
+    if !valid {
+        r.error(path, format!("{s:?} is not a user name or a uid"));
+        return None;
+    }
+    Some(UserSpec::Name(s.to_string()))
 }
 
 fn cidr(r: &mut Reader, path: &str, v: &Value) -> Option<Cidr> {
@@ -1653,6 +1812,32 @@ mod tests {
     }
 
     #[test]
+    fn rules_by_process_parse() {
+        let c = Config::from_json(&format!(
+            r#"{{"rules": [{{"process": ["/usr/bin/curl", "*/git"], "comm": ["node"],
+                "user": [1000, "agent"], "ancestor": ["*/git"], "cgroup": ["browser.scope/"],
+                "exe_sha256": ["{}"], "outbound": "direct"}}]}}"#,
+            "AB".repeat(32)
+        ))
+        .unwrap();
+        let p = &c.rules[0].process;
+        assert_eq!(p.process, ["/usr/bin/curl", "*/git"]);
+        assert_eq!(p.comm, ["node"]);
+        assert_eq!(
+            p.user,
+            [UserSpec::Uid(1000), UserSpec::Name("agent".into())]
+        );
+        assert_eq!(p.ancestor, ["*/git"]);
+        assert_eq!(p.cgroup, ["browser.scope"]);
+        assert_eq!(p.exe_sha256, ["ab".repeat(32)]);
+        assert!(Config::from_json(r#"{"rules": [{"outbound": "direct"}]}"#)
+            .unwrap()
+            .rules[0]
+            .process
+            .is_empty());
+    }
+
+    #[test]
     fn errors_name_their_json_paths_all_at_once() {
         let e = errors(
             r#"{
@@ -1731,6 +1916,42 @@ mod tests {
             (
                 r#"{"rules": [{"domains": ["a.com"]}]}"#,
                 "rules[0].outbound: missing",
+            ),
+            (
+                r#"{"rules": [{"process": ["curl"], "outbound": "direct"}]}"#,
+                "rules[0].process[0]: \"curl\" is not an absolute path or a glob starting with *",
+            ),
+            (
+                r#"{"rules": [{"ancestor": "*/git", "outbound": "direct"}]}"#,
+                "rules[0].ancestor: expected an array, found a string",
+            ),
+            (
+                r#"{"rules": [{"comm": ["a-very-long-command-name"], "outbound": "direct"}]}"#,
+                "rules[0].comm[0]: \"a-very-long-command-name\" is not a command name (1 to 15 bytes",
+            ),
+            (
+                r#"{"rules": [{"user": [-1], "outbound": "direct"}]}"#,
+                "rules[0].user[0]: -1 is not a uid",
+            ),
+            (
+                r#"{"rules": [{"user": ["ro ot"], "outbound": "direct"}]}"#,
+                "rules[0].user[0]: \"ro ot\" is not a user name or a uid",
+            ),
+            (
+                r#"{"rules": [{"cgroup": ["../escape.scope"], "outbound": "direct"}]}"#,
+                "rules[0].cgroup[0]: \"../escape.scope\" is not a cgroup path relative to the agent's",
+            ),
+            (
+                r#"{"rules": [{"cgroup": ["/abs.scope"], "outbound": "direct"}]}"#,
+                "rules[0].cgroup[0]",
+            ),
+            (
+                r#"{"rules": [{"exe_sha256": ["abc"], "outbound": "direct"}]}"#,
+                "rules[0].exe_sha256[0]: \"abc\" is not a SHA-256 digest (64 hex digits)",
+            ),
+            (
+                r#"{"rules": [{"process": [], "outbound": "direct"}]}"#,
+                "rules[0].process: an empty list matches nothing",
             ),
             (
                 r#"{"interception": {"cgroups": ["../etc"]}}"#,

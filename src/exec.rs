@@ -144,6 +144,7 @@ fn exec_config(args: &ExecArgs) -> Result<Config, String> {
                 ips: Vec::new(),
                 ports: Vec::new(),
                 agents: Vec::new(),
+                process: Default::default(),
                 outbound: "direct".into(),
                 locked: false,
             },

@@ -3,8 +3,10 @@
 //!
 //! Semantics: rules are ordered and the first that matches wins, else the
 //! default outbound. Within a rule the fields (`domains`, `ips`, `ports`,
-//! `agents`) must all match and an absent field matches anything; within a
-//! field any one value matching is enough.
+//! `agents`, and those on the process: [`crate::process_match`]) must all
+//! match and an absent field matches anything; within a field any one value
+//! matching is enough. While the process is still being read, a rule on it
+//! may match, and the decision says it awaits the process.
 //!
 //! Compiled form: every rule lands in exactly one index, chosen by its most
 //! selective field, and a decision collects the candidate lists the query can
@@ -15,9 +17,11 @@
 //!   whose hashes one right-to-left pass over the host yields;
 //! - rules with `ips` but no `domains`: one map per prefix length in use and
 //!   address family, from network address to rules;
-//! - the rest (only `ports`/`agents`, or nothing): one ordered list.
+//! - the rest (only `ports`/`agents`/the process, or nothing): one ordered list.
 
 use crate::config::{Cidr, Config, DomainPattern, Outbound, PortRange, Rule};
+pub use crate::process_match::Process;
+use crate::process_match::{uid_in_passwd, CompiledSelectors};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
@@ -32,6 +36,10 @@ pub struct Query<'a> {
     pub port: u16,
     /// The configured cgroup path the connection came from; None if unknown.
     pub agent: Option<&'a str>,
+    /// Who owns the client's socket (the kernel says with the socket).
+    pub uid: Option<u32>,
+    /// The process that connected, as far as it is read yet.
+    pub process: Process<'a>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +56,9 @@ pub struct Decision<'p> {
     pub by_address: bool,
     /// The winning rule is a runtime rule (`rule` indexes those).
     pub runtime: bool,
+    /// The winning rule asks about the process, which is still being read:
+    /// decide again once it is (or the wait is over).
+    pub awaits_process: bool,
 }
 
 /// The kind of address `ip` is when it is not one on the internet: what a name
@@ -108,6 +119,10 @@ pub struct Policy {
     /// The runtime rules, asked before these (a policy of its own, whose
     /// default is never used); a locked rule's decision they may only narrow.
     runtime: Option<Box<Policy>>,
+    /// Some rule (runtime rules included) asks what only /proc tells.
+    needs_process: bool,
+    /// Some rule pins an executable's hash.
+    needs_hash: bool,
 }
 
 #[derive(Debug)]
@@ -119,6 +134,8 @@ struct CompiledRule {
     ips: Vec<Cidr>,
     ports: Vec<PortRange>,
     agents: Vec<String>,
+    /// `process`, `comm`, `user`, `ancestor`, `cgroup`, `exe_sha256`.
+    process: Option<CompiledSelectors>,
     locked: bool,
     /// Its outbound refuses (type block).
     blocks: bool,
@@ -153,7 +170,10 @@ impl Policy {
     pub fn with_runtime(config: &Config, runtime: &[Rule]) -> Policy {
         let mut policy = Policy::compile(config);
         if !runtime.is_empty() {
-            policy.runtime = Some(Box::new(Policy::compile_rules(config, runtime)));
+            let runtime = Policy::compile_rules(config, runtime);
+            policy.needs_process |= runtime.needs_process;
+            policy.needs_hash |= runtime.needs_hash;
+            policy.runtime = Some(Box::new(runtime));
         }
         policy
     }
@@ -167,9 +187,27 @@ impl Policy {
             by_ipv6: PrefixTable::default(),
             unindexed: Vec::new(),
             runtime: None,
+            needs_process: false,
+            needs_hash: false,
+        };
+        // Read once, and only for a rule that names a user.
+        let mut passwd: Option<String> = None;
+        let mut uid_of = |name: &str| {
+            let text = passwd.get_or_insert_with(|| {
+                std::fs::read_to_string("/etc/passwd").unwrap_or_else(|e| {
+                    log::warn!("cannot read /etc/passwd to look up user names: {e}");
+                    String::new()
+                })
+            });
+            uid_in_passwd(text, name)
         };
         for (index, rule) in rules.iter().enumerate() {
             let ips: Vec<Cidr> = rule.ips.iter().map(|c| canonical_cidr(*c)).collect();
+            let process = CompiledSelectors::compile(&rule.process, &mut uid_of);
+            if let Some(selectors) = &process {
+                policy.needs_process |= selectors.needs_process();
+                policy.needs_hash |= selectors.needs_hash();
+            }
             if !rule.domains.is_empty() {
                 for pattern in &rule.domains {
                     let entry = policy.by_domain.entry(pattern.name());
@@ -203,11 +241,22 @@ impl Policy {
                 ips,
                 ports: rule.ports.clone(),
                 agents: rule.agents.clone(),
+                process,
                 locked: rule.locked,
                 blocks: matches!(config.outbounds.get(&rule.outbound), Some(Outbound::Block)),
             });
         }
         policy
+    }
+
+    /// Some rule asks about what only /proc tells of the connecting process.
+    pub fn needs_process(&self) -> bool {
+        self.needs_process
+    }
+
+    /// Some rule pins an executable's hash.
+    pub fn needs_hash(&self) -> bool {
+        self.needs_hash
     }
 
     /// How many runtime rules are compiled in.
@@ -219,7 +268,19 @@ impl Policy {
         let own = self
             .first_match(q)
             .map_or_else(|| self.default_decision(), |i| self.decision(i));
-        self.with_runtime_rule(own, |runtime| runtime.first_match(q))
+        let decision = self.with_runtime_rule(own, |runtime| runtime.first_match(q));
+        let rules = match (decision.runtime, self.runtime.as_deref()) {
+            (true, Some(runtime)) => runtime,
+            _ => self,
+        };
+        let asks = decision
+            .rule
+            .and_then(|i| rules.rules[i].process.as_ref())
+            .is_some_and(CompiledSelectors::needs_process);
+        Decision {
+            awaits_process: asks && q.process == Process::Pending,
+            ..decision
+        }
     }
 
     /// `own` (this policy's decision), unless a runtime rule (`find` in
@@ -255,6 +316,7 @@ impl Policy {
             matched_domain: !rule.domains.is_empty(),
             by_address: !rule.ips.is_empty(),
             runtime: false,
+            awaits_process: false,
         }
     }
 
@@ -266,6 +328,7 @@ impl Policy {
             matched_domain: false,
             by_address: false,
             runtime: false,
+            awaits_process: false,
         }
     }
 
@@ -275,7 +338,8 @@ impl Policy {
     /// and those with neither `domains` nor `ips`; in order, the first that
     /// lets a connection through allows the name, and the first that refuses
     /// every connection to it (no `ports`, no `ips`) refuses it; one that
-    /// refuses only some ports or addresses is passed over. Else the default.
+    /// refuses only some ports or addresses, or some processes, is passed
+    /// over. Else the default.
     pub fn decide_name(
         &self,
         host: &str,
@@ -308,7 +372,8 @@ impl Policy {
                 continue;
             }
             let refuses = is_block(&rule.outbound);
-            if !refuses || (rule.ports.is_empty() && rule.ips.is_empty()) {
+            let every_process = rule.process.is_none();
+            if !refuses || (rule.ports.is_empty() && rule.ips.is_empty() && every_process) {
                 return Some(index);
             }
         }
@@ -327,6 +392,25 @@ impl Policy {
             q.port,
             q.agent.unwrap_or("(unknown)")
         )];
+        let uid = q.uid.map(|u| format!(", user uid {u}")).unwrap_or_default();
+        match q.process {
+            Process::Known(p) => lines.push(format!(
+                "process: exe {}, comm {}, cgroup {}, ancestors [{}]{uid}",
+                p.exe.as_deref().unwrap_or("(none)"),
+                p.comm.as_deref().unwrap_or("(none)"),
+                p.cgroup.as_deref().unwrap_or("(none)"),
+                p.ancestry
+                    .iter()
+                    .map(|a| a.exe.as_deref().unwrap_or("?"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            _ if self.needs_process => lines.push(format!(
+                "process: none given{uid}, so rules on the process (process, comm, ancestor, cgroup, exe_sha256) do not match: --process, --comm, --ancestor, --cgroup tell one"
+            )),
+            _ if q.uid.is_some() => lines.push(format!("process:{}", &uid[1..])),
+            _ => {}
+        }
         match decision.rule {
             None => lines.push(format!(
                 "no rule matched: default outbound {:?}",
@@ -374,26 +458,17 @@ impl Policy {
     }
 
     /// What the rules by address (`ips` without `domains`) say of an address a
-    /// name resolved to, before the proxy dials it: the first that matches, if
-    /// any. Domain rules and rules without `ips` have no say on an address.
-    pub fn decide_address(
-        &self,
-        ip: IpAddr,
-        port: u16,
-        agent: Option<&str>,
-    ) -> Option<Decision<'_>> {
-        let q = Query {
-            host: None,
-            ip,
-            port,
-            agent,
-        };
-        let own = self.address_match(&q).map(|i| self.decision(i));
+    /// name resolved to, before the proxy dials it: the first that matches `q`
+    /// (whose `host` is not looked at), if any. Domain rules and rules without
+    /// `ips` have no say on an address.
+    pub fn decide_address(&self, q: &Query) -> Option<Decision<'_>> {
+        let q = &Query { host: None, ..*q };
+        let own = self.address_match(q).map(|i| self.decision(i));
         match own {
-            Some(own) => Some(self.with_runtime_rule(own, |runtime| runtime.address_match(&q))),
+            Some(own) => Some(self.with_runtime_rule(own, |runtime| runtime.address_match(q))),
             None => {
                 let runtime = self.runtime.as_deref()?;
-                let i = runtime.address_match(&q)?;
+                let i = runtime.address_match(q)?;
                 Some(Decision {
                     runtime: true,
                     ..runtime.decision(i)
@@ -449,7 +524,7 @@ impl Policy {
             if index >= *best {
                 return;
             }
-            if self.rules[index].matches_besides(found_by, ip, q.port, q.agent) {
+            if self.rules[index].matches_besides(found_by, ip, q) {
                 *best = index;
                 return;
             }
@@ -459,16 +534,15 @@ impl Policy {
 
 impl CompiledRule {
     /// The fields the index that found this rule did not already check.
-    fn matches_besides(
-        &self,
-        found_by: FoundBy,
-        ip: IpAddr,
-        port: u16,
-        agent: Option<&str>,
-    ) -> bool {
+    fn matches_besides(&self, found_by: FoundBy, ip: IpAddr, q: &Query) -> bool {
+        let agent = q.agent;
         (found_by == FoundBy::Ip || self.ips.is_empty() || self.ips.iter().any(|c| c.contains(ip)))
-            && (self.ports.is_empty() || self.ports.iter().any(|r| r.contains(port)))
+            && (self.ports.is_empty() || self.ports.iter().any(|r| r.contains(q.port)))
             && (self.agents.is_empty() || agent.is_some_and(|a| self.agents.iter().any(|x| x == a)))
+            && self
+                .process
+                .as_ref()
+                .is_none_or(|p| p.matches(q.uid, agent, q.process))
     }
 
     /// For a rule known to match: which value of each field did.
@@ -492,6 +566,12 @@ impl CompiledRule {
         }
         if let Some(a) = q.agent.filter(|a| self.agents.iter().any(|x| x == a)) {
             reasons.push(format!("  agents: {a}"));
+        }
+        if let Some(selectors) = &self.process {
+            reasons.extend(selectors.user_reason(q.uid));
+            if let Process::Known(info) = q.process {
+                reasons.extend(selectors.why(q.agent, info).into_iter().flatten());
+            }
         }
         if reasons.is_empty() {
             reasons.push("  the rule has no selectors: it matches every connection".into());
@@ -769,7 +849,7 @@ mod tests {
         );
         let at = |ip: &str, port| {
             policy
-                .decide_address(ip.parse().unwrap(), port, None)
+                .decide_address(&query(None, ip, port, None))
                 .map(|d| d.rule_name)
         };
         assert_eq!(at("203.0.113.20", 443), Some("refused"));
@@ -795,6 +875,8 @@ mod tests {
             ip: ip.parse().unwrap(),
             port,
             agent,
+            uid: None,
+            process: Process::Unknown,
         }
     }
 
@@ -904,6 +986,7 @@ mod tests {
                 matched_domain: false,
                 by_address: false,
                 runtime: false,
+                awaits_process: false,
             }
         );
         let open = policy(r#"{"default": "direct"}"#);
@@ -960,7 +1043,7 @@ mod tests {
             ("open-corp", true)
         );
         assert_eq!(decide(None, "169.254.1.1"), ("open-metadata", true));
-        let address = p.decide_address("169.254.169.254".parse().unwrap(), 80, None);
+        let address = p.decide_address(&query(None, "169.254.169.254", 80, None));
         assert_eq!(address.map(|d| d.rule_name), Some("metadata"));
         assert!(p
             .explain(&query(None, "169.254.169.254", 80, None))
@@ -1163,5 +1246,162 @@ mod tests {
         assert_eq!(u128::MAX.network(0), 0);
         assert_eq!(u128::MAX.network(128), u128::MAX);
         assert_eq!(u128::MAX.network(1), 1 << 127);
+    }
+
+    fn process(exe: &str, ancestors: &[&str]) -> crate::procinfo::ProcessInfo {
+        crate::procinfo::ProcessInfo {
+            pid: 40,
+            exe: Some(exe.into()),
+            comm: exe.rsplit('/').next().map(str::to_string),
+            ancestry: ancestors
+                .iter()
+                .map(|a| crate::procinfo::Ancestor {
+                    pid: 30,
+                    exe: Some(a.to_string()),
+                    cmdline: None,
+                    cmdline_truncated: false,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn by_process<'a>(host: &'a str, uid: Option<u32>, process: Process<'a>) -> Query<'a> {
+        Query {
+            uid,
+            process,
+            ..query(Some(host), "192.0.2.1", 443, None)
+        }
+    }
+
+    const PROCESS_RULES: &str = r#"{"rules": [
+        {"name": "curl", "domains": ["api.test"], "process": ["*/curl"], "outbound": "direct"},
+        {"name": "git's", "domains": ["forge.test"], "ancestor": ["*/git"], "outbound": "direct"},
+        {"name": "root", "domains": ["root.test"], "user": [0, "root"], "outbound": "direct"},
+        {"name": "no-python", "process": ["/usr/bin/python3*"], "outbound": "block"},
+        {"name": "rest", "domains": ["api.test", "forge.test", "open.test"], "outbound": "direct"}
+    ], "default": "block"}"#;
+
+    #[test]
+    fn rules_by_process_and_by_ancestor() {
+        let p = policy(PROCESS_RULES);
+        assert!(p.needs_process() && !p.needs_hash());
+        let curl = process("/usr/bin/curl", &["/usr/bin/bash"]);
+        let python = process("/usr/bin/python3.13", &["/usr/bin/bash"]);
+        let from_git = process("/usr/bin/curl", &["/usr/lib/git-core/git", "/usr/bin/bash"]);
+        let from_shell = process("/usr/bin/ssh", &["/usr/bin/bash"]);
+        let rule = |q: Query| p.decide(&q).rule_name.to_string();
+        assert_eq!(
+            rule(by_process("api.test", None, Process::Known(&curl))),
+            "curl"
+        );
+        assert_eq!(
+            rule(by_process("api.test", None, Process::Known(&python))),
+            "no-python",
+            "python3 falls through the curl rule to the block"
+        );
+        assert_eq!(
+            rule(by_process("forge.test", None, Process::Known(&from_git))),
+            "git's"
+        );
+        assert_eq!(
+            rule(by_process("forge.test", None, Process::Known(&from_shell))),
+            "rest",
+            "what a shell started is not git's"
+        );
+        // The socket's owner is known at once: no process needed.
+        assert_eq!(
+            rule(by_process("root.test", Some(0), Process::Pending)),
+            "root"
+        );
+        assert_eq!(
+            rule(by_process("root.test", Some(1000), Process::Unknown)),
+            "default"
+        );
+        // Unknown: no selector on the process matches, the python block neither.
+        assert_eq!(rule(by_process("api.test", None, Process::Unknown)), "rest");
+    }
+
+    #[test]
+    fn a_decision_waits_only_when_a_rule_on_the_process_could_decide() {
+        let p = policy(PROCESS_RULES);
+        let pending = |host| p.decide(&by_process(host, None, Process::Pending));
+        let d = pending("api.test");
+        assert!(d.awaits_process, "the curl rule could match: {d:?}");
+        assert_eq!(d.rule_name, "curl");
+        // open.test: only rule 3 (no-python, any host) comes before "rest".
+        assert!(pending("open.test").awaits_process);
+        // root.test: "root" is decided by the socket's uid (None here) and
+        // then no-python (any host) might block it.
+        assert!(pending("root.test").awaits_process);
+        let no_process_rule_first = policy(
+            r#"{"rules": [
+                {"domains": ["open.test"], "outbound": "direct"},
+                {"process": ["*/curl"], "outbound": "block"}
+            ]}"#,
+        );
+        let d = no_process_rule_first.decide(&by_process("open.test", None, Process::Pending));
+        assert!(!d.awaits_process, "a rule without selectors decides first");
+        let d = no_process_rule_first.decide(&by_process("other.test", None, Process::Pending));
+        assert!(d.awaits_process);
+        let d = no_process_rule_first.decide(&by_process("other.test", None, Process::Unknown));
+        assert!(!d.awaits_process);
+        assert_eq!(d.rule_name, "default");
+        assert!(
+            !policy(r#"{"rules": [{"domains": ["a.test"], "outbound": "direct"}]}"#)
+                .needs_process()
+        );
+    }
+
+    #[test]
+    fn a_process_rule_lets_a_name_resolve_but_cannot_refuse_it() {
+        let p = policy(
+            r#"{"rules": [
+                {"name": "curl", "domains": ["api.test"], "process": ["*/curl"], "outbound": "direct"},
+                {"name": "no-python", "process": ["*/python3"], "outbound": "block"}
+            ], "default": "block"}"#,
+        );
+        let is_block = |o: &str| o == "block";
+        assert_eq!(p.decide_name("api.test", None, is_block).rule_name, "curl");
+        assert_eq!(
+            p.decide_name("other.test", None, is_block).rule_name,
+            "default",
+            "the python rule refuses only some processes: passed over"
+        );
+    }
+
+    #[test]
+    fn pinned_hashes_and_explain_with_a_process() {
+        let sha = "ab".repeat(32);
+        let p = policy(&format!(
+            r#"{{"rules": [{{"name": "pinned", "domains": ["api.test"], "process": ["*/curl"],
+                "exe_sha256": ["{}"], "outbound": "direct"}}], "default": "block"}}"#,
+            sha.to_uppercase()
+        ));
+        assert!(p.needs_hash());
+        let mut curl = process("/usr/bin/curl", &[]);
+        let copied = curl.clone();
+        curl.exe_sha256 = Some(sha.clone());
+        let rule = |info| {
+            p.decide(&by_process("api.test", None, Process::Known(info)))
+                .rule_name
+        };
+        assert_eq!(rule(&curl), "pinned");
+        assert_eq!(rule(&copied), "default", "no hash read: no match");
+        let other = crate::procinfo::ProcessInfo {
+            exe_sha256: Some("cd".repeat(32)),
+            ..curl.clone()
+        };
+        assert_eq!(rule(&other), "default", "another binary at the same path");
+        let text = p.explain(&by_process("api.test", None, Process::Known(&curl)));
+        assert!(text.contains("process: exe /usr/bin/curl"), "{text}");
+        assert!(
+            text.contains("  process: */curl matches /usr/bin/curl"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("  exe_sha256: {sha}")), "{text}");
+        let text = p.explain(&by_process("api.test", None, Process::Unknown));
+        assert!(text.contains("process: none given"), "{text}");
+        assert!(text.contains("no rule matched"), "{text}");
     }
 }

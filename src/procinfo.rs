@@ -18,6 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::exe_hash::ExeHashes;
 use crate::netlink::{self, u32_at, u64_at, Attrs, RequestSocket, Wait, NLMSG_ERROR};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
@@ -34,11 +35,30 @@ pub struct SocketOwner {
 }
 
 /// What could be learnt about a process from /proc.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessInfo {
     pub pid: u32,
     pub exe: Option<String>,
     pub cmdline: Option<Vec<String>>,
+    /// `/proc/PID/comm`: the name the kernel shows (at most 15 bytes).
+    pub comm: Option<String>,
+    /// Its cgroup v2 path relative to the cgroup2 mount (`/proc/PID/cgroup`).
+    pub cgroup: Option<String>,
+    /// Its parent, grandparent, ... up to the agent's cgroup subtree's edge.
+    pub ancestry: Vec<Ancestor>,
+    /// Lowercase hex SHA-256 of its executable, when the policy pins hashes.
+    pub exe_sha256: Option<String>,
+}
+
+/// One ancestor of a connecting process, as an audit record's `ancestry` has it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Ancestor {
+    pub pid: u32,
+    pub exe: Option<String>,
+    pub cmdline: Option<Vec<String>>,
+    /// Its command line was longer than [`MAX_ANCESTOR_CMDLINE_BYTES`] and is cut.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cmdline_truncated: bool,
 }
 
 #[derive(Debug)]
@@ -292,6 +312,8 @@ pub struct Attributor {
     pub max_cgroups: usize,
     /// processes whose fd tables are searched.
     pub max_candidates: usize,
+    /// The executables hashed so far.
+    pub exe_hashes: ExeHashes,
 }
 
 impl Default for Attributor {
@@ -299,6 +321,7 @@ impl Default for Attributor {
         Self {
             max_cgroups: 1024,
             max_candidates: 4096,
+            exe_hashes: ExeHashes::default(),
         }
     }
 }
@@ -311,16 +334,20 @@ pub struct OwnerQuery {
     /// Absolute path of the agent's cgroup directory (the configured one, which the
     /// socket's own cgroup may be below).
     pub cgroup_dir: PathBuf,
+    /// The same relative to the cgroup2 mount: ancestors outside it are not listed.
+    pub scope: String,
     /// The pid that connected the socket, when the kernel recorded it
     /// ([`crate::connect_log`]): no search needed.
     pub connector: Option<u32>,
+    /// Hash its executable too (a rule pins hashes).
+    pub hash_exe: bool,
 }
 
 impl Attributor {
     /// The process that connected the queried socket when the kernel recorded it;
     /// else the process holding it, searched among the processes of the agent's
     /// cgroup subtree (the socket's own cgroup first). With its exe and cmdline.
-    pub fn resolve(&self, query: &OwnerQuery) -> Option<ProcessInfo> {
+    pub fn resolve(&mut self, query: &OwnerQuery) -> Option<ProcessInfo> {
         let pid = match query.connector {
             Some(pid) => pid,
             None => {
@@ -329,7 +356,18 @@ impl Attributor {
             }
         };
         let (exe, cmdline) = describe(pid);
-        Some(ProcessInfo { pid, exe, cmdline })
+        Some(ProcessInfo {
+            pid,
+            exe,
+            cmdline,
+            comm: comm_of(pid),
+            cgroup: cgroup_of(pid),
+            ancestry: ancestry(pid, &query.scope),
+            exe_sha256: query
+                .hash_exe
+                .then(|| self.exe_hashes.of_process(pid))
+                .flatten(),
+        })
     }
 
     /// The pids of every cgroup at or below `dir` (breadth first, bounded); those of
@@ -393,29 +431,95 @@ pub fn pid_of_socket(inode: u64, candidate_pids: &[u32]) -> Option<u32> {
 
 /// Upper bound on the bytes of /proc/PID/cmdline read; longer command lines are cut.
 const MAX_CMDLINE_BYTES: usize = 16 * 1024;
+/// Ancestors listed at most: a deeper chain keeps the nearest ones.
+pub const MAX_ANCESTORS: usize = 16;
+/// Bytes of each ancestor's command line kept (16 ancestors: 16 KiB at most).
+pub const MAX_ANCESTOR_CMDLINE_BYTES: usize = 1024;
 
 /// A process's executable path and command line, when it still exists and is readable.
 /// Non-UTF-8 bytes are replaced (U+FFFD); a command line longer than 16 KiB is cut.
 pub fn describe(pid: u32) -> (Option<String>, Option<Vec<String>>) {
-    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+    let (cmdline, _) = read_cmdline(pid, MAX_CMDLINE_BYTES);
+    (exe_of(pid), cmdline)
+}
+
+fn exe_of(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
-        .map(|p| p.to_string_lossy().into_owned());
-    let mut raw = vec![0u8; MAX_CMDLINE_BYTES];
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// The first `max` bytes of the command line, and whether there were more.
+fn read_cmdline(pid: u32, max: usize) -> (Option<Vec<String>>, bool) {
+    // One byte more than kept tells a cut line from one of exactly `max`.
+    let mut raw = vec![0u8; max + 1];
     // One read: the kernel copies the whole argument area up to the count asked
     // (proc_pid_cmdline_read loops page by page), so a short read is the end.
-    let cmdline = fs::File::open(format!("/proc/{pid}/cmdline"))
+    let Some(n) = fs::File::open(format!("/proc/{pid}/cmdline"))
         .and_then(|mut f| f.read(&mut raw))
         .ok()
         .filter(|&n| n > 0)
-        .map(|n| {
-            raw.truncate(n);
-            raw.strip_suffix(&[0])
-                .unwrap_or(&raw)
-                .split(|&b| b == 0)
-                .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect()
+    else {
+        return (None, false);
+    };
+    let truncated = n > max;
+    raw.truncate(n.min(max));
+    let args = raw
+        .strip_suffix(&[0])
+        .unwrap_or(&raw)
+        .split(|&b| b == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    (Some(args), truncated)
+}
+
+fn comm_of(pid: u32) -> Option<String> {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.strip_suffix('\n').unwrap_or(&comm).to_string())
+}
+
+/// The cgroup v2 path of a process relative to the mount (the `0::` line;
+/// this daemon lives in the initial cgroup namespace, where paths are whole).
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(|path| path.trim_start_matches('/').to_string())
+}
+
+/// The parent of a process (`/proc/PID/stat`'s fourth field; the command
+/// name in parentheses before it may hold spaces and parentheses itself).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The ancestors of `pid`, nearest first, while they are in the cgroup
+/// subtree `scope` (relative to the mount) and not pid 1, at most
+/// [`MAX_ANCESTORS`]. Read as the process itself is: a parent that exits
+/// meanwhile ends the chain there.
+pub fn ancestry(pid: u32, scope: &str) -> Vec<Ancestor> {
+    let mut chain = Vec::new();
+    let mut current = pid;
+    while chain.len() < MAX_ANCESTORS {
+        let Some(parent) = parent_of(current).filter(|&p| p > 1) else {
+            break;
+        };
+        let inside = cgroup_of(parent).is_some_and(|path| Path::new(&path).starts_with(scope));
+        if !inside {
+            break;
+        }
+        let (cmdline, cmdline_truncated) = read_cmdline(parent, MAX_ANCESTOR_CMDLINE_BYTES);
+        chain.push(Ancestor {
+            pid: parent,
+            exe: exe_of(parent),
+            cmdline,
+            cmdline_truncated,
         });
-    (exe, cmdline)
+        current = parent;
+    }
+    chain
 }
 
 #[cfg(test)]
@@ -511,5 +615,45 @@ mod tests {
         let args: Vec<String> = std::env::args().collect();
         assert_eq!(cmdline, Some(args));
         assert_eq!(describe(u32::MAX), (None, None));
+    }
+
+    /// `sh -c '…sleep…' <2 KB argument>`: the sleep's ancestry starts with the
+    /// shell (its command line cut and marked so), then this test process.
+    #[test]
+    fn ancestry_lists_parents_inside_the_scope_nearest_first() {
+        let scope = cgroup_of(std::process::id()).expect("own cgroup");
+        let long = "x".repeat(2 * MAX_ANCESTOR_CMDLINE_BYTES);
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", "sleep 5; true", "sh", &long])
+            .spawn()
+            .expect("sh");
+        let children = format!("/proc/{0}/task/{0}/children", shell.id());
+        let started = std::time::Instant::now();
+        let sleeper = loop {
+            let text = fs::read_to_string(&children).unwrap_or_default();
+            if let Some(pid) = text.split_whitespace().next() {
+                break pid.parse::<u32>().expect("pid");
+            }
+            assert!(started.elapsed().as_secs() < 5, "sh started no child");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let chain = ancestry(sleeper, &scope);
+        let _ = shell.kill();
+        let _ = shell.wait();
+        assert!(
+            chain.len() >= 2 && chain.len() <= MAX_ANCESTORS,
+            "{chain:?}"
+        );
+        assert_eq!(chain[0].pid, shell.id());
+        assert!(chain[0].exe.as_deref().is_some_and(|e| e.ends_with("sh")));
+        assert!(chain[0].cmdline_truncated);
+        let kept: usize = chain[0].cmdline.iter().flatten().map(|a| a.len() + 1).sum();
+        assert!(kept <= MAX_ANCESTOR_CMDLINE_BYTES + 1, "{kept} bytes kept");
+        assert_eq!(chain[1].pid, std::process::id());
+        assert!(!chain[1].cmdline_truncated);
+        assert!(
+            ancestry(sleeper, "no-such-scope").is_empty(),
+            "a parent outside the scope ends the chain"
+        );
     }
 }

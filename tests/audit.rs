@@ -483,8 +483,15 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
     let query = OwnerQuery {
         owner,
         cgroup_dir: agent_dir.clone(),
+        scope: agent_dir
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
         connector: None,
+        hash_exe: true,
     };
+    let mut attributor = attributor;
     let info = attributor.resolve(&query).unwrap();
     assert_eq!(info.pid, child_pid);
     assert!(
@@ -495,6 +502,26 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
     let cmdline = info.cmdline.clone().unwrap();
     assert_eq!(cmdline[0], "bash");
     assert_eq!(cmdline.last().unwrap(), "agent-under-test");
+    assert_eq!(info.comm.as_deref(), Some("bash"));
+    let sha256sum = Command::new("sha256sum")
+        .arg(info.exe.as_deref().unwrap())
+        .output()
+        .unwrap();
+    let want = String::from_utf8(sha256sum.stdout).unwrap();
+    assert_eq!(
+        info.exe_sha256.as_deref(),
+        want.split_whitespace().next(),
+        "the hash of the file bash runs"
+    );
+    assert_eq!(
+        info.cgroup.as_deref(),
+        leaf.strip_prefix(&root).unwrap().to_str()
+    );
+    assert!(
+        info.ancestry.is_empty(),
+        "its parent, this test, is outside the agent's cgroup: {:?}",
+        info.ancestry
+    );
 
     let dir = TempDir::new("attribution");
     let path = dir.0.join("audit.jsonl");
@@ -540,6 +567,8 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
         assert_eq!(record["pid"], child_pid, "conn {id}: {record}");
         assert!(record["exe"].as_str().unwrap().ends_with("/bash"));
         assert_eq!(record["cmdline"][0], "bash");
+        assert_eq!(record["ancestry"], serde_json::json!([]), "{record}");
+        assert_eq!(record["exe_sha256"].as_str(), info.exe_sha256.as_deref());
         assert_eq!(record["uid"], 0);
         assert_eq!(record["cgroup_id"], leaf_id);
     }

@@ -49,9 +49,9 @@ fn the_schema_refuses_what_is_not_a_record() {
     record["verdict"] = json!("deny");
     assert!(!validator.is_valid(&record));
     record["verdict"] = json!("block");
-    record["ancestry"] = json!([]);
+    record["ancestors"] = json!([]);
     assert!(!validator.is_valid(&record), "an undocumented field passed");
-    record.as_object_mut().expect("object").remove("ancestry");
+    record.as_object_mut().expect("object").remove("ancestors");
     record.as_object_mut().expect("object").remove("dropped");
     assert!(
         !validator.is_valid(&record),

@@ -108,6 +108,72 @@ fn explain_names_rule_outbound_and_why() {
 }
 
 #[test]
+fn explain_takes_the_process_user_and_ancestors() {
+    let config = temp_config(
+        "explain-process",
+        r#"{"interception": {"cgroups": ["agents.slice"]}, "rules": [
+            {"name": "git's", "domains": ["forge.test"], "ancestor": ["*/git"], "user": ["root"], "outbound": "direct"},
+            {"name": "browser", "domains": ["web.test"], "cgroup": ["browser.scope"], "outbound": "direct"},
+            {"name": "curl", "domains": ["api.test"], "process": ["*/curl"], "comm": ["curl"], "outbound": "direct"}
+        ]}"#,
+    );
+    let path = config.to_str().unwrap();
+    let explain = |args: &[&str]| {
+        let mut all = vec!["explain", "--config", path];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    let (code, out, _) = explain(&[
+        "forge.test",
+        "--user",
+        "0",
+        "--process",
+        "/usr/bin/ssh",
+        "--ancestor",
+        "/usr/bin/bash",
+        "--ancestor",
+        "/usr/lib/git-core/git",
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("rule \"git's\""), "{out}");
+    assert!(
+        out.contains("ancestor: */git matches /usr/lib/git-core/git"),
+        "{out}"
+    );
+    assert!(out.contains("user: uid 0"), "{out}");
+    let (_, out, _) = explain(&[
+        "forge.test",
+        "--user",
+        "root",
+        "--ancestor",
+        "/usr/bin/bash",
+    ]);
+    assert!(out.contains("no rule matched"), "a shell's: {out}");
+    let (_, out, _) = explain(&[
+        "web.test",
+        "--agent",
+        "agents.slice",
+        "--cgroup",
+        "browser.scope/tab",
+    ]);
+    assert!(
+        out.contains("cgroup: browser.scope holds browser.scope/tab"),
+        "{out}"
+    );
+    let (_, out, _) = explain(&["api.test", "--process", "/usr/bin/curl", "--comm", "curl"]);
+    assert!(out.contains("rule \"curl\""), "{out}");
+    let (_, out, _) = explain(&["api.test"]);
+    assert!(out.contains("process: none given"), "{out}");
+    let (code, _, err) = explain(&["api.test", "--user", "no-such-user-here"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--user: no user named \"no-such-user-here\""),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
 fn explain_decides_loopback_by_its_listener() {
     let config = temp_config(
         "explain-loopback",

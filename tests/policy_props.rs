@@ -2,7 +2,7 @@
 //! would: the proof that indexing by domain suffix and IP prefix loses nothing.
 
 use agent_egress::config::{Cidr, Config, DomainPattern, PortRange, Rule};
-use agent_egress::policy::{Policy, Query};
+use agent_egress::policy::{Policy, Process, Query};
 use proptest::prelude::*;
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -84,6 +84,7 @@ fn rules() -> impl Strategy<Value = Vec<Rule>> {
                 ips,
                 ports,
                 agents,
+                process: Default::default(),
                 outbound: if direct { "direct" } else { "block" }.into(),
                 locked: false,
             })
@@ -106,6 +107,8 @@ impl OwnedQuery {
             ip: self.ip,
             port: self.port,
             agent: self.agent,
+            uid: None,
+            process: Process::Unknown,
         }
     }
 }

@@ -129,6 +129,10 @@ in
             "rebind-pv.allowed.test,10.1.2.3"
             # The public name of allowed.test's ECH config.
             "public.test,${ipv4},${ipv6}"
+            # Names only the tester's rules by process allow.
+            "proc.test,${ipv4}"
+            "git.test,${ipv4}"
+            "pinned.test,${ipv4}"
           ];
           # An HTTPS record with an ECH config (alpn h2, ech: one config that
           # Chromium accepts, public name public.test; the e2e world's
@@ -235,6 +239,35 @@ in
           "agent-download"
           "agent-idle"
         ];
+        agents.tester.rules = [
+          {
+            name = "curl-only";
+            domains = [ "proc.test" ];
+            process = [ "*/curl" ];
+            outbound = "direct";
+          }
+          {
+            name = "git-started";
+            domains = [ "git.test" ];
+            ancestor = [ "*/git" ];
+            outbound = "direct";
+          }
+          {
+            # No binary has this hash: curl is refused by the pin alone.
+            name = "pinned-curl";
+            domains = [ "pinned.test" ];
+            process = [ "*/curl" ];
+            exe_sha256 = [ "0000000000000000000000000000000000000000000000000000000000000000" ];
+            outbound = "direct";
+          }
+          {
+            name = "python-by-address";
+            ips = [ "${nodes.internet.networking.primaryIPAddress}/32" ];
+            ports = [ 80 ];
+            process = [ "*/python3*" ];
+            outbound = "direct";
+          }
+        ];
         # A local SOCKS proxy is an exit only where a rule names it.
         settings.loopback.allow = [
           {
@@ -268,6 +301,7 @@ in
           pkgs.chromium
           pkgs.dnsutils
           pkgs.getent
+          pkgs.git
           pkgs.python3
           pkgs.socat
         ];

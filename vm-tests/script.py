@@ -207,6 +207,11 @@ with subtest("audit_names_process"):
     assert not record.get("error"), record
     for key in ["ts", "src", "dst", "proto", "duration_ms"]:
         assert key in record, f"{key} missing: {record}"
+    # Lineage: the curl a shell started lists that shell among its ancestors.
+    in_agent(f"sh -c 'curl --silent --max-time 10 --cacert {CA} https://allowed.test/?c=lineage; true' lineage-shell")
+    agent.wait_until_succeeds(f"grep -q 'c=lineage' {AUDIT}")
+    lineage = next(r for r in audit_records() if "c=lineage" in json.dumps(r.get("cmdline")) and r["event"] == "end")
+    assert any(a["cmdline"][-1:] == ["lineage-shell"] for a in lineage["ancestry"]), lineage
 
 with subtest("agent_restart_captured"):
     # Each start of a unit makes a new cgroup, with a new id; systemd adds it
@@ -588,3 +593,59 @@ with subtest("dns_over_tcp"):
     assert "status: NOERROR" in probe.out and INTERNET4 in probe.out, probe.out
     probe = in_agent("dig +tcp +time=2 +tries=1 @127.0.0.53 x.blocked.test")
     assert "status: NXDOMAIN" in probe.out, probe.out
+
+with subtest("process_rules_decide"):
+    # Rules by process (agents.tester.rules): curl reaches proc.test, python3 not.
+    probe = in_agent("curl --silent --max-time 10 'http://proc.test/?c=proc_curl'; true")
+    record = wait_for_audit("of curl to proc.test", host="proc.test", rule="curl-only")
+    assert record["verdict"] == "allow" and record["exe"].endswith("/curl"), record
+    assert served("c=proc_curl"), "curl's request did not arrive"
+    probe = in_agent(
+        "python3 -c \"import urllib.request as u; print(u.urlopen('http://proc.test/?c=proc_python').status)\"; true"
+    )
+    assert "403" in probe.out, probe.out
+    assert not served("c=proc_python"), "python3 reached proc.test"
+    record = wait_for_audit("of python3 to proc.test", host="proc.test", verdict="block")
+    assert "python3" in record["exe"], record
+    # What git started (its http helper) reaches git.test; a shell's curl not.
+    probe = in_agent("GIT_TERMINAL_PROMPT=0 git ls-remote http://git.test/process-rules.git; true")
+    record = wait_for_audit("of git's helper", host="git.test", rule="git-started")
+    assert any(a["exe"] and a["exe"].endswith("/git") for a in record["ancestry"]), record
+    probe = in_agent("sh -c \"curl --silent --max-time 10 'http://git.test/?c=proc_shell'; true\"")
+    assert not served("c=proc_shell"), "a shell's curl reached git.test"
+    # A pin no binary has refuses curl by its hash alone; the record names curl's.
+    in_agent("curl --silent --max-time 10 'http://pinned.test/?c=proc_pinned'; true")
+    assert not served("c=proc_pinned"), "curl passed a pin of another hash"
+    record = wait_for_audit("of curl to pinned.test", host="pinned.test", verdict="block")
+    digest = agent.succeed(f"sha256sum {record['exe']}").split()[0]
+    assert record["exe_sha256"] == digest, record
+
+with subtest("process_exited_still_matched"):
+    # Part of a request, then gone: decided at the sniff timeout, still by its executable.
+    client = (
+        "import os, socket, time\n"
+        f"s = socket.create_connection(('{INTERNET4}', 80))\n"
+        "time.sleep(0.3)\n"
+        "s.sendall(b'GET /?c=proc_exited HTTP/1.1\\r\\nHo')\n"
+        "os._exit(0)\n"
+    )
+    encoded = base64.b64encode(client.encode()).decode()
+    in_agent(f"echo {encoded} | base64 -d > {PROBE_DIR}/exited.py; python3 {PROBE_DIR}/exited.py")
+    record = wait_for_audit("of the exited client", rule="python-by-address", sniff="sniff timeout")
+    assert record["verdict"] == "allow" and "python3" in record["exe"], record
+    # Gone before the daemon could read it (the daemon stopped meanwhile): not matched, and said.
+    gone = (
+        "import os, socket\n"
+        f"s = socket.create_connection(('{INTERNET4}', 80))\n"
+        "s.sendall(b'GET /?c=proc_gone HTTP/1.1\\r\\nHost: gone.test\\r\\n\\r\\n')\n"
+        "os._exit(0)\n"
+    )
+    encoded = base64.b64encode(gone.encode()).decode()
+    agent.succeed("systemctl kill --signal=SIGSTOP agent-egress.service")
+    try:
+        in_agent(f"echo {encoded} | base64 -d > {PROBE_DIR}/gone.py; python3 {PROBE_DIR}/gone.py")
+    finally:
+        agent.succeed("systemctl kill --signal=SIGCONT agent-egress.service")
+    record = wait_for_audit("of the vanished client", http_host="gone.test", verdict="block")
+    assert "gone" in record["attribution"], record
+    assert not served("c=proc_gone"), "the vanished client's request went through"

@@ -353,12 +353,15 @@ impl Shared {
     /// What the kernel said of the socket behind a connection (uid, cgroup,
     /// agent) into `record`, and where the audit writer finds its process;
     /// `None` outside every agent.
+    /// `hash_exe`: the policy pins executables' hashes.
     pub fn attribute_connection(
         &self,
         owner: SocketOwner,
         record: &mut Record,
+        hash_exe: bool,
     ) -> Option<OwnerQuery> {
-        self.attribute(owner, record, ConnectLog::take)
+        let query = self.attribute(owner, record, ConnectLog::take)?;
+        Some(OwnerQuery { hash_exe, ..query })
     }
 
     /// The same for a DNS query, whose socket may ask again.
@@ -392,6 +395,8 @@ impl Shared {
         Some(OwnerQuery {
             owner,
             cgroup_dir: root.join(scope),
+            scope: scope.clone(),
+            hash_exe: false,
             connector,
         })
     }

@@ -14,7 +14,7 @@ use crate::names::normalize_host;
 use crate::outbound::{
     self, DialOptions, Handshake, HttpConnectHandshake, Progress, Socks5Handshake, Target,
 };
-use crate::policy::{self, Query};
+use crate::policy::{self, Process, Query};
 use crate::procinfo::OwnerQuery;
 use crate::sniff::{self, RequestStream, Sniff, Sniffed};
 use mio::net::TcpStream;
@@ -31,6 +31,9 @@ const RELAY_BUDGET: usize = 1 << 20;
 const LINGER_AFTER_REFUSAL: Duration = Duration::from_secs(1);
 /// The longest a refusal waits for the client's process to be named.
 const HOLD_REFUSAL: Duration = Duration::from_millis(100);
+/// The longest a decision by a rule on the process waits for it to be read
+/// (typically under 1 ms; hashing a large executable the first time, more).
+pub const PROCESS_WAIT: Duration = Duration::from_secs(1);
 /// A relay idle this long gives its pipes back.
 const RELEASE_PIPES_AFTER: Duration = Duration::from_secs(5);
 
@@ -41,7 +44,8 @@ pub enum Step {
     Again,
     /// Waiting for a DNS answer to this query.
     AwaitDns(QueryId),
-    /// A refusal is held: call `poll_hold` until it is sent.
+    /// A refusal, or a decision by a rule on the process, is held: call
+    /// `poll_hold` until it goes on.
     Hold,
     /// Done: the record is final, the sockets are closed on drop.
     Close,
@@ -68,6 +72,9 @@ enum Phase {
         shake: Box<dyn Handshake + Send>,
     },
     Relaying,
+    /// A rule on the process may decide: wait for the audit writer to read
+    /// it (at most `PROCESS_WAIT`), then decide again.
+    AwaitingProcess,
     /// A refusal waits for the audit writer to name the client's process
     /// (at most `HOLD_REFUSAL`): once refused, the client may close at once.
     Holding {
@@ -109,6 +116,8 @@ pub struct Session {
     /// space would otherwise wake the loop for nothing.
     client_watches_writes: bool,
     upstream_watches_writes: bool,
+    /// The wait for the process is over without it.
+    process_wait_over: bool,
 }
 
 /// One readiness event, for [`Session::note_readiness`].
@@ -169,6 +178,7 @@ impl Session {
             decided: false,
             client_watches_writes: false,
             upstream_watches_writes: false,
+            process_wait_over: false,
         }
     }
 
@@ -251,7 +261,7 @@ impl Session {
             Phase::Connecting { .. } => self.check_connected(ctx),
             Phase::Handshaking { .. } => self.handshake(ctx),
             Phase::Relaying => self.relay(ctx.now),
-            Phase::Holding { .. } => Step::Continue,
+            Phase::Holding { .. } | Phase::AwaitingProcess => Step::Continue,
             Phase::Refused => self.drain_refused(),
         };
         self.record_bytes();
@@ -273,7 +283,7 @@ impl Session {
                     Phase::Connecting { .. } | Phase::Handshaking { .. } => {
                         self.fail("upstream connect timed out".into())
                     }
-                    Phase::Holding { .. } => self.poll_hold(now),
+                    Phase::Holding { .. } | Phase::AwaitingProcess => self.poll_hold(ctx),
                     Phase::Refused | Phase::Relaying => Step::Close,
                 };
             }
@@ -465,12 +475,20 @@ impl Session {
             self.name_by_lookups(ctx);
         }
         let host = self.record.host.clone();
-        let decision = runtime.policy.decide(&Query {
-            host: host.as_deref(),
-            ip: self.original_dst.ip(),
-            port: self.original_dst.port(),
-            agent: self.record.agent.as_deref(),
-        });
+        let query = self.query(host.as_deref(), self.original_dst);
+        let decision = runtime.policy.decide(&query);
+        if decision.awaits_process {
+            return self.await_process(ctx);
+        }
+        if query.process == Process::Unknown && runtime.policy.needs_process() {
+            let pending = Query {
+                process: Process::Pending,
+                ..query
+            };
+            if runtime.policy.decide(&pending).awaits_process {
+                self.record.attribution = Some(self.why_no_process());
+            }
+        }
         self.decided = true;
         // A hard-coded address: only a rule by address may let it through.
         if runtime.config.dns.require_dns
@@ -539,6 +557,53 @@ impl Session {
                 };
                 self.connect(ctx, vec![*server], Via::Proxy(target))
             }
+        }
+    }
+
+    /// What the policy is asked of this connection, to `dst`.
+    fn query<'q>(&'q self, host: Option<&'q str>, dst: SocketAddr) -> Query<'q> {
+        let process = match &self.attribution {
+            None => Process::Unknown,
+            // No executable read: gone (or hidden) by the time it was read.
+            Some(done) if done.is_done() => match done.process() {
+                Some(info) if info.exe.is_some() => Process::Known(info),
+                _ => Process::Unknown,
+            },
+            Some(_) if self.process_wait_over => Process::Unknown,
+            Some(_) => Process::Pending,
+        };
+        Query {
+            host,
+            ip: dst.ip(),
+            port: dst.port(),
+            agent: self.record.agent.as_deref(),
+            uid: self.record.uid,
+            process,
+        }
+    }
+
+    /// Hold the decision until the process is read (the loop is woken then)
+    /// or `PROCESS_WAIT` is over.
+    fn await_process(&mut self, ctx: &mut Ctx) -> Step {
+        let done_already = self.attribution.as_ref().is_none_or(AttributionDone::watch);
+        if done_already {
+            // Between the decision and the watch: decide with it now.
+            return self.decide(ctx, None);
+        }
+        self.phase = Phase::AwaitingProcess;
+        self.deadline = Some(ctx.now + PROCESS_WAIT);
+        Step::Hold
+    }
+
+    /// The record's `attribution`: why no process could be asked.
+    fn why_no_process(&self) -> String {
+        match &self.attribution {
+            _ if self.process_wait_over => format!(
+                "the process was not read within {} ms: rules on the process did not match",
+                PROCESS_WAIT.as_millis()
+            ),
+            Some(_) => "the process was gone, or its executable unreadable, when it was read after accept: rules on the process did not match".into(),
+            None => "no process to read (no socket owner or agent found, or attribution off): rules on the process did not match".into(),
         }
     }
 
@@ -672,8 +737,8 @@ impl Session {
         }
         let ip = addr.ip().to_canonical();
         let config = &self.runtime.config;
-        let agent = self.record.agent.as_deref();
-        match self.runtime.policy.decide_address(ip, addr.port(), agent) {
+        let query = self.query(None, SocketAddr::new(ip, addr.port()));
+        match self.runtime.policy.decide_address(&query) {
             Some(decision) => match config.outbounds.get(decision.outbound) {
                 Some(Outbound::Block) | None => Some((
                     Dial::RefusedIpRule,
@@ -923,8 +988,21 @@ impl Session {
         self.send_refusal(rule)
     }
 
-    /// A held refusal goes out once the process is named or the hold is over.
-    pub fn poll_hold(&mut self, now: Instant) -> Step {
+    /// A held refusal goes out once the process is named or the hold is
+    /// over; a held decision is made then.
+    pub fn poll_hold(&mut self, ctx: &mut Ctx) -> Step {
+        let now = ctx.now;
+        if let Phase::AwaitingProcess = self.phase {
+            let named = self
+                .attribution
+                .as_ref()
+                .is_none_or(AttributionDone::is_done);
+            if !named && self.deadline.is_some_and(|d| now < d) {
+                return Step::Hold;
+            }
+            self.process_wait_over = !named;
+            return self.decide(ctx, None);
+        }
         let Phase::Holding { ref rule } = self.phase else {
             return Step::Continue;
         };

@@ -209,12 +209,12 @@ impl Worker {
     }
 
     fn poll_holds(&mut self) {
-        let now = Instant::now();
         for key in std::mem::take(&mut self.holding) {
-            let Some(session) = self.sessions.get_mut(key) else {
+            let (mut ctx, sessions) = self.ctx_parts(key);
+            let Some(session) = sessions.get_mut(key) else {
                 continue;
             };
-            let step = session.poll_hold(now);
+            let step = session.poll_hold(&mut ctx);
             self.after(key, step);
         }
     }
@@ -343,10 +343,19 @@ impl Worker {
             .as_mut()
             .and_then(|d| d.lookup(peer, original_dst).ok().flatten())
         {
-            if let Some(query) = self.shared.attribute_connection(owner, &mut record) {
+            let policy = &runtime.policy;
+            let attributed =
+                self.shared
+                    .attribute_connection(owner, &mut record, policy.needs_hash());
+            if let Some(query) = attributed {
                 // Now, while the agent's process surely still exists.
                 if let Some(id) = record.conn_id {
-                    let done = AttributionDone::new(self.waker.clone());
+                    let waker = self.waker.clone();
+                    let done = if policy.needs_process() {
+                        AttributionDone::wanting_process(waker)
+                    } else {
+                        AttributionDone::new(waker)
+                    };
                     audit.attribute_early(id, query.clone(), done.clone());
                     attribution = Some(done);
                 }

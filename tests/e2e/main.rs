@@ -11,6 +11,7 @@ mod chromium;
 mod dns;
 #[path = "../harness/mod.rs"]
 mod harness;
+mod process;
 mod scenarios;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

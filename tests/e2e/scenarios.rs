@@ -63,6 +63,11 @@ pub const ALL: &[Scenario] = &[
         crate::dns::getent_loopback_resolver,
     ),
     ("dns_over_tcp", crate::dns::dns_over_tcp),
+    ("process_rules_decide", crate::process::process_rules_decide),
+    (
+        "process_exited_still_matched",
+        crate::process::process_exited_still_matched,
+    ),
 ];
 
 /// A world with the daemon running the default test policy.
@@ -390,6 +395,35 @@ fn audit_names_process() {
             .to_string()
             .contains("https://allowed.test/?who"),
         "{r}"
+    );
+    assert_eq!(r["ancestry"], json!([]), "curl's parent is outside: {r}");
+    // Lineage: what a shell started names the shell.
+    let script = format!(
+        "curl -sS --noproxy '*' --max-time 5 --cacert {} https://allowed.test/?lineage; true",
+        world.ca_cert().display()
+    );
+    let out = world
+        .agent_cmd(["sh", "-c", &script, "lineage-shell"])
+        .output()
+        .expect("sh");
+    assert_body(&out, &ALLOWED.body());
+    let lineage = d.wait_record("the shell's curl", |r| {
+        r["cmdline"].to_string().contains("?lineage")
+    });
+    let ancestry = lineage["ancestry"].as_array().expect("ancestry");
+    assert_eq!(
+        ancestry.len(),
+        1,
+        "the shell, then the harness outside: {lineage}"
+    );
+    assert_eq!(ancestry[0]["cmdline"][0], "sh", "{lineage}");
+    assert_eq!(ancestry[0]["cmdline"][3], "lineage-shell", "{lineage}");
+    assert!(ancestry[0]["pid"].as_u64().unwrap_or(0) > 1, "{lineage}");
+    assert!(
+        ancestry[0]["exe"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("sh")),
+        "{lineage}"
     );
     let refused = world
         .agent_cmd(["/usr/bin/python3", "-c", REFUSED_TLS_CLIENT])
