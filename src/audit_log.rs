@@ -5,41 +5,20 @@
 //! place with `copytruncate`).
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Stdout, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::audit::{format_timestamp, Event, Verdict};
-use crate::audit_read::{self, parse_line, LogRecord, ReadError, Reporter};
-use crate::suggest::nix_name;
+use crate::audit::{format_timestamp, Verdict};
+use crate::audit_read::{self, parse_line, ReadError, Reporter};
+pub use crate::audit_table::Filter;
+use crate::audit_table::Table;
 
 /// How often `--follow` looks for more lines, and for a rotation.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 /// How long a rotated file is still read (the daemon reopens within a second).
 const ROTATION_GRACE: Duration = Duration::from_millis(1500);
-
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    /// Its cgroup path as records give it, or its Nix name.
-    pub agent: Option<String>,
-    /// Any of these; none: all.
-    pub verdicts: Vec<Verdict>,
-    /// Records stamped at or after this (an RFC 3339 prefix, as records write it).
-    pub since: Option<String>,
-}
-
-impl Filter {
-    fn keeps(&self, r: &LogRecord<'_>) -> bool {
-        let agent_ok = self.agent.as_deref().is_none_or(|want| {
-            r.agent
-                .as_deref()
-                .is_some_and(|a| a == want || nix_name(a) == want)
-        });
-        let since_ok = self.since.as_deref().is_none_or(|s| r.ts.as_ref() >= s);
-        agent_ok && since_ok && (self.verdicts.is_empty() || self.verdicts.contains(&r.verdict))
-    }
-}
 
 /// A verdict as records write it.
 pub fn parse_verdict(s: &str) -> Result<Verdict, String> {
@@ -80,92 +59,6 @@ pub fn parse_since(s: &str, now: SystemTime) -> Result<String, String> {
     }
 }
 
-/// The rows, written through a buffer that is flushed when the input pauses.
-struct Table {
-    filter: Filter,
-    out: BufWriter<Stdout>,
-}
-
-impl Table {
-    fn header(&mut self) -> io::Result<()> {
-        self.line(
-            [
-                "TIME",
-                "AGENT",
-                "VERDICT",
-                "PROTO",
-                "DESTINATION",
-                "RULE",
-                "PROCESS",
-                "UP",
-                "DOWN",
-                "MS",
-            ],
-            "ERROR",
-        )
-    }
-
-    /// Fixed widths (wider values push the rest along), nothing after the last column.
-    fn line(&mut self, c: [&str; 10], error: &str) -> io::Result<()> {
-        let text = format!(
-            "{:<24} {:<14} {:<11} {:<5} {:<36} {:<22} {:<24} {:>8} {:>8} {:>6}  {error}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
-        );
-        writeln!(self.out, "{}", text.trim_end())
-    }
-
-    fn row(&mut self, r: &LogRecord<'_>) -> io::Result<()> {
-        if !self.filter.keeps(r) {
-            return Ok(());
-        }
-        let agent = r.agent.as_deref().map_or_else(|| "-".to_string(), nix_name);
-        let port = r.dst.rsplit_once(':').map_or("", |(_, p)| p);
-        let destination = match (r.event, r.host.as_deref()) {
-            (Event::Drops | Event::AuditDrops, _) => {
-                format!("{} {} lost", r.dst, r.dropped.unwrap_or(0))
-            }
-            (Event::Dns, Some(host)) => format!("{host} {}", r.qtype.as_deref().unwrap_or("")),
-            (_, Some(host)) => format!("{host}:{port}"),
-            (_, None) => r.dst.to_string(),
-        };
-        let verdict = match r.event {
-            Event::End | Event::Dns => r.verdict.as_str(),
-            Event::Start => "start",
-            Event::Drops => "drops",
-            Event::AuditDrops => "audit_drops",
-            Event::Policy => "policy",
-        };
-        let process = match (r.exe.as_deref(), r.pid) {
-            (Some(exe), Some(pid)) => format!("{}[{pid}]", exe.rsplit('/').next().unwrap_or(exe)),
-            (Some(exe), None) => exe.rsplit('/').next().unwrap_or(exe).to_string(),
-            (None, Some(pid)) => format!("[{pid}]"),
-            (None, None) => "-".to_string(),
-        };
-        let error: String = r
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        self.line(
-            [
-                &r.ts,
-                &agent,
-                verdict,
-                r.proto.as_str(),
-                &destination,
-                r.rule.as_deref().unwrap_or("-"),
-                &process,
-                &r.bytes_up.to_string(),
-                &r.bytes_down.to_string(),
-                &r.duration_ms.to_string(),
-            ],
-            &error,
-        )
-    }
-}
-
 /// Files oldest first by modification time (logrotate keeps it on the rotated
 /// and compressed ones), the order given where it ties or cannot be read.
 fn oldest_first(files: &[PathBuf]) -> Vec<PathBuf> {
@@ -181,10 +74,7 @@ fn oldest_first(files: &[PathBuf]) -> Vec<PathBuf> {
 /// newest. Non-zero when no file could be read.
 pub fn run(files: &[PathBuf], filter: Filter, follow: bool) -> i32 {
     let files = oldest_first(files);
-    let mut table = Table {
-        filter,
-        out: BufWriter::new(io::stdout()),
-    };
+    let mut table = Table::new(filter, false);
     let mut failed = None;
     let result = table.header().and_then(|()| {
         let (done, live) = match (follow, files.split_last()) {
@@ -203,7 +93,7 @@ pub fn run(files: &[PathBuf], filter: Filter, follow: bool) -> i32 {
         if totals.bad_files == done.len() as u64 && !done.is_empty() && live.is_none() {
             failed = Some(1);
         }
-        table.out.flush()?;
+        table.flush()?;
         match live {
             Some(live) => tail(live, &mut table),
             None => Ok(()),
@@ -269,7 +159,7 @@ fn tail(path: &Path, table: &mut Table) -> io::Result<()> {
             }
             continue;
         }
-        table.out.flush()?;
+        table.flush()?;
         match fs::metadata(path) {
             // The daemon writes on to the renamed file until it notices (within a
             // second): read it that much longer before taking the new one.

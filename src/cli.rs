@@ -50,6 +50,11 @@ enum Command {
     Suggest(SuggestArgs),
     /// Print audit files as a table (rotated and gzip-compressed ones too).
     Log(LogArgs),
+    /// Show a running daemon's live events as a table (or JSON lines).
+    Watch(WatchArgs),
+    /// Serve the control API as Model Context Protocol tools on standard
+    /// input and output, for an AI supervisor.
+    Mcp(McpArgs),
     /// Print the version.
     Version,
 }
@@ -174,6 +179,34 @@ struct LogArgs {
     since: Option<String>,
 }
 
+/// The daemon's control socket (`control.socket` in its config).
+#[derive(Args)]
+struct SocketArg {
+    #[arg(long, default_value = crate::config::DEFAULT_CONTROL_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// The records as JSON lines, as the daemon sends them.
+    #[arg(long)]
+    json: bool,
+    /// Only this agent: its cgroup path as records give it, or its Nix name.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only records with this verdict; repeat for several.
+    #[arg(long, value_parser = audit_log::parse_verdict)]
+    verdict: Vec<Verdict>,
+}
+
+#[derive(Args)]
+struct McpArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+}
+
 #[derive(Args)]
 struct StatusArgs {
     /// The JSON config file (for the table name and port).
@@ -227,6 +260,16 @@ pub fn main() -> i32 {
             },
             args.follow,
         ),
+        Command::Watch(args) => crate::watch::run(
+            &args.socket.socket,
+            args.json,
+            audit_log::Filter {
+                agent: args.agent,
+                verdicts: args.verdict,
+                since: None,
+            },
+        ),
+        Command::Mcp(args) => crate::mcp::run(&args.socket.socket),
         Command::Version => {
             println!("agent-egress {}", env!("CARGO_PKG_VERSION"));
             0

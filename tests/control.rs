@@ -6,93 +6,14 @@
 
 mod harness;
 
+use harness::control::{call, config, curl_status, response, wait_until, SocketDir};
 use harness::daemon::{self, Daemon};
 use harness::{World, ALLOWED, BLOCKED, METADATA, OTHER};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// The socket's directory under /run, removed when the test ends.
-struct SocketDir(PathBuf);
-
-impl SocketDir {
-    fn new(world: &World) -> SocketDir {
-        SocketDir(PathBuf::from(format!("/run/ae-control-{}", world.id())))
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.0.join("control.sock")
-    }
-}
-
-impl Drop for SocketDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn config(world: &World, socket: &Path) -> Value {
-    daemon::config(
-        world,
-        json!({
-            "control": {"enable": true, "socket": socket, "group": "root"},
-            "state_dir": world.dir().join("state"),
-            "rules": [
-                {"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"},
-                {"name": "metadata", "ips": ["169.254.169.254/32"], "outbound": "block", "locked": true}
-            ],
-        }),
-    )
-}
-
-/// One request; the status and the JSON body (Null when there is none).
-fn call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut stream =
-        UnixStream::connect(socket).unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
-    let body = body.unwrap_or("");
-    // A refused body may be cut short by the server's answer (413): write
-    // what it takes, then read the answer.
-    let _ = write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: agent-egress\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    response(stream)
-}
-
-fn response(mut stream: UnixStream) -> (u16, Value) {
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-fn curl_status(world: &World, host: &harness::TestHost) -> (bool, String) {
-    let out = world.curl_agent([
-        "--resolve",
-        &host.resolve_v4(443),
-        &format!("https://{}/", host.name),
-    ]);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn runtime_rules_apply_at_once_survive_a_restart_expire_and_never_widen_a_locked_rule() {

@@ -7,7 +7,8 @@
 //! waits: each watcher has a bounded queue, and one that falls behind by a
 //! whole queue is cut off (and counted) rather than slowing the writer.
 
-use crate::audit::{Event, Record};
+use crate::audit::{Event, Record, Verdict};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,8 @@ use std::sync::{Arc, Mutex};
 pub const WATCHER_BUFFER: usize = 1024;
 /// Watchers at once.
 pub const MAX_WATCHERS: usize = 64;
+/// The most recent refusals kept for `GET /v1/denials`.
+pub const RECENT_DENIALS: usize = 256;
 
 /// One encoded JSON line (with its newline), shared by every watcher.
 pub type Line = Arc<[u8]>;
@@ -35,6 +38,10 @@ pub struct EventBus {
     lost: AtomicU64,
     /// Agents' packets the kernel dropped (UDP and other non-TCP), as reported.
     dropped_packets: AtomicU64,
+    /// The last [`RECENT_DENIALS`] records of something refused (or that
+    /// enforce would refuse), oldest first: a supervisor that comes late
+    /// still sees what was denied.
+    denials: Mutex<VecDeque<Line>>,
 }
 
 /// Counters for the status route.
@@ -77,11 +84,24 @@ impl EventBus {
             self.dropped_packets
                 .fetch_add(record.dropped.unwrap_or(0), Ordering::Relaxed);
         }
+        let denied = matches!(record.verdict, Verdict::Block | Verdict::WouldBlock)
+            && matches!(record.event, Event::End | Event::Dns);
+        if !denied && !self.watched() {
+            return;
+        }
+        let line: Line = Arc::from(line);
+        if denied {
+            if let Ok(mut denials) = self.denials.lock() {
+                if denials.len() == RECENT_DENIALS {
+                    denials.pop_front();
+                }
+                denials.push_back(line.clone());
+            }
+        }
         if !self.watched() {
             return;
         }
         self.published.fetch_add(1, Ordering::Relaxed);
-        let line: Line = Arc::from(line);
         let Ok(mut watchers) = self.watchers.lock() else {
             return;
         };
@@ -102,6 +122,14 @@ impl EventBus {
             watchers.retain(|(i, _)| *i != id);
             self.watching.store(watchers.len(), Ordering::Release);
         }
+    }
+
+    /// The most recent denials, oldest first.
+    pub fn recent_denials(&self) -> Vec<Line> {
+        self.denials
+            .lock()
+            .map(|d| d.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn counters(&self) -> BusCounters {

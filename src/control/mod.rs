@@ -12,6 +12,7 @@
 //! `watch` and the MCP server are to be clients of this socket, never a second
 //! way into the proxy.
 
+pub mod client;
 pub mod events;
 pub mod routes;
 pub mod rules;

@@ -6,7 +6,9 @@ use super::events::Watcher;
 use super::server::{json_body, Request};
 use super::state::Refusal;
 use super::Control;
+use crate::policy::{Process, Query};
 use serde_json::{json, Value};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 
 /// What a handler answers.
@@ -93,6 +95,16 @@ pub const ROUTES: &[Route] = &[
         method: "POST",
         path: "/v1/reload",
         handler: reload,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/denials",
+        handler: denials,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/explain",
+        handler: explain,
     },
 ];
 
@@ -258,6 +270,79 @@ fn remove_rule(control: &Control, request: &Request, params: &[&str]) -> Reply {
         Ok(rule) => Reply::ok(200, json!({"removed": rule})),
         Err(r) => refusal(r),
     }
+}
+
+fn denials(control: &Control, _: &Request, _: &[&str]) -> Reply {
+    let records: Vec<Value> = control
+        .audit
+        .events()
+        .recent_denials()
+        .iter()
+        .filter_map(|line| serde_json::from_slice(line).ok())
+        .collect();
+    Reply::ok(200, json!({"denials": records}))
+}
+
+/// What the running policy decides for a host (and port, and agent), and why.
+fn explain(control: &Control, request: &Request, _: &[&str]) -> Reply {
+    let body = match json_body(request) {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    if let Some(unknown) = body.as_object().and_then(|o| {
+        o.keys()
+            .find(|k| !["host", "port", "agent"].contains(&k.as_str()))
+    }) {
+        return Reply::error(
+            422,
+            unknown,
+            "unknown field (host, port and agent are known)",
+        );
+    }
+    let Some(target) = body.get("host").and_then(Value::as_str) else {
+        return Reply::error(422, "host", "a host name or address is needed");
+    };
+    let port = match body.get("port") {
+        None => 443,
+        Some(p) => match p.as_u64().and_then(|p| u16::try_from(p).ok()) {
+            Some(p) => p,
+            None => return Reply::error(422, "port", "not a port number"),
+        },
+    };
+    let agent = match body.get("agent") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(a)) => Some(a.as_str()),
+        Some(_) => return Reply::error(422, "agent", "not a string"),
+    };
+    let (name, ip) = match target.parse::<IpAddr>() {
+        Ok(ip) => (None, ip),
+        Err(_) => match crate::names::normalize_host(target) {
+            Ok(name) => (Some(name), IpAddr::from([0, 0, 0, 0])),
+            Err(e) => return Reply::error(422, "host", &e.to_string()),
+        },
+    };
+    let runtime = control.proxy.shared().runtime();
+    let query = Query {
+        host: name.as_deref(),
+        ip,
+        port,
+        agent,
+        uid: None,
+        process: Process::Unknown,
+    };
+    let decision = runtime.policy.decide(&query);
+    Reply::ok(
+        200,
+        json!({
+            "host": name.as_deref().unwrap_or(target),
+            "port": port,
+            "agent": agent,
+            "outbound": decision.outbound,
+            "rule": decision.rule_name,
+            "runtime_rule": decision.runtime,
+            "explanation": runtime.policy.explain(&query),
+        }),
+    )
 }
 
 fn reload(control: &Control, request: &Request, _: &[&str]) -> Reply {

@@ -57,6 +57,7 @@
 
 pub mod arrivals;
 mod cgroup;
+pub mod control;
 pub mod daemon;
 mod dns;
 pub use dns::{BIG_NAME, BIG_NAME_ADDRESSES, ECH_PUBLIC_NAME};
