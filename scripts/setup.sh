@@ -27,6 +27,8 @@ packages=(
     nginx-light libnginx-mod-stream dnsmasq-base bind9-dnsutils
     # clients and peers the tests drive
     chromium libnss3-tools python3 socat ncat microsocks tinyproxy dante-server v2ray haproxy wrk iperf3
+    # tests/watch.rs reads `watch`'s screen in a terminal
+    tmux
     # Nix syntax checks of nix/, flake.nix and vm-tests/
     nix-bin
     # the audit log's rotation test runs the real logrotate
