@@ -1,7 +1,7 @@
 //! `run`, `down` and `status`: the daemon's life around the proxy.
 
 use crate::audit::{AuditLog, AuditThread, Sink};
-use crate::capture::Capture;
+use crate::capture::{Capture, Handles};
 use crate::cli::RunArgs;
 use crate::config::Config;
 use crate::control::rules::RuleSet;
@@ -110,7 +110,12 @@ pub fn run(args: &RunArgs) -> i32 {
         None
     };
     let capture = if runtime.config.interception.manage_kernel {
-        match Capture::start(&runtime.config, proxy.shared().clone()) {
+        let handles = Handles {
+            agents: proxy.shared().agents.clone(),
+            connect_log: proxy.shared().connect_log.clone(),
+            audit: audit.clone(),
+        };
+        match Capture::start(&runtime.config, handles) {
             Ok(c) => Some(c),
             Err(e) => {
                 log::error!("{e}");

@@ -5,7 +5,7 @@
 //! torn down when CMD ends (or is killed, or we are interrupted).
 
 use crate::audit::{AuditLog, Sink};
-use crate::capture::Capture;
+use crate::capture::{Capture, Handles};
 use crate::cgroup;
 use crate::config::{Config, DomainPattern, Rule};
 use crate::confine::{self, RunAs};
@@ -205,7 +205,12 @@ fn run(args: &ExecArgs, mut config: Config, run_as: &RunAs) -> Result<i32, Strin
         cgroup: cgroup_path.clone(),
     };
     cgroup::create(&root, &cgroup_path).map_err(|e| e.to_string())?;
-    let capture = match Capture::start(&runtime.config, proxy.shared().clone()) {
+    let handles = Handles {
+        agents: proxy.shared().agents.clone(),
+        connect_log: proxy.shared().connect_log.clone(),
+        audit: audit.clone(),
+    };
+    let capture = match Capture::start(&runtime.config, handles) {
         Ok(c) => c,
         Err(e) => {
             teardown.remove_cgroup();

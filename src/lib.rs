@@ -1,5 +1,6 @@
 //! agent-egress: a Linux egress controller for AI agents.
 pub mod agent_dns;
+pub mod agent_index;
 pub mod audit;
 pub mod audit_log;
 pub mod audit_read;

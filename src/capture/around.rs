@@ -2,9 +2,9 @@
 //! they lie in and their agent-only parents.
 
 use super::Members;
+use crate::agent_index::CapturedSubtree;
 use crate::cgroup::{self, Delegation};
 use crate::config::{Config, DelegatedSubtrees};
-use crate::proxy::CapturedSubtree;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 

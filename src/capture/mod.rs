@@ -22,10 +22,12 @@ mod status;
 
 pub use status::{DelegatedAgent, SetMember, Status};
 
+use crate::agent_index::AgentIndex;
+use crate::audit::AuditLog;
 use crate::cgroup::{self, Change, Watcher};
 use crate::config::{BackstopMode, Config};
+use crate::connect_log::ConnectLog;
 use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
-use crate::proxy::Shared;
 use crate::routing::{self, RoutePlan, RuleMonitor};
 use around::{captured_paths, Around};
 use install::Installing;
@@ -34,12 +36,22 @@ use mio::{Poll, Waker};
 use programs::{detach_everywhere, detach_unlinked_connect_log, load_backstop, start_connect_log};
 use std::collections::BTreeMap;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 pub(super) enum Control {
     Update(Box<Config>),
     Stop { remove: bool },
+}
+
+/// What the capture hands on while it runs, to whoever attributes connections.
+pub struct Handles {
+    /// Kept current with the captured cgroups and everything below them.
+    pub agents: Arc<AgentIndex>,
+    /// Set once the kernel takes the program.
+    pub connect_log: Arc<OnceLock<ConnectLog>>,
+    /// Where the agents' dropped packets are reported.
+    pub audit: AuditLog,
 }
 
 pub struct Capture {
@@ -75,7 +87,7 @@ pub(super) fn route_plan(config: &Config) -> RoutePlan {
 
 impl Capture {
     /// Install everything, or nothing and an error that says what is missing.
-    pub fn start(config: &Config, shared: Arc<Shared>) -> Result<Capture, String> {
+    pub fn start(config: &Config, handles: Handles) -> Result<Capture, String> {
         netfilter::check_kernel_support().map_err(|e| format!("kernel support: {e}"))?;
         let backstop = load_backstop(config)?;
         let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
@@ -107,7 +119,7 @@ impl Capture {
         if let Some(b) = &backstop {
             installing.backstop(b, &root, &around.fenced(&members))?;
         }
-        start_connect_log(&shared, &root, &captured);
+        start_connect_log(&handles.connect_log, &root, &captured);
         let poll = Poll::new().map_err(|e| e.to_string())?;
         let waker = Arc::new(Waker::new(poll.registry(), CONTROL).map_err(|e| e.to_string())?);
         let mut keeper = Keeper {
@@ -121,7 +133,7 @@ impl Capture {
             watcher,
             table_monitor,
             rule_monitor,
-            shared,
+            handles,
             drops: DropReport::default(),
             backstop,
         };

@@ -6,8 +6,8 @@ use crate::backstop::{self, Backstop};
 use crate::bpf::BpfError;
 use crate::config::{BackstopMode, Config};
 use crate::connect_log::{self, ConnectLog};
-use crate::proxy::Shared;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// The backstop program if the config wants it: `true` requires it, `auto`
 /// does without it where the kernel (or our capabilities) refuse, and says so.
@@ -53,13 +53,13 @@ pub(super) fn attach_everywhere(
     Ok(())
 }
 
-/// Load the connect log into `shared` (once per process) and attach it to
+/// Load the connect log into `slot` (once per process) and attach it to
 /// every member. Without it, attribution falls back to searching /proc.
-pub(super) fn start_connect_log(shared: &Shared, root: &Path, members: &Members) {
-    if shared.connect_log.get().is_none() {
+pub(super) fn start_connect_log(slot: &OnceLock<ConnectLog>, root: &Path, members: &Members) {
+    if slot.get().is_none() {
         match ConnectLog::load() {
             Ok(connects) => {
-                let _ = shared.connect_log.set(connects);
+                let _ = slot.set(connects);
             }
             Err(e) => {
                 log::warn!("{e}; audit records find processes by searching /proc instead");
@@ -68,12 +68,12 @@ pub(super) fn start_connect_log(shared: &Shared, root: &Path, members: &Members)
         }
     }
     for (path, _) in members.values() {
-        attach_connect_log(shared, &root.join(path));
+        attach_connect_log(slot, &root.join(path));
     }
 }
 
-pub(super) fn attach_connect_log(shared: &Shared, dir: &Path) {
-    if let Some(connects) = shared.connect_log.get() {
+pub(super) fn attach_connect_log(slot: &OnceLock<ConnectLog>, dir: &Path) {
+    if let Some(connects) = slot.get() {
         if let Err(e) = connects.attach(dir) {
             log::warn!("{e}; audit records find its processes by searching /proc instead");
         }
