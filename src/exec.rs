@@ -5,14 +5,12 @@
 //! torn down when CMD ends (or is killed, or we are interrupted).
 
 use crate::audit::{AuditLog, Sink};
-use crate::capture::{Capture, Handles};
 use crate::cgroup;
 use crate::config::{Config, DomainPattern, Rule};
 use crate::confine::{self, RunAs};
-use crate::daemon;
 use crate::presets;
 use crate::proxy::{Proxy, Runtime};
-use clap::Args;
+use crate::startup::{start_audit, start_capture, stop_audit};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::net::{IpAddr, SocketAddr};
@@ -20,37 +18,28 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-#[derive(Args)]
-pub struct ExecArgs {
+/// How `exec` was asked to run CMD.
+pub struct Options {
     /// A JSON config whose rules, outbounds and limits apply (its table,
     /// marks, port and cgroups are replaced by this run's own).
-    #[arg(long, short)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Allow this domain pattern (repeatable): `example.com`, `=example.com`, `*.example.com`.
-    #[arg(long = "allow", value_name = "DOMAIN")]
-    allow: Vec<String>,
+    pub allow: Vec<String>,
     /// Allow a preset's domains (repeatable); `--preset list` names them.
-    #[arg(long = "preset", value_name = "NAME")]
-    presets: Vec<String>,
+    pub presets: Vec<String>,
     /// Write audit records (JSON lines) to this file instead of standard error.
-    #[arg(long)]
-    audit: Option<PathBuf>,
+    pub audit: Option<PathBuf>,
     /// Record what the policy would do but let everything through.
-    #[arg(long)]
-    audit_only: bool,
+    pub audit_only: bool,
     /// Run CMD as this user (default: the one who ran sudo or pkexec).
-    #[arg(long, value_name = "NAME")]
-    user: Option<String>,
+    pub user: Option<String>,
     /// Run CMD as root, which can undo the capture.
-    #[arg(long, conflicts_with = "user")]
-    as_root: bool,
+    pub as_root: bool,
     /// Leave systemd's and D-Bus's sockets visible to CMD (through them it can
     /// start processes outside its cgroup).
-    #[arg(long)]
-    allow_bus: bool,
+    pub allow_bus: bool,
     /// The command and its arguments (none with `--preset list`).
-    #[arg(last = true, value_name = "CMD")]
-    command: Vec<String>,
+    pub command: Vec<String>,
 }
 
 /// Exit code when we fail before CMD runs (like `env` and `timeout`).
@@ -81,7 +70,7 @@ fn may_capture() -> Result<(), String> {
     Ok(())
 }
 
-pub fn exec(args: ExecArgs) -> i32 {
+pub fn exec(args: Options) -> i32 {
     if args.presets.iter().any(|p| p == "list") {
         for (name, preset) in presets::all() {
             println!("{name:20} {}", preset.description);
@@ -118,7 +107,7 @@ pub fn exec(args: ExecArgs) -> i32 {
 }
 
 /// The policy: the given config (or block-all), plus --allow and --preset.
-fn exec_config(args: &ExecArgs) -> Result<Config, String> {
+fn exec_config(args: &Options) -> Result<Config, String> {
     let mut config = match &args.config {
         Some(path) => Config::load(path).map_err(|e| format!("{}:\n{e}", path.display()))?,
         None => Config::default(),
@@ -186,7 +175,7 @@ fn system_resolvers() -> Vec<SocketAddr> {
         .collect()
 }
 
-fn run(args: &ExecArgs, mut config: Config, run_as: &RunAs) -> Result<i32, String> {
+fn run(args: &Options, mut config: Config, run_as: &RunAs) -> Result<i32, String> {
     // Taken before any thread starts, so the helper threads never get them.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
         .map_err(|e| format!("cannot handle signals: {e}"))?;
@@ -196,7 +185,7 @@ fn run(args: &ExecArgs, mut config: Config, run_as: &RunAs) -> Result<i32, Strin
         Some(p) => Sink::File(p.clone()),
         None => Sink::Stderr,
     };
-    let (audit, audit_thread) = daemon::start_audit(sink, &config)?;
+    let (audit, audit_thread) = start_audit(sink, &config)?;
     let proxy = start_proxy_on_free_port(&mut config, audit.clone())?;
     let runtime = proxy.shared().runtime();
     proxy.shared().enable_summary();
@@ -205,12 +194,7 @@ fn run(args: &ExecArgs, mut config: Config, run_as: &RunAs) -> Result<i32, Strin
         cgroup: cgroup_path.clone(),
     };
     cgroup::create(&root, &cgroup_path).map_err(|e| e.to_string())?;
-    let handles = Handles {
-        agents: proxy.shared().agents.clone(),
-        connect_log: proxy.shared().connect_log.clone(),
-        audit: audit.clone(),
-    };
-    let capture = match Capture::start(&runtime.config, handles) {
+    let capture = match start_capture(&runtime.config, &proxy, &audit) {
         Ok(c) => c,
         Err(e) => {
             teardown.remove_cgroup();
@@ -240,7 +224,7 @@ fn run(args: &ExecArgs, mut config: Config, run_as: &RunAs) -> Result<i32, Strin
     capture.remove();
     let summary = proxy.shared().summary();
     proxy.stop();
-    daemon::stop_audit(audit_thread);
+    stop_audit(audit_thread);
     eprint!("{}", summary.render());
     Ok(code)
 }

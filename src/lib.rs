@@ -30,4 +30,5 @@ pub mod procinfo;
 pub mod proxy;
 pub mod routing;
 pub mod sniff;
+pub mod startup;
 pub mod suggest;
