@@ -4,6 +4,7 @@
 pub(crate) mod listener;
 mod relay;
 mod session;
+mod timers;
 mod worker;
 
 use crate::agent_dns::names::ResolvedNames;
