@@ -3,11 +3,42 @@
 //! programs and listeners are all in place, so units ordered after the daemon
 //! start only then. Without `NOTIFY_SOCKET` (not started by systemd) nothing is sent.
 
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
+#[derive(Debug)]
+pub enum NotifyError {
+    /// `NOTIFY_SOCKET` names no address a socket can have.
+    Address {
+        path: OsString,
+        source: io::Error,
+    },
+    Socket(io::Error),
+    Send {
+        path: OsString,
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for NotifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotifyError::Address { path, source } => write!(f, "NOTIFY_SOCKET {path:?}: {source}"),
+            NotifyError::Socket(e) => write!(f, "notify socket: {e}"),
+            NotifyError::Send { path, source } => {
+                write!(f, "telling systemd we are ready ({path:?}): {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NotifyError {}
+
 /// Sends `READY=1` if systemd asked for it; an error names what failed.
-pub fn ready() -> Result<(), String> {
+pub fn ready() -> Result<(), NotifyError> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return Ok(());
     };
@@ -16,13 +47,16 @@ pub fn ready() -> Result<(), String> {
     let addr = match bytes.strip_prefix(b"@") {
         Some(name) => SocketAddr::from_abstract_name(name),
         None => SocketAddr::from_pathname(&path),
-    }
-    .map_err(|e| format!("NOTIFY_SOCKET {path:?}: {e}"))?;
-    let socket = UnixDatagram::unbound().map_err(|e| format!("notify socket: {e}"))?;
+    };
+    let addr = match addr {
+        Ok(a) => a,
+        Err(source) => return Err(NotifyError::Address { path, source }),
+    };
+    let socket = UnixDatagram::unbound().map_err(NotifyError::Socket)?;
     socket
         .send_to_addr(b"READY=1", &addr)
         .map(|_| ())
-        .map_err(|e| format!("telling systemd we are ready ({path:?}): {e}"))
+        .map_err(|source| NotifyError::Send { path, source })
 }
 
 #[cfg(test)]
@@ -44,6 +78,6 @@ mod tests {
         let n = systemd.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(ready(), Ok(()), "nothing to do without NOTIFY_SOCKET");
+        assert!(ready().is_ok(), "nothing to do without NOTIFY_SOCKET");
     }
 }
