@@ -77,7 +77,7 @@ pub fn run(args: &Options) -> i32 {
         match start_audit(Sink::from_config(config.audit.path.as_deref()), &config) {
             Ok(a) => a,
             Err(e) => {
-                log::error!("{e}");
+                log::error!("audit: {e}");
                 return 1;
             }
         };

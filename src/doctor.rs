@@ -52,7 +52,7 @@ fn check(check: impl Into<String>, ok: bool, detail: impl Into<String>) -> Check
 pub fn run(config: &Config) -> Vec<Check> {
     let status = match Capture::status(config) {
         Ok(s) => s,
-        Err(e) => return vec![check("kernel state", false, e)],
+        Err(e) => return vec![check("kernel state", false, e.to_string())],
     };
     let table = &config.interception.table;
     let mut checks = vec![
