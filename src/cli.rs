@@ -382,8 +382,20 @@ fn explain(args: &ExplainArgs) -> i32 {
     0
 }
 
+/// What follows the last ':' of HOST:PORT, which is no port.
+#[derive(Debug)]
+struct NotAPort(String);
+
+impl std::fmt::Display for NotAPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} is not a port", self.0)
+    }
+}
+
+impl std::error::Error for NotAPort {}
+
 /// `host`, `host:port`, `1.2.3.4:80`, `[::1]:443`, `::1`.
-fn split_host_port(s: &str) -> Result<(String, u16), String> {
+fn split_host_port(s: &str) -> Result<(String, u16), NotAPort> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok((addr.ip().to_string(), addr.port()));
     }
@@ -394,7 +406,7 @@ fn split_host_port(s: &str) -> Result<(String, u16), String> {
         Some((h, p)) => p
             .parse::<u16>()
             .map(|p| (h.to_string(), p))
-            .map_err(|_| format!("{p:?} is not a port")),
+            .map_err(|_| NotAPort(p.to_string())),
         None => Ok((s.to_string(), 443)),
     }
 }

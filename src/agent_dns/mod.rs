@@ -335,7 +335,7 @@ impl Handler {
                         if let Some(refusal) = question::refused(query) {
                             let _ = self.reply(asker, &refusal);
                         }
-                        record.error = Some(why);
+                        record.error = Some(why.to_string());
                         return self.finish(record, owner, started);
                     }
                     record.verdict = Verdict::WouldBlock;
