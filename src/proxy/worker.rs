@@ -178,13 +178,18 @@ impl Worker {
     }
 
     fn on_session_event(&mut self, key: usize) {
+        self.step(key, Session::on_event);
+    }
+
+    /// One step of session `key` in the loop's context, then what it asks for.
+    fn step(&mut self, key: usize, step: impl FnOnce(&mut Session, &mut Ctx) -> Step) {
         let (mut ctx, sessions) = self.ctx_parts(key);
         let Some(session) = sessions.get_mut(key) else {
             return;
         };
         let now = ctx.now;
-        let step = session.on_event(&mut ctx);
-        self.after(key, step, now);
+        let next = step(session, &mut ctx);
+        self.after(key, next, now);
     }
 
     /// What a step asks for, then the session's next deadline on the timers.
@@ -265,13 +270,7 @@ impl Worker {
             }
         }
         for key in self.timers.due(now) {
-            let (mut ctx, sessions) = self.ctx_parts(key);
-            let Some(session) = sessions.get_mut(key) else {
-                continue;
-            };
-            let now = ctx.now;
-            let step = session.on_tick(&mut ctx);
-            self.after(key, step, now);
+            self.step(key, Session::on_tick);
         }
     }
 
@@ -514,13 +513,7 @@ impl Worker {
         id: QueryId,
         answer: Result<Vec<std::net::IpAddr>, String>,
     ) {
-        let (mut ctx, sessions) = self.ctx_parts(key);
-        let Some(session) = sessions.get_mut(key) else {
-            return;
-        };
-        let now = ctx.now;
-        let step = session.on_resolved(&mut ctx, id, answer);
-        self.after(key, step, now);
+        self.step(key, |session, ctx| session.on_resolved(ctx, id, answer));
     }
 
     fn shutdown(&mut self) {

@@ -67,13 +67,6 @@ impl std::fmt::Display for Refusal {
 
 impl std::error::Error for Refusal {}
 
-/// Passes over up to `left` bytes of `bytes`: how many are left to pass, and
-/// what follows them.
-fn skip(left: u64, bytes: &[u8]) -> (u64, &[u8]) {
-    let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
-    (left - n as u64, &bytes[n..])
-}
-
 /// Follows a client's requests; see the module comment.
 #[derive(Debug)]
 pub struct RequestStream {
@@ -103,24 +96,8 @@ impl RequestStream {
         while !bytes.is_empty() {
             bytes = match self.state {
                 State::Opaque => return Ok(()),
-                State::Body(left) => {
-                    let (left, rest) = skip(left, bytes);
-                    self.state = if left == 0 {
-                        State::Head
-                    } else {
-                        State::Body(left)
-                    };
-                    rest
-                }
-                State::ChunkData(left) => {
-                    let (left, rest) = skip(left, bytes);
-                    self.state = if left == 0 {
-                        State::ChunkEnd
-                    } else {
-                        State::ChunkData(left)
-                    };
-                    rest
-                }
+                State::Body(left) => self.skip(left, bytes, State::Body, State::Head),
+                State::ChunkData(left) => self.skip(left, bytes, State::ChunkData, State::ChunkEnd),
                 State::Head => self.head(bytes)?,
                 State::ChunkSize => self.chunk_size(bytes)?,
                 State::ChunkEnd => self.chunk_end(bytes)?,
@@ -128,6 +105,21 @@ impl RequestStream {
             };
         }
         Ok(())
+    }
+
+    /// Passes over up to `left` bytes of `bytes`, in state `more` while some
+    /// are still to come, then `done`; what follows them.
+    fn skip<'a>(
+        &mut self,
+        left: u64,
+        bytes: &'a [u8],
+        more: fn(u64) -> State,
+        done: State,
+    ) -> &'a [u8] {
+        let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
+        let left = left - n as u64;
+        self.state = if left == 0 { done } else { more(left) };
+        &bytes[n..]
     }
 
     /// Reads the head out of `held` and `bytes`; the rest of `bytes` after it.
