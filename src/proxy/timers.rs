@@ -119,65 +119,63 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn at(start: Instant, ms: u64) -> Instant {
-        start + Duration::from_millis(ms)
+    /// Empty timers, and a clock in milliseconds from now.
+    fn timers() -> (Timers, impl Fn(u64) -> Instant) {
+        let t0 = Instant::now();
+        (Timers::default(), move |ms| t0 + Duration::from_millis(ms))
     }
 
     #[test]
     fn sessions_come_due_in_order_once_each() {
-        let t0 = Instant::now();
-        let mut timers = Timers::default();
-        timers.schedule(2, at(t0, 30));
-        timers.schedule(0, at(t0, 10));
-        timers.schedule(1, at(t0, 20));
-        assert_eq!(timers.next(), Some(at(t0, 10)));
-        assert_eq!(timers.due(at(t0, 5)), Vec::<usize>::new());
-        assert_eq!(timers.due(at(t0, 20)), vec![0, 1]);
-        assert_eq!(timers.due(at(t0, 20)), Vec::<usize>::new());
-        assert_eq!(timers.due(at(t0, 100)), vec![2]);
+        let (mut timers, at) = timers();
+        timers.schedule(2, at(30));
+        timers.schedule(0, at(10));
+        timers.schedule(1, at(20));
+        assert_eq!(timers.next(), Some(at(10)));
+        assert_eq!(timers.due(at(5)), Vec::<usize>::new());
+        assert_eq!(timers.due(at(20)), vec![0, 1]);
+        assert_eq!(timers.due(at(20)), Vec::<usize>::new());
+        assert_eq!(timers.due(at(100)), vec![2]);
         assert_eq!(timers.next(), None);
     }
 
     #[test]
     fn a_later_deadline_waits_for_the_earlier_entry_and_an_earlier_one_replaces_it() {
-        let t0 = Instant::now();
-        let mut timers = Timers::default();
-        timers.schedule(0, at(t0, 10));
+        let (mut timers, at) = timers();
+        timers.schedule(0, at(10));
         // Moved later: the 10 ms entry still fires, and the session asks again.
-        timers.schedule(0, at(t0, 50));
-        assert_eq!(timers.due(at(t0, 10)), vec![0]);
-        timers.schedule(0, at(t0, 50));
+        timers.schedule(0, at(50));
+        assert_eq!(timers.due(at(10)), vec![0]);
+        timers.schedule(0, at(50));
         // Moved earlier: 20 ms fires, the 50 ms entry is dead.
-        timers.schedule(0, at(t0, 20));
-        assert_eq!(timers.due(at(t0, 20)), vec![0]);
-        assert_eq!(timers.due(at(t0, 60)), Vec::<usize>::new());
+        timers.schedule(0, at(20));
+        assert_eq!(timers.due(at(20)), vec![0]);
+        assert_eq!(timers.due(at(60)), Vec::<usize>::new());
     }
 
     #[test]
     fn a_closed_sessions_entry_does_not_wake_the_next_one_at_its_key() {
-        let t0 = Instant::now();
-        let mut timers = Timers::default();
-        timers.schedule(3, at(t0, 10));
+        let (mut timers, at) = timers();
+        timers.schedule(3, at(10));
         timers.forget(3);
-        assert_eq!(timers.due(at(t0, 10)), Vec::<usize>::new());
+        assert_eq!(timers.due(at(10)), Vec::<usize>::new());
         // The key taken again, with the very same deadline.
-        timers.schedule(3, at(t0, 10));
+        timers.schedule(3, at(10));
         timers.forget(3);
-        timers.schedule(3, at(t0, 40));
-        assert_eq!(timers.due(at(t0, 30)), Vec::<usize>::new());
-        assert_eq!(timers.due(at(t0, 40)), vec![3]);
+        timers.schedule(3, at(40));
+        assert_eq!(timers.due(at(30)), Vec::<usize>::new());
+        assert_eq!(timers.due(at(40)), vec![3]);
     }
 
     #[test]
     fn the_dead_entries_of_closed_sessions_do_not_pile_up() {
-        let t0 = Instant::now();
-        let mut timers = Timers::default();
+        let (mut timers, at) = timers();
         for key in 0..100_000 {
-            timers.schedule(key % 10, at(t0, 300_000));
+            timers.schedule(key % 10, at(300_000));
             timers.forget(key % 10);
         }
-        timers.schedule(7, at(t0, 1));
+        timers.schedule(7, at(1));
         assert!(timers.heap.len() <= DEAD_SLACK + 3, "{}", timers.heap.len());
-        assert_eq!(timers.due(at(t0, 300_000)), vec![7]);
+        assert_eq!(timers.due(at(300_000)), vec![7]);
     }
 }
