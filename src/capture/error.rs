@@ -39,33 +39,72 @@ pub enum CaptureError {
 
 impl fmt::Display for CaptureError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CaptureError::KernelSupport(e) => write!(f, "kernel support: {e}"),
-            CaptureError::Backstop(e) => write!(f, "interception.backstop: {e}"),
-            CaptureError::Cgroup(e) => write!(f, "{e}"),
-            CaptureError::WatchingCgroups(e) => write!(f, "watching cgroups: {e}"),
-            CaptureError::DelegatedRefused(why) => write!(f, "{}", why.join("\n")),
-            CaptureError::InstallTable(e) => write!(f, "installing nftables table: {e}"),
-            CaptureError::InstallRouting(e) => write!(f, "installing policy routing: {e}"),
-            CaptureError::WatchingTable(e) => write!(f, "watching the kernel state: {e}"),
-            CaptureError::WatchingRules(e) => write!(f, "watching the kernel state: {e}"),
-            CaptureError::WatchingKernel(e) => write!(f, "watching the kernel state: {e}"),
-            CaptureError::Keeper(e) => write!(f, "{e}"),
-            CaptureError::ReadingTable(e) => write!(f, "{e}"),
+        const WATCHING: &str = "watching the kernel state";
+        // Most say what failed, then the cause.
+        let (context, cause): (&str, &dyn fmt::Display) = match self {
+            CaptureError::KernelSupport(e) => ("kernel support", e),
+            CaptureError::Backstop(e) => ("interception.backstop", e),
+            CaptureError::Cgroup(e) => return write!(f, "{e}"),
+            CaptureError::WatchingCgroups(e) => ("watching cgroups", e),
+            CaptureError::DelegatedRefused(why) => return write!(f, "{}", why.join("\n")),
+            CaptureError::InstallTable(e) => ("installing nftables table", e),
+            CaptureError::InstallRouting(e) => ("installing policy routing", e),
+            CaptureError::WatchingTable(e) => (WATCHING, e),
+            CaptureError::WatchingRules(e) => (WATCHING, e),
+            CaptureError::WatchingKernel(e) => (WATCHING, e),
+            CaptureError::Keeper(e) => return write!(f, "{e}"),
+            CaptureError::ReadingTable(e) => return write!(f, "{e}"),
             CaptureError::RemoveTable { table, source } => {
-                write!(f, "removing table inet {table}: {source}")
+                return write!(f, "removing table inet {table}: {source}")
             }
-            CaptureError::RemoveRouting(e) => write!(f, "removing policy routing: {e}"),
-            CaptureError::RemoveBackstop(e) => write!(f, "removing the kernel backstop: {e}"),
+            CaptureError::RemoveRouting(e) => ("removing policy routing", e),
+            CaptureError::RemoveBackstop(e) => ("removing the kernel backstop", e),
             CaptureError::Detach(errors) => {
                 for (i, e) in errors.iter().enumerate() {
                     let sep = if i == 0 { "" } else { "; " };
                     write!(f, "{sep}removing {e}")?;
                 }
-                Ok(())
+                return Ok(());
             }
-        }
+        };
+        write!(f, "{context}: {cause}")
     }
 }
 
 impl std::error::Error for CaptureError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_says_what_failed_then_why() {
+        let denied = || io::Error::from_raw_os_error(libc::EPERM);
+        let no_mount = CgroupError::NoCgroup2Mount.to_string();
+        assert_eq!(
+            CaptureError::WatchingKernel(denied()).to_string(),
+            format!("watching the kernel state: {}", denied())
+        );
+        assert_eq!(
+            CaptureError::Cgroup(CgroupError::NoCgroup2Mount).to_string(),
+            no_mount
+        );
+        assert_eq!(
+            CaptureError::RemoveBackstop(CgroupError::NoCgroup2Mount).to_string(),
+            format!("removing the kernel backstop: {no_mount}")
+        );
+        assert_eq!(
+            CaptureError::DelegatedRefused(vec!["one".into(), "two".into()]).to_string(),
+            "one\ntwo"
+        );
+        let failed = |what| BpfError::Prepare {
+            what,
+            reason: "gone".into(),
+        };
+        assert_eq!(
+            CaptureError::Detach(vec![failed("the backstop"), failed("the connect log")])
+                .to_string(),
+            "removing the backstop: gone; removing the connect log: gone"
+        );
+    }
+}
