@@ -3,39 +3,29 @@
 //! programs and listeners are all in place, so units ordered after the daemon
 //! start only then. Without `NOTIFY_SOCKET` (not started by systemd) nothing is sent.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
+/// What could not be done to tell systemd, and why.
 #[derive(Debug)]
-pub enum NotifyError {
-    /// `NOTIFY_SOCKET` names no address a socket can have.
-    Address {
-        path: OsString,
-        source: io::Error,
-    },
-    Socket(io::Error),
-    Send {
-        path: OsString,
-        source: io::Error,
-    },
+pub struct NotifyError {
+    doing: String,
+    source: io::Error,
 }
 
 impl fmt::Display for NotifyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NotifyError::Address { path, source } => write!(f, "NOTIFY_SOCKET {path:?}: {source}"),
-            NotifyError::Socket(e) => write!(f, "notify socket: {e}"),
-            NotifyError::Send { path, source } => {
-                write!(f, "telling systemd we are ready ({path:?}): {source}")
-            }
-        }
+        write!(f, "{}: {}", self.doing, self.source)
     }
 }
 
-impl std::error::Error for NotifyError {}
+impl std::error::Error for NotifyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
 
 /// Sends `READY=1` if systemd asked for it; an error names what failed.
 pub fn ready() -> Result<(), NotifyError> {
@@ -48,15 +38,13 @@ pub fn ready() -> Result<(), NotifyError> {
         Some(name) => SocketAddr::from_abstract_name(name),
         None => SocketAddr::from_pathname(&path),
     };
-    let addr = match addr {
-        Ok(a) => a,
-        Err(source) => return Err(NotifyError::Address { path, source }),
-    };
-    let socket = UnixDatagram::unbound().map_err(NotifyError::Socket)?;
+    let failed = |doing: String| move |source| NotifyError { doing, source };
+    let addr = addr.map_err(failed(format!("NOTIFY_SOCKET {path:?}")))?;
+    let socket = UnixDatagram::unbound().map_err(failed("notify socket".into()))?;
     socket
         .send_to_addr(b"READY=1", &addr)
         .map(|_| ())
-        .map_err(|source| NotifyError::Send { path, source })
+        .map_err(failed(format!("telling systemd we are ready ({path:?})")))
 }
 
 #[cfg(test)]
@@ -72,8 +60,16 @@ mod tests {
         // SAFETY (of the test): no other test reads or writes NOTIFY_SOCKET.
         unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
         let sent = ready();
+        let missing = dir.join("missing");
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &missing) };
+        let unsent = ready();
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         sent.unwrap();
+        let why = unsent.unwrap_err().to_string();
+        assert!(
+            why.starts_with(&format!("telling systemd we are ready ({missing:?}): ")),
+            "{why}"
+        );
         let mut buf = [0u8; 64];
         let n = systemd.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
