@@ -956,23 +956,15 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc_millis() {
         // Expected values from GNU date -u.
-        assert_eq!(format_timestamp(at(0, 0)), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            format_timestamp(at(951_782_400, 7)),
-            "2000-02-29T00:00:00.007Z"
-        );
-        assert_eq!(
-            format_timestamp(at(1_795_595_425, 123)),
-            "2026-11-25T08:30:25.123Z"
-        );
-        assert_eq!(
-            format_timestamp(at(4_107_542_399, 999)),
-            "2100-02-28T23:59:59.999Z"
-        );
-        assert_eq!(
-            format_timestamp(at(1_709_164_800, 0)),
-            "2024-02-29T00:00:00.000Z"
-        );
+        for ((secs, millis), want) in [
+            ((0, 0), "1970-01-01T00:00:00.000Z"),
+            ((951_782_400, 7), "2000-02-29T00:00:00.007Z"),
+            ((1_795_595_425, 123), "2026-11-25T08:30:25.123Z"),
+            ((4_107_542_399, 999), "2100-02-28T23:59:59.999Z"),
+            ((1_709_164_800, 0), "2024-02-29T00:00:00.000Z"),
+        ] {
+            assert_eq!(format_timestamp(at(secs, millis)), want);
+        }
         assert_eq!(
             format_timestamp(UNIX_EPOCH - Duration::from_secs(5)),
             "1970-01-01T00:00:00.000Z"

@@ -20,15 +20,37 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 /// How long a rotated file is still read (the daemon reopens within a second).
 const ROTATION_GRACE: Duration = Duration::from_millis(1500);
 
+/// A command-line filter that means nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterError {
+    NotAVerdict,
+    NotATime(String),
+}
+
+impl std::fmt::Display for FilterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FilterError::NotAVerdict => {
+                write!(f, "expected allow, block, would_block, error or undecided")
+            }
+            FilterError::NotATime(s) => write!(
+                f,
+                "{s:?} is neither a UTC time like 2026-11-25T09:40 nor an age like 30m, 2h, 7d"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FilterError {}
+
 /// A verdict as records write it.
-pub fn parse_verdict(s: &str) -> Result<Verdict, String> {
-    serde_json::from_value(serde_json::Value::from(s))
-        .map_err(|_| "expected allow, block, would_block, error or undecided".to_string())
+pub fn parse_verdict(s: &str) -> Result<Verdict, FilterError> {
+    serde_json::from_value(serde_json::Value::from(s)).map_err(|_| FilterError::NotAVerdict)
 }
 
 /// `--since`: an RFC 3339 UTC time or its prefix (`2026-11-25`, `2026-11-25T09:40`),
 /// or an age (`90s`, `30m`, `2h`, `7d`) before `now`.
-pub fn parse_since(s: &str, now: SystemTime) -> Result<String, String> {
+pub fn parse_since(s: &str, now: SystemTime) -> Result<String, FilterError> {
     let unit = match s.chars().last() {
         Some('s') => Some(1),
         Some('m') => Some(60),
@@ -53,9 +75,7 @@ pub fn parse_since(s: &str, now: SystemTime) -> Result<String, String> {
     if fits {
         Ok(time.to_string())
     } else {
-        Err(format!(
-            "{s:?} is neither a UTC time like 2026-11-25T09:40 nor an age like 30m, 2h, 7d"
-        ))
+        Err(FilterError::NotATime(s.to_string()))
     }
 }
 

@@ -38,7 +38,7 @@ enum Command {
     /// Say which rule and outbound a connection to HOST[:PORT] would get, and why.
     Explain(ExplainArgs),
     /// Run one command under control, with everything set up and torn down around it.
-    Exec(exec::ExecArgs),
+    Exec(ExecArgs),
     /// Remove the kernel state a daemon left behind (its lockdown).
     Down(ConfigArg),
     /// Show what is installed: table, agents set, rules, counters, listener.
@@ -81,14 +81,47 @@ struct CheckArgs {
 }
 
 #[derive(Args)]
-pub struct RunArgs {
+struct RunArgs {
     /// The JSON config file.
     #[arg(long, short)]
-    pub config: PathBuf,
+    config: PathBuf,
     /// On a graceful stop, remove the kernel state instead of leaving the
     /// agents locked out.
     #[arg(long)]
-    pub cleanup_on_exit: bool,
+    cleanup_on_exit: bool,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// A JSON config whose rules, outbounds and limits apply (its table,
+    /// marks, port and cgroups are replaced by this run's own).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Allow this domain pattern (repeatable): `example.com`, `=example.com`, `*.example.com`.
+    #[arg(long = "allow", value_name = "DOMAIN")]
+    allow: Vec<String>,
+    /// Allow a preset's domains (repeatable); `--preset list` names them.
+    #[arg(long = "preset", value_name = "NAME")]
+    presets: Vec<String>,
+    /// Write audit records (JSON lines) to this file instead of standard error.
+    #[arg(long)]
+    audit: Option<PathBuf>,
+    /// Record what the policy would do but let everything through.
+    #[arg(long)]
+    audit_only: bool,
+    /// Run CMD as this user (default: the one who ran sudo or pkexec).
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// Run CMD as root, which can undo the capture.
+    #[arg(long, conflicts_with = "user")]
+    as_root: bool,
+    /// Leave systemd's and D-Bus's sockets visible to CMD (through them it can
+    /// start processes outside its cgroup).
+    #[arg(long)]
+    allow_bus: bool,
+    /// The command and its arguments (none with `--preset list`).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -221,10 +254,23 @@ pub fn main() -> i32 {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => daemon::run(&args),
+        Command::Run(args) => daemon::run(&daemon::Options {
+            config: args.config,
+            cleanup_on_exit: args.cleanup_on_exit,
+        }),
         Command::Check(args) => check(&args),
         Command::Explain(args) => explain(&args),
-        Command::Exec(args) => exec::exec(args),
+        Command::Exec(args) => exec::exec(exec::Options {
+            config: args.config,
+            allow: args.allow,
+            presets: args.presets,
+            audit: args.audit,
+            audit_only: args.audit_only,
+            user: args.user,
+            as_root: args.as_root,
+            allow_bus: args.allow_bus,
+            command: args.command,
+        }),
         Command::Down(args) => match load(&args.config) {
             Some(config) => daemon::down(&config),
             None => 1,
@@ -446,8 +492,20 @@ fn explained_process(args: &ExplainArgs) -> Option<ProcessInfo> {
     })
 }
 
+/// What follows the last ':' of HOST:PORT, which is no port.
+#[derive(Debug)]
+struct NotAPort(String);
+
+impl std::fmt::Display for NotAPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} is not a port", self.0)
+    }
+}
+
+impl std::error::Error for NotAPort {}
+
 /// `host`, `host:port`, `1.2.3.4:80`, `[::1]:443`, `::1`.
-fn split_host_port(s: &str) -> Result<(String, u16), String> {
+fn split_host_port(s: &str) -> Result<(String, u16), NotAPort> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok((addr.ip().to_string(), addr.port()));
     }
@@ -458,7 +516,7 @@ fn split_host_port(s: &str) -> Result<(String, u16), String> {
         Some((h, p)) => p
             .parse::<u16>()
             .map(|p| (h.to_string(), p))
-            .map_err(|_| format!("{p:?} is not a port")),
+            .map_err(|_| NotAPort(p.to_string())),
         None => Ok((s.to_string(), 443)),
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::agent_dns::limits::RateLimits;
 use crate::cgroup::validate_relative_path;
-use crate::names::normalize_host;
+use crate::names::{normalize_host, NameError};
 use hickory_proto::rr::RecordType;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -95,9 +95,32 @@ pub enum BackstopMode {
     Auto,
 }
 
+/// Why `interception.backstop: "auto"` leaves the backstop off: something
+/// the agents reach off loopback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackstopOff {
+    Resolver(SocketAddr),
+    Bypass(Cidr),
+}
+
+impl fmt::Display for BackstopOff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackstopOff::Resolver(server) => {
+                write!(f, "the resolver {server} (dns.servers) is not on loopback")
+            }
+            BackstopOff::Bypass(net) => {
+                write!(f, "{net} (interception.bypass) is reached off loopback")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BackstopOff {}
+
 impl Config {
     /// Whether the backstop goes on; `Err` says why `auto` leaves it off.
-    pub fn backstop_wanted(&self) -> Result<bool, String> {
+    pub fn backstop_wanted(&self) -> Result<bool, BackstopOff> {
         match self.interception.backstop {
             BackstopMode::Off => Ok(false),
             BackstopMode::On => Ok(true),
@@ -105,14 +128,9 @@ impl Config {
                 // Captured, the agents' DNS goes to our handler through lo.
                 let off_loopback = self.dns.servers.iter().find(|s| !s.ip().is_loopback());
                 if let Some(server) = off_loopback.filter(|_| !self.dns.capture) {
-                    Err(format!(
-                        "the resolver {server} (dns.servers) is not on loopback"
-                    ))
+                    Err(BackstopOff::Resolver(*server))
                 } else if let Some(net) = self.interception.bypass.first() {
-                    Err(format!(
-                        "{}/{} (interception.bypass) is reached off loopback",
-                        net.addr, net.prefix
-                    ))
+                    Err(BackstopOff::Bypass(*net))
                 } else {
                     Ok(true)
                 }
@@ -442,8 +460,35 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// Why a domain pattern is refused; each names the pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatternError {
+    /// A '*' anywhere but a leading "*.".
+    Wildcard(String),
+    IpAddress(String),
+    Name {
+        pattern: String,
+        source: NameError,
+    },
+}
+
+impl fmt::Display for PatternError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PatternError::Wildcard(s) => write!(
+                f,
+                "{s:?}: '*' is only allowed as a leading \"*.\" (subdomains only)"
+            ),
+            PatternError::IpAddress(s) => write!(f, "{s:?} is an IP address: put it in \"ips\""),
+            PatternError::Name { pattern, source } => write!(f, "{pattern:?}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for PatternError {}
+
 impl DomainPattern {
-    pub fn parse(s: &str) -> Result<DomainPattern, String> {
+    pub fn parse(s: &str) -> Result<DomainPattern, PatternError> {
         let (make, name): (fn(String) -> DomainPattern, &str) =
             if let Some(rest) = s.strip_prefix('=') {
                 (DomainPattern::Exact, rest)
@@ -453,16 +498,17 @@ impl DomainPattern {
                 (DomainPattern::NameAndSubdomains, s)
             };
         if name.contains('*') {
-            return Err(format!(
-                "{s:?}: '*' is only allowed as a leading \"*.\" (subdomains only)"
-            ));
+            return Err(PatternError::Wildcard(s.to_string()));
         }
         if name.parse::<IpAddr>().is_ok() {
-            return Err(format!("{s:?} is an IP address: put it in \"ips\""));
+            return Err(PatternError::IpAddress(s.to_string()));
         }
         normalize_host(name)
             .map(make)
-            .map_err(|e| format!("{s:?}: {e}"))
+            .map_err(|source| PatternError::Name {
+                pattern: s.to_string(),
+                source,
+            })
     }
 
     pub fn name(&self) -> &str {
@@ -1452,7 +1498,9 @@ impl Reader {
             .and_then(|v| {
                 self.array(&join(path, "domains"), v, |r, p, v| {
                     let s = r.string(p, v)?;
-                    DomainPattern::parse(s).map_err(|e| r.error(p, e)).ok()
+                    DomainPattern::parse(s)
+                        .map_err(|e| r.error(p, e.to_string()))
+                        .ok()
                 })
             })
             .unwrap_or_default();
@@ -2078,12 +2126,14 @@ mod tests {
         // Captured (the default), the agents' DNS goes to the handler on lo.
         assert_eq!(wanted(r#"{"dns": {"servers": ["192.0.2.53"]}}"#), Ok(true));
         let uncaptured = r#"{"dns": {"servers": ["127.0.0.53", "192.0.2.53"], "capture": false}}"#;
-        let off = wanted(uncaptured).unwrap_err();
+        let off = wanted(uncaptured).unwrap_err().to_string();
         assert!(
             off.contains("192.0.2.53:53") && off.contains("dns.servers"),
             "{off}"
         );
-        let off = wanted(r#"{"interception": {"bypass": ["10.0.0.0/8"]}}"#).unwrap_err();
+        let off = wanted(r#"{"interception": {"bypass": ["10.0.0.0/8"]}}"#)
+            .unwrap_err()
+            .to_string();
         assert!(off.contains("10.0.0.0/8"), "{off}");
         // Said outright, it is what was said.
         let on = r#"{"dns": {"servers": ["192.0.2.53"]}, "interception": {"backstop": true}}"#;

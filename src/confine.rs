@@ -11,6 +11,7 @@
 //! varlink API), which would resolve names outside the DNS handler.
 
 use std::ffi::{CStr, CString};
+use std::fmt;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,47 @@ pub enum RunAs {
     /// `--as-root`: CMD can undo the capture.
     Root,
 }
+
+/// Why CMD cannot be run as asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfineError {
+    /// SUDO_UID or PKEXEC_UID holds no uid.
+    NotAUid {
+        var: &'static str,
+        text: String,
+    },
+    /// CMD would run as root without `--as-root`.
+    WouldBeRoot,
+    NulInUser(String),
+    NoSuchUser(String),
+    NoPasswdEntry(libc::uid_t),
+    NulInGroupUser(String),
+    Groups(String),
+    NulInHiddenPath,
+}
+
+impl fmt::Display for ConfineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfineError::NotAUid { var, text } => write!(f, "{var}={text:?} is not a uid"),
+            ConfineError::WouldBeRoot => write!(
+                f,
+                "CMD would run as root, and root can undo the capture: give --user NAME \
+                 (run through sudo, CMD runs as you), or --as-root to accept that"
+            ),
+            ConfineError::NulInUser(name) => write!(f, "--user {name:?}: a NUL in it"),
+            ConfineError::NoSuchUser(name) => write!(f, "--user {name:?}: no such user"),
+            ConfineError::NoPasswdEntry(uid) => {
+                write!(f, "uid {uid} has no entry in the password database")
+            }
+            ConfineError::NulInGroupUser(name) => write!(f, "user {name:?}: a NUL in it"),
+            ConfineError::Groups(name) => write!(f, "cannot list the groups of {name}"),
+            ConfineError::NulInHiddenPath => write!(f, "a hidden path has a NUL in it"),
+        }
+    }
+}
+
+impl std::error::Error for ConfineError {}
 
 /// What CMD is told of the sockets hidden from it, as [`hidden_sockets`] lists them.
 const BUS_SOCKETS: &[&str] = &["/run/dbus/system_bus_socket", "/run/systemd/private"];
@@ -46,7 +88,7 @@ const ENGINE_SOCKETS: &[&str] = &[
 
 /// The user CMD runs as: `--user`, else whoever ran sudo or pkexec. Plain root
 /// without either must choose (`--user` or `--as-root`).
-pub fn run_as(user: Option<&str>, as_root: bool) -> Result<RunAs, String> {
+pub fn run_as(user: Option<&str>, as_root: bool) -> Result<RunAs, ConfineError> {
     if as_root {
         return Ok(RunAs::Root);
     }
@@ -55,9 +97,10 @@ pub fn run_as(user: Option<&str>, as_root: bool) -> Result<RunAs, String> {
     }
     for var in ["SUDO_UID", "PKEXEC_UID"] {
         if let Ok(text) = std::env::var(var) {
-            let uid: libc::uid_t = text
-                .parse()
-                .map_err(|_| format!("{var}={text:?} is not a uid"))?;
+            let uid: libc::uid_t = text.parse().map_err(|_| ConfineError::NotAUid {
+                var,
+                text: text.clone(),
+            })?;
             if uid != 0 {
                 return lookup_uid(uid);
             }
@@ -68,33 +111,29 @@ pub fn run_as(user: Option<&str>, as_root: bool) -> Result<RunAs, String> {
     if uid != 0 {
         return lookup_uid(uid);
     }
-    Err(ROOT_REFUSED.into())
+    Err(ConfineError::WouldBeRoot)
 }
 
-const ROOT_REFUSED: &str =
-    "CMD would run as root, and root can undo the capture: give --user NAME \
-     (run through sudo, CMD runs as you), or --as-root to accept that";
-
-fn not_root(run_as: RunAs) -> Result<RunAs, String> {
+fn not_root(run_as: RunAs) -> Result<RunAs, ConfineError> {
     match run_as {
-        RunAs::User { uid: 0, .. } => Err(ROOT_REFUSED.into()),
+        RunAs::User { uid: 0, .. } => Err(ConfineError::WouldBeRoot),
         other => Ok(other),
     }
 }
 
 /// The user's name and ids from the password database.
-fn lookup_name(name: &str) -> Result<RunAs, String> {
-    let c_name = CString::new(name).map_err(|_| format!("--user {name:?}: a NUL in it"))?;
+fn lookup_name(name: &str) -> Result<RunAs, ConfineError> {
+    let c_name = CString::new(name).map_err(|_| ConfineError::NulInUser(name.to_string()))?;
     // SAFETY: getpwnam returns a pointer into static storage or NULL; it is
     // read at once, before any other passwd call (exec is single-threaded here).
     let entry = unsafe { libc::getpwnam(c_name.as_ptr()) };
-    passwd_entry(entry).ok_or_else(|| format!("--user {name:?}: no such user"))
+    passwd_entry(entry).ok_or_else(|| ConfineError::NoSuchUser(name.to_string()))
 }
 
-fn lookup_uid(uid: libc::uid_t) -> Result<RunAs, String> {
+fn lookup_uid(uid: libc::uid_t) -> Result<RunAs, ConfineError> {
     // SAFETY: as in lookup_name.
     let entry = unsafe { libc::getpwuid(uid) };
-    passwd_entry(entry).ok_or_else(|| format!("uid {uid} has no entry in the password database"))
+    passwd_entry(entry).ok_or(ConfineError::NoPasswdEntry(uid))
 }
 
 fn passwd_entry(entry: *const libc::passwd) -> Option<RunAs> {
@@ -115,8 +154,8 @@ fn passwd_entry(entry: *const libc::passwd) -> Option<RunAs> {
 }
 
 /// The user's groups (primary included), from the group database.
-fn groups_of(name: &str, gid: libc::gid_t) -> Result<Vec<libc::gid_t>, String> {
-    let c_name = CString::new(name).map_err(|_| format!("user {name:?}: a NUL in it"))?;
+fn groups_of(name: &str, gid: libc::gid_t) -> Result<Vec<libc::gid_t>, ConfineError> {
+    let c_name = CString::new(name).map_err(|_| ConfineError::NulInGroupUser(name.to_string()))?;
     let mut groups: Vec<libc::gid_t> = vec![0; 64];
     loop {
         let mut count = groups.len() as libc::c_int;
@@ -130,7 +169,7 @@ fn groups_of(name: &str, gid: libc::gid_t) -> Result<Vec<libc::gid_t>, String> {
             return Ok(groups);
         }
         if count <= groups.len() || groups.len() >= 65_536 {
-            return Err(format!("cannot list the groups of {name}"));
+            return Err(ConfineError::Groups(name.to_string()));
         }
         groups.resize(count, 0);
     }
@@ -162,7 +201,11 @@ pub fn hidden_sockets(run_as: &RunAs, allow_bus: bool) -> Vec<PathBuf> {
 
 /// Makes `command` start as `run_as` in its own mount namespace with `hide`
 /// covered. Runs after the cgroup move (an earlier `pre_exec`), still as root.
-pub fn confine(command: &mut Command, run_as: &RunAs, hide: &[PathBuf]) -> Result<(), String> {
+pub fn confine(
+    command: &mut Command,
+    run_as: &RunAs,
+    hide: &[PathBuf],
+) -> Result<(), ConfineError> {
     let ids = match run_as {
         RunAs::User { name, uid, gid } => Some((*uid, *gid, groups_of(name, *gid)?)),
         RunAs::Root => None,
@@ -171,7 +214,7 @@ pub fn confine(command: &mut Command, run_as: &RunAs, hide: &[PathBuf]) -> Resul
         .iter()
         .map(|p| CString::new(p.as_os_str().as_encoded_bytes()))
         .collect::<Result<_, _>>()
-        .map_err(|_| "a hidden path has a NUL in it".to_string())?;
+        .map_err(|_| ConfineError::NulInHiddenPath)?;
     // SAFETY: the hook runs in the forked child between fork and exec and makes
     // only system calls on memory prepared here (no allocation, no locks).
     unsafe {
@@ -225,9 +268,11 @@ mod tests {
             run_as(Some("nobody"), false),
             Ok(RunAs::User { .. })
         ));
-        let err = run_as(Some("root"), false).unwrap_err();
+        let err = run_as(Some("root"), false).unwrap_err().to_string();
         assert!(err.contains("--as-root"), "{err}");
-        let err = run_as(Some("no-such-user-agent-egress"), false).unwrap_err();
+        let err = run_as(Some("no-such-user-agent-egress"), false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no such user"), "{err}");
         assert_eq!(run_as(Some("root"), true), Ok(RunAs::Root));
     }

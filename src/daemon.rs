@@ -1,8 +1,7 @@
 //! `run`, `down` and `status`: the daemon's life around the proxy.
 
-use crate::audit::{AuditLog, AuditThread, Sink};
+use crate::audit::Sink;
 use crate::capture::Capture;
-use crate::cli::RunArgs;
 use crate::config::Config;
 use crate::control::rules::RuleSet;
 use crate::control::socket::Peer;
@@ -10,11 +9,21 @@ use crate::control::state::{self, LoadedConfig, PolicyState};
 use crate::control::{ControlServer, ReloadRequest};
 use crate::instance;
 use crate::notify;
-use crate::procinfo::Attributor;
 use crate::proxy::{Proxy, Runtime};
+use crate::startup::{start_audit, start_capture, stop_audit};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use std::path::PathBuf;
 use std::sync::mpsc;
+
+/// How `run` was asked to run.
+pub struct Options {
+    /// The JSON config file.
+    pub config: PathBuf,
+    /// On a graceful stop, remove the kernel state instead of leaving the
+    /// agents locked out.
+    pub cleanup_on_exit: bool,
+}
 
 /// What the main thread waits for: a signal, or a reload asked over the API.
 enum Message {
@@ -22,7 +31,7 @@ enum Message {
     Reload(ReloadRequest),
 }
 
-pub fn run(args: &RunArgs) -> i32 {
+pub fn run(args: &Options) -> i32 {
     let loaded = match LoadedConfig::load(&args.config) {
         Ok(l) => l,
         Err(errors) => {
@@ -68,7 +77,7 @@ pub fn run(args: &RunArgs) -> i32 {
         match start_audit(Sink::from_config(config.audit.path.as_deref()), &config) {
             Ok(a) => a,
             Err(e) => {
-                log::error!("{e}");
+                log::error!("audit: {e}");
                 return 1;
             }
         };
@@ -110,7 +119,7 @@ pub fn run(args: &RunArgs) -> i32 {
         None
     };
     let capture = if runtime.config.interception.manage_kernel {
-        match Capture::start(&runtime.config, proxy.shared().clone()) {
+        match start_capture(&runtime.config, &proxy, &audit) {
             Ok(c) => Some(c),
             Err(e) => {
                 log::error!("{e}");
@@ -247,18 +256,6 @@ fn reload(
         )]);
     }
     policy.replace_config(next, by).map_err(strings)
-}
-
-pub fn start_audit(sink: Sink, config: &Config) -> Result<(AuditLog, AuditThread), String> {
-    AuditLog::start(sink, config.audit.queue, Some(Attributor::default()))
-        .map_err(|e| format!("audit: {e}"))
-}
-
-/// Write what is queued, then let the writer go.
-pub fn stop_audit(thread: AuditThread) {
-    if let Err(e) = thread.flush_and_stop() {
-        log::error!("audit: {e}");
-    }
 }
 
 /// Each connection holds two sockets and, while data flows, two pipes.

@@ -52,7 +52,7 @@ fn check(check: impl Into<String>, ok: bool, detail: impl Into<String>) -> Check
 pub fn run(config: &Config) -> Vec<Check> {
     let status = match Capture::status(config) {
         Ok(s) => s,
-        Err(e) => return vec![check("kernel state", false, e)],
+        Err(e) => return vec![check("kernel state", false, e.to_string())],
     };
     let table = &config.interception.table;
     let mut checks = vec![
@@ -182,7 +182,7 @@ fn probe(table: &str, root: &Path, path: &str, dns_captured: bool) -> Vec<Check>
     }
     let answer = match outcome {
         Ok(answer) => answer,
-        Err(e) => return vec![check(tcp, false, e)],
+        Err(e) => return vec![check(tcp, false, e.to_string())],
     };
     let (udp_sent, answer) = answer.split_once('\n').unwrap_or(("", &answer));
     let (dns_answer, answer) = answer.split_once('\n').unwrap_or(("", answer));
@@ -330,13 +330,31 @@ fn probe_tcp() -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// The probe's child process could not be started.
+#[derive(Debug)]
+enum ProbeError {
+    Pipe(std::io::Error),
+    Fork(std::io::Error),
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeError::Pipe(e) => write!(f, "pipe: {e}"),
+            ProbeError::Fork(e) => write!(f, "fork: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ProbeError {}
+
 /// Runs `work` in a child process moved into `root/rel` first; its result.
-fn in_cgroup(root: &Path, rel: &str, work: fn() -> String) -> Result<String, String> {
+fn in_cgroup(root: &Path, rel: &str, work: fn() -> String) -> Result<String, ProbeError> {
     let procs = root.join(rel).join("cgroup.procs");
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into fds.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+        return Err(ProbeError::Pipe(std::io::Error::last_os_error()));
     }
     // SAFETY: both descriptors were just made and are owned by nobody else.
     let (read_end, write_end) =
@@ -344,7 +362,7 @@ fn in_cgroup(root: &Path, rel: &str, work: fn() -> String) -> Result<String, Str
     // SAFETY: doctor is single-threaded (no other thread holds a lock the
     // child could need); the child only writes files and sockets, then _exits.
     match unsafe { libc::fork() } {
-        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        -1 => Err(ProbeError::Fork(std::io::Error::last_os_error())),
         0 => {
             drop(read_end);
             let answer = match std::fs::write(&procs, b"0") {

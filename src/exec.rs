@@ -4,54 +4,114 @@
 //! the proxy in this process, CMD started inside the cgroup, and everything
 //! torn down when CMD ends (or is killed, or we are interrupted).
 
-use crate::audit::{AuditLog, Sink};
-use crate::capture::Capture;
-use crate::cgroup;
-use crate::config::{Config, DomainPattern, Rule};
-use crate::confine::{self, RunAs};
-use crate::daemon;
+use crate::audit::{AuditError, AuditLog, Sink};
+use crate::capture::CaptureError;
+use crate::cgroup::{self, CgroupError};
+use crate::config::{Config, ConfigErrors, DomainPattern, PatternError, Rule};
+use crate::confine::{self, ConfineError, RunAs};
 use crate::presets;
 use crate::proxy::{Proxy, Runtime};
-use clap::Args;
+use crate::startup::{start_audit, start_capture, stop_audit};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
+use std::fmt;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-#[derive(Args)]
-pub struct ExecArgs {
+/// How `exec` was asked to run CMD.
+pub struct Options {
     /// A JSON config whose rules, outbounds and limits apply (its table,
     /// marks, port and cgroups are replaced by this run's own).
-    #[arg(long, short)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Allow this domain pattern (repeatable): `example.com`, `=example.com`, `*.example.com`.
-    #[arg(long = "allow", value_name = "DOMAIN")]
-    allow: Vec<String>,
+    pub allow: Vec<String>,
     /// Allow a preset's domains (repeatable); `--preset list` names them.
-    #[arg(long = "preset", value_name = "NAME")]
-    presets: Vec<String>,
+    pub presets: Vec<String>,
     /// Write audit records (JSON lines) to this file instead of standard error.
-    #[arg(long)]
-    audit: Option<PathBuf>,
+    pub audit: Option<PathBuf>,
     /// Record what the policy would do but let everything through.
-    #[arg(long)]
-    audit_only: bool,
+    pub audit_only: bool,
     /// Run CMD as this user (default: the one who ran sudo or pkexec).
-    #[arg(long, value_name = "NAME")]
-    user: Option<String>,
+    pub user: Option<String>,
     /// Run CMD as root, which can undo the capture.
-    #[arg(long, conflicts_with = "user")]
-    as_root: bool,
+    pub as_root: bool,
     /// Leave systemd's and D-Bus's sockets visible to CMD (through them it can
     /// start processes outside its cgroup).
-    #[arg(long)]
-    allow_bus: bool,
+    pub allow_bus: bool,
     /// The command and its arguments (none with `--preset list`).
-    #[arg(last = true, value_name = "CMD")]
-    command: Vec<String>,
+    pub command: Vec<String>,
 }
+
+/// Why CMD could not be run under control.
+#[derive(Debug)]
+pub enum ExecError {
+    ReadStatus(io::Error),
+    /// Without CAP_NET_ADMIN every step would fail with its own EPERM.
+    NeedsRoot,
+    Config {
+        path: PathBuf,
+        errors: ConfigErrors,
+    },
+    Allow {
+        index: usize,
+        error: PatternError,
+    },
+    NoPreset(String),
+    Preset {
+        name: String,
+        error: PatternError,
+    },
+    /// `--allow` needs the "direct" outbound, which the config took away.
+    NoDirect,
+    Confine(ConfineError),
+    Signals(io::Error),
+    Cgroup(CgroupError),
+    Audit(AuditError),
+    FreePort(io::Error),
+    Proxy(io::Error),
+    Capture(CaptureError),
+    Spawn {
+        program: String,
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for ExecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExecError::ReadStatus(e) => write!(f, "cannot read /proc/self/status: {e}"),
+            ExecError::NeedsRoot => write!(
+                f,
+                "needs root (run it with sudo): CAP_NET_ADMIN for its nftables table, policy \
+                 routing and transparent listener, write access to the cgroup tree for CMD's \
+                 cgroup, and CAP_BPF for the connect log that names CMD's processes"
+            ),
+            ExecError::Config { path, errors } => write!(f, "{}:\n{errors}", path.display()),
+            ExecError::Allow { index, error } => write!(f, "--allow[{index}]: {error}"),
+            ExecError::NoPreset(name) => {
+                write!(f, "no preset named {name:?} (`--preset list` names them)")
+            }
+            ExecError::Preset { name, error } => write!(f, "preset {name}: {error}"),
+            ExecError::NoDirect => write!(
+                f,
+                "the config redefines away the \"direct\" outbound that --allow uses"
+            ),
+            ExecError::Confine(e) => write!(f, "{e}"),
+            ExecError::Signals(e) => write!(f, "cannot handle signals: {e}"),
+            ExecError::Cgroup(e) => write!(f, "{e}"),
+            ExecError::Audit(e) => write!(f, "audit: {e}"),
+            ExecError::FreePort(e) => write!(f, "cannot find a free port: {e}"),
+            ExecError::Proxy(e) => write!(f, "cannot start the proxy: {e}"),
+            ExecError::Capture(e) => write!(f, "{e}"),
+            ExecError::Spawn { program, source } => write!(f, "cannot run {program:?}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for ExecError {}
 
 /// Exit code when we fail before CMD runs (like `env` and `timeout`).
 const SETUP_FAILED: i32 = 125;
@@ -62,26 +122,20 @@ const CAP_NET_ADMIN: u32 = 12;
 
 /// Whether this process may set up the capture, before anything is touched:
 /// without it every step would fail with its own EPERM.
-fn may_capture() -> Result<(), String> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+fn may_capture() -> Result<(), ExecError> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(ExecError::ReadStatus)?;
     let effective = status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
     if effective & (1 << CAP_NET_ADMIN) == 0 {
-        return Err(
-            "needs root (run it with sudo): CAP_NET_ADMIN for its nftables table, policy \
-             routing and transparent listener, write access to the cgroup tree for CMD's \
-             cgroup, and CAP_BPF for the connect log that names CMD's processes"
-                .into(),
-        );
+        return Err(ExecError::NeedsRoot);
     }
     Ok(())
 }
 
-pub fn exec(args: ExecArgs) -> i32 {
+pub fn exec(args: Options) -> i32 {
     if args.presets.iter().any(|p| p == "list") {
         for (name, preset) in presets::all() {
             println!("{name:20} {}", preset.description);
@@ -93,7 +147,9 @@ pub fn exec(args: ExecArgs) -> i32 {
         return USAGE;
     }
     let prepared = may_capture()
-        .and_then(|()| confine::run_as(args.user.as_deref(), args.as_root))
+        .and_then(|()| {
+            confine::run_as(args.user.as_deref(), args.as_root).map_err(ExecError::Confine)
+        })
         .and_then(|run_as| Ok((run_as, exec_config(&args)?)));
     let (run_as, config) = match prepared {
         Ok(p) => p,
@@ -118,20 +174,26 @@ pub fn exec(args: ExecArgs) -> i32 {
 }
 
 /// The policy: the given config (or block-all), plus --allow and --preset.
-fn exec_config(args: &ExecArgs) -> Result<Config, String> {
+fn exec_config(args: &Options) -> Result<Config, ExecError> {
     let mut config = match &args.config {
-        Some(path) => Config::load(path).map_err(|e| format!("{}:\n{e}", path.display()))?,
+        Some(path) => Config::load(path).map_err(|errors| ExecError::Config {
+            path: path.clone(),
+            errors,
+        })?,
         None => Config::default(),
     };
     let mut domains = Vec::new();
     for (i, d) in args.allow.iter().enumerate() {
-        domains.push(DomainPattern::parse(d).map_err(|e| format!("--allow[{i}]: {e}"))?);
+        domains
+            .push(DomainPattern::parse(d).map_err(|error| ExecError::Allow { index: i, error })?);
     }
     for name in &args.presets {
-        let preset = presets::get(name)
-            .ok_or_else(|| format!("no preset named {name:?} (`--preset list` names them)"))?;
+        let preset = presets::get(name).ok_or_else(|| ExecError::NoPreset(name.clone()))?;
         for d in &preset.domains {
-            domains.push(DomainPattern::parse(d).map_err(|e| format!("preset {name}: {e}"))?);
+            domains.push(DomainPattern::parse(d).map_err(|error| ExecError::Preset {
+                name: name.clone(),
+                error,
+            })?);
         }
     }
     if !domains.is_empty() {
@@ -150,9 +212,7 @@ fn exec_config(args: &ExecArgs) -> Result<Config, String> {
             },
         );
         if !config.outbounds.contains_key("direct") {
-            return Err(
-                "the config redefines away the \"direct\" outbound that --allow uses".into(),
-            );
+            return Err(ExecError::NoDirect);
         }
     }
     if config.dns.servers.is_empty() {
@@ -187,17 +247,17 @@ fn system_resolvers() -> Vec<SocketAddr> {
         .collect()
 }
 
-fn run(args: &ExecArgs, mut config: Config, run_as: &RunAs) -> Result<i32, String> {
+fn run(args: &Options, mut config: Config, run_as: &RunAs) -> Result<i32, ExecError> {
     // Taken before any thread starts, so the helper threads never get them.
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
-        .map_err(|e| format!("cannot handle signals: {e}"))?;
-    let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]).map_err(ExecError::Signals)?;
+    let root = cgroup::cgroup2_root().map_err(ExecError::Cgroup)?;
     let cgroup_path = config.interception.cgroups[0].clone();
     let sink = match &config.audit.path {
         Some(p) => Sink::File(p.clone()),
         None => Sink::Stderr,
     };
-    let (audit, audit_thread) = daemon::start_audit(sink, &config)?;
+    let (audit, audit_thread) = start_audit(sink, &config).map_err(ExecError::Audit)?;
     let proxy = start_proxy_on_free_port(&mut config, audit.clone())?;
     let runtime = proxy.shared().runtime();
     proxy.shared().enable_summary();
@@ -205,24 +265,25 @@ fn run(args: &ExecArgs, mut config: Config, run_as: &RunAs) -> Result<i32, Strin
         root: root.clone(),
         cgroup: cgroup_path.clone(),
     };
-    cgroup::create(&root, &cgroup_path).map_err(|e| e.to_string())?;
-    let capture = match Capture::start(&runtime.config, proxy.shared().clone()) {
+    cgroup::create(&root, &cgroup_path).map_err(ExecError::Cgroup)?;
+    let capture = match start_capture(&runtime.config, &proxy, &audit) {
         Ok(c) => c,
         Err(e) => {
             teardown.remove_cgroup();
-            return Err(e);
+            return Err(ExecError::Capture(e));
         }
     };
     let mut command = Command::new(&args.command[0]);
     command.args(&args.command[1..]);
     let hidden = confine::hidden_sockets(run_as, args.allow_bus);
     let child = cgroup::command_in_cgroup(&mut command, &root, &cgroup_path)
-        .map_err(|e| e.to_string())
-        .and_then(|()| confine::confine(&mut command, run_as, &hidden))
+        .map_err(ExecError::Cgroup)
+        .and_then(|()| confine::confine(&mut command, run_as, &hidden).map_err(ExecError::Confine))
         .and_then(|()| {
-            command
-                .spawn()
-                .map_err(|e| format!("cannot run {:?}: {e}", args.command[0]))
+            command.spawn().map_err(|source| ExecError::Spawn {
+                program: args.command[0].clone(),
+                source,
+            })
         });
     let code = match child {
         Ok(mut child) => wait_for(&mut child, &mut signals, &teardown),
@@ -236,29 +297,26 @@ fn run(args: &ExecArgs, mut config: Config, run_as: &RunAs) -> Result<i32, Strin
     capture.remove();
     let summary = proxy.shared().summary();
     proxy.stop();
-    daemon::stop_audit(audit_thread);
+    stop_audit(audit_thread);
     eprint!("{}", summary.render());
     Ok(code)
 }
 
 /// The proxy on a port nobody uses; the port goes into the config the
 /// kernel rules are made from.
-fn start_proxy_on_free_port(config: &mut Config, audit: AuditLog) -> Result<Proxy, String> {
-    let mut last = String::new();
-    for _ in 0..8 {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")
-            .map_err(|e| format!("cannot find a free port: {e}"))?;
-        config.listen.port = probe
-            .local_addr()
-            .map_err(|e| format!("cannot find a free port: {e}"))?
-            .port();
+fn start_proxy_on_free_port(config: &mut Config, audit: AuditLog) -> Result<Proxy, ExecError> {
+    const ATTEMPTS: usize = 8;
+    let mut attempt = 1;
+    loop {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").map_err(ExecError::FreePort)?;
+        config.listen.port = probe.local_addr().map_err(ExecError::FreePort)?.port();
         drop(probe);
         match Proxy::start(Runtime::new(config.clone()), audit.clone()) {
             Ok(p) => return Ok(p),
-            Err(e) => last = e.to_string(),
+            Err(e) if attempt == ATTEMPTS => return Err(ExecError::Proxy(e)),
+            Err(_) => attempt += 1,
         }
     }
-    Err(format!("cannot start the proxy: {last}"))
 }
 
 /// Wait for CMD; on a signal, pass it on (Ctrl-C reaches CMD from the

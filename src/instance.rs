@@ -6,6 +6,7 @@
 //! process however it ends, and a second claimant learns the holder's pid from
 //! SO_PEERCRED by connecting to it.
 
+use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
@@ -16,8 +17,36 @@ pub struct InstanceLock {
     _claims: Vec<UnixListener>,
 }
 
+#[derive(Debug)]
+pub enum ClaimError {
+    /// Another daemon holds it: `holder` says which, as far as it is known.
+    Held {
+        holder: String,
+        what: String,
+    },
+    Io {
+        what: String,
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for ClaimError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClaimError::Held { holder, what } => write!(
+                f,
+                "{holder} already runs with {what} in this network namespace: stop it first, \
+                 or give this one another interception.table and listen.port"
+            ),
+            ClaimError::Io { what, source } => write!(f, "claiming {what}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for ClaimError {}
+
 /// Claims `table` and `port`, or says which process holds them.
-pub fn claim(table: &str, port: u16) -> Result<InstanceLock, String> {
+pub fn claim(table: &str, port: u16) -> Result<InstanceLock, ClaimError> {
     let claims = [
         (
             format!("agent-egress/table/{table}"),
@@ -32,9 +61,12 @@ pub fn claim(table: &str, port: u16) -> Result<InstanceLock, String> {
     Ok(InstanceLock { _claims: held })
 }
 
-fn claim_one(name: &str, what: &str) -> Result<UnixListener, String> {
-    let addr = SocketAddr::from_abstract_name(name.as_bytes())
-        .map_err(|e| format!("claiming {what}: {e}"))?;
+fn claim_one(name: &str, what: &str) -> Result<UnixListener, ClaimError> {
+    let failed = |source| ClaimError::Io {
+        what: what.to_string(),
+        source,
+    };
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(failed)?;
     match UnixListener::bind_addr(&addr) {
         Ok(listener) => Ok(listener),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
@@ -42,12 +74,12 @@ fn claim_one(name: &str, what: &str) -> Result<UnixListener, String> {
                 Ok(pid) => format!("agent-egress pid {pid}"),
                 Err(e) => format!("another agent-egress (its pid unknown: {e})"),
             };
-            Err(format!(
-                "{holder} already runs with {what} in this network namespace: stop it first, \
-                 or give this one another interception.table and listen.port"
-            ))
+            Err(ClaimError::Held {
+                holder,
+                what: what.to_string(),
+            })
         }
-        Err(e) => Err(format!("claiming {what}: {e}")),
+        Err(e) => Err(failed(e)),
     }
 }
 
@@ -82,7 +114,7 @@ mod tests {
     fn a_second_claim_names_the_holder_and_a_released_one_is_free() {
         let table = format!("instance_test_{}", std::process::id());
         let first = claim(&table, 1).unwrap();
-        let err = claim(&table, 2).err().unwrap();
+        let err = claim(&table, 2).err().unwrap().to_string();
         assert!(
             err.contains(&format!("pid {}", std::process::id()))
                 && err.contains(&format!("table inet {table}")),

@@ -1,5 +1,6 @@
 //! agent-egress: a Linux egress controller for AI agents.
 pub mod agent_dns;
+pub mod agent_index;
 pub mod audit;
 pub mod audit_log;
 pub mod audit_read;
@@ -33,5 +34,6 @@ pub mod procinfo;
 pub mod proxy;
 pub mod routing;
 pub mod sniff;
+pub mod startup;
 pub mod suggest;
 pub mod watch;

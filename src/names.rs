@@ -9,32 +9,60 @@ use idna::AsciiDenyList;
 const MAX_NAME_LEN: usize = 253;
 const MAX_LABEL_LEN: usize = 63;
 
+/// Why a name is no host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameError {
+    Empty,
+    NotValid(String),
+    TooLong,
+    EmptyLabel(String),
+    LabelTooLong(String),
+    BadCharacters(String),
+}
+
+impl std::fmt::Display for NameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NameError::Empty => write!(f, "empty host name"),
+            NameError::NotValid(raw) => write!(f, "{raw:?} is not a valid host name"),
+            NameError::TooLong => write!(f, "host name longer than {MAX_NAME_LEN} bytes"),
+            NameError::EmptyLabel(raw) => write!(f, "{raw:?} has an empty label"),
+            NameError::LabelTooLong(raw) => {
+                write!(f, "{raw:?} has a label longer than {MAX_LABEL_LEN} bytes")
+            }
+            NameError::BadCharacters(raw) => {
+                write!(f, "{raw:?} has characters a host name cannot have")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NameError {}
+
 /// Lower-case, strip one trailing dot, map IDN to punycode (UTS 46), and check
 /// the result is a name DNS could carry.
-pub fn normalize_host(raw: &str) -> Result<String, String> {
+pub fn normalize_host(raw: &str) -> Result<String, NameError> {
     let trimmed = raw.strip_suffix('.').unwrap_or(raw);
     if trimmed.is_empty() {
-        return Err("empty host name".into());
+        return Err(NameError::Empty);
     }
     let ascii = idna::domain_to_ascii_cow(trimmed.as_bytes(), AsciiDenyList::URL)
-        .map_err(|_| format!("{raw:?} is not a valid host name"))?;
+        .map_err(|_| NameError::NotValid(raw.to_string()))?;
     if ascii.len() > MAX_NAME_LEN {
-        return Err(format!("host name longer than {MAX_NAME_LEN} bytes"));
+        return Err(NameError::TooLong);
     }
     for label in ascii.split('.') {
         if label.is_empty() {
-            return Err(format!("{raw:?} has an empty label"));
+            return Err(NameError::EmptyLabel(raw.to_string()));
         }
         if label.len() > MAX_LABEL_LEN {
-            return Err(format!(
-                "{raw:?} has a label longer than {MAX_LABEL_LEN} bytes"
-            ));
+            return Err(NameError::LabelTooLong(raw.to_string()));
         }
         if !label
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         {
-            return Err(format!("{raw:?} has characters a host name cannot have"));
+            return Err(NameError::BadCharacters(raw.to_string()));
         }
     }
     Ok(ascii.into_owned())

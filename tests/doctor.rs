@@ -27,6 +27,19 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// The doctor fails, its report saying each of `lines`.
+fn doctor_fails_saying(world: &World, d: &Daemon, lines: &[String]) {
+    let out = doctor(world, d);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    for line in lines {
+        assert!(
+            report.contains(line.as_str()),
+            "missing {line:?} in\n{report}"
+        );
+    }
+}
+
 fn signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill(2) on the daemon this test started.
     assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
@@ -73,17 +86,14 @@ fn doctor_passes_on_a_healthy_daemon_and_names_what_broke() {
     // Frozen: the listener's backlog takes the connection, nobody answers it.
     let pid = d.guard.pid();
     signal(pid, libc::SIGSTOP);
-    let out = doctor(&world, &d);
-    let frozen = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{frozen}");
-    assert!(
-        frozen.contains(&format!("FAIL  capture of TCP from {agent}")),
-        "{frozen}"
-    );
-    // Its DNS handler is frozen too: nobody answers the probe's query.
-    assert!(
-        frozen.contains(&format!("FAIL  capture of DNS from {agent}")),
-        "{frozen}"
+    doctor_fails_saying(
+        &world,
+        &d,
+        &[
+            format!("FAIL  capture of TCP from {agent}"),
+            // Its DNS handler is frozen too: nobody answers the probe's query.
+            format!("FAIL  capture of DNS from {agent}"),
+        ],
     );
 
     // And its table gone: said as such.
@@ -92,12 +102,10 @@ fn doctor_passes_on_a_healthy_daemon_and_names_what_broke() {
         .status()
         .expect("nft");
     assert!(deleted.success());
-    let out = doctor(&world, &d);
-    let gone = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{gone}");
-    assert!(
-        gone.contains("FAIL  table inet agent_egress: missing"),
-        "{gone}"
+    doctor_fails_saying(
+        &world,
+        &d,
+        &["FAIL  table inet agent_egress: missing".into()],
     );
 
     // And its policy routing gone (the rules that send marked packets to lo).
@@ -110,13 +118,7 @@ fn doctor_passes_on_a_healthy_daemon_and_names_what_broke() {
             .expect("ip rule");
         assert!(deleted.success());
     }
-    let out = doctor(&world, &d);
-    let unrouted = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{unrouted}");
-    assert!(
-        unrouted.contains("FAIL  policy routing: missing"),
-        "{unrouted}"
-    );
+    doctor_fails_saying(&world, &d, &["FAIL  policy routing: missing".into()]);
 
     // Thawed, the daemon repairs its table and the doctor is content again.
     signal(pid, libc::SIGCONT);

@@ -312,48 +312,24 @@ fn cgroup_members_and_their_level_rules_follow_add_and_remove() {
     };
     let members = || set_members(&ns.table_json().unwrap());
     let (a, b, c, d) = (fake_id(1), fake_id(2), fake_id(3), fake_id(4));
+    let matches = |ids: [(u64, u32); 2]| ids.map(|(id, level)| CgroupMatch { id, level });
 
     ns.run(|| netfilter::install(&plan(vec![])).unwrap());
     assert_eq!(members(), Vec::<u64>::new());
     assert_eq!(level_rules(2), 0);
 
-    ns.run(|| {
-        netfilter::add_cgroups(
-            DEFAULT_TABLE,
-            &[
-                CgroupMatch { id: a, level: 2 },
-                CgroupMatch { id: b, level: 2 },
-            ],
-        )
-        .unwrap()
-    });
+    ns.run(|| netfilter::add_cgroups(DEFAULT_TABLE, &matches([(a, 2), (b, 2)])).unwrap());
     assert_eq!(members(), [a, b]);
     assert_eq!(level_rules(2), 1);
 
     // An existing member and a new level: the level gets its one rule.
-    ns.run(|| {
-        netfilter::add_cgroups(
-            DEFAULT_TABLE,
-            &[
-                CgroupMatch { id: a, level: 2 },
-                CgroupMatch { id: c, level: 4 },
-            ],
-        )
-        .unwrap()
-    });
+    ns.run(|| netfilter::add_cgroups(DEFAULT_TABLE, &matches([(a, 2), (c, 4)])).unwrap());
     assert_eq!(members(), [a, b, c]);
     assert_eq!((level_rules(2), level_rules(4)), (1, 1));
 
     // Removing a non-member (d) is no error.
     ns.run(|| {
-        netfilter::remove_cgroups(
-            DEFAULT_TABLE,
-            &[
-                CgroupMatch { id: a, level: 2 },
-                CgroupMatch { id: d, level: 2 },
-            ],
-        )
-        .unwrap();
+        netfilter::remove_cgroups(DEFAULT_TABLE, &matches([(a, 2), (d, 2)])).unwrap();
         netfilter::remove_cgroups(DEFAULT_TABLE, &[]).unwrap();
     });
     assert_eq!(members(), [b, c]);

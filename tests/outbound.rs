@@ -219,23 +219,33 @@ fn socks5_microsocks_username_password() {
     else {
         return;
     };
+    credentials_are_checked(
+        proxy,
+        |t, c| Box::new(Socks5Handshake::new(t, c).unwrap()),
+        "socks5: upstream refused our username/password",
+        "none of our authentication methods",
+    );
+}
+
+/// agent/s3cret opens a tunnel; a wrong password is refused (the error
+/// starting `wrong`), and so is no password (the error containing `none`).
+fn credentials_are_checked(
+    proxy: SocketAddr,
+    handshake: impl Fn(Target, Option<&Credentials>) -> Box<dyn Handshake>,
+    wrong: &str,
+    none: &str,
+) {
     let port = greeting_echo_server();
     let target = || Target::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-
-    let mut h = Socks5Handshake::new(target(), Some(&creds("agent", "s3cret"))).unwrap();
-    let (stream, leftover) = through(proxy, &mut h).unwrap();
+    let mut h = handshake(target(), Some(&creds("agent", "s3cret")));
+    let (stream, leftover) = through(proxy, &mut *h).unwrap();
     assert_tunnel_works(stream, leftover);
-
-    let mut h = Socks5Handshake::new(target(), Some(&creds("agent", "wrong"))).unwrap();
-    let err = through(proxy, &mut h).unwrap_err();
-    assert!(
-        err.starts_with("socks5: upstream refused our username/password"),
-        "{err}"
-    );
-
-    let mut h = Socks5Handshake::new(target(), None).unwrap();
-    let err = through(proxy, &mut h).unwrap_err();
-    assert!(err.contains("none of our authentication methods"), "{err}");
+    let mut h = handshake(target(), Some(&creds("agent", "wrong")));
+    let err = through(proxy, &mut *h).unwrap_err();
+    assert!(err.starts_with(wrong), "{err}");
+    let mut h = handshake(target(), None);
+    let err = through(proxy, &mut *h).unwrap_err();
+    assert!(err.contains(none), "{err}");
 }
 
 #[test]
@@ -301,23 +311,12 @@ fn http_connect_tinyproxy_basic_auth() {
     let Some((_server, proxy, _scratch)) = tinyproxy("http-auth", Some(("agent", "s3cret"))) else {
         return;
     };
-    let port = greeting_echo_server();
-    let target = || Target::Addr(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-
-    let mut h = HttpConnectHandshake::new(target(), Some(&creds("agent", "s3cret"))).unwrap();
-    let (stream, leftover) = through(proxy, &mut h).unwrap();
-    assert_tunnel_works(stream, leftover);
-
-    let mut h = HttpConnectHandshake::new(target(), Some(&creds("agent", "wrong"))).unwrap();
-    let err = through(proxy, &mut h).unwrap_err();
-    assert!(
-        err.starts_with("http connect: upstream refused our proxy credentials (HTTP/1."),
-        "{err}"
+    credentials_are_checked(
+        proxy,
+        |t, c| Box::new(HttpConnectHandshake::new(t, c).unwrap()),
+        "http connect: upstream refused our proxy credentials (HTTP/1.",
+        "none are configured",
     );
-
-    let mut h = HttpConnectHandshake::new(target(), None).unwrap();
-    let err = through(proxy, &mut h).unwrap_err();
-    assert!(err.contains("none are configured"), "{err}");
 }
 
 const STREAM: Token = Token(1);

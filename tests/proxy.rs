@@ -376,6 +376,13 @@ fn silent_client(world: &World) -> std::process::Child {
         .expect("python3")
 }
 
+fn end_all(clients: Vec<std::process::Child>) {
+    for mut c in clients {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 #[test]
 fn connection_limit_refuses_and_counts() {
     if !harness::require_root_and_tools(&["curl", PYTHON]) {
@@ -398,11 +405,67 @@ fn connection_limit_refuses_and_counts() {
         "{}",
         d.guard.log()
     );
-    for mut h in holders {
-        let _ = h.kill();
-        let _ = h.wait();
-    }
+    end_all(holders);
     std::thread::sleep(Duration::from_millis(300));
+    curl_ok(&world, "https://allowed.test/");
+    alive(&mut d);
+}
+
+/// How many times a thread of `pid` named `name` has been switched out.
+fn context_switches(pid: u32, name: &str) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    for task in tasks.flatten() {
+        let dir = task.path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
+            let status = std::fs::read_to_string(dir.join("status")).expect("status");
+            return status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                .sum();
+        }
+    }
+    panic!("no thread {name} in {pid}");
+}
+
+#[test]
+fn idle_connections_leave_the_worker_asleep() {
+    if !harness::require_root_and_tools(&["curl", PYTHON]) {
+        return;
+    }
+    let world = World::new();
+    let mut d = start(
+        &world,
+        json!({"listen": {"port": daemon::PORT, "workers": 1}, "limits": {"sniff_timeout_ms": 60000}}),
+    );
+    // One process holding a hundred connections that send nothing.
+    let mut holder = world
+        .agent_cmd([
+            PYTHON,
+            "-c",
+            "import socket, time\n\
+             held = [socket.create_connection(('198.51.100.10', 443)) for _ in range(100)]\n\
+             print('open', flush=True)\n\
+             time.sleep(60)",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut open = [0u8; 5];
+    holder
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut open)
+        .expect("the connections open");
+    std::thread::sleep(Duration::from_millis(500));
+    // No deadline near: the worker sleeps (a wake-up a second at most), it
+    // does not look at its hundred sessions every few milliseconds.
+    let before = context_switches(d.guard.pid(), "worker-0");
+    std::thread::sleep(Duration::from_secs(2));
+    let woken = context_switches(d.guard.pid(), "worker-0") - before;
+    assert!(woken <= 6, "the idle worker woke {woken} times in 2 s");
+    end_all(vec![holder]);
     curl_ok(&world, "https://allowed.test/");
     alive(&mut d);
 }
@@ -469,10 +532,7 @@ fn running_out_of_fds_refuses_without_spinning() {
         .collect();
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     assert!(ticks < 100, "the daemon burnt {ticks} ticks of CPU");
-    for mut h in holders {
-        let _ = h.kill();
-        let _ = h.wait();
-    }
+    end_all(holders);
     std::thread::sleep(Duration::from_millis(3500));
     curl_ok(&world, "https://allowed.test/");
     alive(&mut d);

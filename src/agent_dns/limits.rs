@@ -9,6 +9,7 @@
 //! when full, those whose minute is over go first, else the oldest window.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::time::{Duration, Instant};
 
 pub const MAX_TRACKED: usize = 4096;
@@ -40,6 +41,29 @@ struct Names {
     seen: HashSet<String>,
 }
 
+/// Which limit a query hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OverLimit {
+    QueriesPerSecond(u32),
+    NamesPerParent { limit: u32, parent: String },
+}
+
+impl fmt::Display for OverLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OverLimit::QueriesPerSecond(n) => {
+                write!(f, "over {n} queries a second (dns.rate_limit.queries_per_second)")
+            }
+            OverLimit::NamesPerParent { limit, parent } => write!(
+                f,
+                "over {limit} distinct names below {parent} in a minute (dns.rate_limit.names_per_parent)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for OverLimit {}
+
 impl Limiter {
     /// Whether `agent` may ask for `name` now; `Err` says which limit it hit.
     pub fn admit(
@@ -48,7 +72,7 @@ impl Limiter {
         agent: Option<&str>,
         name: &str,
         now: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), OverLimit> {
         let agent_key = agent.map(String::from);
         let bucket = self.buckets.entry(agent_key.clone()).or_insert(Bucket {
             tokens: f64::from(limits.burst),
@@ -59,10 +83,7 @@ impl Limiter {
         bucket.tokens = (bucket.tokens + refill).min(f64::from(limits.burst));
         bucket.at = now;
         if bucket.tokens < 1.0 {
-            return Err(format!(
-                "over {} queries a second (dns.rate_limit.queries_per_second)",
-                limits.queries_per_second
-            ));
+            return Err(OverLimit::QueriesPerSecond(limits.queries_per_second));
         }
         bucket.tokens -= 1.0;
         let Some((_, parent)) = name.split_once('.') else {
@@ -96,10 +117,10 @@ impl Limiter {
             return Ok(());
         }
         if names.seen.len() >= limits.names_per_parent as usize {
-            return Err(format!(
-                "over {} distinct names below {parent} in a minute (dns.rate_limit.names_per_parent)",
-                limits.names_per_parent
-            ));
+            return Err(OverLimit::NamesPerParent {
+                limit: limits.names_per_parent,
+                parent: parent.to_string(),
+            });
         }
         names.seen.insert(name.to_string());
         Ok(())
@@ -125,7 +146,10 @@ mod tests {
             assert!(limiter.admit(&LIMITS, Some("a"), &name, t0).is_ok());
         }
         let over = limiter.admit(&LIMITS, Some("a"), "chunk5.allowed.example", t0);
-        assert!(over.unwrap_err().contains("below allowed.example"));
+        assert!(over
+            .unwrap_err()
+            .to_string()
+            .contains("below allowed.example"));
         // A name already seen, another parent, another agent: not this limit.
         assert!(limiter
             .admit(&LIMITS, Some("a"), "chunk1.allowed.example", t0)
@@ -153,6 +177,7 @@ mod tests {
         }
         assert!(ask(&mut limiter, t0)
             .unwrap_err()
+            .to_string()
             .contains("queries a second"));
         // 10 a second refill: after 100 ms, one more.
         let soon = t0 + Duration::from_millis(100);

@@ -100,41 +100,45 @@ pub struct Handler {
     buf: Vec<u8>,
 }
 
+/// A listener made by `open` on 127.0.0.1 and ::1 at `port` each, registered
+/// from token `base` on; `what` names its protocol in an error.
+fn on_loopback<S: mio::event::Source>(
+    poll: &Poll,
+    port: u16,
+    base: usize,
+    what: &str,
+    open: impl Fn(SocketAddr) -> io::Result<S>,
+) -> io::Result<Vec<S>> {
+    [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, ip)| {
+        let addr = SocketAddr::new(ip, port);
+        let mut socket = open(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("dns handler on {what}{addr}: {e}")))?;
+        poll.registry()
+            .register(&mut socket, Token(base + i), Interest::READABLE)?;
+        Ok(socket)
+    })
+    .collect()
+}
+
 impl Handler {
     /// Binds the transparent sockets on 127.0.0.1 and ::1 at `port` and the
     /// raw sockets for answers: a start fails here, not in the loop.
     pub fn new(shared: Arc<Shared>, port: u16) -> io::Result<Handler> {
         let poll = Poll::new()?;
-        let mut listeners = Vec::new();
-        for ip in [
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ] {
-            let addr = SocketAddr::new(ip, port);
-            let mut socket = transparent::listener(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("dns handler on {addr}: {e}")))?;
-            poll.registry().register(
-                &mut socket,
-                Token(LISTENER_BASE + listeners.len()),
-                Interest::READABLE,
-            )?;
-            listeners.push(socket);
-        }
-        let mut tcp_listeners = Vec::new();
-        for ip in [
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ] {
-            let addr = SocketAddr::new(ip, port);
-            let mut listener = crate::proxy::listener::transparent_listener(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("dns handler on tcp {addr}: {e}")))?;
-            poll.registry().register(
-                &mut listener,
-                Token(TCP_LISTENER_BASE + tcp_listeners.len()),
-                Interest::READABLE,
-            )?;
-            tcp_listeners.push(listener);
-        }
+        let listeners = on_loopback(&poll, port, LISTENER_BASE, "", transparent::listener)?;
+        let tcp_listeners = on_loopback(
+            &poll,
+            port,
+            TCP_LISTENER_BASE,
+            "tcp ",
+            crate::proxy::listener::transparent_listener,
+        )?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let sock_diag = SockDiag::open()
             .map_err(|e| log::warn!("dns: socket owner lookups unavailable: {e}"))
@@ -335,7 +339,7 @@ impl Handler {
                         if let Some(refusal) = question::refused(query) {
                             let _ = self.reply(asker, &refusal);
                         }
-                        record.error = Some(why);
+                        record.error = Some(why.to_string());
                         return self.finish(record, owner, started);
                     }
                     record.verdict = Verdict::WouldBlock;

@@ -1,10 +1,10 @@
 //! What is captured around the agents' own cgroups: the delegated subtrees
 //! they lie in and their agent-only parents.
 
-use super::Members;
+use super::{CaptureError, Members};
+use crate::agent_index::CapturedSubtree;
 use crate::cgroup::{self, Delegation};
 use crate::config::{Config, DelegatedSubtrees};
-use crate::proxy::CapturedSubtree;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -30,11 +30,11 @@ impl Around {
         root: &Path,
         configured: &[String],
         members: &Members,
-    ) -> Result<Around, String> {
+    ) -> Result<Around, CaptureError> {
         let found = find_delegations(root, members);
         if mode == DelegatedSubtrees::Refuse && !found.is_empty() {
             let refusals: Vec<String> = found.iter().map(|(a, d)| refusal(a, d)).collect();
-            return Err(refusals.join("\n"));
+            return Err(CaptureError::DelegatedRefused(refusals));
         }
         for (agent, d) in &found {
             report(mode, agent, d);

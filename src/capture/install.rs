@@ -3,7 +3,7 @@
 //! away again, so a failed start leaves no half capture behind.
 
 use super::programs::{attach_everywhere, detach_everywhere};
-use super::Members;
+use super::{CaptureError, Members};
 use crate::backstop::Backstop;
 use crate::netfilter::{self, TablePlan};
 use crate::routing::{self, RoutePlan};
@@ -22,14 +22,14 @@ impl Installing {
     pub(super) fn table_and_routing(
         plan: &TablePlan,
         route: &RoutePlan,
-    ) -> Result<Installing, String> {
-        netfilter::install(plan).map_err(|e| format!("installing nftables table: {e}"))?;
+    ) -> Result<Installing, CaptureError> {
+        netfilter::install(plan).map_err(CaptureError::InstallTable)?;
         let mut installing = Installing {
             table: Some(plan.table.clone()),
             route: None,
             backstop: None,
         };
-        routing::install(route).map_err(|e| format!("installing policy routing: {e}"))?;
+        routing::install(route).map_err(CaptureError::InstallRouting)?;
         installing.route = Some(*route);
         Ok(installing)
     }
@@ -40,7 +40,7 @@ impl Installing {
         b: &Backstop,
         root: &Path,
         captured: &Members,
-    ) -> Result<(), String> {
+    ) -> Result<(), CaptureError> {
         attach_everywhere(b, root, captured)?;
         let paths = captured.values().map(|(p, _)| p.clone()).collect();
         self.backstop = Some((root.to_path_buf(), paths));

@@ -5,13 +5,12 @@ use super::around::{
     agent_only_parents, around_agents, find_delegations, report, subtrees_to_capture, Around,
 };
 use super::programs::{attach_connect_log, detach_everywhere};
-use super::{apply_changes, member_list, table_plan, Control, Members};
+use super::{apply_changes, member_list, table_plan, Control, Handles, Members};
 use crate::audit::{Event, Proto, Record, Verdict};
 use crate::backstop::Backstop;
 use crate::cgroup::Watcher;
 use crate::config::Config;
 use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
-use crate::proxy::Shared;
 use crate::routing::{self, RoutePlan, RuleMonitor};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -19,7 +18,6 @@ use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TABLE_EVENTS: Token = Token(0);
@@ -46,7 +44,7 @@ pub(super) struct Keeper {
     pub(super) watcher: Watcher,
     pub(super) table_monitor: TableMonitor,
     pub(super) rule_monitor: RuleMonitor,
-    pub(super) shared: Arc<Shared>,
+    pub(super) handles: Handles,
     pub(super) drops: DropReport,
     pub(super) backstop: Option<Backstop>,
 }
@@ -174,7 +172,7 @@ impl Keeper {
         for m in &added {
             if let Some((path, _)) = self.members.get(&m.id) {
                 log::info!("cgroup {path} (id {}) captured", m.id);
-                attach_connect_log(&self.shared, &self.root.join(path));
+                attach_connect_log(&self.handles.connect_log, &self.root.join(path));
                 self.attach_backstop(path);
             }
         }
@@ -288,9 +286,9 @@ impl Keeper {
         // Attached before detached: a parent released keeps logging until its
         // agents log themselves.
         for path in &now {
-            attach_connect_log(&self.shared, &self.root.join(path));
+            attach_connect_log(&self.handles.connect_log, &self.root.join(path));
         }
-        if let Some(connects) = self.shared.connect_log.get() {
+        if let Some(connects) = self.handles.connect_log.get() {
             for released in before.iter().filter(|p| !now.contains(p)) {
                 connects.detach(&self.root.join(released));
             }
@@ -347,7 +345,7 @@ impl Keeper {
             }
         );
         for (addr, packets) in fresh.into_iter().take(DROP_REPORT_DESTINATIONS) {
-            self.shared.audit.submit(
+            self.handles.audit.submit(
                 Record {
                     event: Event::Drops,
                     dst: addr.to_string(),
@@ -432,7 +430,7 @@ impl Keeper {
             cgroups.push((id, path));
         }
         let agents = self.members.values().map(|(p, _)| p.clone()).collect();
-        self.shared.agents.replace(
+        self.handles.agents.replace(
             &self.root,
             agents,
             self.around.subtrees(&self.configured),

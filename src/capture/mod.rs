@@ -15,17 +15,21 @@
 //! up, dies or is frozen.
 
 mod around;
+mod error;
 mod install;
 mod keeper;
 mod programs;
 mod status;
 
+pub use error::CaptureError;
 pub use status::{DelegatedAgent, SetMember, Status};
 
+use crate::agent_index::AgentIndex;
+use crate::audit::AuditLog;
 use crate::cgroup::{self, Change, Watcher};
 use crate::config::{BackstopMode, Config};
+use crate::connect_log::ConnectLog;
 use crate::netfilter::{self, CgroupMatch, TableMonitor, TablePlan};
-use crate::proxy::Shared;
 use crate::routing::{self, RoutePlan, RuleMonitor};
 use around::{captured_paths, Around};
 use install::Installing;
@@ -34,12 +38,22 @@ use mio::{Poll, Waker};
 use programs::{detach_everywhere, detach_unlinked_connect_log, load_backstop, start_connect_log};
 use std::collections::BTreeMap;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 pub(super) enum Control {
     Update(Box<Config>),
     Stop { remove: bool },
+}
+
+/// What the capture hands on while it runs, to whoever attributes connections.
+pub struct Handles {
+    /// Kept current with the captured cgroups and everything below them.
+    pub agents: Arc<AgentIndex>,
+    /// Set once the kernel takes the program.
+    pub connect_log: Arc<OnceLock<ConnectLog>>,
+    /// Where the agents' dropped packets are reported.
+    pub audit: AuditLog,
 }
 
 pub struct Capture {
@@ -75,12 +89,12 @@ pub(super) fn route_plan(config: &Config) -> RoutePlan {
 
 impl Capture {
     /// Install everything, or nothing and an error that says what is missing.
-    pub fn start(config: &Config, shared: Arc<Shared>) -> Result<Capture, String> {
-        netfilter::check_kernel_support().map_err(|e| format!("kernel support: {e}"))?;
+    pub fn start(config: &Config, handles: Handles) -> Result<Capture, CaptureError> {
+        netfilter::check_kernel_support().map_err(CaptureError::KernelSupport)?;
         let backstop = load_backstop(config)?;
-        let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
+        let root = cgroup::cgroup2_root().map_err(CaptureError::Cgroup)?;
         let mut watcher = Watcher::new(&root, config.interception.cgroups.iter().cloned())
-            .map_err(|e| format!("watching cgroups: {e}"))?;
+            .map_err(CaptureError::WatchingCgroups)?;
         let mut members = BTreeMap::new();
         apply_changes(&mut members, watcher.poll_changes());
         for path in &config.interception.cgroups {
@@ -100,16 +114,14 @@ impl Capture {
         let plan = table_plan(config, member_list(&captured));
         let route = route_plan(config);
         let mut installing = Installing::table_and_routing(&plan, &route)?;
-        let table_monitor = TableMonitor::new(&plan.table)
-            .map_err(|e| format!("watching the kernel state: {e}"))?;
-        let rule_monitor =
-            RuleMonitor::new(&route).map_err(|e| format!("watching the kernel state: {e}"))?;
+        let table_monitor = TableMonitor::new(&plan.table).map_err(CaptureError::WatchingTable)?;
+        let rule_monitor = RuleMonitor::new(&route).map_err(CaptureError::WatchingRules)?;
         if let Some(b) = &backstop {
             installing.backstop(b, &root, &around.fenced(&members))?;
         }
-        start_connect_log(&shared, &root, &captured);
-        let poll = Poll::new().map_err(|e| e.to_string())?;
-        let waker = Arc::new(Waker::new(poll.registry(), CONTROL).map_err(|e| e.to_string())?);
+        start_connect_log(&handles.connect_log, &root, &captured);
+        let poll = Poll::new().map_err(CaptureError::Keeper)?;
+        let waker = Arc::new(Waker::new(poll.registry(), CONTROL).map_err(CaptureError::Keeper)?);
         let mut keeper = Keeper {
             poll,
             root,
@@ -121,19 +133,17 @@ impl Capture {
             watcher,
             table_monitor,
             rule_monitor,
-            shared,
+            handles,
             drops: DropReport::default(),
             backstop,
         };
         keeper.publish_agents();
-        keeper
-            .register()
-            .map_err(|e| format!("watching the kernel state: {e}"))?;
+        keeper.register().map_err(CaptureError::WatchingKernel)?;
         let (control, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("kernel-keeper".into())
             .spawn(move || keeper.run(rx))
-            .map_err(|e| e.to_string())?;
+            .map_err(CaptureError::Keeper)?;
         installing.keep();
         log::info!(
             "capturing cgroups [{}] with table inet {}",
@@ -181,31 +191,35 @@ impl Capture {
     }
 
     /// `agent-egress down`: remove what a daemon with this config installed.
-    pub fn remove_for(config: &Config) -> Result<(), String> {
+    pub fn remove_for(config: &Config) -> Result<(), CaptureError> {
         let table = netfilter::remove(&config.interception.table);
         let route = routing::remove(&route_plan(config));
-        let root = cgroup::cgroup2_root().map_err(|e| e.to_string());
-        let paths = root
-            .as_ref()
-            .map(|root| captured_paths(root, config))
-            .unwrap_or_default();
-        let connects = root
-            .clone()
-            .and_then(|root| detach_unlinked_connect_log(&root, paths.iter()));
         // Whatever `auto` decided when the daemon started: detaching none is no error.
-        let backstop = if config.interception.backstop != BackstopMode::Off {
-            root.map_err(|e| format!("removing the kernel backstop: {e}"))
-                .and_then(|root| detach_everywhere(&root, paths.iter()))
-        } else {
-            Ok(())
+        let backstop_on = config.interception.backstop != BackstopMode::Off;
+        let (backstop, connects) = match cgroup::cgroup2_root() {
+            Ok(root) => {
+                let paths = captured_paths(&root, config);
+                let backstop = if backstop_on {
+                    detach_everywhere(&root, paths.iter())
+                } else {
+                    Ok(())
+                };
+                (backstop, detach_unlinked_connect_log(&root, paths.iter()))
+            }
+            // Said once: as the backstop's when it is on, which is said first.
+            Err(e) if backstop_on => (Err(CaptureError::RemoveBackstop(e)), Ok(())),
+            Err(e) => (Ok(()), Err(CaptureError::Cgroup(e))),
         };
-        table.map_err(|e| format!("removing table inet {}: {e}", config.interception.table))?;
-        route.map_err(|e| format!("removing policy routing: {e}"))?;
+        table.map_err(|source| CaptureError::RemoveTable {
+            table: config.interception.table.clone(),
+            source: Box::new(source),
+        })?;
+        route.map_err(CaptureError::RemoveRouting)?;
         backstop?;
         connects
     }
 
-    pub fn status(config: &Config) -> Result<Status, String> {
+    pub fn status(config: &Config) -> Result<Status, CaptureError> {
         status::read(config)
     }
 }

@@ -1,17 +1,17 @@
 //! The BPF programs the capture attaches to the captured cgroups: the kernel
 //! backstop and the connect log, and their detaching.
 
-use super::Members;
+use super::{CaptureError, Members};
 use crate::backstop::{self, Backstop};
 use crate::bpf::BpfError;
 use crate::config::{BackstopMode, Config};
 use crate::connect_log::{self, ConnectLog};
-use crate::proxy::Shared;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// The backstop program if the config wants it: `true` requires it, `auto`
 /// does without it where the kernel (or our capabilities) refuse, and says so.
-pub(super) fn load_backstop(config: &Config) -> Result<Option<Backstop>, String> {
+pub(super) fn load_backstop(config: &Config) -> Result<Option<Backstop>, CaptureError> {
     match config.backstop_wanted() {
         Ok(false) => Ok(None),
         Err(why) => {
@@ -22,7 +22,7 @@ pub(super) fn load_backstop(config: &Config) -> Result<Option<Backstop>, String>
         }
         Ok(true) => match (Backstop::load(), config.interception.backstop) {
             (Ok(b), _) => Ok(Some(b)),
-            (Err(e), BackstopMode::On) => Err(format!("interception.backstop: {e}")),
+            (Err(e), BackstopMode::On) => Err(CaptureError::Backstop(e)),
             (Err(e), _) => {
                 log::warn!("kernel backstop off (interception.backstop \"auto\"): {e}");
                 Ok(None)
@@ -36,11 +36,11 @@ pub(super) fn attach_everywhere(
     b: &Backstop,
     root: &Path,
     members: &Members,
-) -> Result<(), String> {
+) -> Result<(), CaptureError> {
     for (path, _) in members.values() {
         if let Err(e) = b.attach(&root.join(path)) {
             let _ = detach_everywhere(root, members.values().map(|(p, _)| p));
-            return Err(format!("interception.backstop: {e}"));
+            return Err(CaptureError::Backstop(e));
         }
     }
     if !members.is_empty() {
@@ -53,13 +53,13 @@ pub(super) fn attach_everywhere(
     Ok(())
 }
 
-/// Load the connect log into `shared` (once per process) and attach it to
+/// Load the connect log into `slot` (once per process) and attach it to
 /// every member. Without it, attribution falls back to searching /proc.
-pub(super) fn start_connect_log(shared: &Shared, root: &Path, members: &Members) {
-    if shared.connect_log.get().is_none() {
+pub(super) fn start_connect_log(slot: &OnceLock<ConnectLog>, root: &Path, members: &Members) {
+    if slot.get().is_none() {
         match ConnectLog::load() {
             Ok(connects) => {
-                let _ = shared.connect_log.set(connects);
+                let _ = slot.set(connects);
             }
             Err(e) => {
                 log::warn!("{e}; audit records find processes by searching /proc instead");
@@ -68,12 +68,12 @@ pub(super) fn start_connect_log(shared: &Shared, root: &Path, members: &Members)
         }
     }
     for (path, _) in members.values() {
-        attach_connect_log(shared, &root.join(path));
+        attach_connect_log(slot, &root.join(path));
     }
 }
 
-pub(super) fn attach_connect_log(shared: &Shared, dir: &Path) {
-    if let Some(connects) = shared.connect_log.get() {
+pub(super) fn attach_connect_log(slot: &OnceLock<ConnectLog>, dir: &Path) {
+    if let Some(connects) = slot.get() {
         if let Err(e) = connects.attach(dir) {
             log::warn!("{e}; audit records find its processes by searching /proc instead");
         }
@@ -85,7 +85,7 @@ pub(super) fn attach_connect_log(shared: &Shared, dir: &Path) {
 pub(super) fn detach_unlinked_connect_log<'a>(
     root: &Path,
     paths: impl Iterator<Item = &'a String>,
-) -> Result<(), String> {
+) -> Result<(), CaptureError> {
     detach_from_all(root, paths, connect_log::detach_unlinked)
 }
 
@@ -93,7 +93,7 @@ pub(super) fn detach_unlinked_connect_log<'a>(
 pub(super) fn detach_everywhere<'a>(
     root: &Path,
     paths: impl Iterator<Item = &'a String>,
-) -> Result<(), String> {
+) -> Result<(), CaptureError> {
     detach_from_all(root, paths, backstop::detach)
 }
 
@@ -102,14 +102,11 @@ fn detach_from_all<'a>(
     root: &Path,
     paths: impl Iterator<Item = &'a String>,
     detach: fn(&Path) -> Result<usize, BpfError>,
-) -> Result<(), String> {
-    let errors: Vec<String> = paths
-        .filter_map(|p| detach(&root.join(p)).err())
-        .map(|e| format!("removing {e}"))
-        .collect();
+) -> Result<(), CaptureError> {
+    let errors: Vec<BpfError> = paths.filter_map(|p| detach(&root.join(p)).err()).collect();
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(errors.join("; "))
+        Err(CaptureError::Detach(errors))
     }
 }

@@ -1,7 +1,7 @@
 //! `agent-egress status`: what is installed, read from the kernel and the
 //! cgroup tree, as text or JSON.
 
-use super::route_plan;
+use super::{route_plan, CaptureError};
 use crate::cgroup::{self, Delegation};
 use crate::config::Config;
 use crate::netfilter;
@@ -10,10 +10,10 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// What a daemon with this config has installed, read from the kernel.
-pub fn read(config: &Config) -> Result<Status, String> {
+pub fn read(config: &Config) -> Result<Status, CaptureError> {
     let table = &config.interception.table;
-    let root = cgroup::cgroup2_root().map_err(|e| e.to_string())?;
-    let members = netfilter::agent_ids(table).map_err(|e| e.to_string())?;
+    let root = cgroup::cgroup2_root().map_err(CaptureError::Cgroup)?;
+    let members = netfilter::agent_ids(table).map_err(CaptureError::ReadingTable)?;
     let configured: Vec<(String, Option<u64>)> = config
         .interception
         .cgroups

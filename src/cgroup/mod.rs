@@ -49,7 +49,7 @@ pub enum CgroupError {
     /// No cgroup2 file system (covering the whole hierarchy) is mounted.
     NoCgroup2Mount,
     /// A configured path is not acceptable.
-    InvalidPath { path: String, reason: String },
+    InvalidPath { path: String, reason: PathProblem },
     /// A file-system call failed.
     Io {
         action: &'static str,
@@ -163,30 +163,63 @@ fn unescape_mount_field(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Why a configured cgroup path is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathProblem {
+    Empty,
+    Absolute,
+    TooLong,
+    Nul,
+    EmptyComponent,
+    DotComponent(String),
+    ComponentTooLong,
+    /// It exists but is a file.
+    NotADirectory,
+}
+
+impl fmt::Display for PathProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathProblem::Empty => write!(f, "is empty (the root cgroup cannot be an agent)"),
+            PathProblem::Absolute => {
+                write!(f, "must be relative to the cgroup2 root, not absolute")
+            }
+            PathProblem::TooLong => write!(f, "is longer than {MAX_PATH_LEN} bytes"),
+            PathProblem::Nul => write!(f, "contains a NUL byte"),
+            PathProblem::EmptyComponent => {
+                write!(f, "has an empty component (doubled or trailing '/')")
+            }
+            PathProblem::DotComponent(c) => write!(f, "must not contain {c:?} components"),
+            PathProblem::ComponentTooLong => {
+                write!(f, "has a component longer than {MAX_COMPONENT_LEN} bytes")
+            }
+            PathProblem::NotADirectory => write!(f, "is not a cgroup directory"),
+        }
+    }
+}
+
+impl std::error::Error for PathProblem {}
+
 /// A configured cgroup path must stay inside the hierarchy and name one directory:
 /// relative, no `.`/`..`, no empty components, sane lengths.
-pub fn validate_relative_path(rel: &str) -> Result<(), String> {
+pub fn validate_relative_path(rel: &str) -> Result<(), PathProblem> {
     if rel.is_empty() {
-        return Err("is empty (the root cgroup cannot be an agent)".into());
+        return Err(PathProblem::Empty);
     }
     if rel.starts_with('/') {
-        return Err("must be relative to the cgroup2 root, not absolute".into());
+        return Err(PathProblem::Absolute);
     }
     if rel.len() > MAX_PATH_LEN {
-        return Err(format!("is longer than {MAX_PATH_LEN} bytes"));
+        return Err(PathProblem::TooLong);
     }
     if rel.contains('\0') {
-        return Err("contains a NUL byte".into());
+        return Err(PathProblem::Nul);
     }
     for component in rel.split('/') {
         match component {
-            "" => return Err("has an empty component (doubled or trailing '/')".into()),
-            "." | ".." => return Err(format!("must not contain {component:?} components")),
-            c if c.len() > MAX_COMPONENT_LEN => {
-                return Err(format!(
-                    "has a component longer than {MAX_COMPONENT_LEN} bytes"
-                ))
-            }
+            "" => return Err(PathProblem::EmptyComponent),
+            "." | ".." => return Err(PathProblem::DotComponent(component.to_string())),
+            c if c.len() > MAX_COMPONENT_LEN => return Err(PathProblem::ComponentTooLong),
             _ => {}
         }
     }
@@ -223,7 +256,7 @@ pub fn resolve(root: &Path, rel: &str) -> Result<Option<CgroupRef>, CgroupError>
     if !metadata.is_dir() {
         return Err(CgroupError::InvalidPath {
             path: rel.to_string(),
-            reason: "is not a cgroup directory".into(),
+            reason: PathProblem::NotADirectory,
         });
     }
     Ok(Some(CgroupRef {
@@ -402,7 +435,7 @@ mod tests {
             assert!(validate_relative_path(bad).is_err(), "{bad:?} accepted");
         }
         assert!(validate_relative_path(&"x".repeat(256)).is_err());
-        let message = validate_relative_path("a/../b").unwrap_err();
+        let message = validate_relative_path("a/../b").unwrap_err().to_string();
         assert!(message.contains("\"..\""), "{message}");
     }
 

@@ -23,7 +23,7 @@ pub mod state;
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::proxy::ProxyHandle;
-use socket::Peer;
+use socket::{Peer, SocketError};
 use state::PolicyState;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -84,7 +84,7 @@ impl ControlServer {
         proxy: ProxyHandle,
         audit: AuditLog,
         reloads: Reloads,
-    ) -> Result<ControlServer, String> {
+    ) -> Result<ControlServer, SocketError> {
         let gid = match &config.control.group {
             Some(name) => Some(socket::group_id(name)?),
             None => None,
@@ -104,7 +104,7 @@ impl ControlServer {
         let thread = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || server::serve(listener, control, stopping))
-            .map_err(|e| format!("control socket: {e}"))?;
+            .map_err(SocketError::Thread)?;
         log::info!(
             "control API on {} (group {})",
             path.display(),

@@ -11,6 +11,7 @@
 
 use crate::config::{Config, ConfigError, ConfigErrors, Rule};
 use serde_json::{json, Map, Value};
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -64,6 +65,31 @@ pub struct RuleSet {
     rules: Vec<RuntimeRule>,
 }
 
+/// Why the state file's rules could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    Read { path: PathBuf, source: io::Error },
+    Invalid { path: PathBuf, errors: ConfigErrors },
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Read { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+            LoadError::Invalid { path, errors } => write!(
+                f,
+                "{}: {} error(s):\n{errors}",
+                path.display(),
+                errors.0.len()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
 /// Why a request to add a rule was refused.
 #[derive(Debug, PartialEq)]
 pub enum AddError {
@@ -74,14 +100,21 @@ pub enum AddError {
 impl RuleSet {
     /// The state file at `path`; none there is no rules. Every rule is checked
     /// against `config`, every error named by its JSON path in the file.
-    pub fn load(path: &Path, config: &Config) -> Result<RuleSet, String> {
+    pub fn load(path: &Path, config: &Config) -> Result<RuleSet, LoadError> {
         let text = match fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(RuleSet::default()),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            Err(source) => {
+                return Err(LoadError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         };
-        RuleSet::parse(&text, config)
-            .map_err(|errors| format!("{}: {} error(s):\n{errors}", path.display(), errors.0.len()))
+        RuleSet::parse(&text, config).map_err(|errors| LoadError::Invalid {
+            path: path.to_path_buf(),
+            errors,
+        })
     }
 
     pub fn parse(text: &str, config: &Config) -> Result<RuleSet, ConfigErrors> {

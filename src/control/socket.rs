@@ -7,11 +7,49 @@
 //! call NSS (getgrnam).
 
 use serde::Serialize;
+use std::fmt;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Why the control socket could not be set up.
+#[derive(Debug)]
+pub enum SocketError {
+    GroupFile(io::Error),
+    NoGroup(String),
+    /// A step on the socket's path failed: which, and why.
+    Path {
+        path: PathBuf,
+        step: &'static str,
+        source: io::Error,
+    },
+    NotASocket(PathBuf),
+    Thread(io::Error),
+}
+
+impl fmt::Display for SocketError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SocketError::GroupFile(e) => write!(f, "/etc/group: {e}"),
+            SocketError::NoGroup(name) => {
+                write!(f, "control.group: no group {name:?} in /etc/group")
+            }
+            SocketError::Path { path, step, source } => {
+                write!(f, "control socket {}: {step}: {source}", path.display())
+            }
+            SocketError::NotASocket(path) => write!(
+                f,
+                "control socket {}: exists and is not a socket; not replacing it",
+                path.display()
+            ),
+            SocketError::Thread(e) => write!(f, "control socket: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SocketError {}
 
 /// Who sent a request, as the kernel tells it.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -58,9 +96,9 @@ fn gid_in(group_file: &str, name: &str) -> Option<u32> {
     })
 }
 
-pub fn group_id(name: &str) -> Result<u32, String> {
-    let text = fs::read_to_string("/etc/group").map_err(|e| format!("/etc/group: {e}"))?;
-    gid_in(&text, name).ok_or_else(|| format!("control.group: no group {name:?} in /etc/group"))
+pub fn group_id(name: &str) -> Result<u32, SocketError> {
+    let text = fs::read_to_string("/etc/group").map_err(SocketError::GroupFile)?;
+    gid_in(&text, name).ok_or_else(|| SocketError::NoGroup(name.to_string()))
 }
 
 /// Listen at `path`: its directory made if missing (0755), a stale socket
@@ -70,8 +108,12 @@ pub fn group_id(name: &str) -> Result<u32, String> {
 /// no group the group stays the daemon's own. Until the chmod the socket has
 /// the umask's mode, which gives no one but the owner write (connect)
 /// permission.
-pub fn bind(path: &Path, gid: Option<u32>) -> Result<UnixListener, String> {
-    let fail = |what: &str, e: io::Error| format!("control socket {}: {what}: {e}", path.display());
+pub fn bind(path: &Path, gid: Option<u32>) -> Result<UnixListener, SocketError> {
+    let fail = |step, source| SocketError::Path {
+        path: path.to_path_buf(),
+        step,
+        source,
+    };
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(|e| fail("making its directory", e))?;
     }
@@ -79,12 +121,7 @@ pub fn bind(path: &Path, gid: Option<u32>) -> Result<UnixListener, String> {
         Ok(meta) if meta.file_type().is_socket() => {
             fs::remove_file(path).map_err(|e| fail("removing the stale socket", e))?
         }
-        Ok(_) => {
-            return Err(format!(
-                "control socket {}: exists and is not a socket; not replacing it",
-                path.display()
-            ))
-        }
+        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(fail("looking at it", e)),
     }

@@ -223,7 +223,7 @@ impl Resolver {
         }
         let name = match crate::names::normalize_host(name) {
             Ok(n) => n,
-            Err(reason) => return Lookup::Cached(Err(DnsError::InvalidName(reason))),
+            Err(reason) => return Lookup::Cached(Err(DnsError::InvalidName(reason.to_string()))),
         };
         if let Some(result) = self.cache.get(&name, now) {
             return Lookup::Cached(result);

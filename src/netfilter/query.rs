@@ -10,29 +10,54 @@ use rustables::sys;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+/// What a listing asks for: `request` (a `get`), answered by messages of
+/// `reply` type each with a list of nested attributes under `list`.
+struct Listing {
+    request: u32,
+    reply: u32,
+    /// The table and the chain or set, by their attribute types.
+    names: [(u16, String); 2],
+    list: u16,
+    what: String,
+}
+
+/// Calls `each` for every nested attribute of every message the listing gets.
+fn for_each_listed(listing: Listing, mut each: impl FnMut(&[u8])) -> Result<(), NetfilterError> {
+    let mut request = MessageWriter::nft(listing.request, FAMILY_INET, NLM_F_DUMP);
+    for (kind, name) in &listing.names {
+        request.put_str(*kind, name);
+    }
+    dump(request, &listing.what, |msg| {
+        if msg.kind != nft_type(listing.reply) {
+            return Ok(());
+        }
+        let list = msg.attrs().get(listing.list).unwrap_or_default();
+        for (_, item) in Attrs::new(list) {
+            each(item);
+        }
+        Ok(())
+    })
+}
+
 /// Calls `each(name, data)` for every expression of every rule of a chain.
 fn for_each_rule_expr(
     table: &str,
     chain: &str,
     mut each: impl FnMut(&[u8], &[u8]),
 ) -> Result<(), NetfilterError> {
-    let mut request = MessageWriter::nft(sys::NFT_MSG_GETRULE, FAMILY_INET, NLM_F_DUMP);
-    request.put_str(sys::NFTA_RULE_TABLE, table);
-    request.put_str(sys::NFTA_RULE_CHAIN, chain);
-    let what = format!("listing of chain {chain} in table inet {table}");
-    dump(request, &what, |msg| {
-        if msg.kind != nft_type(sys::NFT_MSG_NEWRULE) {
-            return Ok(());
-        }
-        let exprs = msg
-            .attrs()
-            .get(sys::NFTA_RULE_EXPRESSIONS)
-            .unwrap_or_default();
-        for (_, expr) in Attrs::new(exprs) {
-            let (name, data) = expr_parts(expr);
-            each(name, data);
-        }
-        Ok(())
+    let listing = Listing {
+        request: sys::NFT_MSG_GETRULE,
+        reply: sys::NFT_MSG_NEWRULE,
+        names: [
+            (sys::NFTA_RULE_TABLE, table.to_string()),
+            (sys::NFTA_RULE_CHAIN, chain.to_string()),
+        ],
+        list: sys::NFTA_RULE_EXPRESSIONS,
+        what: format!("listing of chain {chain} in table inet {table}"),
+    };
+    for_each_listed(listing, |expr| {
+        let (name, data) = expr_parts(expr);
+        each(name, data);
     })
 }
 
@@ -90,25 +115,19 @@ pub(crate) fn drop_counters(table: &str) -> Result<DropCounters, NetfilterError>
 fn for_each_set_element(
     table: &str,
     set: &str,
-    mut each: impl FnMut(&[u8]),
+    each: impl FnMut(&[u8]),
 ) -> Result<(), NetfilterError> {
-    let mut request = MessageWriter::nft(sys::NFT_MSG_GETSETELEM, FAMILY_INET, NLM_F_DUMP);
-    request.put_str(sys::NFTA_SET_ELEM_LIST_TABLE, table);
-    request.put_str(sys::NFTA_SET_ELEM_LIST_SET, set);
-    let what = format!("listing of set {set} in table inet {table}");
-    dump(request, &what, |msg| {
-        if msg.kind != nft_type(sys::NFT_MSG_NEWSETELEM) {
-            return Ok(());
-        }
-        let elements = msg
-            .attrs()
-            .get(sys::NFTA_SET_ELEM_LIST_ELEMENTS)
-            .unwrap_or_default();
-        for (_, element) in Attrs::new(elements) {
-            each(element);
-        }
-        Ok(())
-    })
+    let listing = Listing {
+        request: sys::NFT_MSG_GETSETELEM,
+        reply: sys::NFT_MSG_NEWSETELEM,
+        names: [
+            (sys::NFTA_SET_ELEM_LIST_TABLE, table.to_string()),
+            (sys::NFTA_SET_ELEM_LIST_SET, set.to_string()),
+        ],
+        list: sys::NFTA_SET_ELEM_LIST_ELEMENTS,
+        what: format!("listing of set {set} in table inet {table}"),
+    };
+    for_each_listed(listing, each)
 }
 
 fn dropped_destinations(

@@ -192,7 +192,7 @@ impl Flow {
     /// A flow whose every byte `inspect` reads first, `prefix` included; an
     /// error if the prefix already must not pass.
     pub fn inspected(prefix: Vec<u8>, mut inspect: RequestStream) -> Result<Flow, String> {
-        inspect.feed(&prefix)?;
+        inspect.feed(&prefix).map_err(|why| why.to_string())?;
         Ok(Flow {
             inspect: Some(inspect),
             ..Flow::new(prefix)
@@ -311,7 +311,7 @@ impl Flow {
                     if let Some(inspect) = &mut self.inspect {
                         if let Err(why) = inspect.feed(&buf[..*end]) {
                             *end = 0;
-                            self.refusal = Some(why);
+                            self.refusal = Some(why.to_string());
                             return Ok(Pump::Refused);
                         }
                     }

@@ -268,6 +268,23 @@ impl Session {
         step
     }
 
+    /// When [`Session::on_tick`] next has something to do, as of `now`: the
+    /// phase's deadline, and while relaying the idle timeout and the pipes'
+    /// release (until they are released).
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let phase = match self.phase {
+            Phase::ToLoopback { .. } => None,
+            _ => self.deadline,
+        };
+        let Phase::Relaying = self.phase else {
+            return phase;
+        };
+        let idle_timeout = Duration::from_secs(self.runtime.config.limits.idle_timeout_s);
+        let idle = self.last_activity.checked_add(idle_timeout);
+        let release = Some(self.last_activity + RELEASE_PIPES_AFTER).filter(|at| *at > now);
+        [phase, idle, release].into_iter().flatten().min()
+    }
+
     /// The phase deadline or the idle timeout passed?
     pub fn on_tick(&mut self, ctx: &mut Ctx) -> Step {
         let now = ctx.now;

@@ -2,6 +2,7 @@
 //! client and socket-owner lookups.
 
 use super::session::{set_linger_zero, Ctx, Readiness, Session, Step};
+use super::timers::Timers;
 use super::{Runtime, Shared, WorkerRequest};
 use crate::audit::{AttributionDone, Event, PendingRecord, Proto, Record};
 use crate::cgroup;
@@ -24,8 +25,10 @@ use std::time::{Duration, Instant};
 const WAKER: Token = Token(usize::MAX - 1);
 const RESOLVER: Token = Token(usize::MAX - 2);
 const LISTENER_BASE: usize = usize::MAX - 64;
-/// How often deadlines and idle timeouts are checked.
-const TICK: Duration = Duration::from_millis(50);
+/// The longest the loop sleeps with no deadline near.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
+/// How long to wait before polling again after a failed poll.
+const POLL_RETRY: Duration = Duration::from_millis(50);
 /// How often held refusals are looked at when no wake-up comes.
 const HOLD_POLL: Duration = Duration::from_millis(1);
 /// How long to stop accepting after running out of file descriptors.
@@ -37,6 +40,8 @@ pub struct Worker {
     listeners: Vec<TcpListener>,
     waker: Arc<Waker>,
     sessions: Slab<Session>,
+    /// The sessions' deadlines (sniff, resolve, connect, refusal, idle).
+    timers: Timers,
     runtime: Arc<Runtime>,
     resolver: Option<Resolver>,
     waiting_dns: HashMap<QueryId, Vec<usize>>,
@@ -78,6 +83,7 @@ impl Worker {
             listeners,
             waker,
             sessions: Slab::new(),
+            timers: Timers::default(),
             runtime: runtime.clone(),
             resolver: None,
             waiting_dns: HashMap::new(),
@@ -99,21 +105,12 @@ impl Worker {
 
     pub fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
-        let mut next_tick = Instant::now() + TICK;
         loop {
-            let now = Instant::now();
-            let timeout = if !self.again.is_empty() {
-                Duration::ZERO
-            } else if !self.holding.is_empty() {
-                // Holds are a few milliseconds: look again soon.
-                next_tick.saturating_duration_since(now).min(HOLD_POLL)
-            } else {
-                next_tick.saturating_duration_since(now)
-            };
+            let timeout = self.sleep_for(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("event loop: {e}");
-                    std::thread::sleep(TICK);
+                    std::thread::sleep(POLL_RETRY);
                 }
                 continue;
             }
@@ -140,13 +137,33 @@ impl Worker {
                 self.on_session_event(key);
             }
             self.poll_holds();
-            let now = Instant::now();
-            if now >= next_tick {
-                self.tick(now);
-                next_tick = now + TICK;
-            }
+            self.on_deadlines(Instant::now());
         }
         self.shutdown();
+    }
+
+    /// At once with work left over; else until the next deadline (a
+    /// session's, the resolver's, the end of an accept pause), capped, and
+    /// briefly while a refusal is held.
+    fn sleep_for(&self, now: Instant) -> Duration {
+        if !self.again.is_empty() {
+            return Duration::ZERO;
+        }
+        let next = [
+            self.timers.next(),
+            self.resolver.as_ref().and_then(Resolver::next_deadline),
+            self.accept_paused_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let until_next = next.map_or(MAX_SLEEP, |at| at.saturating_duration_since(now));
+        if self.holding.is_empty() {
+            until_next.min(MAX_SLEEP)
+        } else {
+            // Holds are a few milliseconds: look again soon.
+            until_next.min(HOLD_POLL)
+        }
     }
 
     fn ctx_parts(&mut self, key: usize) -> (Ctx<'_>, &mut Slab<Session>) {
@@ -161,15 +178,22 @@ impl Worker {
     }
 
     fn on_session_event(&mut self, key: usize) {
+        self.step(key, Session::on_event);
+    }
+
+    /// One step of session `key` in the loop's context, then what it asks for.
+    fn step(&mut self, key: usize, step: impl FnOnce(&mut Session, &mut Ctx) -> Step) {
         let (mut ctx, sessions) = self.ctx_parts(key);
         let Some(session) = sessions.get_mut(key) else {
             return;
         };
-        let step = session.on_event(&mut ctx);
-        self.after(key, step);
+        let now = ctx.now;
+        let next = step(session, &mut ctx);
+        self.after(key, next, now);
     }
 
-    fn after(&mut self, key: usize, mut step: Step) {
+    /// What a step asks for, then the session's next deadline on the timers.
+    fn after(&mut self, key: usize, mut step: Step, now: Instant) {
         if let Some(session) = self.sessions.get_mut(key) {
             if !matches!(step, Step::Close) {
                 let registry = self.poll.registry();
@@ -206,16 +230,14 @@ impl Worker {
             }
             Step::Close => self.close(key),
         }
+        if let Some(at) = self.sessions.get(key).and_then(|s| s.next_deadline(now)) {
+            self.timers.schedule(key, at);
+        }
     }
 
     fn poll_holds(&mut self) {
         for key in std::mem::take(&mut self.holding) {
-            let (mut ctx, sessions) = self.ctx_parts(key);
-            let Some(session) = sessions.get_mut(key) else {
-                continue;
-            };
-            let step = session.poll_hold(&mut ctx);
-            self.after(key, step);
+            self.step(key, Session::poll_hold);
         }
     }
 
@@ -226,6 +248,7 @@ impl Worker {
         // Closing the sockets (when the session drops) takes them out of the
         // epoll set: no deregister calls needed.
         let mut session = self.sessions.remove(key);
+        self.timers.forget(key);
         session.finish_record();
         self.shared.stats.active.fetch_sub(1, Ordering::Relaxed);
         self.shared.count(&session.record);
@@ -237,7 +260,7 @@ impl Worker {
         });
     }
 
-    fn tick(&mut self, now: Instant) {
+    fn on_deadlines(&mut self, now: Instant) {
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
             for i in 0..self.listeners.len() {
@@ -250,14 +273,8 @@ impl Worker {
                 self.deliver_dns(answers);
             }
         }
-        let keys: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            let (mut ctx, sessions) = self.ctx_parts(key);
-            let Some(session) = sessions.get_mut(key) else {
-                continue;
-            };
-            let step = session.on_tick(&mut ctx);
-            self.after(key, step);
+        for key in self.timers.due(now) {
+            self.step(key, Session::on_tick);
         }
     }
 
@@ -509,12 +526,7 @@ impl Worker {
         id: QueryId,
         answer: Result<Vec<std::net::IpAddr>, String>,
     ) {
-        let (mut ctx, sessions) = self.ctx_parts(key);
-        let Some(session) = sessions.get_mut(key) else {
-            return;
-        };
-        let step = session.on_resolved(&mut ctx, id, answer);
-        self.after(key, step);
+        self.step(key, |session, ctx| session.on_resolved(ctx, id, answer));
     }
 
     fn shutdown(&mut self) {

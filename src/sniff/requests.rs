@@ -34,12 +34,38 @@ enum State {
     Opaque,
 }
 
-/// Passes over up to `left` bytes of `bytes`: how many are left to pass, and
-/// what follows them.
-fn skip(left: u64, bytes: &[u8]) -> (u64, &[u8]) {
-    let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
-    (left - n as u64, &bytes[n..])
+/// Why a later request on the connection must not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Which request on the connection (the first is 1).
+    request: u64,
+    why: Why,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Why {
+    /// Its head or framing could be read two ways, or is over a bound.
+    Unreadable(&'static str),
+    OtherHost {
+        host: String,
+        decided: String,
+    },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.request;
+        match &self.why {
+            Why::Unreadable(why) => write!(f, "request {n} on this connection: {why}"),
+            Why::OtherHost { host, decided } => write!(
+                f,
+                "request {n} on this connection is for {host}, not {decided}: one connection, one host"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 /// Follows a client's requests; see the module comment.
 #[derive(Debug)]
@@ -66,28 +92,12 @@ impl RequestStream {
 
     /// Takes the next bytes the client sent; an error says why the connection
     /// must end before they are passed on.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Refusal> {
         while !bytes.is_empty() {
             bytes = match self.state {
                 State::Opaque => return Ok(()),
-                State::Body(left) => {
-                    let (left, rest) = skip(left, bytes);
-                    self.state = if left == 0 {
-                        State::Head
-                    } else {
-                        State::Body(left)
-                    };
-                    rest
-                }
-                State::ChunkData(left) => {
-                    let (left, rest) = skip(left, bytes);
-                    self.state = if left == 0 {
-                        State::ChunkEnd
-                    } else {
-                        State::ChunkData(left)
-                    };
-                    rest
-                }
+                State::Body(left) => self.skip(left, bytes, State::Body, State::Head),
+                State::ChunkData(left) => self.skip(left, bytes, State::ChunkData, State::ChunkEnd),
                 State::Head => self.head(bytes)?,
                 State::ChunkSize => self.chunk_size(bytes)?,
                 State::ChunkEnd => self.chunk_end(bytes)?,
@@ -97,8 +107,23 @@ impl RequestStream {
         Ok(())
     }
 
+    /// Passes over up to `left` bytes of `bytes`, in state `more` while some
+    /// are still to come, then `done`; what follows them.
+    fn skip<'a>(
+        &mut self,
+        left: u64,
+        bytes: &'a [u8],
+        more: fn(u64) -> State,
+        done: State,
+    ) -> &'a [u8] {
+        let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
+        let left = left - n as u64;
+        self.state = if left == 0 { done } else { more(left) };
+        &bytes[n..]
+    }
+
     /// Reads the head out of `held` and `bytes`; the rest of `bytes` after it.
-    fn head<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], String> {
+    fn head<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], Refusal> {
         let before = self.held.len();
         let take = bytes
             .len()
@@ -114,10 +139,13 @@ impl RequestStream {
         self.requests += 1;
         let host = normalize_host(&head.host).unwrap_or(head.host.clone());
         if host != self.host {
-            return Err(format!(
-                "request {} on this connection is for {host}, not {}: one connection, one host",
-                self.requests, self.host
-            ));
+            return Err(Refusal {
+                request: self.requests,
+                why: Why::OtherHost {
+                    host,
+                    decided: self.host.clone(),
+                },
+            });
         }
         let body = head.body.map_err(|e| self.refusal(e))?;
         self.state = if head.opaque {
@@ -134,7 +162,7 @@ impl RequestStream {
         Ok(&bytes[used..])
     }
 
-    fn chunk_size<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], String> {
+    fn chunk_size<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], Refusal> {
         let Some((line, rest)) = self.line(bytes)? else {
             return Ok(&[]);
         };
@@ -152,7 +180,7 @@ impl RequestStream {
         Ok(rest)
     }
 
-    fn chunk_end<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], String> {
+    fn chunk_end<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], Refusal> {
         let Some((line, rest)) = self.line(bytes)? else {
             return Ok(&[]);
         };
@@ -163,7 +191,7 @@ impl RequestStream {
         Ok(rest)
     }
 
-    fn trailers<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], String> {
+    fn trailers<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], Refusal> {
         let Some((line, rest)) = self.line(bytes)? else {
             return Ok(&[]);
         };
@@ -175,7 +203,7 @@ impl RequestStream {
 
     /// A CRLF-terminated line out of `held` and `bytes` (None while incomplete,
     /// everything taken), and what follows it.
-    fn line<'a>(&mut self, bytes: &'a [u8]) -> Result<Option<LineAndRest<'a>>, String> {
+    fn line<'a>(&mut self, bytes: &'a [u8]) -> Result<Option<LineAndRest<'a>>, Refusal> {
         let end = bytes.iter().position(|&b| b == b'\n');
         let take = end.map_or(bytes.len(), |i| i + 1);
         self.held.extend_from_slice(&bytes[..take]);
@@ -192,8 +220,12 @@ impl RequestStream {
         }
     }
 
-    fn refusal(&self, why: &str) -> String {
-        format!("request {} on this connection: {why}", self.requests + 1)
+    /// The request being read cannot be read one way only.
+    fn refusal(&self, why: &'static str) -> Refusal {
+        Refusal {
+            request: self.requests + 1,
+            why: Why::Unreadable(why),
+        }
     }
 }
 
@@ -206,7 +238,7 @@ mod tests {
     }
 
     /// Feeds `input` whole, then byte by byte: the answers must agree.
-    fn feed(input: &str) -> Result<(), String> {
+    fn feed(input: &str) -> Result<(), Refusal> {
         let whole = stream().feed(input.as_bytes());
         let mut split = stream();
         let mut bytewise = Ok(());
@@ -243,13 +275,15 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n",
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("request 2") && err.contains("blocked.test"),
             "{err}"
         );
-        let err =
-            feed("GET http://blocked.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n").unwrap_err();
+        let err = feed("GET http://blocked.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("blocked.test"), "{err}");
     }
 
@@ -282,7 +316,7 @@ mod tests {
             ),
             ("GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\nxyz / HTTP/1.1\r\n", "not TLS or HTTP"),
         ] {
-            let err = feed(input).unwrap_err();
+            let err = feed(input).unwrap_err().to_string();
             assert!(err.contains(why), "{input:?}: {err}");
         }
     }
@@ -307,7 +341,8 @@ mod tests {
                 )
                 .as_bytes(),
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("longer than the sniff bound"), "{err}");
     }
 }
