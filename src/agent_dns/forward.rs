@@ -3,22 +3,23 @@
 //! else can answer), one server after another on timeouts, the answer checked
 //! against the question, kept for others who ask the same, and passed on.
 
+use super::pool::{Arrival, Pool, Ticket};
 use super::stream::Conn;
 use super::{question, Asker, Handler, Via, MAX_PENDING, READS_PER_EVENT};
 use crate::audit::{Record, Verdict};
 use crate::procinfo::OwnerQuery;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use mio::net::UdpSocket;
 use mio::{Interest, Token};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// The socket a forwarded query waits on: UDP for a UDP query, TCP for a
 /// TCP one (its answer may be too large for a datagram).
 pub(super) enum Upstream {
-    Udp(UdpSocket),
+    /// Waiting on one of the shared sockets.
+    Udp(Ticket),
     Tcp(Conn),
 }
 
@@ -96,15 +97,21 @@ impl Handler {
             return give_up(self, record, "a query without its id".into());
         };
         let agent_id = u16::from_be_bytes([high, low]);
-        let our_id = rand::random::<u16>();
         let mut ours = query.to_vec();
-        ours[..2].copy_from_slice(&our_id.to_be_bytes());
         record.upstream = None;
         let entry = self.pending.vacant_entry();
         let key = entry.key();
         let timeout = Duration::from_millis(runtime.config.dns.timeout_ms);
-        match ask(self.poll.registry(), key, servers[0], &ours, asker.via) {
-            Ok(upstream) => {
+        let registry = self.poll.registry();
+        match ask(
+            &mut self.pool,
+            registry,
+            key,
+            servers[0],
+            &mut ours,
+            asker.via,
+        ) {
+            Ok((upstream, our_id)) => {
                 record.upstream = Some(servers[0].to_string());
                 entry.insert(Pending {
                     upstream,
@@ -126,37 +133,61 @@ impl Handler {
         }
     }
 
-    /// An upstream socket is ready: its answers, if one is ours.
+    /// A shared upstream socket is ready: the answers it holds go to the
+    /// queries waiting for them. True when its read budget ran out first.
+    pub(super) fn read_pooled(&mut self, slot: usize) -> bool {
+        for _ in 0..READS_PER_EVENT {
+            match self.pool.receive(slot, &mut self.buf) {
+                Arrival::Answer { key, len } => {
+                    let answer = self.buf[..len].to_vec();
+                    self.on_answer(key, &answer);
+                }
+                Arrival::Stray => {}
+                Arrival::Drained => return false,
+                // An ICMP error from the server: the next one, now.
+                Arrival::Failed { keys, why } => {
+                    for key in keys {
+                        self.next_server(key, why.clone());
+                    }
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// A query's TCP connection to its server is ready: the answer, if it came.
     pub(super) fn read_answer(&mut self, key: usize) {
         for _ in 0..READS_PER_EVENT {
             let Some(pending) = self.pending.get_mut(key) else {
                 return;
             };
-            let answer = match &mut pending.upstream {
-                Upstream::Udp(socket) => match socket.recv(&mut self.buf) {
-                    Ok(n) => self.buf[..n].to_vec(),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                    // An ICMP error from the server: try the next one now.
-                    Err(e) => return self.next_server(key, e.to_string()),
-                },
-                Upstream::Tcp(conn) => {
-                    if let Err(e) = conn.flush().and_then(|()| conn.fill()) {
-                        return self.next_server(key, format!("over tcp: {e}"));
-                    }
-                    match conn.next_message() {
-                        Some(message) => message,
-                        None if conn.closed || conn.overfull() => {
-                            return self
-                                .next_server(key, "over tcp: closed without an answer".into())
-                        }
-                        None => return,
-                    }
+            let Upstream::Tcp(conn) = &mut pending.upstream else {
+                return;
+            };
+            if let Err(e) = conn.flush().and_then(|()| conn.fill()) {
+                return self.next_server(key, format!("over tcp: {e}"));
+            }
+            let answer = match conn.next_message() {
+                Some(message) => message,
+                None if conn.closed || conn.overfull() => {
+                    return self.next_server(key, "over tcp: closed without an answer".into())
                 }
+                None => return,
             };
             if self.on_answer(key, &answer) {
                 return;
             }
         }
+    }
+
+    /// The query no longer waits: out of the pending set, and off its socket.
+    fn settle(&mut self, key: usize) -> Pending {
+        let pending = self.pending.remove(key);
+        if let Upstream::Udp(ticket) = pending.upstream {
+            self.pool.release(ticket);
+        }
+        pending
     }
 
     /// `answer` came for pending query `key`; true when it settled it.
@@ -181,7 +212,7 @@ impl Handler {
         }
         let to_keep = response.clone();
         response[..2].copy_from_slice(&pending.agent_id.to_be_bytes());
-        let pending = self.pending.remove(key);
+        let pending = self.settle(key);
         let mut record = pending.record;
         // Only what enforce lets the agent learn names its addresses.
         if record.verdict == Verdict::Allow && !summary.addresses.is_empty() {
@@ -267,19 +298,26 @@ impl Handler {
             .map(|s| s.to_string())
             .unwrap_or_default();
         pending.failures.push(format!("{failed} {why}"));
+        if let Upstream::Udp(ticket) = pending.upstream {
+            self.pool.release(ticket);
+        }
         while pending.server + 1 < servers.len() {
             pending.server += 1;
             let server = servers[pending.server];
+            let via = pending.asker.via;
+            let registry = self.poll.registry();
             match ask(
-                self.poll.registry(),
+                &mut self.pool,
+                registry,
                 key,
                 server,
-                &pending.query,
-                pending.asker.via,
+                &mut pending.query,
+                via,
             ) {
-                Ok(upstream) => {
-                    // The old socket leaves the epoll set as it closes.
+                Ok((upstream, our_id)) => {
+                    // An old TCP connection leaves the epoll set as it closes.
                     pending.upstream = upstream;
+                    pending.our_id = our_id;
                     pending.deadline = Instant::now() + timeout;
                     pending.record.upstream = Some(server.to_string());
                     return;
@@ -287,7 +325,7 @@ impl Handler {
                 Err(e) => pending.failures.push(format!("{server} {e}")),
             }
         }
-        let pending = self.pending.remove(key);
+        let pending = self.settle(key);
         let mut record = pending.record;
         if let Some(failure) = question::server_failure(&pending.query) {
             let mut failure = failure;
@@ -311,39 +349,38 @@ impl Handler {
     }
 }
 
-/// The query on a fresh socket to `server`, registered under `key`: UDP for a
-/// UDP query, TCP for a TCP one.
+/// The query to `server` for pending query `key`, with a fresh id (written
+/// into `query`, and returned): UDP on a shared socket, TCP for a TCP query
+/// (its answer may be too large for a datagram) on a connection of its own.
 fn ask(
+    pool: &mut Pool,
     registry: &mio::Registry,
     key: usize,
     server: SocketAddr,
-    query: &[u8],
+    query: &mut [u8],
     via: Via,
-) -> io::Result<Upstream> {
-    if let Via::Tcp { .. } = via {
-        let mut conn = Conn::new(mio::net::TcpStream::connect(server)?);
-        registry.register(
-            &mut conn.stream,
-            Token(key),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        // Queued until the connection is up: the first writable event sends it.
-        conn.send(query).or_else(|e| {
-            if e.kind() == io::ErrorKind::NotConnected {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
-        return Ok(Upstream::Tcp(conn));
-    }
-    let local = match server {
-        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+) -> io::Result<(Upstream, u16)> {
+    let Via::Tcp { .. } = via else {
+        let ticket = pool.send(registry, server, query, key)?;
+        return Ok((Upstream::Udp(ticket), ticket.id));
     };
-    let mut socket = UdpSocket::bind(local)?;
-    socket.connect(server)?;
-    socket.send(query)?;
-    registry.register(&mut socket, Token(key), Interest::READABLE)?;
-    Ok(Upstream::Udp(socket))
+    let id = rand::random::<u16>();
+    if let Some(at) = query.get_mut(..2) {
+        at.copy_from_slice(&id.to_be_bytes());
+    }
+    let mut conn = Conn::new(mio::net::TcpStream::connect(server)?);
+    registry.register(
+        &mut conn.stream,
+        Token(key),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    // Queued until the connection is up: the first writable event sends it.
+    conn.send(query).or_else(|e| {
+        if e.kind() == io::ErrorKind::NotConnected {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })?;
+    Ok((Upstream::Tcp(conn), id))
 }

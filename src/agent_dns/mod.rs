@@ -20,6 +20,7 @@ mod clients;
 mod forward;
 pub mod limits;
 pub mod names;
+mod pool;
 pub mod question;
 mod stream;
 mod transparent;
@@ -35,6 +36,7 @@ use hickory_proto::op::ResponseCode;
 use limits::Limiter;
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
+use pool::Pool;
 use question::{NameVerdict, Plan};
 use slab::Slab;
 use std::io;
@@ -50,8 +52,8 @@ const MAX_DATAGRAM: usize = 4096;
 /// Datagrams read from one socket per wake-up before the others get a turn.
 const READS_PER_EVENT: usize = 64;
 const EVENTS_PER_POLL: usize = 128;
-/// How often deadlines are looked at when nothing else wakes the loop.
-const TICK: Duration = Duration::from_millis(50);
+/// The longest sleep with nothing due (a stop wakes the loop anyway).
+const MAX_SLEEP: Duration = Duration::from_secs(1);
 const WAKER: Token = Token(usize::MAX - 1);
 /// Tokens: the UDP listeners above LISTENER_BASE, the TCP ones above
 /// TCP_LISTENER_BASE, the agents' TCP connections from CLIENT_BASE, and the
@@ -59,6 +61,8 @@ const WAKER: Token = Token(usize::MAX - 1);
 const LISTENER_BASE: usize = usize::MAX - 16;
 const TCP_LISTENER_BASE: usize = usize::MAX - 32;
 const CLIENT_BASE: usize = 1 << 40;
+/// The shared upstream sockets' tokens, above every pending key.
+const POOL_BASE: usize = 1 << 39;
 /// Agents' TCP connections open at once at most; more are closed at once.
 pub const MAX_CLIENTS: usize = 64;
 /// A TCP connection with nothing to do this long is closed.
@@ -94,6 +98,9 @@ pub struct Handler {
     replier: Replier,
     waker: Arc<Waker>,
     pending: Slab<Pending>,
+    pool: Pool,
+    /// Upstream sockets whose read budget ran out (they hold more).
+    pool_unread: Vec<usize>,
     sock_diag: Option<SockDiag>,
     limiter: Limiter,
     cache: Cache<Kept>,
@@ -154,6 +161,8 @@ impl Handler {
             replier: Replier::new()?,
             waker,
             pending: Slab::new(),
+            pool: Pool::new(POOL_BASE),
+            pool_unread: Vec::new(),
             sock_diag,
             limiter: Limiter::default(),
             cache: Cache::new(cache_entries),
@@ -171,8 +180,10 @@ impl Handler {
         // edge-triggered they will not say so again.
         let mut unread: Vec<usize> = Vec::new();
         loop {
-            let timeout = if unread.is_empty() {
-                TICK
+            let timeout = if unread.is_empty() && self.pool_unread.is_empty() {
+                self.next_deadline()
+                    .map_or(MAX_SLEEP, |at| at.saturating_duration_since(Instant::now()))
+                    .min(MAX_SLEEP)
             } else {
                 Duration::ZERO
             };
@@ -195,7 +206,15 @@ impl Handler {
                         self.accept_clients(t - TCP_LISTENER_BASE)
                     }
                     Token(t) if t >= CLIENT_BASE => self.on_client(t - CLIENT_BASE),
+                    Token(t) if t >= POOL_BASE => self.pool_unread.push(t - POOL_BASE),
                     Token(key) => self.read_answer(key),
+                }
+            }
+            self.pool_unread.sort_unstable();
+            self.pool_unread.dedup();
+            for slot in std::mem::take(&mut self.pool_unread) {
+                if self.read_pooled(slot) {
+                    self.pool_unread.push(slot);
                 }
             }
             ready.sort_unstable();
@@ -370,6 +389,17 @@ impl Handler {
                 )),
             },
         }
+    }
+
+    /// When the loop must look again: a forwarded query's timeout, or an
+    /// idle TCP connection's end.
+    fn next_deadline(&self) -> Option<Instant> {
+        let queries = self.pending.iter().map(|(_, p)| p.deadline);
+        let clients = self
+            .clients
+            .iter()
+            .map(|(_, c)| c.last_active + CLIENT_IDLE);
+        queries.chain(clients).min()
     }
 
     fn expire(&mut self, now: Instant) {

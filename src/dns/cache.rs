@@ -1,11 +1,17 @@
 //! A bounded map from names to results that expire (our own lookups, and the
 //! DNS handler's answers to the agents).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+/// Full, an insert makes room in O(log n): expired entries first, then the
+/// one closest to expiry, found in the expiry index rather than by a scan
+/// (a scan per insert was most of the DNS handler's time once a flood of
+/// new names had filled it).
 pub(crate) struct Cache<V> {
     entries: HashMap<String, (V, Instant)>,
+    /// (expiry, name) of every entry, soonest first.
+    by_expiry: BTreeSet<(Instant, String)>,
     capacity: usize,
 }
 
@@ -13,6 +19,7 @@ impl<V: Clone> Cache<V> {
     pub(crate) fn new(capacity: usize) -> Cache<V> {
         Cache {
             entries: HashMap::new(),
+            by_expiry: BTreeSet::new(),
             capacity,
         }
     }
@@ -21,7 +28,7 @@ impl<V: Clone> Cache<V> {
         match self.entries.get(name) {
             Some((value, expires)) if *expires > now => Some(value.clone()),
             Some(_) => {
-                self.entries.remove(name);
+                self.remove(name);
                 None
             }
             None => None,
@@ -32,21 +39,24 @@ impl<V: Clone> Cache<V> {
         if self.capacity == 0 {
             return;
         }
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&name) {
-            self.entries.retain(|_, (_, expires)| *expires > now);
-        }
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&name) {
-            // Still full of live entries: the one closest to expiry goes first.
-            let soonest = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, expires))| *expires)
-                .map(|(n, _)| n.clone());
-            if let Some(soonest) = soonest {
+        if self.remove(&name).is_none() {
+            while self.entries.len() >= self.capacity {
+                // Expired or not, the soonest to expire goes first.
+                let Some((_, soonest)) = self.by_expiry.pop_first() else {
+                    break;
+                };
                 self.entries.remove(&soonest);
             }
         }
-        self.entries.insert(name, (value, now + ttl));
+        let expires = now + ttl;
+        self.by_expiry.insert((expires, name.clone()));
+        self.entries.insert(name, (value, expires));
+    }
+
+    fn remove(&mut self, name: &str) -> Option<V> {
+        let (value, expires) = self.entries.remove(name)?;
+        self.by_expiry.remove(&(expires, name.to_string()));
+        Some(value)
     }
 }
 
@@ -63,6 +73,7 @@ mod tests {
         assert_eq!(c.get("a", now + Duration::from_secs(4)), Some(1));
         assert_eq!(c.get("a", now + Duration::from_secs(5)), None);
         assert_eq!(c.entries.len(), 0, "an expired entry is dropped when seen");
+        assert!(c.by_expiry.is_empty());
     }
 
     #[test]
@@ -84,5 +95,20 @@ mod tests {
         c.insert("long".into(), 5, Duration::from_secs(10), later);
         assert_eq!(c.get("new", later), Some(4));
         assert_eq!(c.get("long", later), Some(5));
+        assert_eq!(c.by_expiry.len(), c.entries.len());
+    }
+
+    #[test]
+    fn a_full_cache_takes_new_names_without_growing() {
+        let now = Instant::now();
+        let mut c = Cache::new(100);
+        for i in 0..10_000u64 {
+            c.insert(format!("n{i}"), i, Duration::from_secs(300 + i), now);
+        }
+        assert_eq!(c.entries.len(), 100);
+        assert_eq!(c.by_expiry.len(), 100);
+        // The latest to expire stayed.
+        assert_eq!(c.get("n9999", now), Some(9999));
+        assert_eq!(c.get("n0", now), None);
     }
 }
