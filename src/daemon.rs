@@ -250,8 +250,13 @@ fn reload(
 }
 
 pub fn start_audit(sink: Sink, config: &Config) -> Result<(AuditLog, AuditThread), String> {
-    AuditLog::start(sink, config.audit.queue, Some(Attributor::default()))
-        .map_err(|e| format!("audit: {e}"))
+    AuditLog::start(
+        sink,
+        config.audit.format,
+        config.audit.queue,
+        Some(Attributor::default()),
+    )
+    .map_err(|e| format!("audit: {e}"))
 }
 
 /// Write what is queued, then let the writer go.

@@ -2,6 +2,7 @@
 pub mod agent_dns;
 pub mod audit;
 pub mod audit_log;
+pub mod audit_ocsf;
 pub mod audit_read;
 pub mod backstop;
 pub mod bpf;

@@ -70,16 +70,17 @@ impl EventBus {
         self.lost.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Hand `line` (the encoding of `record`) to every watcher that has room;
-    /// one that has none is dropped: its receiver ends after what it holds.
-    pub fn publish(&self, record: &Record, line: &[u8]) {
+    /// Hand `line` (the JSON encoding of `record`; none when it was not made,
+    /// nobody watching) to every watcher that has room; one that has none is
+    /// dropped: its receiver ends after what it holds.
+    pub fn publish(&self, record: &Record, line: Option<&[u8]>) {
         if record.event == Event::Drops {
             self.dropped_packets
                 .fetch_add(record.dropped.unwrap_or(0), Ordering::Relaxed);
         }
-        if !self.watched() {
+        let Some(line) = line.filter(|_| self.watched()) else {
             return;
-        }
+        };
         self.published.fetch_add(1, Ordering::Relaxed);
         let line: Line = Arc::from(line);
         let Ok(mut watchers) = self.watchers.lock() else {
