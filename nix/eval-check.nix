@@ -556,6 +556,53 @@ let
     ++ lib.optional (example.systemd.services ? agent-egress-learn) "example: a learn service without learn"
     ++ lib.optional (example.systemd.timers ? agent-egress-learn) "example: a learn timer without learn";
 
+  # suggest's golden Nix output (tests/suggest.rs holds suggest to it) dropped
+  # into services.agentEgress.agents unchanged.
+  suggested = evaluate "suggested" [
+    {
+      services.resolved.enable = true;
+      services.agentEgress = {
+        enable = true;
+        agents = import ../tests/fixtures/suggest/suggested.nix;
+      };
+    }
+  ];
+  suggestedFailures =
+    let
+      rules = suggested.services.agentEgress.settings.rules;
+      named = name: lib.filter (rule: rule.name == name) rules;
+    in
+    failedAssertions suggested
+    ++ expect "suggested: openclaw's rules" (named "agent/openclaw/allow") [
+      {
+        name = "agent/openclaw/allow";
+        agents = [ "${topCgroup}/agent-egress-agents-openclaw.slice" ];
+        domains = [
+          "=alice.github.io"
+          "=api.anthropic.com"
+          "=bob.github.io"
+          "github.com"
+          "=objects.githubusercontent.com"
+        ];
+        outbound = "direct";
+      }
+      {
+        # Addresses in a rule of their own: fields AND, one rule would match neither.
+        name = "agent/openclaw/allow";
+        agents = [ "${topCgroup}/agent-egress-agents-openclaw.slice" ];
+        ips = [ "203.0.113.9" ];
+        outbound = "direct";
+      }
+    ]
+    ++ expect "suggested: research-bot's domains" (map (rule: rule.domains or null) (named "agent/research-bot/allow")) [
+      [
+        "=example.com"
+        "=files.pythonhosted.org"
+        "huggingface.co"
+        "=pypi.org"
+      ]
+    ];
+
   # The daemon refuses this one: Nix lets it through, `check` must not.
   daemonRejects = evaluate "daemon-rejects" [
     {
@@ -786,7 +833,7 @@ let
     ];
 in
 {
-  failures = releaseFailures ++ triggerFailures ++ exampleFailures ++ fixtureFailures ++ learnFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
+  failures = releaseFailures ++ triggerFailures ++ exampleFailures ++ fixtureFailures ++ learnFailures ++ suggestedFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
   inherit packageEvaluable;
   inherit vmScript;
   accepted = {
@@ -794,6 +841,7 @@ in
     fixture = generated fixture;
     all-presets = generated allPresets;
     learn = generated learn;
+    suggested = generated suggested;
   };
   systemd = {
     file-audit = generated (systemdVm "systemd-file-audit" { });

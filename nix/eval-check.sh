@@ -4,7 +4,8 @@
 #  2. nix/module.nix evaluates with nixpkgs' lib and nix/eval-stubs.nix, and
 #     what it generates (daemon unit, agents' units and slices, firewall
 #     rules, JSON config) meets nix/eval-check.nix's expectations, including
-#     the configurations it must refuse;
+#     the configurations it must refuse, and suggest's golden Nix output
+#     (tests/fixtures/suggest/suggested.nix) as services.agentEgress.agents;
 #  3. the build-time check the module's derivation runs (`agent-egress check`
 #     on the generated JSON) accepts the generated configs and refuses a bad
 #     one with the daemon's message;
@@ -183,6 +184,8 @@ stamp_inputs() {
   (cd "$root" && {
     find nix presets vm-tests -maxdepth 1 -type f -not -name eval-stamp.json
     echo vm-tests/systemd/install.json
+    # suggest's golden Nix output, which eval-check.nix drops into the module.
+    echo tests/fixtures/suggest/suggested.nix
   } | LC_ALL=C sort)
 }
 new_stamp=$(
