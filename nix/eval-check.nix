@@ -836,6 +836,8 @@ in
   failures = releaseFailures ++ triggerFailures ++ exampleFailures ++ fixtureFailures ++ learnFailures ++ suggestedFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
   inherit packageEvaluable;
   inherit vmScript;
+  # For eval-check.sh to run on the suggest fixture.
+  learnScript = learn.systemd.services.agent-egress-learn.script;
   accepted = {
     example = generated example;
     fixture = generated fixture;
