@@ -14,6 +14,7 @@
 //! parent chain: one serde pass, as cheap as the JSON form.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -477,7 +478,12 @@ impl<'a> OcsfEvent<'a> {
             activity_id,
             activity_name,
             type_uid: class_uid * 100 + activity_id,
-            time: parse_timestamp(&r.ts).unwrap_or(0),
+            // The writer stamps every record; one given another shape is dated now.
+            time: parse_timestamp(&r.ts).unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+            }),
             severity_id,
             severity,
             status_id: status.map(|s| s.0),

@@ -142,6 +142,21 @@ fn the_writers_own_events_fit_and_misfits_are_refused() {
         ..Record::default()
     });
     assert_valid(&validator, &query);
+    let undated = ocsf(&Record {
+        ts: "yesterday".into(),
+        event: Event::AuditDrops,
+        dropped: Some(1),
+        ..Record::default()
+    });
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let time = undated["time"].as_u64().expect("time");
+    assert!(
+        now - time < 60_000,
+        "a record without our ts is dated now, not {time}"
+    );
     assert_eq!(
         (&query["rcode_id"], &query["rcode"]),
         (&json!(9), &json!("NotAuth"))
