@@ -1,8 +1,10 @@
-//! Cost of encoding one typical connection record as a JSON line.
+//! Cost of encoding one typical connection record as a JSON line, and as an
+//! OCSF event (`audit.format: "ocsf"`).
 
 use std::hint::black_box;
 
 use agent_egress::audit::{encode_line, Dial, Event, Proto, Record, Verdict};
+use agent_egress::audit_ocsf::encode_ocsf_line;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn typical_record() -> Record {
@@ -62,6 +64,13 @@ fn encode(c: &mut Criterion) {
         b.iter(|| {
             line.clear();
             encode_line(black_box(&record), &mut line).unwrap();
+            black_box(line.len())
+        })
+    });
+    c.bench_function("encode_ocsf_line", |b| {
+        b.iter(|| {
+            line.clear();
+            encode_ocsf_line(black_box(&record), &mut line).unwrap();
             black_box(line.len())
         })
     });

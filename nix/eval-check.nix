@@ -426,6 +426,45 @@ let
       ];
       message = "services.agentEgress.settings.dns.servers must listen on loopback";
     };
+    learn-enforcing = {
+      modules = [
+        {
+          services.resolved.enable = true;
+          services.agentEgress = {
+            enable = true;
+            learn = true;
+            settings.mode = "enforce";
+          };
+        }
+      ];
+      message = "services.agentEgress.learn records what enforce would refuse and lets it through: it needs settings.mode = \"audit\"";
+    };
+    learn-from-the-journal = {
+      modules = [
+        {
+          services.resolved.enable = true;
+          services.agentEgress = {
+            enable = true;
+            learn = true;
+            settings.audit.path = "-";
+          };
+        }
+      ];
+      message = "services.agentEgress.learn reads the audit records from a file in the JSON format";
+    };
+    learn-from-ocsf = {
+      modules = [
+        {
+          services.resolved.enable = true;
+          services.agentEgress = {
+            enable = true;
+            learn = true;
+            settings.audit.format = "ocsf";
+          };
+        }
+      ];
+      message = "services.agentEgress.learn reads the audit records from a file in the JSON format";
+    };
     no-resolver = {
       modules = [ { services.agentEgress.enable = true; } ];
       message = "services.agentEgress.settings.dns.servers is empty";
@@ -476,6 +515,93 @@ let
       };
     }
   ];
+
+  # learn: the daemon in audit mode, and an hourly service that writes what
+  # `suggest` makes of the audit files to the state directory.
+  learn = evaluate "learn" [
+    {
+      services.resolved.enable = true;
+      services.agentEgress = {
+        enable = true;
+        learn = true;
+      };
+    }
+  ];
+  learnFailures =
+    let
+      service = learn.systemd.services.agent-egress-learn;
+      sc = service.serviceConfig;
+      timer = learn.systemd.timers.agent-egress-learn;
+    in
+    commonExpectations "learn" learn { } [ ]
+    ++ expect "learn: mode" learn.services.agentEgress.settings.mode "audit"
+    ++ expect "learn: Type" sc.Type "oneshot"
+    ++ expect "learn: User" sc.User "agent-egress"
+    ++ expect "learn: StateDirectory" sc.StateDirectory "agent-egress"
+    ++ expect "learn: PrivateNetwork" sc.PrivateNetwork true
+    ++ expect "learn: RestrictAddressFamilies" sc.RestrictAddressFamilies "none"
+    ++ expect "learn: CapabilityBoundingSet" sc.CapabilityBoundingSet ""
+    ++ expect "learn: NoNewPrivileges" sc.NoNewPrivileges true
+    ++ expect "learn: ProtectSystem" sc.ProtectSystem "strict"
+    ++ expect "learn: the daemon's sandbox" sc.InaccessiblePaths learn.systemd.services.agent-egress.serviceConfig.InaccessiblePaths
+    ++ expectAll "learn: path" (map toString service.path) [ packageDir ]
+    ++ expectMatch "learn: suggest over the audit file and its rotated copies"
+      ".*agent-egress suggest --format nix --audit '?/var/log/agent-egress/audit.jsonl'?[*] >\"[$]tmp\".*"
+      service.script
+    ++ expectMatch "learn: written whole, then renamed"
+      ".*tmp=[$][(]mktemp /var/lib/agent-egress/suggested.nix.XXXXXX[)].*mv \"[$]tmp\" /var/lib/agent-egress/suggested.nix.*"
+      service.script
+    ++ expectAll "learn: timer wantedBy" timer.wantedBy [ "timers.target" ]
+    ++ expect "learn: timer" timer.timerConfig.OnUnitActiveSec "1h"
+    ++ lib.optional (example.systemd.services ? agent-egress-learn) "example: a learn service without learn"
+    ++ lib.optional (example.systemd.timers ? agent-egress-learn) "example: a learn timer without learn";
+
+  # suggest's golden Nix output (tests/suggest.rs holds suggest to it) dropped
+  # into services.agentEgress.agents unchanged.
+  suggested = evaluate "suggested" [
+    {
+      services.resolved.enable = true;
+      services.agentEgress = {
+        enable = true;
+        agents = import ../tests/fixtures/suggest/suggested.nix;
+      };
+    }
+  ];
+  suggestedFailures =
+    let
+      rules = suggested.services.agentEgress.settings.rules;
+      named = name: lib.filter (rule: rule.name == name) rules;
+    in
+    failedAssertions suggested
+    ++ expect "suggested: openclaw's rules" (named "agent/openclaw/allow") [
+      {
+        name = "agent/openclaw/allow";
+        agents = [ "${topCgroup}/agent-egress-agents-openclaw.slice" ];
+        domains = [
+          "=alice.github.io"
+          "=api.anthropic.com"
+          "=bob.github.io"
+          "github.com"
+          "=objects.githubusercontent.com"
+        ];
+        outbound = "direct";
+      }
+      {
+        # Addresses in a rule of their own: fields AND, one rule would match neither.
+        name = "agent/openclaw/allow";
+        agents = [ "${topCgroup}/agent-egress-agents-openclaw.slice" ];
+        ips = [ "203.0.113.9" ];
+        outbound = "direct";
+      }
+    ]
+    ++ expect "suggested: research-bot's domains" (map (rule: rule.domains or null) (named "agent/research-bot/allow")) [
+      [
+        "=example.com"
+        "=files.pythonhosted.org"
+        "huggingface.co"
+        "=pypi.org"
+      ]
+    ];
 
   # The daemon refuses this one: Nix lets it through, `check` must not.
   daemonRejects = evaluate "daemon-rejects" [
@@ -641,6 +767,10 @@ let
       {
         "agent-egress.service" = unitSections config.systemd.services.agent-egress "Service" "serviceConfig";
       }
+      // lib.optionalAttrs (config.systemd.services ? agent-egress-learn) {
+        "agent-egress-learn.service" = unitSections config.systemd.services.agent-egress-learn "Service" "serviceConfig";
+        "agent-egress-learn.timer" = unitSections config.systemd.timers.agent-egress-learn "Timer" "timerConfig";
+      }
       // lib.optionalAttrs (config.systemd.services ? agent-egress-doctor) {
         "agent-egress-doctor.service" = unitSections config.systemd.services.agent-egress-doctor "Service" "serviceConfig";
         "agent-egress-doctor.timer" = unitSections config.systemd.timers.agent-egress-doctor "Timer" "timerConfig";
@@ -703,13 +833,17 @@ let
     ];
 in
 {
-  failures = releaseFailures ++ triggerFailures ++ exampleFailures ++ fixtureFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
+  failures = releaseFailures ++ triggerFailures ++ exampleFailures ++ fixtureFailures ++ learnFailures ++ suggestedFailures ++ flakeFailures ++ packageFailures ++ refusedFailures;
   inherit packageEvaluable;
   inherit vmScript;
+  # For eval-check.sh to run on the suggest fixture.
+  learnScript = learn.systemd.services.agent-egress-learn.script;
   accepted = {
     example = generated example;
     fixture = generated fixture;
     all-presets = generated allPresets;
+    learn = generated learn;
+    suggested = generated suggested;
   };
   systemd = {
     file-audit = generated (systemdVm "systemd-file-audit" { });

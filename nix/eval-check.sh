@@ -4,11 +4,15 @@
 #  2. nix/module.nix evaluates with nixpkgs' lib and nix/eval-stubs.nix, and
 #     what it generates (daemon unit, agents' units and slices, firewall
 #     rules, JSON config) meets nix/eval-check.nix's expectations, including
-#     the configurations it must refuse;
+#     the configurations it must refuse, and suggest's golden Nix output
+#     (tests/fixtures/suggest/suggested.nix) as services.agentEgress.agents;
 #  3. the build-time check the module's derivation runs (`agent-egress check`
 #     on the generated JSON) accepts the generated configs and refuses a bad
 #     one with the daemon's message;
-#  4. the VM test script compiles and its subtests are vm-tests/scenarios.txt.
+#  4. the VM test script compiles and its subtests are vm-tests/scenarios.txt;
+#  5. the learn service's script, run on the suggest fixture (as root, in a
+#     mount namespace), writes suggest's golden output, and a failed run
+#     leaves the previous file.
 #
 # Usage: nix/eval-check.sh LIB_PATH
 #   LIB_PATH: a nixpkgs or nixpkgs.lib checkout, or its lib/ directory.
@@ -175,6 +179,44 @@ for case in $(jq -r '.rejected | keys[]' "$work/eval.json"); do
   }
   echo "ok: $case refused: $(head -n 1 "$dir/log")"
 done
+echo "== the learn service's script on the suggest fixture"
+# As systemd runs it (NixOS's job scripts are bash -e), in a mount namespace
+# whose /var/log and /var/lib are scratch: the audit file empty, a rotated
+# gzip copy holding the fixture, an older suggestion to replace.
+[ "$(id -u)" -eq 0 ] && command -v unshare >/dev/null ||
+  missing "not root, or no unshare: the learn service's script was not run"
+jq -r .learnScript "$work/eval.json" >"$work/learn.sh"
+learn_in_namespace() {
+  unshare -m bash -euo pipefail -c '
+    mount --make-rprivate /
+    mount -t tmpfs tmpfs /var/log
+    mount -t tmpfs tmpfs /var/lib
+    mkdir /var/log/agent-egress /var/lib/agent-egress
+    if [ "$4" = with-records ]; then
+      : >/var/log/agent-egress/audit.jsonl
+      gzip -c "$1/tests/fixtures/suggest/audit.jsonl" >/var/log/agent-egress/audit.jsonl.2.gz
+    fi
+    echo "# the previous suggestion" >/var/lib/agent-egress/suggested.nix
+    status=0
+    PATH="$2:$PATH" bash -e "$3/learn.sh" 2>"$3/learn.log" || status=$?
+    cp /var/lib/agent-egress/suggested.nix "$3/learnt.nix"
+    ls -A /var/lib/agent-egress >"$3/learn-dir"
+    exit "$status"
+  ' _ "$root" "$package_dir/bin" "$work" "$1"
+}
+learn_in_namespace with-records || {
+  cat "$work/learn.log" >&2
+  fail "the learn script failed on the fixture"
+}
+diff -u "$root/tests/fixtures/suggest/suggested.nix" "$work/learnt.nix" ||
+  fail "the learn script did not write suggest's output for the fixture to /var/lib/agent-egress/suggested.nix"
+[ "$(cat "$work/learn-dir")" = suggested.nix ] || fail "the learn script left $(tr '\n' ' ' <"$work/learn-dir") in /var/lib/agent-egress"
+echo "ok: suggested.nix is suggest's output for the audit file and its rotated copy"
+learn_in_namespace without-records && fail "the learn script succeeded with no audit file"
+[ "$(cat "$work/learnt.nix")" = "# the previous suggestion" ] || fail "a failed learn run replaced the previous suggestion"
+[ "$(cat "$work/learn-dir")" = suggested.nix ] || fail "a failed learn run left $(tr '\n' ' ' <"$work/learn-dir") in /var/lib/agent-egress"
+echo "ok: a run with nothing to read fails and leaves the previous suggestion whole"
+
 echo "== stamp: what this evaluation covered (nix/eval-stamp.json)"
 # CI has no nixpkgs lib: tests/packaging.rs holds these inputs to the
 # hashes below, so a change to any of them fails CI until this check has
@@ -183,6 +225,8 @@ stamp_inputs() {
   (cd "$root" && {
     find nix presets vm-tests -maxdepth 1 -type f -not -name eval-stamp.json
     echo vm-tests/systemd/install.json
+    # suggest's golden Nix output, which eval-check.nix drops into the module.
+    echo tests/fixtures/suggest/suggested.nix
   } | LC_ALL=C sort)
 }
 new_stamp=$(

@@ -230,6 +230,51 @@ let
   doctor = "+${doctorCommand}";
   doctorTimer = cfg.doctorInterval != null && settings.interception.manage_kernel;
 
+  # The confinement the module's own services share; each adds what it needs
+  # (address families, system calls, capabilities, directories).
+  sandbox = {
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    # DAC_READ_SEARCH reads any file; keep the secrets out of view.
+    InaccessiblePaths = [
+      "-/etc/shadow"
+      "-/etc/gshadow"
+      "-/etc/ssh"
+      "-/var/lib"
+      "-/run/keys"
+      "-/run/secrets"
+    ];
+    # The daemon only reads cgroups (inotify and stat): read-only is enough.
+    ProtectControlGroups = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    RemoveIPC = true;
+    SystemCallArchitectures = "native";
+    SystemCallErrorNumber = "EPERM";
+  };
+
+  # learn: `suggest` over the audit file and its rotated copies, written to
+  # the state directory through a temporary file and a rename, so a reader
+  # never sees half a file.
+  suggestedFile = "/var/lib/agent-egress/suggested.nix";
+  learnScript = ''
+    shopt -s nullglob
+    tmp=$(mktemp ${suggestedFile}.XXXXXX)
+    trap 'rm -f "$tmp"' EXIT
+    agent-egress suggest --format nix --audit ${lib.escapeShellArg settings.audit.path}* >"$tmp"
+    mv "$tmp" ${suggestedFile}
+  '';
+
   # /proc/PID/fd of an agent's processes (another user's) is mode 0500 and
   # its links need ptrace access: attribution needs both capabilities.
   capabilities = [
@@ -519,6 +564,21 @@ in
       '';
     };
 
+    learn = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Learn an allowlist: the daemon runs in audit mode (`settings.mode =
+        "audit"`: everything is let through and recorded), and every hour
+        `agent-egress-learn.service` runs `agent-egress suggest --format nix`
+        on the audit file and its rotated copies and writes
+        ${suggestedFile}: per agent, the allow lists that would let through
+        what it did, ready for `services.agentEgress.agents`. Review it, put
+        it in your configuration, and turn learn off to enforce. Needs the
+        audit records in a file (`settings.audit.path`) in the JSON format.
+      '';
+    };
+
     agentInterfaces = mkOption {
       type = types.nullOr (types.listOf types.str);
       default = [ "lo" ];
@@ -756,6 +816,14 @@ in
             message = "services.agentEgress.outbound \"${cfg.outbound}\" is not one of ${toString outbounds}.";
           }
           {
+            assertion = !cfg.learn || settings.mode == "audit";
+            message = "services.agentEgress.learn records what enforce would refuse and lets it through: it needs settings.mode = \"audit\", not \"${settings.mode}\".";
+          }
+          {
+            assertion = !cfg.learn || (auditFile && (settings.audit.format or "json") == "json");
+            message = "services.agentEgress.learn reads the audit records from a file in the JSON format: settings.audit.path is \"${settings.audit.path}\" and settings.audit.format \"${settings.audit.format or "json"}\" (give a file, and format \"json\").";
+          }
+          {
             assertion = settings.dns.servers != [ ];
             message = "services.agentEgress.settings.dns.servers is empty: enable services.resolved (its stub 127.0.0.53 is then the default) or list a resolver that listens on loopback (dnsmasq, unbound).";
           }
@@ -782,6 +850,7 @@ in
           inherit (cfg.control) group;
         };
         state_dir = mkIf cfg.control.enable "/var/lib/agent-egress";
+        mode = mkIf cfg.learn (mkDefault "audit");
         interception.cgroups = [ (sliceCgroupPath cfg.slice) ] ++ lib.concatMap (agent: agent.cgroups) (lib.attrValues agents);
         rules = mkMerge generatedRules;
       };
@@ -807,6 +876,35 @@ in
             serviceConfig = {
               Type = "oneshot";
               ExecStart = doctorCommand;
+            };
+          };
+        })
+        (mkIf cfg.learn {
+          agent-egress-learn = {
+            description = "agent-egress: an allowlist suggested from the audit records";
+            path = [
+              cfg.package
+              pkgs.coreutils
+            ];
+            script = learnScript;
+            serviceConfig = sandbox // {
+              Type = "oneshot";
+              User = "agent-egress";
+              Group = "agent-egress";
+              StateDirectory = "agent-egress";
+              StateDirectoryMode = "0700";
+              UMask = "0077";
+              # It reads files and writes one: no network, no privilege.
+              PrivateNetwork = true;
+              RestrictAddressFamilies = "none";
+              CapabilityBoundingSet = "";
+              NoNewPrivileges = true;
+              ProtectProc = "invisible";
+              ProcSubset = "pid";
+              SystemCallFilter = [
+                "@system-service"
+                "~@privileged"
+              ];
             };
           };
         })
@@ -859,28 +957,8 @@ in
               # A member may give the socket to the group without CAP_CHOWN.
               SupplementaryGroups = [ cfg.control.group ];
             }
+            // sandbox
             // {
-
-              ProtectSystem = "strict";
-              ProtectHome = true;
-              PrivateTmp = true;
-              PrivateDevices = true;
-              # DAC_READ_SEARCH reads any file; keep the secrets out of view.
-              InaccessiblePaths = [
-                "-/etc/shadow"
-                "-/etc/gshadow"
-                "-/etc/ssh"
-                "-/var/lib"
-                "-/run/keys"
-                "-/run/secrets"
-              ];
-              # The daemon only reads cgroups (inotify and stat): read-only is enough.
-              ProtectControlGroups = true;
-              ProtectKernelTunables = true;
-              ProtectKernelModules = true;
-              ProtectKernelLogs = true;
-              ProtectClock = true;
-              ProtectHostname = true;
               # ProtectProc and ProcSubset keep their defaults: the daemon reads
               # the agents' /proc entries to name the process of a connection.
               RestrictAddressFamilies = [
@@ -889,19 +967,11 @@ in
                 "AF_NETLINK"
                 "AF_UNIX"
               ];
-              RestrictNamespaces = true;
-              RestrictRealtime = true;
-              RestrictSUIDSGID = true;
-              LockPersonality = true;
-              MemoryDenyWriteExecute = true;
-              RemoveIPC = true;
-              SystemCallArchitectures = "native";
               SystemCallFilter = [
                 "@system-service"
                 "~@privileged"
                 "bpf" # the connect log; without it attribution searches /proc
               ];
-              SystemCallErrorNumber = "EPERM";
             };
           };
         }
@@ -926,6 +996,15 @@ in
         timerConfig = {
           OnActiveSec = cfg.doctorInterval;
           OnUnitActiveSec = cfg.doctorInterval;
+        };
+      };
+
+      systemd.timers.agent-egress-learn = mkIf cfg.learn {
+        description = "agent-egress: suggest an allowlist every hour";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          OnActiveSec = "1h";
+          OnUnitActiveSec = "1h";
         };
       };
 

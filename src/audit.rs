@@ -32,6 +32,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit_ocsf::encode_ocsf_line;
+use crate::config::AuditFormat;
 use crate::control::events::EventBus;
 use crate::procinfo::{Ancestor, Attributor, OwnerQuery, ProcessInfo};
 
@@ -52,6 +54,19 @@ pub enum Event {
     Dns,
     /// A change of the policy: `policy` says what, `uid`/`pid`/`exe` who.
     Policy,
+}
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Start => "start",
+            Event::End => "end",
+            Event::AuditDrops => "audit_drops",
+            Event::Drops => "drops",
+            Event::Dns => "dns",
+            Event::Policy => "policy",
+        }
+    }
 }
 
 /// What a supervisor (or the daemon itself) changed.
@@ -405,6 +420,47 @@ pub fn format_timestamp(time: SystemTime) -> String {
     )
 }
 
+/// Milliseconds since the epoch of a [`format_timestamp`] string; None for any
+/// other shape.
+pub fn parse_timestamp(ts: &str) -> Option<u64> {
+    let b = ts.as_bytes();
+    if b.len() != 24 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || b[19] != b'.' || b[23] != b'Z' {
+        return None;
+    }
+    let number = |from: usize, to: usize| -> Option<u64> {
+        let digits = ts.get(from..to)?;
+        if !digits.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    };
+    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
+    let (hour, minute, second) = (number(11, 13)?, number(14, 16)?, number(17, 19)?);
+    if year < 1970 || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(secs * 1000 + number(20, 23)?)
+}
+
+/// The inverse of [`civil_from_days`], from 1970 on.
+fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year / 400;
+    let year_of_era = year % 400;
+    let month_from_march = if month > 2 { month - 3 } else { month + 9 };
+    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
 /// Days since 1970-01-01 to a proleptic Gregorian (year, month, day), after Howard
 /// Hinnant's `civil_from_days`, restricted to dates from the epoch on.
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
@@ -494,10 +550,12 @@ const REOPEN_RETRY: Duration = Duration::from_secs(1);
 const ROTATION_CHECK: Duration = Duration::from_secs(1);
 
 impl AuditLog {
-    /// Open the sink and spawn the writer thread. `attributor: None` turns /proc
-    /// attribution off (records keep whatever pid/exe they were submitted with).
+    /// Open the sink and spawn the writer thread, which writes records in
+    /// `format`. `attributor: None` turns /proc attribution off (records keep
+    /// whatever pid/exe they were submitted with).
     pub fn start(
         sink: Sink,
+        format: AuditFormat,
         queue_capacity: usize,
         attributor: Option<Attributor>,
     ) -> Result<(AuditLog, AuditThread), AuditError> {
@@ -519,8 +577,10 @@ impl AuditLog {
             shared: Arc::clone(&shared),
             events: Arc::clone(&events),
             attributor,
+            format,
             early: BTreeMap::new(),
             line: Vec::with_capacity(1024),
+            ocsf_line: Vec::new(),
             reported_drops: 0,
             last_flush: Instant::now(),
             write_failing: false,
@@ -703,9 +763,12 @@ struct Writer {
     shared: Arc<Shared>,
     events: Arc<EventBus>,
     attributor: Option<Attributor>,
+    format: AuditFormat,
     /// Early attributions by connection id; ids grow, so the first entry is the oldest.
     early: BTreeMap<u64, ProcessInfo>,
     line: Vec<u8>,
+    /// The record as OCSF, with `audit.format: "ocsf"`.
+    ocsf_line: Vec<u8>,
     reported_drops: u64,
     last_flush: Instant,
     write_failing: bool,
@@ -785,7 +848,7 @@ impl Writer {
                 }
                 self.line.clear();
                 match encode_line(&record, &mut self.line) {
-                    Ok(()) => self.events.publish(&record, &self.line),
+                    Ok(()) => self.events.publish(&record, Some(&self.line)),
                     Err(e) => log::error!("{e}"),
                 }
             }
@@ -858,22 +921,39 @@ impl Writer {
 
     fn write_record(&mut self, record: &Record) {
         self.reopen_if_requested();
-        self.line.clear();
-        let encoded = if record.ts.is_empty() {
-            let stamped = Record {
+        let stamped;
+        let record = if record.ts.is_empty() {
+            stamped = Record {
                 ts: format_timestamp(SystemTime::now()),
                 ..record.clone()
             };
-            encode_line(&stamped, &mut self.line)
+            &stamped
         } else {
-            encode_line(record, &mut self.line)
+            record
         };
-        if let Err(e) = encoded {
-            log::error!("{e}");
-            return;
+        // The event stream and the recent denials always carry our JSON
+        // records; in OCSF they are encoded only when one of them takes it.
+        let json = self.format == AuditFormat::Json || self.events.wants_line(record);
+        self.line.clear();
+        if json {
+            if let Err(e) = encode_line(record, &mut self.line) {
+                log::error!("{e}");
+                return;
+            }
         }
-        self.events.publish(record, &self.line);
-        let written = self.output.writer.write_all(&self.line);
+        self.events.publish(record, json.then_some(&self.line[..]));
+        let line = match self.format {
+            AuditFormat::Json => &self.line,
+            AuditFormat::Ocsf => {
+                self.ocsf_line.clear();
+                if let Err(e) = encode_ocsf_line(record, &mut self.ocsf_line) {
+                    log::error!("{e}");
+                    return;
+                }
+                &self.ocsf_line
+            }
+        };
+        let written = self.output.writer.write_all(line);
         self.note_write_result(written);
     }
 
@@ -969,6 +1049,25 @@ mod tests {
             format_timestamp(UNIX_EPOCH - Duration::from_secs(5)),
             "1970-01-01T00:00:00.000Z"
         );
+    }
+
+    #[test]
+    fn timestamps_parse_back_to_epoch_millis() {
+        for millis in [0, 951_782_400_007, 1_795_595_425_123, 4_107_542_399_999] {
+            let ts = format_timestamp(UNIX_EPOCH + Duration::from_millis(millis));
+            assert_eq!(parse_timestamp(&ts), Some(millis), "{ts}");
+        }
+        for bad in [
+            "",
+            "2026-11-25T08:30:25Z",
+            "2026-13-25T08:30:25.123Z",
+            "2026-11-25 08:30:25.123Z",
+            "2026-11-25T08:30:25.12xZ",
+            "1969-12-31T23:59:59.999Z",
+            "+026-11-25T08:30:25.123Z",
+        ] {
+            assert_eq!(parse_timestamp(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -153,9 +153,13 @@ pub fn parse_line<'a>(
     if text.trim().is_empty() {
         return Ok(None);
     }
-    LogRecord::parse(text)
-        .map(Some)
-        .map_err(|why| error(format!("not an audit record: {why}")))
+    LogRecord::parse(text).map(Some).map_err(|why| {
+        if text.starts_with("{\"class_uid\":") {
+            error("an OCSF event (audit.format \"ocsf\"): this reads only audit.format \"json\" records".into())
+        } else {
+            error(format!("not an audit record: {why}"))
+        }
+    })
 }
 
 /// What reading a set of files came to.

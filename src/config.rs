@@ -364,6 +364,16 @@ pub struct Audit {
     /// Also write a record when a connection is decided, not only when it ends.
     pub start_events: bool,
     pub queue: usize,
+    pub format: AuditFormat,
+}
+
+/// How audit records are written (`audit.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditFormat {
+    /// Our own records, one JSON object per line (what `log` and `suggest` read).
+    Json,
+    /// The same records as OCSF events, for SIEMs (see `audit_ocsf`).
+    Ocsf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -596,6 +606,7 @@ impl Default for Config {
                 path: None,
                 start_events: false,
                 queue: 65536,
+                format: AuditFormat::Json,
             },
             mode: Mode::Enforce,
             limits: Limits {
@@ -1563,7 +1574,8 @@ impl Reader {
     }
 
     fn audit(&mut self, value: &Value, audit: &mut Audit) {
-        let Some(map) = self.object("audit", value, &["path", "start_events", "queue"]) else {
+        let Some(map) = self.object("audit", value, &["path", "start_events", "queue", "format"])
+        else {
             return;
         };
         if let Some(v) = map.get("path") {
@@ -1587,6 +1599,13 @@ impl Reader {
         if let Some(v) = map.get("queue") {
             if let Some(n) = self.u64_in("audit.queue", v, 16, 1 << 24) {
                 audit.queue = n as usize;
+            }
+        }
+        if let Some(v) = map.get("format") {
+            match v.as_str() {
+                Some("json") => audit.format = AuditFormat::Json,
+                Some("ocsf") => audit.format = AuditFormat::Ocsf,
+                _ => self.error("audit.format", format!("{v} is not \"json\" or \"ocsf\"")),
             }
         }
     }
@@ -1857,6 +1876,7 @@ mod tests {
             c.audit.path.as_deref(),
             Some(Path::new("/var/log/agent-egress/audit.jsonl"))
         );
+        assert_eq!(c.audit.format, AuditFormat::Ocsf);
     }
 
     #[test]
@@ -1921,6 +1941,10 @@ mod tests {
             (
                 r#"{"mode": "yolo"}"#,
                 "mode: \"yolo\" is not \"enforce\" or \"audit\"",
+            ),
+            (
+                r#"{"audit": {"format": "cef"}}"#,
+                "audit.format: \"cef\" is not \"json\" or \"ocsf\"",
             ),
             (
                 r#"{"control": {"socket": "control.sock"}}"#,
@@ -2185,7 +2209,7 @@ mod tests {
         {"domains": ["onion.example"], "agents": ["agents.slice"], "outbound": "tor"}
       ],
       "default": "block",
-      "audit": {"path": "/var/log/agent-egress/audit.jsonl", "start_events": false, "queue": 65536},
+      "audit": {"path": "/var/log/agent-egress/audit.jsonl", "start_events": false, "queue": 65536, "format": "ocsf"},
       "mode": "enforce",
       "limits": {"connections": 8192, "sniff_bytes": 16384, "sniff_timeout_ms": 3000, "idle_timeout_s": 300, "connect_timeout_ms": 5000}
     }"#;

@@ -3,6 +3,7 @@ pub mod agent_dns;
 pub mod agent_index;
 pub mod audit;
 pub mod audit_log;
+pub mod audit_ocsf;
 pub mod audit_read;
 pub mod audit_table;
 pub mod backstop;

@@ -8,7 +8,12 @@ use crate::procinfo::Attributor;
 use crate::proxy::Proxy;
 
 pub fn start_audit(sink: Sink, config: &Config) -> Result<(AuditLog, AuditThread), AuditError> {
-    AuditLog::start(sink, config.audit.queue, Some(Attributor::default()))
+    AuditLog::start(
+        sink,
+        config.audit.format,
+        config.audit.queue,
+        Some(Attributor::default()),
+    )
 }
 
 /// Write what is queued, then let the writer go.

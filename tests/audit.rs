@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use agent_egress::audit::{
     AttributionDone, AuditError, AuditLog, Event, PendingRecord, Proto, Record, Sink, Verdict,
 };
+use agent_egress::config::AuditFormat;
 use agent_egress::procinfo::{
     describe, lookup_socket, pid_of_socket, Attributor, OwnerQuery, SockDiag,
 };
@@ -83,7 +84,8 @@ fn connection(conn_id: u64, host: &str) -> Record {
 fn file_sink_writes_json_lines_promptly() {
     let dir = TempDir::new("sink");
     let path = dir.0.join("audit.jsonl");
-    let (log, thread) = AuditLog::start(Sink::File(path.clone()), 64, None).unwrap();
+    let (log, thread) =
+        AuditLog::start(Sink::File(path.clone()), AuditFormat::Json, 64, None).unwrap();
     log.submit(connection(1, "a.example").into());
     log.submit(
         Record {
@@ -110,9 +112,39 @@ fn file_sink_writes_json_lines_promptly() {
     assert_eq!(mode & 0o007, 0, "audit log must not be world-readable");
 }
 
+/// `audit.format: "ocsf"`: the file gets OCSF events, a watcher of the event
+/// stream still our JSON records (what `watch` and `mcp` read).
+#[test]
+fn ocsf_file_and_json_event_stream() {
+    let dir = TempDir::new("ocsf");
+    let path = dir.0.join("audit.jsonl");
+    let (log, thread) =
+        AuditLog::start(Sink::File(path.clone()), AuditFormat::Ocsf, 64, None).unwrap();
+    let (_, watcher) = log.events().subscribe().expect("a watcher");
+    log.submit(connection(1, "a.example").into());
+    let streamed = watcher
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a streamed record");
+    let streamed: Value = serde_json::from_slice(&streamed).unwrap();
+    assert_eq!(streamed["host"], "a.example");
+    assert_eq!(streamed["ts"], "2026-11-25T08:40:25.123Z");
+    thread.flush_and_stop().unwrap();
+    let written = read_records(&path);
+    assert_eq!(written.len(), 1);
+    assert_eq!(written[0]["class_uid"], 4001);
+    assert_eq!(written[0]["dst_endpoint"]["hostname"], "a.example");
+    assert_eq!(written[0]["time"], 1_795_596_025_123_u64);
+    assert!(written[0].get("host").is_none(), "{}", written[0]);
+}
+
 #[test]
 fn unopenable_file_fails_at_start_naming_the_path() {
-    let error = match AuditLog::start(Sink::File("/nonexistent-dir/audit.jsonl".into()), 8, None) {
+    let error = match AuditLog::start(
+        Sink::File("/nonexistent-dir/audit.jsonl".into()),
+        AuditFormat::Json,
+        8,
+        None,
+    ) {
         Err(e) => e,
         Ok(_) => panic!("a log in a missing directory must not start"),
     };
@@ -128,7 +160,8 @@ fn reopen_after_rename_writes_to_the_new_file() {
     let dir = TempDir::new("rotate");
     let path = dir.0.join("audit.jsonl");
     let rotated = dir.0.join("audit.jsonl.1");
-    let (log, thread) = AuditLog::start(Sink::File(path.clone()), 64, None).unwrap();
+    let (log, thread) =
+        AuditLog::start(Sink::File(path.clone()), AuditFormat::Json, 64, None).unwrap();
     log.submit(connection(1, "before.example").into());
     assert_eq!(wait_for_records(&path, 1).len(), 1);
     fs::rename(&path, &rotated).unwrap();
@@ -170,7 +203,8 @@ fn rotation_by_logrotate_is_followed_without_a_signal() {
         ),
     )
     .unwrap();
-    let (log, thread) = AuditLog::start(Sink::File(path.clone()), 1024, None).unwrap();
+    let (log, thread) =
+        AuditLog::start(Sink::File(path.clone()), AuditFormat::Json, 1024, None).unwrap();
     let mut submitted = 0u64;
     let mut submit_for = |duration: Duration, host: &str| {
         let until = Instant::now() + duration;
@@ -239,7 +273,8 @@ fn full_queue_drops_and_never_blocks() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
-    let (log, thread) = AuditLog::start(Sink::File(fifo.clone()), 4, None).unwrap();
+    let (log, thread) =
+        AuditLog::start(Sink::File(fifo.clone()), AuditFormat::Json, 4, None).unwrap();
 
     const SUBMITTED: u64 = 100_000;
     let started = Instant::now();
@@ -525,7 +560,13 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
 
     let dir = TempDir::new("attribution");
     let path = dir.0.join("audit.jsonl");
-    let (log, thread) = AuditLog::start(Sink::File(path.clone()), 64, Some(attributor)).unwrap();
+    let (log, thread) = AuditLog::start(
+        Sink::File(path.clone()),
+        AuditFormat::Json,
+        64,
+        Some(attributor),
+    )
+    .unwrap();
     let early_id = log.next_conn_id();
     let late_alive_id = log.next_conn_id();
     let late_dead_id = log.next_conn_id();

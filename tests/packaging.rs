@@ -211,9 +211,13 @@ fn evaluation_stamp_covers_the_current_nix_files() {
 }
 
 /// The files nix/eval-check.sh stamps: those of nix/, presets/ and vm-tests/ (not
-/// below), and the VM install set.
+/// below), the VM install set, and suggest's golden Nix output (evaluated with
+/// the module there).
 fn stamped_files() -> Vec<String> {
-    let mut files = vec!["vm-tests/systemd/install.json".to_string()];
+    let mut files = vec![
+        "vm-tests/systemd/install.json".to_string(),
+        "tests/fixtures/suggest/suggested.nix".to_string(),
+    ];
     for dir in ["nix", "presets", "vm-tests"] {
         let entries = fs::read_dir(root().join(dir)).unwrap_or_else(|e| panic!("{dir}: {e}"));
         for entry in entries {

@@ -73,22 +73,28 @@ impl EventBus {
         self.watching.load(Ordering::Acquire) > 0
     }
 
+    /// Whether `record` is to be published with its JSON line: someone
+    /// watches, or it is a denial (kept for `GET /v1/denials`).
+    pub fn wants_line(&self, record: &Record) -> bool {
+        is_denial(record) || self.watched()
+    }
+
     pub fn note_lost(&self) {
         self.lost.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Hand `line` (the encoding of `record`) to every watcher that has room;
-    /// one that has none is dropped: its receiver ends after what it holds.
-    pub fn publish(&self, record: &Record, line: &[u8]) {
+    /// Hand `line` (the JSON encoding of `record`; none when it was not made,
+    /// nobody watching) to every watcher that has room; one that has none is
+    /// dropped: its receiver ends after what it holds.
+    pub fn publish(&self, record: &Record, line: Option<&[u8]>) {
         if record.event == Event::Drops {
             self.dropped_packets
                 .fetch_add(record.dropped.unwrap_or(0), Ordering::Relaxed);
         }
-        let denied = matches!(record.verdict, Verdict::Block | Verdict::WouldBlock)
-            && matches!(record.event, Event::End | Event::Dns);
-        if !denied && !self.watched() {
+        let denied = is_denial(record);
+        let Some(line) = line.filter(|_| denied || self.watched()) else {
             return;
-        }
+        };
         let line: Line = Arc::from(line);
         if denied {
             if let Ok(mut denials) = self.denials.lock() {
@@ -141,4 +147,10 @@ impl EventBus {
             dropped_packets: self.dropped_packets.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Something refused (or that enforce would refuse): a connection's end or a DNS query.
+fn is_denial(record: &Record) -> bool {
+    matches!(record.verdict, Verdict::Block | Verdict::WouldBlock)
+        && matches!(record.event, Event::End | Event::Dns)
 }
