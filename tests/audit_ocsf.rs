@@ -301,3 +301,46 @@ fn events_of_a_real_daemon_fit() {
         "exit {code}: {err}"
     );
 }
+
+#[test]
+fn the_control_api_keeps_json_denials_when_the_file_is_ocsf() {
+    if !harness::require_root_and_tools(&["curl"]) {
+        return;
+    }
+    let world = World::new();
+    let dir = harness::control::SocketDir::new(&world);
+    let socket = dir.socket();
+    let path = world.dir().join("audit.ocsf.jsonl");
+    let _d = Daemon::start(
+        &world,
+        daemon::config(
+            &world,
+            json!({
+                "audit": {"path": path, "format": "ocsf"},
+                "control": {"enable": true, "socket": socket, "group": "root"},
+                "state_dir": world.dir().join("state"),
+            }),
+        ),
+    );
+    // Nobody watches the event stream: only the denial is kept, in our JSON.
+    assert!(!world
+        .curl_agent([
+            "--resolve",
+            "blocked.test:443:198.51.100.20",
+            "https://blocked.test/"
+        ])
+        .status
+        .success());
+    let mut denials = Vec::new();
+    harness::control::wait_until("the denial", std::time::Duration::from_secs(10), || {
+        let (_, body) = harness::control::call(&socket, "GET", "/v1/denials", None);
+        denials = body["denials"].as_array().cloned().unwrap_or_default();
+        !denials.is_empty()
+    });
+    assert_eq!(denials[0]["verdict"], "block", "{denials:?}");
+    assert_eq!(denials[0]["host"], "blocked.test", "{denials:?}");
+    assert!(
+        denials[0].get("class_uid").is_none(),
+        "our format, not OCSF"
+    );
+}
