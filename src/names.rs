@@ -68,9 +68,27 @@ pub fn normalize_host(raw: &str) -> Result<String, NameError> {
     Ok(ascii.into_owned())
 }
 
+/// A name under `.invalid`, which RFC 6761 (6.4) reserves to never resolve:
+/// nothing can be reached by it, so audit mode lets none through (`doctor`'s
+/// probes use one, and must be refused in every mode to show the capture).
+pub fn never_resolves(host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    host == "invalid" || host.ends_with(".invalid")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::normalize_host;
+    use super::{never_resolves, normalize_host};
+
+    #[test]
+    fn names_under_invalid_never_resolve() {
+        for name in ["invalid", "doctor.agent-egress.invalid", "x.invalid."] {
+            assert!(never_resolves(name), "{name}");
+        }
+        for name in ["invalid.example", "notinvalid", "example.com"] {
+            assert!(!never_resolves(name), "{name}");
+        }
+    }
 
     #[test]
     fn case_and_trailing_dot_fold() {

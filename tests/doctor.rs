@@ -147,3 +147,21 @@ fn doctor_passes_on_a_healthy_daemon_and_names_what_broke() {
     };
     assert_eq!(killed.0.status.code(), Some(1), "{}", killed.1);
 }
+
+/// Audit mode lets refused connections through, but never one to a name that
+/// cannot resolve: the doctor's probes still show the capture (learn runs the
+/// daemon so, and the unit's ExecStartPost runs the doctor).
+#[test]
+fn doctor_passes_on_a_daemon_in_audit_mode() {
+    if !harness::require_root_and_tools(&["nft"]) {
+        return;
+    }
+    let world = World::new();
+    let d = Daemon::start(&world, daemon::config(&world, json!({"mode": "audit"})));
+    let out = doctor(&world, &d);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let probe = d.wait_record("the probe's record", |r| {
+        r["event"] == "end" && r["host"] == "doctor.agent-egress.invalid"
+    });
+    assert_eq!(probe["verdict"], "block", "{probe}");
+}

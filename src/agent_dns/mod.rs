@@ -317,7 +317,9 @@ impl Handler {
                 }
                 // Audit mode: a question the policy would refuse goes out all
                 // the same, and its record says what enforce would have done.
-                if let (Mode::Audit, Some(name), Some(qtype)) = (config.mode, &name, qtype) {
+                let audited = config.mode == Mode::Audit
+                    && !name.as_deref().is_some_and(crate::names::never_resolves);
+                if let (true, Some(name), Some(qtype)) = (audited, &name, qtype) {
                     record.host = Some(name.clone());
                     record.verdict = Verdict::WouldBlock;
                     let name = name.clone();

@@ -529,7 +529,9 @@ impl Session {
             // Validated configs name only existing outbounds; refuse if not.
             return self.refuse(format!("no outbound named {:?}", decision.outbound));
         };
-        if runtime.config.mode == Mode::Audit {
+        if runtime.config.mode == Mode::Audit
+            && !host.as_deref().is_some_and(crate::names::never_resolves)
+        {
             self.record.verdict = if matches!(outbound, Outbound::Block) {
                 Verdict::WouldBlock
             } else {
