@@ -793,6 +793,14 @@ let
         name: slice: lib.nameValuePair "${name}.slice" (unitSections slice "Slice" "sliceConfig")
       ) config.systemd.slices;
     logrotate = config.services.logrotate.settings.agent-egress or null;
+    # The groups NixOS would create (users.groups), for the guest to add.
+    groups = lib.attrNames config.users.groups;
+    # The units NixOS gives an ExecStart made of `script` (the learn unit):
+    # its text and `path`, for the systemd VM to install as NixOS would.
+    scripts = lib.mapAttrs' (name: unit: lib.nameValuePair "${name}.service" {
+      text = unit.script;
+      path = map (p: "${p}/bin") unit.path;
+    }) (lib.filterAttrs (_: unit: (unit.script or "") != "") config.systemd.services);
   };
 
   # A unit's [Unit], [Service] or [Slice], and [Install] sections, empty
@@ -819,7 +827,7 @@ let
   # What the systemd VM test (tests/systemd_vm.rs) installs in its guest: an
   # agent template unit as tests define them, audit to a file or the journal.
   systemdVm =
-    name: audit:
+    name: audit: extra:
     evaluate name [
       {
         services.agentEgress = {
@@ -828,7 +836,7 @@ let
           agents.tester.units = [ "agent-probe@" ];
           settings.dns.servers = [ "127.0.0.53" ];
           settings.audit = audit;
-        };
+        } // extra;
       }
     ];
 in
@@ -846,8 +854,9 @@ in
     suggested = generated suggested;
   };
   systemd = {
-    file-audit = generated (systemdVm "systemd-file-audit" { });
-    journal-audit = generated (systemdVm "systemd-journal-audit" { path = "-"; });
+    file-audit = generated (systemdVm "systemd-file-audit" { } { });
+    journal-audit = generated (systemdVm "systemd-journal-audit" { path = "-"; } { });
+    learn = generated (systemdVm "systemd-learn" { } { learn = true; control.enable = true; });
   };
   rejected = {
     sniff-bytes = generated daemonRejects // {

@@ -242,10 +242,14 @@ let
       "-/etc/shadow"
       "-/etc/gshadow"
       "-/etc/ssh"
-      "-/var/lib"
       "-/run/keys"
       "-/run/secrets"
     ];
+    # Other services' state, out of view too: an empty /var/lib. A unit with
+    # a state directory binds its own into it (`stateBind`): under an
+    # inaccessible /var/lib it could not be reached at all (the systemd VM
+    # test's learn_suggests found that).
+    TemporaryFileSystem = "/var/lib:ro";
     # The daemon only reads cgroups (inotify and stat): read-only is enough.
     ProtectControlGroups = true;
     ProtectKernelTunables = true;
@@ -261,6 +265,13 @@ let
     RemoveIPC = true;
     SystemCallArchitectures = "native";
     SystemCallErrorNumber = "EPERM";
+  };
+
+  # What a unit with StateDirectory = "agent-egress" adds to `sandbox`.
+  stateBind = {
+    StateDirectory = "agent-egress";
+    StateDirectoryMode = "0700";
+    BindPaths = [ "/var/lib/agent-egress" ];
   };
 
   # learn: `suggest` over the audit file and its rotated copies, written to
@@ -887,12 +898,10 @@ in
               pkgs.coreutils
             ];
             script = learnScript;
-            serviceConfig = sandbox // {
+            serviceConfig = sandbox // stateBind // {
               Type = "oneshot";
               User = "agent-egress";
               Group = "agent-egress";
-              StateDirectory = "agent-egress";
-              StateDirectoryMode = "0700";
               UMask = "0077";
               # It reads files and writes one: no network, no privilege.
               PrivateNetwork = true;
@@ -946,17 +955,13 @@ in
               ReadWritePaths = lib.optional (auditFile && !auditInLogsDirectory) "-${dirOf settings.audit.path}";
               LimitNOFILE = 8 * settings.limits.connections + 1024;
             }
-            // lib.optionalAttrs cfg.control.enable {
-              # The socket's directory, and the runtime rules' state file
-              # (below the inaccessible /var/lib, which this mount opens
-              # for this directory only).
+            // lib.optionalAttrs cfg.control.enable (stateBind // {
+              # The socket's directory, and the runtime rules' state file.
               RuntimeDirectory = "agent-egress";
               RuntimeDirectoryMode = "0755";
-              StateDirectory = "agent-egress";
-              StateDirectoryMode = "0700";
               # A member may give the socket to the group without CAP_CHOWN.
               SupplementaryGroups = [ cfg.control.group ];
-            }
+            })
             // sandbox
             // {
               # ProtectProc and ProcSubset keep their defaults: the daemon reads
@@ -971,7 +976,11 @@ in
                 "@system-service"
                 "~@privileged"
                 "bpf" # the connect log; without it attribution searches /proc
-              ];
+              ]
+              # @privileged holds @chown: the control socket goes to its group
+              # by chown, which without CAP_CHOWN can only name a group the
+              # daemon is a member of.
+              ++ lib.optional cfg.control.enable "@chown";
             };
           };
         }

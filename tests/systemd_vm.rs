@@ -42,6 +42,7 @@ const SCENARIOS: &[&str] = &[
     "doctor_probes_agents",
     "backstop_holds",
     "journal_audit",
+    "learn_suggests",
     "dist_system_unit",
     "dist_user_unit_after_login",
     "no_unit_warnings",
@@ -49,15 +50,12 @@ const SCENARIOS: &[&str] = &[
 ];
 
 /// The cases of install.json the guest installs.
-const CASES: &[&str] = &["file-audit", "journal-audit"];
+const CASES: &[&str] = &["file-audit", "journal-audit", "learn"];
 
 /// Store paths in the evaluated units and files, and where the image has them.
 /// A store path not listed here fails the test: it would not exist in the guest.
 const STORE_PATHS: &[(&str, &str)] = &[
-    (
-        "/nix/store/eval-stub-agent-egress/bin/agent-egress",
-        "/usr/local/bin/agent-egress",
-    ),
+    ("/nix/store/eval-stub-agent-egress/bin/", "/usr/local/bin/"),
     ("/nix/store/eval-stub-coreutils/bin/", "/usr/bin/"),
     ("/nix/store/eval-stub-systemd/bin/", "/usr/bin/"),
     (
@@ -67,7 +65,7 @@ const STORE_PATHS: &[(&str, &str)] = &[
 ];
 
 /// The whole guest run: boot (about 20 s under TCG) and every scenario.
-const VM_TIMEOUT: Duration = Duration::from_secs(300);
+const VM_TIMEOUT: Duration = Duration::from_secs(720);
 /// debootstrap and all; about a minute here.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long QEMU or the build gets after SIGTERM before SIGKILL.
@@ -192,7 +190,8 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
 }
 
 /// Writes case `name` of install.json under `dir` as guest-test.sh installs it:
-/// `units/NAME` (to /etc/systemd/system), `files/PATH` (to /PATH), `executables`.
+/// `units/NAME` (to /etc/systemd/system), `files/PATH` (to /PATH), `executables`,
+/// `groups` (the groups NixOS would create).
 fn render_case(name: &str, case: &Value, dir: &Path) -> Result<(), String> {
     let what = format!("install.json case {name}");
     let units = case["units"]
@@ -238,7 +237,24 @@ fn render_case(name: &str, case: &Value, dir: &Path) -> Result<(), String> {
         list.push_str(&target);
         list.push('\n');
     }
-    write_file(&dir.join("executables"), &list)
+    write_file(&dir.join("executables"), &list)?;
+    let groups = case["groups"]
+        .as_array()
+        .ok_or_else(|| format!("{what}: no \"groups\" array"))?;
+    let mut names = String::new();
+    for group in groups {
+        let group = group
+            .as_str()
+            .filter(|g| {
+                !g.is_empty()
+                    && g.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+            .ok_or_else(|| format!("{what}: a group is not a plain name: {group}"))?;
+        names.push_str(group);
+        names.push('\n');
+    }
+    write_file(&dir.join("groups"), &names)
 }
 
 // ---- the image ----------------------------------------------------------------------

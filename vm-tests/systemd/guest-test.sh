@@ -10,6 +10,7 @@
 #   cases/CASE/units/...       the module's units, store paths mapped to the image's
 #   cases/CASE/files/...       the module's files (config.json, logrotate config, scripts)
 #   cases/CASE/executables     which of those files are executables
+#   cases/CASE/groups          the groups the module declares (users.groups)
 #   dist/...                   dist/systemd/ of the repository (the units for other
 #                              distributions), installed by the dist_* scenarios
 #   results/                   written here: results.txt (one line per scenario:
@@ -76,6 +77,11 @@ install_case() {
     while read -r exe; do
         [ -n "$exe" ] && chmod 0755 "$exe"
     done <"$dir/executables"
+    # As users.groups makes them on NixOS (the image has agent-egress already).
+    local group
+    while read -r group; do
+        [ -n "$group" ] && { getent group "$group" >/dev/null || groupadd --system "$group"; }
+    done <"$dir/groups"
     systemctl daemon-reload
 }
 
@@ -663,6 +669,44 @@ fetch allowed --resolve allowed.test:80:203.0.113.10 "http://allowed.test/journa
     [ "$(wc -l <"$audit" 2>/dev/null || echo 0)" = "$lines_before" ] || fail "the record also went to $audit"
 }
 
+# services.agentEgress.learn (the learn case): the daemon in audit mode lets the
+# refused host through and records what enforce would refuse, and
+# agent-egress-learn.service, under its sandbox as its timer would start it,
+# turns the audit file into /var/lib/agent-egress/suggested.nix.
+s_learn_suggests() {
+    install_case learn || fail "cannot install case learn"
+    timeout 90 systemctl restart agent-egress.service || fail "cannot restart agent-egress with learn"
+    [ "$(jq -r .mode "$config")" = audit ] || fail "learn left the daemon in mode $(jq -c .mode "$config")"
+    timeout 30 systemctl start agent-egress-learn.timer || fail "cannot start agent-egress-learn.timer"
+    make_probe learn '
+fetch allowed --resolve allowed.test:80:203.0.113.10 http://allowed.test/learn/allowed
+fetch blocked --resolve blocked.test:80:203.0.113.20 http://blocked.test/learn/blocked'
+    run_probe learn
+    expect_allowed learn allowed "hello from allowed.test"
+    expect_allowed learn blocked "hello from blocked.test"
+    expect_record learn blocked '.verdict == "would_block"' '.host == "blocked.test"'
+    expect_record learn allowed '.verdict == "allow"'
+    local suggested=/var/lib/agent-egress/suggested.nix
+    rm -f "$suggested"
+    timeout 60 systemctl start agent-egress-learn.service ||
+        fail "agent-egress-learn.service failed: $(journalctl -b -u agent-egress-learn -o cat -n 8 | tr '\n' ' ')"
+    [ -f "$suggested" ] || fail "no $suggested after agent-egress-learn.service"
+    [ "$(stat -c '%U %a' "$suggested")" = "agent-egress 600" ] ||
+        fail "$suggested is $(stat -c '%U %a' "$suggested"), not agent-egress 600"
+    grep -qF 'allowed.test"' "$suggested" && grep -qF 'blocked.test"' "$suggested" ||
+        fail "$suggested does not list both hosts: $(head -c 400 "$suggested" | tr '\n' ' ')"
+    ls /var/lib/agent-egress/ | grep -q 'suggested.nix.' && fail "a temporary file was left: $(ls /var/lib/agent-egress/)"
+    systemctl list-timers --all --no-pager agent-egress-learn.timer | grep -q agent-egress-learn.timer ||
+        fail "agent-egress-learn.timer is not scheduled"
+    # The daemon keeps its runtime rules there too (control.enable): one added
+    # over the socket lands in the state file.
+    curl -sf --unix-socket /run/agent-egress/control.sock -d '{"domains": ["other.test"], "outbound": "direct"}' \
+        http://agent-egress/v1/rules >/dev/null || fail "the control socket refused a runtime rule"
+    grep -qF other.test /var/lib/agent-egress/runtime-rules.json ||
+        fail "the runtime rule is not in /var/lib/agent-egress/runtime-rules.json"
+    note "$(grep -c '"' "$suggested") quoted entries in $suggested; a runtime rule kept in the state file"
+}
+
 # ---- dist/systemd: the units for other distributions -------------------------------
 
 dist=$share/dist
@@ -902,6 +946,7 @@ main() {
     scenario doctor_probes_agents s_doctor_probes_agents
     scenario backstop_holds s_backstop_holds
     scenario journal_audit s_journal_audit
+    scenario learn_suggests s_learn_suggests
     scenario dist_system_unit s_dist_system_unit
     scenario dist_user_unit_after_login s_dist_user_unit_after_login
     scenario no_unit_warnings s_no_unit_warnings
