@@ -13,7 +13,7 @@ use crate::dns::{Lookup, QueryId, Resolver};
 use crate::loopback::Listener;
 use crate::names::normalize_host;
 use crate::outbound::{
-    self, DialOptions, Handshake, HttpConnectHandshake, Progress, Socks5Handshake,
+    self, DialOptions, Handshake, HttpConnectHandshake, Progress, RequestError, Socks5Handshake,
 };
 use crate::policy::Process;
 use crate::procinfo::OwnerQuery;
@@ -677,7 +677,7 @@ impl Session {
         match via {
             Via::Direct => self.start_relay(ctx.now, Vec::new()),
             Via::Proxy { target, proxy } => {
-                let shake: Result<Box<dyn Handshake + Send>, String> = match proxy {
+                let shake: Result<Box<dyn Handshake + Send>, RequestError> = match proxy {
                     Proxy::Socks5(auth) => {
                         Socks5Handshake::new(target, auth.as_ref()).map(|h| Box::new(h) as _)
                     }
@@ -690,7 +690,7 @@ impl Session {
                         self.phase = Phase::Handshaking { shake };
                         self.handshake(ctx)
                     }
-                    Err(e) => self.fail(e),
+                    Err(e) => self.fail(e.to_string()),
                 }
             }
         }
@@ -755,7 +755,7 @@ impl Session {
         self.up = match inspect {
             Some(inspect) => match Flow::inspected(sniffed, inspect) {
                 Ok(flow) => flow,
-                Err(why) => return self.refuse_request(why),
+                Err(why) => return self.refuse_request(why.to_string()),
             },
             None => Flow::new(sniffed),
         };
