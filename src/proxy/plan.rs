@@ -455,7 +455,7 @@ fn list(addrs: &[IpAddr]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Rule};
+    use crate::config::Config;
     use crate::procinfo::ProcessInfo;
     use std::sync::Arc;
 
@@ -760,19 +760,13 @@ mod tests {
                 {"name": "open", "domains": ["meh.test"], "outbound": "block"}]}"#,
         )
         .unwrap();
-        let allow = Rule {
-            name: "supervisor".into(),
-            domains: ["evil.test", "meh.test"]
-                .map(|d| crate::config::DomainPattern::parse(d).unwrap())
-                .to_vec(),
-            ips: Vec::new(),
-            ports: Vec::new(),
-            agents: Vec::new(),
-            process: Default::default(),
-            outbound: "direct".into(),
-            locked: false,
-        };
-        let rt = Runtime::with_rules(config, &[allow]);
+        // As the control API would add it: widening both rules.
+        let runtime_rules = Config::from_json(
+            r#"{"rules": [{"name": "supervisor", "domains": ["evil.test", "meh.test"], "outbound": "direct"}]}"#,
+        )
+        .unwrap()
+        .rules;
+        let rt = Runtime::with_rules(config, &runtime_rules);
         let d = decided(&rt, &conn("198.51.100.7:443"), Some("evil.test"));
         assert_eq!((d.rule.as_str(), d.verdict), ("pinned", Verdict::Block));
         let d = decided(&rt, &conn("198.51.100.7:443"), Some("meh.test"));
