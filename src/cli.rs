@@ -453,14 +453,38 @@ fn explain(args: &ExplainArgs) -> i32 {
 }
 
 /// `--user`: a uid, or a name /etc/passwd knows.
-fn uid_of_user(user: &str) -> Result<u32, String> {
+fn uid_of_user(user: &str) -> Result<u32, UserError> {
     if let Ok(uid) = user.parse() {
         return Ok(uid);
     }
-    let passwd = std::fs::read_to_string("/etc/passwd")
-        .map_err(|e| format!("cannot read /etc/passwd to look up {user:?}: {e}"))?;
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| UserError::Passwd {
+        user: user.into(),
+        error: e,
+    })?;
     crate::process_match::uid_in_passwd(&passwd, user)
-        .ok_or_else(|| format!("no user named {user:?} in /etc/passwd"))
+        .ok_or_else(|| UserError::NoSuchUser(user.into()))
+}
+
+/// Why `--user` names no uid.
+#[derive(Debug)]
+enum UserError {
+    /// /etc/passwd, where a name is looked up, could not be read.
+    Passwd {
+        user: String,
+        error: std::io::Error,
+    },
+    NoSuchUser(String),
+}
+
+impl std::fmt::Display for UserError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserError::Passwd { user, error } => {
+                write!(f, "cannot read /etc/passwd to look up {user:?}: {error}")
+            }
+            UserError::NoSuchUser(user) => write!(f, "no user named {user:?} in /etc/passwd"),
+        }
+    }
 }
 
 /// The process `explain` was told of, if any of its facts was given.

@@ -188,7 +188,7 @@ impl Server {
             }
             "tools/call" => match tools::call(&self.client, params) {
                 Ok(result) => Outcome::Result(result),
-                Err(why) => error(INVALID_PARAMS, why),
+                Err(why) => error(INVALID_PARAMS, why.to_string()),
             },
             _ => error(METHOD_NOT_FOUND, format!("no method {method}")),
         };

@@ -5,6 +5,7 @@
 
 use crate::control::client::{ClientError, ControlClient};
 use serde_json::{json, Value};
+use std::fmt;
 use std::io::{BufRead, ErrorKind};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,74 @@ struct Tool {
     description: &'static str,
     /// The properties of the input object, and which are required.
     input: fn() -> Value,
-    call: fn(&ControlClient, &Value) -> Result<Value, String>,
+    call: fn(&ControlClient, &Value) -> Result<Value, ToolError>,
+}
+
+/// Why a `tools/call` names no call of ours: a protocol error, not a tool's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadCall {
+    NoName,
+    NoSuchTool(String),
+    ArgumentsNotAnObject,
+}
+
+impl fmt::Display for BadCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadCall::NoName => f.write_str("params.name: the tool to call"),
+            BadCall::NoSuchTool(name) => write!(f, "params.name: no tool {name:?}"),
+            BadCall::ArgumentsNotAnObject => f.write_str("params.arguments: an object"),
+        }
+    }
+}
+
+/// Why a tool failed: the text the model reads (`isError`).
+#[derive(Debug)]
+enum ToolError {
+    UnknownArgument(String),
+    MissingArgument(String),
+    /// An argument of the wrong kind: its name and what it must be.
+    BadArgument {
+        name: String,
+        wants: String,
+    },
+    /// The control socket could not be reached, or its reply read.
+    Client(ClientError),
+    /// The control API answered with a 4xx or 5xx: as it said it.
+    Refused {
+        request: String,
+        status: u16,
+        field: String,
+        message: String,
+        details: String,
+    },
+    StreamEnded,
+}
+
+impl fmt::Display for ToolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ToolError::UnknownArgument(name) => write!(f, "{name}: no such argument"),
+            ToolError::MissingArgument(name) => write!(f, "{name}: required"),
+            ToolError::BadArgument { name, wants } => write!(f, "{name}: {wants}"),
+            ToolError::Client(e) => write!(f, "{e}"),
+            ToolError::Refused {
+                request,
+                status,
+                field,
+                message,
+                details,
+            } => write!(f, "{request}: {status}: {field}: {message}{details}"),
+            ToolError::StreamEnded => f.write_str("the daemon ended the event stream"),
+        }
+    }
+}
+
+fn bad_argument(name: &str, wants: impl Into<String>) -> ToolError {
+    ToolError::BadArgument {
+        name: name.into(),
+        wants: wants.into(),
+    }
 }
 
 const TOOLS: &[Tool] = &[
@@ -141,19 +209,19 @@ pub fn list() -> Vec<Value> {
 
 /// `tools/call`: Err for a call that names no tool of ours (a protocol
 /// error); a tool that fails answers with `isError`.
-pub fn call(client: &ControlClient, params: &Value) -> Result<Value, String> {
+pub fn call(client: &ControlClient, params: &Value) -> Result<Value, BadCall> {
     let name = params
         .get("name")
         .and_then(Value::as_str)
-        .ok_or("params.name: the tool to call")?;
+        .ok_or(BadCall::NoName)?;
     let tool = TOOLS
         .iter()
         .find(|t| t.name == name)
-        .ok_or_else(|| format!("params.name: no tool {name:?}"))?;
+        .ok_or_else(|| BadCall::NoSuchTool(name.into()))?;
     let arguments = match params.get("arguments") {
         None | Some(Value::Null) => json!({}),
         Some(a @ Value::Object(_)) => a.clone(),
-        Some(_) => return Err("params.arguments: an object".into()),
+        Some(_) => return Err(BadCall::ArgumentsNotAnObject),
     };
     Ok(
         match check_arguments(&(tool.input)(), &arguments)
@@ -165,7 +233,7 @@ pub fn call(client: &ControlClient, params: &Value) -> Result<Value, String> {
                 "isError": false,
             }),
             Err(why) => json!({
-                "content": [{"type": "text", "text": why}],
+                "content": [{"type": "text", "text": why.to_string()}],
                 "isError": true,
             }),
         },
@@ -173,17 +241,17 @@ pub fn call(client: &ControlClient, params: &Value) -> Result<Value, String> {
 }
 
 /// The arguments' names against the schema: none unknown, none required missing.
-fn check_arguments(schema: &Value, arguments: &Value) -> Result<(), String> {
+fn check_arguments(schema: &Value, arguments: &Value) -> Result<(), ToolError> {
     let known = schema["properties"].as_object();
     for name in arguments.as_object().into_iter().flat_map(|a| a.keys()) {
         if !known.is_some_and(|k| k.contains_key(name)) {
-            return Err(format!("{name}: no such argument"));
+            return Err(ToolError::UnknownArgument(name.clone()));
         }
     }
     for required in schema["required"].as_array().into_iter().flatten() {
         let name = required.as_str().unwrap_or_default();
         if arguments.get(name).is_none() {
-            return Err(format!("{name}: required"));
+            return Err(ToolError::MissingArgument(name.into()));
         }
     }
     Ok(())
@@ -193,7 +261,7 @@ fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_default()
 }
 
-fn get(client: &ControlClient, path: &str) -> Result<Value, String> {
+fn get(client: &ControlClient, path: &str) -> Result<Value, ToolError> {
     send(client, "GET", path, None)
 }
 
@@ -203,46 +271,51 @@ fn send(
     method: &str,
     path: &str,
     body: Option<&Value>,
-) -> Result<Value, String> {
-    let (status, reply) = client.call(method, path, body).map_err(|e| e.to_string())?;
+) -> Result<Value, ToolError> {
+    let (status, reply) = client.call(method, path, body).map_err(ToolError::Client)?;
     if status < 300 {
         return Ok(reply);
     }
-    let field = reply.get("field").and_then(Value::as_str).unwrap_or("");
-    let message = reply
-        .get("error")
-        .and_then(Value::as_str)
-        .unwrap_or("refused");
-    let details = reply
-        .get("errors")
-        .map(|e| format!(": {e}"))
-        .unwrap_or_default();
-    Err(format!(
-        "{method} {path}: {status}: {field}: {message}{details}"
-    ))
+    let text = |key: &str, default: &str| {
+        reply
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    Err(ToolError::Refused {
+        request: format!("{method} {path}"),
+        status,
+        field: text("field", ""),
+        message: text("error", "refused"),
+        details: reply
+            .get("errors")
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default(),
+    })
 }
 
-fn id_argument(args: &Value) -> Result<u64, String> {
+fn id_argument(args: &Value) -> Result<u64, ToolError> {
     args.get("id")
         .and_then(Value::as_u64)
-        .ok_or_else(|| "id: a non-negative integer is needed".into())
+        .ok_or_else(|| bad_argument("id", "a non-negative integer is needed"))
 }
 
-fn agent_argument(args: &Value) -> Result<Option<&str>, String> {
+fn agent_argument(args: &Value) -> Result<Option<&str>, ToolError> {
     match args.get("agent") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(a)) => Ok(Some(a)),
-        Some(_) => Err("agent: a string".into()),
+        Some(_) => Err(bad_argument("agent", "a string")),
     }
 }
 
-fn bounded(args: &Value, name: &str, default: u64, max: u64) -> Result<u64, String> {
+fn bounded(args: &Value, name: &str, default: u64, max: u64) -> Result<u64, ToolError> {
     match args.get(name) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => v
             .as_u64()
             .filter(|n| (1..=max).contains(n))
-            .ok_or_else(|| format!("{name}: an integer from 1 to {max}")),
+            .ok_or_else(|| bad_argument(name, format!("an integer from 1 to {max}"))),
     }
 }
 
@@ -250,7 +323,7 @@ fn of_agent(record: &Value, agent: Option<&str>) -> bool {
     agent.is_none_or(|a| record.get("agent").and_then(Value::as_str) == Some(a))
 }
 
-fn recent_denials(client: &ControlClient, args: &Value) -> Result<Value, String> {
+fn recent_denials(client: &ControlClient, args: &Value) -> Result<Value, ToolError> {
     let limit = bounded(args, "limit", 20, DENIALS_KEPT)? as usize;
     let agent = agent_argument(args)?;
     let reply = get(client, "/v1/denials")?;
@@ -265,19 +338,19 @@ fn is_denial(record: &Value) -> bool {
         && matches!(record["event"].as_str(), Some("end" | "dns"))
 }
 
-fn wait_for_denial(client: &ControlClient, args: &Value) -> Result<Value, String> {
+fn wait_for_denial(client: &ControlClient, args: &Value) -> Result<Value, ToolError> {
     let timeout = Duration::from_secs(bounded(args, "timeout_s", 60, WAIT_MAX_S)?);
     let agent = agent_argument(args)?;
     let deadline = Instant::now() + timeout;
     // Reads wake at least once a second, so the deadline is kept.
     let mut events = client
         .events(Some(Duration::from_secs(1)))
-        .map_err(|e| e.to_string())?;
+        .map_err(ToolError::Client)?;
     let mut line = String::new();
     while Instant::now() < deadline {
         line.clear();
         match events.read_line(&mut line) {
-            Ok(0) => return Err("the daemon ended the event stream".into()),
+            Ok(0) => return Err(ToolError::StreamEnded),
             Ok(_) => {
                 let Ok(record) = serde_json::from_str::<Value>(&line) else {
                     continue;
@@ -287,7 +360,7 @@ fn wait_for_denial(client: &ControlClient, args: &Value) -> Result<Value, String
                 }
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => return Err(ClientError::Io(e).to_string()),
+            Err(e) => return Err(ToolError::Client(ClientError::Io(e))),
         }
     }
     Ok(json!({"denial": null, "timed_out": true}))
@@ -318,17 +391,30 @@ mod tests {
         };
         let r = call("close_connection", json!({"id": "seven"}));
         assert_eq!(r["isError"], true);
-        assert!(r["content"][0]["text"].as_str().unwrap().starts_with("id:"));
+        assert_eq!(
+            r["content"][0]["text"],
+            "id: a non-negative integer is needed"
+        );
         let r = call("recent_denials", json!({"limit": 0}));
-        assert!(r["content"][0]["text"]
-            .as_str()
-            .unwrap()
-            .starts_with("limit:"));
+        assert_eq!(r["content"][0]["text"], "limit: an integer from 1 to 256");
+        let r = call("wait_for_denial", json!({"agent": 7}));
+        assert_eq!(r["content"][0]["text"], "agent: a string");
         let r = call("explain", json!({"port": 443}));
         assert_eq!(r["content"][0]["text"], "host: required");
         let r = call("status", json!({"verbose": true}));
         assert_eq!(r["content"][0]["text"], "verbose: no such argument");
-        assert!(super::call(&client, &json!({"name": "nope"})).is_err());
-        assert!(super::call(&client, &json!({"name": "status", "arguments": [1]})).is_err());
+        let bad = |params: Value| super::call(&client, &params).err().map(|e| e.to_string());
+        assert_eq!(
+            bad(json!({})).as_deref(),
+            Some("params.name: the tool to call")
+        );
+        assert_eq!(
+            bad(json!({"name": "nope"})).as_deref(),
+            Some("params.name: no tool \"nope\"")
+        );
+        assert_eq!(
+            bad(json!({"name": "status", "arguments": [1]})).as_deref(),
+            Some("params.arguments: an object")
+        );
     }
 }

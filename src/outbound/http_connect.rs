@@ -1,7 +1,7 @@
 //! HTTP CONNECT through an upstream proxy (RFC 9110 section 9.3.6), with
 //! Basic proxy authentication (RFC 7617).
 
-use super::{Handshake, Outgoing, Progress, Target};
+use super::{Handshake, Outgoing, Problem, Progress, RequestError, Target};
 use crate::config::Credentials;
 
 /// The proxy's status line and headers may take this much at most.
@@ -18,21 +18,22 @@ pub struct HttpConnectHandshake {
 }
 
 impl HttpConnectHandshake {
-    pub fn new(target: Target, auth: Option<&Credentials>) -> Result<HttpConnectHandshake, String> {
-        target.check().map_err(|e| format!("http connect: {e}"))?;
+    pub fn new(
+        target: Target,
+        auth: Option<&Credentials>,
+    ) -> Result<HttpConnectHandshake, RequestError> {
+        target.check().map_err(RequestError::HttpConnect)?;
         let authority = target.to_string();
         let mut request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
         if let Some(auth) = auth {
             if auth.username.contains(':') {
-                return Err("http connect: a Basic auth username cannot contain ':'".into());
+                return Err(RequestError::HttpConnect(Problem::ColonInUsername));
             }
             if [&auth.username, &auth.password]
                 .iter()
                 .any(|s| s.bytes().any(|b| b.is_ascii_control()))
             {
-                return Err(
-                    "http connect: username and password cannot hold control characters".into(),
-                );
+                return Err(RequestError::HttpConnect(Problem::ControlCharacters));
             }
             let token = base64(format!("{}:{}", auth.username, auth.password).as_bytes());
             request.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
@@ -285,7 +286,18 @@ mod tests {
     #[test]
     fn unsafe_credentials_are_refused() {
         let t = || Target::Name("example.com".into(), 443);
-        assert!(HttpConnectHandshake::new(t(), Some(&creds("a:b", "p"))).is_err());
-        assert!(HttpConnectHandshake::new(t(), Some(&creds("a", "p\r\nX: y"))).is_err());
+        let why = |auth: &Credentials| {
+            HttpConnectHandshake::new(t(), Some(auth))
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(
+            why(&creds("a:b", "p")).as_deref(),
+            Some("http connect: a Basic auth username cannot contain ':'")
+        );
+        assert_eq!(
+            why(&creds("a", "p\r\nX: y")).as_deref(),
+            Some("http connect: username and password cannot hold control characters")
+        );
     }
 }

@@ -32,16 +32,61 @@ impl Target {
     /// Refuses names that are not plain DNS host names: they end up inside a
     /// SOCKS request or an HTTP request line, where a space or CR LF could
     /// smuggle in something else.
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Problem> {
         if let Target::Name(name, _) = self {
             let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_');
             if name.is_empty() || name.len() > MAX_HOST_NAME || !name.bytes().all(plain) {
-                return Err(format!(
-                    "{name:?} is not a host name (1 to {MAX_HOST_NAME} letters, digits, '.', '-', '_')"
-                ));
+                return Err(Problem::NotAHostName(name.clone()));
             }
         }
         Ok(())
+    }
+}
+
+/// Why a handshake cannot be started: its request cannot carry the target
+/// or the credentials. Shown prefixed with the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    Socks5(Problem),
+    HttpConnect(Problem),
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestError::Socks5(problem) => write!(f, "socks5: {problem}"),
+            RequestError::HttpConnect(problem) => write!(f, "http connect: {problem}"),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+/// What of the target or the credentials no request can carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// Not a plain DNS host name: it could smuggle bytes into the request.
+    NotAHostName(String),
+    /// A SOCKS5 username or password (the field named) outside 1 to 255 bytes.
+    FieldLength(&'static str),
+    /// Basic auth joins username and password with ':'.
+    ColonInUsername,
+    ControlCharacters,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::NotAHostName(name) => write!(
+                f,
+                "{name:?} is not a host name (1 to {MAX_HOST_NAME} letters, digits, '.', '-', '_')"
+            ),
+            Problem::FieldLength(field) => write!(f, "the {field} must be 1 to 255 bytes"),
+            Problem::ColonInUsername => f.write_str("a Basic auth username cannot contain ':'"),
+            Problem::ControlCharacters => {
+                f.write_str("username and password cannot hold control characters")
+            }
+        }
     }
 }
 
@@ -133,7 +178,11 @@ mod tests {
     #[test]
     fn names_that_could_smuggle_bytes_are_refused() {
         for bad in ["", "a b", "evil.com\r\nX: y", "a/b", &"a".repeat(254)] {
-            assert!(Target::Name(bad.into(), 80).check().is_err(), "{bad:?}");
+            assert_eq!(
+                Target::Name(bad.into(), 80).check(),
+                Err(Problem::NotAHostName(bad.into())),
+                "{bad:?}"
+            );
         }
         assert!(Target::Name("xn--bcher-kva.example_1".into(), 80)
             .check()

@@ -1,6 +1,6 @@
 //! SOCKS5 CONNECT (RFC 1928), with username/password authentication (RFC 1929).
 
-use super::{Handshake, Outgoing, Progress, Target};
+use super::{Handshake, Outgoing, Problem, Progress, RequestError, Target};
 use crate::config::Credentials;
 use std::net::SocketAddr;
 
@@ -33,9 +33,15 @@ enum Step {
 }
 
 impl Socks5Handshake {
-    pub fn new(target: Target, auth: Option<&Credentials>) -> Result<Socks5Handshake, String> {
-        target.check().map_err(|e| format!("socks5: {e}"))?;
-        let auth_request = auth.map(encode_auth).transpose()?;
+    pub fn new(
+        target: Target,
+        auth: Option<&Credentials>,
+    ) -> Result<Socks5Handshake, RequestError> {
+        target.check().map_err(RequestError::Socks5)?;
+        let auth_request = auth
+            .map(encode_auth)
+            .transpose()
+            .map_err(RequestError::Socks5)?;
         let greeting = match auth_request {
             Some(_) => vec![VERSION, 2, NO_AUTHENTICATION, USERNAME_PASSWORD],
             None => vec![VERSION, 1, NO_AUTHENTICATION],
@@ -201,12 +207,12 @@ impl Handshake for Socks5Handshake {
     }
 }
 
-fn encode_auth(auth: &Credentials) -> Result<Vec<u8>, String> {
-    let field = |what: &str, value: &str| -> Result<u8, String> {
+fn encode_auth(auth: &Credentials) -> Result<Vec<u8>, Problem> {
+    let field = |what: &'static str, value: &str| -> Result<u8, Problem> {
         u8::try_from(value.len())
             .ok()
             .filter(|&n| n > 0)
-            .ok_or_else(|| format!("socks5: the {what} must be 1 to 255 bytes"))
+            .ok_or(Problem::FieldLength(what))
     };
     let user_len = field("username", &auth.username)?;
     let pass_len = field("password", &auth.password)?;
@@ -364,8 +370,22 @@ mod tests {
     #[test]
     fn bad_inputs_are_refused_up_front() {
         let t = Target::Name("example.com".into(), 1);
-        assert!(Socks5Handshake::new(t.clone(), Some(&creds("", "x"))).is_err());
-        assert!(Socks5Handshake::new(t, Some(&creds("u", &"x".repeat(256)))).is_err());
-        assert!(Socks5Handshake::new(Target::Name("a\r\nb".into(), 1), None).is_err());
+        let why = |t: Target, auth: Option<&Credentials>| {
+            Socks5Handshake::new(t, auth).err().map(|e| e.to_string())
+        };
+        assert_eq!(
+            why(t.clone(), Some(&creds("", "x"))).as_deref(),
+            Some("socks5: the username must be 1 to 255 bytes")
+        );
+        assert_eq!(
+            why(t, Some(&creds("u", &"x".repeat(256)))).as_deref(),
+            Some("socks5: the password must be 1 to 255 bytes")
+        );
+        assert_eq!(
+            why(Target::Name("a\r\nb".into(), 1), None).as_deref(),
+            Some(
+                r#"socks5: "a\r\nb" is not a host name (1 to 253 letters, digits, '.', '-', '_')"#
+            )
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! per-connection state machine that sniffs, decides, dials and relays.
 
 pub(crate) mod listener;
+mod plan;
 mod relay;
 mod session;
 mod timers;

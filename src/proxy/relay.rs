@@ -16,7 +16,7 @@
 //! connections, pipe2(2) and the closes of both pipes were six of the
 //! proxy's ~45 syscalls per connection.
 
-use crate::sniff::RequestStream;
+use crate::sniff::{Refusal, RequestStream};
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -191,8 +191,8 @@ impl Flow {
 
     /// A flow whose every byte `inspect` reads first, `prefix` included; an
     /// error if the prefix already must not pass.
-    pub fn inspected(prefix: Vec<u8>, mut inspect: RequestStream) -> Result<Flow, String> {
-        inspect.feed(&prefix).map_err(|why| why.to_string())?;
+    pub fn inspected(prefix: Vec<u8>, mut inspect: RequestStream) -> Result<Flow, Refusal> {
+        inspect.feed(&prefix)?;
         Ok(Flow {
             inspect: Some(inspect),
             ..Flow::new(prefix)

@@ -3,18 +3,19 @@
 //! Sniffing → deciding → (resolving) → connecting → (upstream handshake) →
 //! relaying; or a refusal that says why where the protocol allows.
 
+use super::plan::{self, Action, Conn, Decided, Dialing, Next, Proxy, Search, Via};
 use super::relay::{write_fd, Flow, Pump};
 use super::Runtime;
 use crate::agent_dns::names::ResolvedNames;
-use crate::audit::{AttributionDone, Dial, Proto, Record, Verdict};
-use crate::config::{DomainDial, Mode, Outbound};
+use crate::audit::{AttributionDone, Proto, Record, Verdict};
+use crate::config::Mode;
 use crate::dns::{Lookup, QueryId, Resolver};
-use crate::loopback::{self, Listener};
+use crate::loopback::Listener;
 use crate::names::normalize_host;
 use crate::outbound::{
-    self, DialOptions, Handshake, HttpConnectHandshake, Progress, Socks5Handshake, Target,
+    self, DialOptions, Handshake, HttpConnectHandshake, Progress, RequestError, Socks5Handshake,
 };
-use crate::policy::{self, Process, Query};
+use crate::policy::Process;
 use crate::procinfo::OwnerQuery;
 use crate::sniff::{self, RequestStream, Sniff, Sniffed};
 use mio::net::TcpStream;
@@ -31,9 +32,6 @@ const RELAY_BUDGET: usize = 1 << 20;
 const LINGER_AFTER_REFUSAL: Duration = Duration::from_secs(1);
 /// The longest a refusal waits for the client's process to be named.
 const HOLD_REFUSAL: Duration = Duration::from_millis(100);
-/// The longest a decision by a rule on the process waits for it to be read
-/// (typically under 1 ms; hashing a large executable the first time, more).
-pub const PROCESS_WAIT: Duration = Duration::from_secs(1);
 /// A relay idle this long gives its pipes back.
 const RELEASE_PIPES_AFTER: Duration = Duration::from_secs(5);
 
@@ -82,12 +80,6 @@ enum Phase {
     },
     /// A refusal was written; wait for the client to close, briefly.
     Refused,
-}
-
-/// How the upstream connection is being made.
-enum Via {
-    Direct,
-    Proxy(Target),
 }
 
 pub struct Session {
@@ -487,100 +479,34 @@ impl Session {
         }
         self.deadline = None;
         let runtime = self.runtime.clone();
-        let named_itself = self.record.host.is_some();
-        if runtime.config.dns.capture {
-            self.name_by_lookups(ctx);
-        }
         let host = self.record.host.clone();
-        let query = self.query(host.as_deref(), self.original_dst);
-        let decision = runtime.policy.decide(&query);
-        if decision.awaits_process {
-            return self.await_process(ctx);
-        }
-        if query.process == Process::Unknown && runtime.policy.needs_process() {
-            let pending = Query {
-                process: Process::Pending,
-                ..query
-            };
-            if runtime.policy.decide(&pending).awaits_process {
-                self.record.attribution = Some(self.why_no_process());
+        let plan = plan::decide(
+            &runtime,
+            &self.conn(),
+            host.as_deref(),
+            ctx.resolved,
+            ctx.now,
+        );
+        if let Some(lookups) = plan.lookups {
+            self.record.resolved = Some(lookups.resolved);
+            if let Some(name) = lookups.adopted {
+                self.record.host = Some(name);
+            }
+            if lookups.mismatch {
+                self.record.name_mismatch = Some(true);
+            }
+            if let Some(latest) = lookups.latest {
+                self.record.resolved_name = Some(latest);
             }
         }
-        self.decided = true;
-        // A hard-coded address: only a rule by address may let it through.
-        if runtime.config.dns.require_dns
-            && !named_itself
-            && self.record.resolved == Some(false)
-            && !decision.by_address
-        {
-            self.record.rule = Some(decision.rule_name.to_string());
-            self.record.outbound = "block".into();
-            return self.refuse_dial((
-                Dial::RefusedUnresolved,
-                format!(
-                    "{} was never resolved through agent-egress, and no rule by address allows it (dns.require_dns)",
-                    self.original_dst.ip()
-                ),
-            ));
-        }
-        self.record.rule = Some(decision.rule_name.to_string());
-        self.record.outbound = decision.outbound.to_string();
-        let Some(outbound) = runtime.config.outbounds.get(decision.outbound) else {
-            // Validated configs name only existing outbounds; refuse if not.
-            return self.refuse(format!("no outbound named {:?}", decision.outbound));
-        };
-        if runtime.config.mode == Mode::Audit
-            && !host.as_deref().is_some_and(crate::names::never_resolves)
-        {
-            self.record.verdict = if matches!(outbound, Outbound::Block) {
-                Verdict::WouldBlock
-            } else {
-                Verdict::Allow
-            };
-            self.record.dial = Some(Dial::Original);
-            return self.connect(ctx, vec![self.original_dst], Via::Direct);
-        }
-        let port = self.original_dst.port();
-        match outbound {
-            Outbound::Block => {
-                self.record.verdict = Verdict::Block;
-                self.refuse_politely(decision.rule_name)
-            }
-            Outbound::Direct { interface, mark } => {
-                self.record.verdict = Verdict::Allow;
-                self.dial_options = DialOptions {
-                    interface: interface.clone(),
-                    mark: *mark,
-                };
-                match (decision.matched_domain, host) {
-                    (true, Some(host)) => self.resolve(ctx, host, port),
-                    _ => {
-                        self.record.dial = Some(Dial::Original);
-                        self.connect(ctx, vec![self.original_dst], Via::Direct)
-                    }
-                }
-            }
-            Outbound::Socks5 { server, .. } | Outbound::Http { server, .. } => {
-                self.record.verdict = Verdict::Allow;
-                // The upstream resolves a name it is given: the agent's choice
-                // of IP is not trusted when a domain rule let it through.
-                let target = match (decision.matched_domain, host) {
-                    (true, Some(host)) => {
-                        self.record.dial = Some(Dial::UpstreamResolves);
-                        Target::Name(host, port)
-                    }
-                    _ => {
-                        self.record.dial = Some(Dial::Original);
-                        Target::Addr(self.original_dst)
-                    }
-                };
-                self.connect(ctx, vec![*server], Via::Proxy(target))
-            }
+        match plan.next {
+            Next::AwaitProcess { until } => self.await_process(ctx, until),
+            Next::Decided(decided) => self.carry_out(ctx, *decided),
         }
     }
 
-    /// What the policy is asked of this connection, to `dst`.
-    fn query<'q>(&'q self, host: Option<&'q str>, dst: SocketAddr) -> Query<'q> {
+    /// What the plan is told of this connection now.
+    fn conn(&self) -> Conn<'_> {
         let process = match &self.attribution {
             None => Process::Unknown,
             // No executable read: gone (or hidden) by the time it was read.
@@ -591,92 +517,66 @@ impl Session {
             Some(_) if self.process_wait_over => Process::Unknown,
             Some(_) => Process::Pending,
         };
-        Query {
-            host,
-            ip: dst.ip(),
-            port: dst.port(),
+        let search = match &self.attribution {
+            _ if self.process_wait_over => Search::WaitOver,
+            Some(_) => Search::Looked,
+            None => Search::None,
+        };
+        Conn {
+            original_dst: self.original_dst,
             agent: self.record.agent.as_deref(),
             uid: self.record.uid,
             process,
+            search,
         }
     }
 
     /// Hold the decision until the process is read (the loop is woken then)
-    /// or `PROCESS_WAIT` is over.
-    fn await_process(&mut self, ctx: &mut Ctx) -> Step {
+    /// or `until`.
+    fn await_process(&mut self, ctx: &mut Ctx, until: Instant) -> Step {
         let done_already = self.attribution.as_ref().is_none_or(AttributionDone::watch);
         if done_already {
             // Between the decision and the watch: decide with it now.
             return self.decide(ctx, None);
         }
         self.phase = Phase::AwaitingProcess;
-        self.deadline = Some(ctx.now + PROCESS_WAIT);
+        self.deadline = Some(until);
         Step::Hold
     }
 
-    /// The record's `attribution`: why no process could be asked.
-    fn why_no_process(&self) -> String {
-        match &self.attribution {
-            _ if self.process_wait_over => format!(
-                "the process was not read within {} ms: rules on the process did not match",
-                PROCESS_WAIT.as_millis()
-            ),
-            Some(_) => "the process was gone, or its executable unreadable, when it was read after accept: rules on the process did not match".into(),
-            None => "no process to read (no socket owner or agent found, or attribution off): rules on the process did not match".into(),
+    /// Write a decision into the record, then act on it.
+    fn carry_out(&mut self, ctx: &mut Ctx, decided: Decided) -> Step {
+        self.decided = true;
+        let record = &mut self.record;
+        if decided.attribution.is_some() {
+            record.attribution = decided.attribution;
+        }
+        record.rule = Some(decided.rule);
+        record.outbound = decided.outbound;
+        record.verdict = decided.verdict;
+        if decided.dial.is_some() {
+            record.dial = decided.dial;
+        }
+        if decided.error.is_some() {
+            record.error = decided.error;
+        }
+        self.dial_options = decided.dial_options;
+        match decided.action {
+            Action::Refuse => {
+                let rule = self.record.rule.clone().unwrap_or_default();
+                self.refuse_politely(&rule)
+            }
+            Action::Reset => self.abort(),
+            Action::Resolve { host, port } => self.resolve(ctx, host, port),
+            Action::Connect { to, via } => self.connect(ctx, to, via),
         }
     }
 
     fn decide_loopback(&mut self, ctx: &mut Ctx, listener: Option<Listener>) -> Step {
         self.record.sniff = Some("loopback: decided by its listener, not sniffed".into());
-        self.record.dial = Some(Dial::Original);
-        self.decided = true;
-        if let Some(refusal) = self.own_listener(self.original_dst) {
-            self.record.rule = Some(loopback::REFUSED_RULE.into());
-            self.record.outbound = "block".into();
-            return self.refuse_dial(refusal);
-        }
         let runtime = self.runtime.clone();
-        let decision = loopback::decide(
-            &runtime.config.loopback,
-            self.original_dst.port(),
-            self.record.agent.as_deref(),
-            listener.as_ref(),
-        );
-        self.record.rule = Some(decision.rule.to_string());
-        let enforce = runtime.config.mode == Mode::Enforce;
-        self.record.verdict = match (decision.allowed, enforce) {
-            (true, _) => Verdict::Allow,
-            (false, true) => Verdict::Block,
-            (false, false) => Verdict::WouldBlock,
-        };
-        if decision.allowed || !enforce {
-            self.record.outbound = "direct".into();
-            self.connect(ctx, vec![self.original_dst], Via::Direct)
-        } else {
-            self.record.outbound = "block".into();
-            self.refuse_politely(decision.rule)
-        }
-    }
-
-    /// What the agent's lookups say of the address it connected to: a
-    /// connection without a name of its own takes the name the address was
-    /// resolved for; one whose name is none of those is marked.
-    fn name_by_lookups(&mut self, ctx: &Ctx) {
-        let names = ctx.resolved.lookup(
-            self.record.agent.as_deref(),
-            self.original_dst.ip(),
-            ctx.now,
-        );
-        self.record.resolved = Some(!names.is_empty());
-        let Some(latest) = names.first() else {
-            return;
-        };
-        match &self.record.host {
-            None => self.record.host = Some(latest.clone()),
-            Some(host) if !names.contains(host) => self.record.name_mismatch = Some(true),
-            Some(_) => {}
-        }
-        self.record.resolved_name = Some(latest.clone());
+        let decided = plan::decide_loopback(&runtime, &self.conn(), listener.as_ref());
+        self.carry_out(ctx, decided)
     }
 
     fn resolve(&mut self, ctx: &mut Ctx, host: String, port: u16) -> Step {
@@ -704,99 +604,20 @@ impl Session {
 
     /// Dial a name as our resolver sees it, per `dns.domain_dial`.
     fn dial_resolved(&mut self, ctx: &mut Ctx, host: &str, port: u16, addrs: &[IpAddr]) -> Step {
-        let original = self.original_dst.ip();
-        if addrs.contains(&original) {
-            if let Some(refusal) = self.dial_refusal(self.original_dst) {
-                return self.refuse_dial(refusal);
+        let runtime = self.runtime.clone();
+        match plan::dial_resolved(&runtime, &self.conn(), host, port, addrs) {
+            Dialing::Refuse(refusal) => {
+                self.record.dial = Some(refusal.dial);
+                self.record.verdict = Verdict::Block;
+                self.record.error = Some(refusal.reason);
+                let rule = self.record.rule.clone().unwrap_or_default();
+                self.refuse_politely(&rule)
             }
-            self.record.dial = Some(Dial::OriginalVerified);
-            return self.connect(ctx, vec![self.original_dst], Via::Direct);
-        }
-        match self.runtime.config.dns.domain_dial {
-            DomainDial::Verify => self.refuse_dial((
-                Dial::RefusedMismatch,
-                format!(
-                    "{original} is not an address of {host} (our resolver gives {})",
-                    list(addrs)
-                ),
-            )),
-            DomainDial::Resolve => {
-                self.record.dial = Some(Dial::Resolved);
-                let mut refusals = Vec::new();
-                let mut candidates: Vec<SocketAddr> = addrs
-                    .iter()
-                    .map(|ip| SocketAddr::new(*ip, port))
-                    .filter(|addr| match self.dial_refusal(*addr) {
-                        Some(refusal) => {
-                            refusals.push(refusal);
-                            false
-                        }
-                        None => true,
-                    })
-                    .collect();
-                if candidates.is_empty() {
-                    if let Some(refusal) = refusals.into_iter().next() {
-                        return self.refuse_dial(refusal);
-                    }
-                }
-                // Same family first: the agent's stack chose it for a reason.
-                candidates.sort_by_key(|a| a.is_ipv4() != original.is_ipv4());
-                self.connect(ctx, candidates, Via::Direct)
+            Dialing::Connect { dial, to } => {
+                self.record.dial = Some(dial);
+                self.connect(ctx, to, Via::Direct)
             }
         }
-    }
-
-    /// Why the proxy must not dial `addr` for a name, if it must not: its own
-    /// listener (a loop), an address a rule by address refuses, or an internal
-    /// one (loopback, link-local and metadata, private) that no rule by
-    /// address allows. A name an agent may reach can resolve to anything.
-    fn dial_refusal(&self, addr: SocketAddr) -> Option<(Dial, String)> {
-        if let Some(refusal) = self.own_listener(addr) {
-            return Some(refusal);
-        }
-        let ip = addr.ip().to_canonical();
-        let config = &self.runtime.config;
-        let query = self.query(None, SocketAddr::new(ip, addr.port()));
-        match self.runtime.policy.decide_address(&query) {
-            Some(decision) => match config.outbounds.get(decision.outbound) {
-                Some(Outbound::Block) | None => Some((
-                    Dial::RefusedIpRule,
-                    format!("{ip} is refused by rule {:?}", decision.rule_name),
-                )),
-                Some(_) => None,
-            },
-            None => policy::internal_range(ip).map(|range| {
-                (
-                    Dial::RefusedPrivate,
-                    format!("{ip} is a {range} address, which a name reaches only through a rule by address (ips)"),
-                )
-            }),
-        }
-    }
-
-    /// Dialling `addr` would connect the proxy to itself (a loop).
-    fn own_listener(&self, addr: SocketAddr) -> Option<(Dial, String)> {
-        let ip = addr.ip().to_canonical();
-        let config = &self.runtime.config;
-        let listener = config
-            .listen
-            .addresses
-            .iter()
-            .any(|a| a.to_canonical() == ip);
-        (addr.port() == config.listen.port && (listener || ip.is_loopback())).then(|| {
-            (
-                Dial::RefusedSelf,
-                format!("{addr} is this proxy's listener"),
-            )
-        })
-    }
-
-    fn refuse_dial(&mut self, (dial, reason): (Dial, String)) -> Step {
-        self.record.dial = Some(dial);
-        self.record.verdict = Verdict::Block;
-        self.record.error = Some(reason);
-        let rule = self.record.rule.clone().unwrap_or_default();
-        self.refuse_politely(&rule)
     }
 
     // ---- connecting ----------------------------------------------------------------
@@ -855,25 +676,21 @@ impl Session {
         };
         match via {
             Via::Direct => self.start_relay(ctx.now, Vec::new()),
-            Via::Proxy(target) => {
-                let name = self.record.outbound.clone();
-                let shake: Result<Box<dyn Handshake + Send>, String> =
-                    match self.runtime.config.outbounds.get(&name) {
-                        Some(Outbound::Socks5 { auth, .. }) => {
-                            Socks5Handshake::new(target, auth.as_ref()).map(|h| Box::new(h) as _)
-                        }
-                        Some(Outbound::Http { auth, .. }) => {
-                            HttpConnectHandshake::new(target, auth.as_ref())
-                                .map(|h| Box::new(h) as _)
-                        }
-                        _ => Err(format!("outbound {name:?} is not an upstream proxy")),
-                    };
+            Via::Proxy { target, proxy } => {
+                let shake: Result<Box<dyn Handshake + Send>, RequestError> = match proxy {
+                    Proxy::Socks5(auth) => {
+                        Socks5Handshake::new(target, auth.as_ref()).map(|h| Box::new(h) as _)
+                    }
+                    Proxy::HttpConnect(auth) => {
+                        HttpConnectHandshake::new(target, auth.as_ref()).map(|h| Box::new(h) as _)
+                    }
+                };
                 match shake {
                     Ok(shake) => {
                         self.phase = Phase::Handshaking { shake };
                         self.handshake(ctx)
                     }
-                    Err(e) => self.fail(e),
+                    Err(e) => self.fail(e.to_string()),
                 }
             }
         }
@@ -938,7 +755,7 @@ impl Session {
         self.up = match inspect {
             Some(inspect) => match Flow::inspected(sniffed, inspect) {
                 Ok(flow) => flow,
-                Err(why) => return self.refuse_request(why),
+                Err(why) => return self.refuse_request(why.to_string()),
             },
             None => Flow::new(sniffed),
         };
@@ -1051,12 +868,6 @@ impl Session {
         self.drain_refused()
     }
 
-    fn refuse(&mut self, error: String) -> Step {
-        self.record.verdict = Verdict::Block;
-        self.record.error = Some(error);
-        self.abort()
-    }
-
     /// Read and discard until the client closes: closing with unread bytes
     /// would reset the connection before the client reads our refusal.
     fn drain_refused(&mut self) -> Step {
@@ -1109,12 +920,4 @@ pub(super) fn set_linger_zero(fd: i32) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
-}
-
-fn list(addrs: &[IpAddr]) -> String {
-    addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -20,7 +20,7 @@ mod http;
 mod requests;
 mod tls;
 
-pub use requests::RequestStream;
+pub use requests::{Refusal, RequestStream};
 
 /// The sniff bound the proxy uses unless configured otherwise.
 pub const DEFAULT_MAX_BYTES: usize = 16 * 1024;
