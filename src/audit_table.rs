@@ -103,6 +103,8 @@ impl Table {
             Event::Drops => "drops",
             Event::AuditDrops => "audit_drops",
             Event::Policy => "policy",
+            Event::QuestionAsked => "asked",
+            Event::QuestionAnswered => "answered",
         };
         let process = match (r.exe.as_deref(), r.pid) {
             (Some(exe), Some(pid)) => format!("{}[{pid}]", exe.rsplit('/').next().unwrap_or(exe)),
