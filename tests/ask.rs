@@ -266,6 +266,22 @@ fn an_asked_connection_waits_and_goes_as_answered_identical_ones_merge_and_bad_a
         .find(|r| r["event"] == "end" && r["conn_id"] == q4["conn_id"])
         .expect("the held connection's record");
     assert_ne!(end["verdict"], "allow", "{end}");
+
+    // Every record (asked, answered, held and decided) fits the schema.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/audit-record.schema.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let validator = jsonschema::draft202012::new(&schema).expect("a valid schema");
+    let mut asked = 0;
+    for line in text.lines() {
+        let record: Value = serde_json::from_str(line).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&record)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{record}: {errors:?}");
+        asked += usize::from(record["asked"].is_object());
+    }
+    assert!(asked >= 7, "{text}");
 }
 
 #[test]
