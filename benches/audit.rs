@@ -54,6 +54,8 @@ fn typical_record() -> Record {
         error: None,
         dropped: None,
         policy: None,
+        question: None,
+        asked: None,
     }
 }
 

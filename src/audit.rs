@@ -54,6 +54,10 @@ pub enum Event {
     Dns,
     /// A change of the policy: `policy` says what, `uid`/`pid`/`exe` who.
     Policy,
+    /// A connection was held and a supervisor asked (`question`).
+    QuestionAsked,
+    /// A question was answered, or timed out (`question.answer`, `by`).
+    QuestionAnswered,
 }
 
 impl Event {
@@ -65,6 +69,8 @@ impl Event {
             Event::Drops => "drops",
             Event::Dns => "dns",
             Event::Policy => "policy",
+            Event::QuestionAsked => "question_asked",
+            Event::QuestionAnswered => "question_answered",
         }
     }
 }
@@ -261,6 +267,12 @@ pub struct Record {
     /// On `event: "policy"` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyChange>,
+    /// On `question_asked` and `question_answered` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub question: Option<crate::ask::questions::QuestionRecord>,
+    /// A connection the policy sent to `ask`: how it was decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asked: Option<crate::ask::Asked>,
 }
 
 /// Set once an early attribution is finished (found or not). A refusal is held

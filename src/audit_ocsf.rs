@@ -313,7 +313,9 @@ fn classify(record: &Record) -> Classification {
             _ if record.event == Event::Start => network(1, "Open"),
             _ => network(2, "Close"),
         },
-        Event::AuditDrops | Event::Policy => (0, "Base Event", 0, "Uncategorized", 99, "Other"),
+        Event::AuditDrops | Event::Policy | Event::QuestionAsked | Event::QuestionAnswered => {
+            (0, "Base Event", 0, "Uncategorized", 99, "Other")
+        }
     }
 }
 
@@ -322,7 +324,7 @@ fn classify(record: &Record) -> Classification {
 /// Detected.
 fn outcome(record: &Record) -> Option<(u8, &'static str, u8, &'static str)> {
     match record.event {
-        Event::AuditDrops | Event::Policy => None,
+        Event::AuditDrops | Event::Policy | Event::QuestionAsked | Event::QuestionAnswered => None,
         Event::Drops => Some((2, "Denied", 6, "Dropped")),
         _ => Some(match record.verdict {
             Verdict::Undecided => (0, "Unknown", 0, "Unknown"),
@@ -345,7 +347,9 @@ fn severity(record: &Record) -> (u8, &'static str) {
 
 fn status(record: &Record) -> Option<(u8, &'static str)> {
     match (record.event, record.verdict) {
-        (Event::AuditDrops | Event::Policy, _) => None,
+        (Event::AuditDrops | Event::Policy | Event::QuestionAsked | Event::QuestionAnswered, _) => {
+            None
+        }
         (Event::Drops, _) | (_, Verdict::Block | Verdict::Error) => Some((2, "Failure")),
         (_, Verdict::Undecided) => Some((0, "Unknown")),
         _ if record.error.is_some() => Some((2, "Failure")),
@@ -403,6 +407,13 @@ fn message(record: &Record) -> Option<String> {
                 .and_then(|a| a.as_str())
                 .unwrap_or("changed");
             format!("policy {action}")
+        }),
+        Event::QuestionAsked | Event::QuestionAnswered => record.question.as_ref().map(|q| {
+            let answer = q.answer.and_then(|a| serde_json::to_value(a).ok());
+            match answer.as_ref().and_then(|a| a.as_str()) {
+                Some(answer) => format!("question {} answered: {answer}", q.id),
+                None => format!("question {} asked", q.id),
+            }
         }),
         _ => None,
     }

@@ -103,6 +103,8 @@ impl Table {
             Event::Drops => "drops",
             Event::AuditDrops => "audit_drops",
             Event::Policy => "policy",
+            Event::QuestionAsked => "asked",
+            Event::QuestionAnswered => "answered",
         };
         let process = match (r.exe.as_deref(), r.pid) {
             (Some(exe), Some(pid)) => format!("{}[{pid}]", exe.rsplit('/').next().unwrap_or(exe)),
@@ -136,9 +138,11 @@ impl Table {
 }
 
 /// The ANSI colour of a verdict: green lets through, red refuses, yellow
-/// would refuse (audit mode), magenta failed upstream.
+/// would refuse (audit mode), magenta failed upstream; a question waiting
+/// for an answer stands out (reverse video).
 fn colour_of(verdict: &str) -> Option<u8> {
     match verdict {
+        "asked" => Some(7),
         "allow" => Some(32),
         "block" => Some(31),
         "would_block" => Some(33),

@@ -35,6 +35,8 @@ pub struct Config {
     pub limits: Limits,
     pub loopback: Loopback,
     pub control: Control,
+    /// What an `ask` outbound does while, and when no, supervisor answers.
+    pub ask: Ask,
     /// Where the daemon keeps what it must remember across restarts (the
     /// runtime rules).
     pub state_dir: PathBuf,
@@ -48,6 +50,26 @@ pub struct Control {
     /// The group whose members may connect (mode 0660, owner the daemon's
     /// user); None: the daemon's own group.
     pub group: Option<String>,
+}
+
+/// The `ask` verdict: a connection is held while a supervisor is asked over
+/// the control API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    /// How long a question waits for its answer.
+    pub timeout_ms: u64,
+    /// What a connection gets when no answer comes in time, or when too many
+    /// are held already.
+    pub fallback: AskFallback,
+    /// Connections held at once at the most (all questions, all workers).
+    pub max_held: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AskFallback {
+    Allow,
+    Block,
 }
 
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/agent-egress/control.sock";
@@ -264,6 +286,8 @@ pub enum Outbound {
         mark: Option<u32>,
     },
     Block,
+    /// Hold the connection and ask a supervisor (`ask`).
+    Ask,
     Socks5 {
         server: SocketAddr,
         auth: Option<Credentials>,
@@ -551,6 +575,7 @@ impl Outbound {
         match self {
             Outbound::Direct { .. } => "direct",
             Outbound::Block => "block",
+            Outbound::Ask => "ask",
             Outbound::Socks5 { .. } => "socks5",
             Outbound::Http { .. } => "http",
         }
@@ -625,12 +650,17 @@ impl Default for Config {
                 socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
                 group: None,
             },
+            ask: Ask {
+                timeout_ms: 60_000,
+                fallback: AskFallback::Block,
+                max_held: 256,
+            },
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
 }
 
-/// `direct` and `block` exist unless the config redefines them.
+/// `direct`, `block` and `ask` exist unless the config redefines them.
 fn builtin_outbounds() -> BTreeMap<String, Outbound> {
     BTreeMap::from([
         (
@@ -641,6 +671,7 @@ fn builtin_outbounds() -> BTreeMap<String, Outbound> {
             },
         ),
         ("block".to_string(), Outbound::Block),
+        ("ask".to_string(), Outbound::Ask),
     ])
 }
 
@@ -867,10 +898,14 @@ impl Reader {
                 "loopback",
                 "control",
                 "state_dir",
+                "ask",
             ],
         ) else {
             return config;
         };
+        if let Some(v) = top.get("ask") {
+            self.ask(v, &mut config.ask);
+        }
         if let Some(v) = top.get("control") {
             self.control(v, &mut config.control);
         }
@@ -924,7 +959,48 @@ impl Reader {
         if let Some(v) = top.get("loopback") {
             self.loopback(v, &mut config.loopback, &config.interception.cgroups);
         }
+        self.ask_is_answerable(&config);
         config
+    }
+
+    fn ask(&mut self, value: &Value, ask: &mut Ask) {
+        let Some(map) = self.object("ask", value, &["timeout_ms", "fallback", "max_held"]) else {
+            return;
+        };
+        if let Some(v) = map.get("timeout_ms") {
+            if let Some(n) = self.u64_in("ask.timeout_ms", v, 100, 3_600_000) {
+                ask.timeout_ms = n;
+            }
+        }
+        if let Some(v) = map.get("max_held") {
+            if let Some(n) = self.u64_in("ask.max_held", v, 1, 65_536) {
+                ask.max_held = n as usize;
+            }
+        }
+        if let Some(v) = map.get("fallback") {
+            match v.as_str() {
+                Some("allow") => ask.fallback = AskFallback::Allow,
+                Some("block") => ask.fallback = AskFallback::Block,
+                _ => self.error("ask.fallback", format!("{v} is not \"allow\" or \"block\"")),
+            }
+        }
+    }
+
+    /// An `ask` nobody can answer (no control API) would only ever fall back.
+    fn ask_is_answerable(&mut self, config: &Config) {
+        if config.control.enable {
+            return;
+        }
+        let asks = |name: &str| matches!(config.outbounds.get(name), Some(Outbound::Ask));
+        let why = "asks a supervisor, and without control.enable nobody can answer";
+        if asks(&config.default) {
+            self.error("default", why);
+        }
+        for (i, rule) in config.rules.iter().enumerate() {
+            if asks(&rule.outbound) {
+                self.error(&format!("rules[{i}].outbound"), why);
+            }
+        }
     }
 
     fn loopback(&mut self, value: &Value, loopback: &mut Loopback, cgroups: &[String]) {
@@ -1321,7 +1397,10 @@ impl Reader {
         let ty = match value.get("type") {
             Some(v) => self.string(&kind_path, v)?,
             None => {
-                self.error(&kind_path, "missing (one of: direct, block, socks5, http)");
+                self.error(
+                    &kind_path,
+                    "missing (one of: direct, block, ask, socks5, http)",
+                );
                 return None;
             }
         };
@@ -1355,6 +1434,10 @@ impl Reader {
             "block" => {
                 self.object(path, value, &["type"])?;
                 Some(Outbound::Block)
+            }
+            "ask" => {
+                self.object(path, value, &["type"])?;
+                Some(Outbound::Ask)
             }
             "socks5" | "http" => {
                 let map = self.object(
@@ -1428,7 +1511,7 @@ impl Reader {
             other => {
                 self.error(
                     &kind_path,
-                    format!("{other:?} is not one of: direct, block, socks5, http"),
+                    format!("{other:?} is not one of: direct, block, ask, socks5, http"),
                 );
                 None
             }
@@ -1826,6 +1909,42 @@ mod tests {
     }
 
     #[test]
+    fn ask_is_checked_by_path_and_needs_someone_to_answer() {
+        let c = Config::from_json(
+            r#"{"control": {"enable": true}, "default": "ask",
+                "ask": {"timeout_ms": 500, "fallback": "allow", "max_held": 3}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.ask,
+            Ask {
+                timeout_ms: 500,
+                fallback: AskFallback::Allow,
+                max_held: 3
+            }
+        );
+        assert_eq!(c.outbounds.get("ask"), Some(&Outbound::Ask));
+        assert_eq!(
+            errors(r#"{"default": "ask", "rules": [{"domains": ["a.test"], "outbound": "ask"}]}"#),
+            vec![
+                "default: asks a supervisor, and without control.enable nobody can answer",
+                "rules[0].outbound: asks a supervisor, and without control.enable nobody can answer",
+            ]
+        );
+        assert_eq!(
+            errors(
+                r#"{"ask": {"timeout_ms": 5, "fallback": "maybe", "max_held": 0, "colour": 1}}"#
+            ),
+            vec![
+                "ask.colour: unknown key (expected one of: timeout_ms, fallback, max_held)",
+                "ask.timeout_ms: 5 is out of range (100..=3600000)",
+                "ask.max_held: 0 is out of range (1..=65536)",
+                "ask.fallback: \"maybe\" is not \"allow\" or \"block\"",
+            ]
+        );
+    }
+
+    #[test]
     fn empty_object_is_the_default_policy() {
         let c = Config::from_json("{}").unwrap();
         assert_eq!(c, Config::default());
@@ -1922,9 +2041,9 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                "bogus: unknown key (expected one of: listen, interception, dns, outbounds, rules, default, audit, mode, limits, loopback, control, state_dir)",
+                "bogus: unknown key (expected one of: listen, interception, dns, outbounds, rules, default, audit, mode, limits, loopback, control, state_dir, ask)",
                 "listen.port: 70000 is out of range (1..=65535)",
-                "outbounds.x.type: \"ftp\" is not one of: direct, block, socks5, http",
+                "outbounds.x.type: \"ftp\" is not one of: direct, block, ask, socks5, http",
                 "rules[0].ips[0]: \"10.0.0.300/8\" is not a CIDR",
                 "rules[2].outbound: no outbound named \"nowhere\"",
             ]

@@ -1,6 +1,7 @@
 //! agent-egress: a Linux egress controller for AI agents.
 pub mod agent_dns;
 pub mod agent_index;
+pub mod ask;
 pub mod audit;
 pub mod audit_log;
 pub mod audit_ocsf;

@@ -2,12 +2,18 @@
 //! `agent-egress watch`: the daemon's live event stream (every connection
 //! decided and ended, DNS query, dropped packets, policy change) as a table
 //! in a terminal, verdicts in colour, or as JSON lines with `--json`.
+//!
+//! In a terminal, questions (the `ask` verdict) stand out, and a key answers
+//! the newest pending one: `a` allow-once, `A` allow-always, `d` deny-once,
+//! `D` deny-always (the always ones for the exact host and this agent).
 
 use crate::audit_read::{parse_line, LogRecord};
 use crate::audit_table::{Filter, Table};
 use crate::control::client::ControlClient;
-use std::io::{self, BufRead, IsTerminal, Write};
-use std::path::Path;
+use serde_json::{json, Value};
+use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Prints until the daemon ends the stream (non-zero then) or the reader
 /// goes away (zero).
@@ -23,7 +29,13 @@ pub fn run(socket: &Path, json: bool, filter: Filter) -> i32 {
         follow_json(events, &filter)
     } else {
         let colour = io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        follow_table(events, Table::new(filter, colour))
+        let pending = Pending::default();
+        // Keys answer only where someone types them.
+        let _keys = io::stdin()
+            .is_terminal()
+            .then(|| answer_by_keys(socket.to_path_buf(), pending.clone()))
+            .flatten();
+        follow_table(events, Table::new(filter, colour), &pending)
     };
     match result {
         Ok(()) => {
@@ -40,13 +52,108 @@ pub fn run(socket: &Path, json: bool, filter: Filter) -> i32 {
     }
 }
 
-fn follow_table(events: impl BufRead, mut table: Table) -> io::Result<()> {
+/// The questions asked and not answered yet, oldest first.
+#[derive(Clone, Default)]
+struct Pending(Arc<Mutex<Vec<u64>>>);
+
+impl Pending {
+    fn note(&self, line: &[u8]) {
+        let Ok(record) = serde_json::from_slice::<Value>(line) else {
+            return;
+        };
+        let Some(id) = record["question"]["id"].as_u64() else {
+            return;
+        };
+        let mut ids = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match record["event"].as_str() {
+            Some("question_asked") => ids.push(id),
+            Some("question_answered") => ids.retain(|i| *i != id),
+            _ => {}
+        }
+    }
+
+    fn newest(&self) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .copied()
+    }
+}
+
+fn follow_table(events: impl BufRead, mut table: Table, pending: &Pending) -> io::Result<()> {
     table.header()?;
     table.flush()?;
-    each_record(events, |record, _| {
+    each_record(events, |record, line| {
+        pending.note(line);
         table.row(record)?;
         table.flush()
     })
+}
+
+/// The terminal in single keys without echo, as it was again when dropped.
+struct RawKeys(libc::termios);
+
+impl RawKeys {
+    fn start() -> Option<RawKeys> {
+        // SAFETY: termios is plain data; tcgetattr fills it or fails.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        raw.c_lflag &= !(libc::ICANON | libc::ECHO);
+        raw.c_cc[libc::VMIN] = 1;
+        raw.c_cc[libc::VTIME] = 0;
+        // SAFETY: as above; Ctrl-C still interrupts (ISIG stays).
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawKeys(saved))
+    }
+}
+
+impl Drop for RawKeys {
+    fn drop(&mut self) {
+        // SAFETY: restores what tcgetattr gave.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
+    }
+}
+
+/// A thread answering the newest pending question by key; the terminal is
+/// restored when the returned guard goes.
+fn answer_by_keys(socket: PathBuf, pending: Pending) -> Option<RawKeys> {
+    let keys = RawKeys::start()?;
+    let spawned = std::thread::Builder::new()
+        .name("keys".into())
+        .spawn(move || {
+            let client = ControlClient::new(&socket);
+            for byte in io::stdin().lock().bytes() {
+                let Ok(byte) = byte else { return };
+                let answer = match byte {
+                    b'a' => "allow-once",
+                    b'A' => "allow-always",
+                    b'd' => "deny-once",
+                    b'D' => "deny-always",
+                    _ => continue,
+                };
+                let Some(id) = pending.newest() else {
+                    eprintln!("agent-egress watch: no question is pending");
+                    continue;
+                };
+                let body = json!({"answer": answer});
+                let path = format!("/v1/questions/{id}/answer");
+                match client.call("POST", &path, Some(&body)) {
+                    Ok((200, _)) => eprintln!("agent-egress watch: question {id}: {answer}"),
+                    Ok((status, reply)) => eprintln!(
+                        "agent-egress watch: question {id}: {status} {}",
+                        reply["error"].as_str().unwrap_or("refused")
+                    ),
+                    Err(e) => eprintln!("agent-egress watch: question {id}: {e}"),
+                }
+            }
+        });
+    spawned.is_ok().then_some(keys)
 }
 
 fn follow_json(events: impl BufRead, filter: &Filter) -> io::Result<()> {

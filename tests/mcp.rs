@@ -252,3 +252,77 @@ fn without_a_daemon_every_tool_says_what_it_cannot_reach() {
         "{result}"
     );
 }
+
+#[test]
+fn a_supervisor_over_mcp_waits_for_a_question_and_answers_it() {
+    if !harness::require_root_and_tools(&["curl", "nft"]) {
+        return;
+    }
+    let world = World::new();
+    let dir = SocketDir::new(&world);
+    let sock = dir.socket();
+    let mut settings = config(&world, &sock);
+    settings["rules"] =
+        json!([{"name": "ask-blocked", "domains": ["blocked.test"], "outbound": "ask"}]);
+    settings["ask"] = json!({"timeout_ms": 8000});
+    let _daemon = Daemon::start(&world, settings);
+    let mut mcp = Client::start(&sock);
+    mcp.request(
+        "initialize",
+        json!({"protocolVersion": "2025-11-25", "capabilities": {},
+               "clientInfo": {"name": "scripted-supervisor", "version": "1"}}),
+    );
+    mcp.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    let tools = mcp.request("tools/list", json!({}));
+    let schema_of = |name: &str| {
+        tools["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("no tool {name}"))["inputSchema"]
+            .clone()
+    };
+    assert_eq!(
+        schema_of("answer_question")["required"],
+        json!(["id", "answer"])
+    );
+    assert_eq!(schema_of("pending_questions")["type"], "object");
+
+    let waited = mcp.call("wait_for_question", json!({"timeout_s": 1}));
+    assert_eq!(waited["structuredContent"]["timed_out"], true, "{waited}");
+
+    let agent = {
+        let world = &world;
+        std::thread::scope(|s| {
+            let curl = s.spawn(|| curl_status(world, &BLOCKED));
+            let waited = mcp.call("wait_for_question", json!({"timeout_s": 10}));
+            assert_eq!(waited["isError"], false, "{waited}");
+            let question = waited["structuredContent"]["question"].clone();
+            assert_eq!(question["host"], "blocked.test", "{question}");
+            let pending = mcp.call("pending_questions", json!({}));
+            assert_eq!(
+                pending["structuredContent"]["questions"][0]["id"],
+                question["id"]
+            );
+            let bad = mcp.call(
+                "answer_question",
+                json!({"id": question["id"], "answer": "perhaps"}),
+            );
+            assert_eq!(bad["isError"], true);
+            assert!(text(&bad).contains(": answer: "), "{bad}");
+            let bad = mcp.call(
+                "answer_question",
+                json!({"id": 999_999, "answer": "allow-once"}),
+            );
+            assert!(text(&bad).contains("404: id: "), "{bad}");
+            let answered = mcp.call(
+                "answer_question",
+                json!({"id": question["id"], "answer": "allow-once"}),
+            );
+            assert_eq!(answered["isError"], false, "{answered}");
+            curl.join().unwrap()
+        })
+    };
+    assert_eq!(agent, (true, BLOCKED.body()));
+}

@@ -149,3 +149,39 @@ fn watch_without_a_daemon_says_what_it_cannot_reach() {
         "{stderr}"
     );
 }
+
+#[test]
+fn watch_highlights_a_question_and_answers_it_by_key() {
+    if !harness::require_root_and_tools(&["curl", "nft", "tmux"]) {
+        return;
+    }
+    let world = World::new();
+    let dir = SocketDir::new(&world);
+    let sock = dir.socket();
+    let mut settings = config(&world, &sock);
+    settings["rules"] = serde_json::json!([{"name": "ask-blocked", "domains": ["blocked.test"], "outbound": "ask"}]);
+    settings["ask"] = serde_json::json!({"timeout_ms": 8000});
+    let _daemon = Daemon::start(&world, settings);
+    let tmux = Tmux::start(
+        format!("ae-watch-ask-{}", world.id()),
+        &format!("{} watch --socket {}", daemon::binary(), sock.display()),
+    );
+    wait_until("the table's header", Duration::from_secs(10), || {
+        tmux.screen().contains("VERDICT")
+    });
+    std::thread::scope(|s| {
+        let curl = s.spawn(|| curl_status(&world, &BLOCKED));
+        wait_until("the question, highlighted", Duration::from_secs(5), || {
+            tmux.screen().contains("\x1b[7masked")
+        });
+        let sent = Command::new("tmux")
+            .args(["send-keys", "-t", &tmux.0, "a"])
+            .status()
+            .expect("tmux send-keys");
+        assert!(sent.success());
+        assert_eq!(curl.join().unwrap(), (true, BLOCKED.body()));
+    });
+    wait_until("the answer said", Duration::from_secs(5), || {
+        tmux.screen().contains(": allow-once")
+    });
+}

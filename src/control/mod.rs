@@ -7,13 +7,15 @@
 //! - `routes`: the `/v1/...` route table and its handlers;
 //! - `events`: the audit records fanned out to watchers, never blocking;
 //! - `rules`: runtime rules and their state file;
-//! - `state`: the config and runtime rules in force, and every change to them.
+//! - `state`: the config and runtime rules in force, and every change to them;
+//! - `questions`: the `ask` verdict's questions, listed, waited for, answered.
 //!
 //! `watch` and the MCP server are to be clients of this socket, never a second
 //! way into the proxy.
 
 pub mod client;
 pub mod events;
+pub mod questions;
 pub mod routes;
 pub mod rules;
 pub mod server;

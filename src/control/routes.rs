@@ -3,6 +3,7 @@
 //! the OpenAPI document (docs/control-api.json) is checked against.
 
 use super::events::Watcher;
+use super::questions;
 use super::server::{json_body, Request};
 use super::state::Refusal;
 use super::Control;
@@ -106,6 +107,21 @@ pub const ROUTES: &[Route] = &[
         path: "/v1/explain",
         handler: explain,
     },
+    Route {
+        method: "GET",
+        path: "/v1/questions",
+        handler: questions::list,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/questions/next",
+        handler: questions::next,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/questions/{id}/answer",
+        handler: questions::answer,
+    },
 ];
 
 /// The segments `template` binds in `path`, if it matches.
@@ -157,7 +173,7 @@ fn id_param(params: &[&str]) -> Result<u64, Reply> {
         .ok_or_else(|| Reply::error(400, "id", "expected a number"))
 }
 
-fn refusal(r: Refusal) -> Reply {
+pub(super) fn refusal(r: Refusal) -> Reply {
     match r {
         Refusal::Invalid(errors) => {
             let first = errors.0.first();
@@ -203,6 +219,7 @@ fn status(control: &Control, _: &Request, _: &[&str]) -> Reply {
             },
             "events": bus,
             "runtime_rules": shared.runtime().policy.runtime_rules(),
+            "questions": shared.questions.status(),
             "control": {
                 "clients": counters.clients.load(Ordering::Relaxed),
                 "requests": counters.requests.load(Ordering::Relaxed),

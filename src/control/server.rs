@@ -35,6 +35,8 @@ pub struct Request {
     pub method: String,
     /// The path without the query.
     pub path: String,
+    /// What follows the `?`, if anything (not decoded).
+    pub query: String,
     pub accept: Option<String>,
     pub body: Vec<u8>,
     pub peer: Peer,
@@ -158,7 +160,7 @@ fn read_request(stream: &mut UnixStream, peer: Peer) -> Result<Request, Reply> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
-    let (head_len, method, path, accept, length) = loop {
+    let (head_len, method, path, query, accept, length) = loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
         match parsed.parse(&buf) {
@@ -189,7 +191,8 @@ fn read_request(stream: &mut UnixStream, peer: Peer) -> Result<Request, Reply> {
                 }
                 let method = parsed.method.unwrap_or_default().to_string();
                 let target = parsed.path.unwrap_or_default();
-                let path = target.split('?').next().unwrap_or_default().to_string();
+                let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                let (path, query) = (path.to_string(), query.to_string());
                 // curl asks first for a body over 1 KiB, and would wait a second.
                 let expect =
                     header("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue"));
@@ -198,7 +201,7 @@ fn read_request(stream: &mut UnixStream, peer: Peer) -> Result<Request, Reply> {
                         .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                         .map_err(|e| Reply::error(400, "request", &e.to_string()))?;
                 }
-                break (n, method, path, header("accept"), length);
+                break (n, method, path, query, header("accept"), length);
             }
             Ok(httparse::Status::Partial) if buf.len() >= HEAD_MAX => {
                 return Err(Reply::error(
@@ -228,6 +231,7 @@ fn read_request(stream: &mut UnixStream, peer: Peer) -> Result<Request, Reply> {
     Ok(Request {
         method,
         path,
+        query,
         accept,
         body,
         peer,

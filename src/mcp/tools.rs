@@ -183,7 +183,72 @@ const TOOLS: &[Tool] = &[
             send(c, "DELETE", &format!("/v1/rules/{id}"), None)
         },
     },
+    Tool {
+        name: "pending_questions",
+        description: "The connections held now for a supervisor's answer (rules that say \"ask\"), one question per agent, host and port: id, agent, host, ip, port, rule, process (pid, exe), asked_at and expires_at (unix ms), the fallback when no answer comes, and how many connections wait on it.",
+        input: no_input,
+        call: |c, _| get(c, "/v1/questions"),
+    },
+    Tool {
+        name: "wait_for_question",
+        description: "Wait until a question newer than `after` (the last id seen; 0 for any pending) is asked, and return it; returns with timed_out true if none comes in time. For a supervisor that sits in a loop: answer it with answer_question.",
+        input: || {
+            json!({"type": "object", "properties": {
+                "timeout_s": {"type": "integer", "minimum": 1, "maximum": WAIT_MAX_S, "default": 60},
+                "after": {"type": "integer", "minimum": 0, "default": 0, "description": "The last question id seen."}
+            }, "additionalProperties": false})
+        },
+        call: wait_for_question,
+    },
+    Tool {
+        name: "answer_question",
+        description: "Answer a pending question by its id: every connection waiting on it goes on at once. allow-once and deny-once decide these connections only; allow-always and deny-always also add a runtime rule (kept over restarts) for the exact host (scope.host \"exact\", the default) or the domain and its subdomains (\"domain\"), on the question's port, for this agent (scope.agents \"this\", the default) or all, optionally for for_seconds only.",
+        input: || {
+            json!({"type": "object", "properties": {
+                "id": {"type": "integer", "minimum": 1},
+                "answer": {"enum": crate::ask::Answer::ALL},
+                "scope": {"type": "object", "properties": {
+                    "host": {"enum": ["exact", "domain"], "default": "exact"},
+                    "agents": {"enum": ["this", "all"], "default": "this"}
+                }, "additionalProperties": false},
+                "for_seconds": {"type": "integer", "minimum": 1, "description": "allow-always, deny-always: the rule expires after this."}
+            }, "required": ["id", "answer"], "additionalProperties": false})
+        },
+        call: answer_question,
+    },
 ];
+
+fn answer_question(client: &ControlClient, args: &Value) -> Result<Value, ToolError> {
+    let id = id_argument(args)?;
+    let mut body = args.clone();
+    if let Some(map) = body.as_object_mut() {
+        map.remove("id");
+    }
+    send(
+        client,
+        "POST",
+        &format!("/v1/questions/{id}/answer"),
+        Some(&body),
+    )
+}
+
+fn wait_for_question(client: &ControlClient, args: &Value) -> Result<Value, ToolError> {
+    let timeout = bounded(args, "timeout_s", 60, WAIT_MAX_S)?;
+    let after = match args.get("after") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v.as_u64().ok_or_else(|| ToolError::BadArgument {
+            name: "after".into(),
+            wants: "a non-negative integer (the last question id seen)".into(),
+        })?,
+    };
+    let path = format!(
+        "/v1/questions/next?timeout_ms={}&after={after}",
+        timeout * 1000
+    );
+    let reply = get(client, &path)?;
+    let timed_out = reply["question"].is_null();
+    Ok(json!({"question": reply["question"], "timed_out": timed_out}))
+}
 
 fn agent_property() -> Value {
     json!({"type": "string", "description": "Only this agent (its cgroup path)."})

@@ -1,6 +1,7 @@
 //! The proxy: TPROXY listeners, one mio event loop per worker thread, and the
 //! per-connection state machine that sniffs, decides, dials and relays.
 
+mod held;
 pub(crate) mod listener;
 mod plan;
 mod relay;
@@ -74,6 +75,8 @@ pub enum WorkerRequest {
         why: String,
         reply: mpsc::Sender<bool>,
     },
+    /// A supervisor answered this question: its held sessions go on.
+    Answered(u64),
 }
 
 /// How long the control API waits for a worker's answer.
@@ -149,6 +152,18 @@ impl ProxyHandle {
         all
     }
 
+    /// Wake `workers` (their indices, as the questions keep them) for the
+    /// answer to `question`.
+    pub fn deliver_answer(&self, question: u64, workers: &[usize]) {
+        for (tx, waker) in workers.iter().filter_map(|i| self.workers.get(*i)) {
+            if tx.send(WorkerRequest::Answered(question)).is_ok() {
+                if let Err(e) = waker.wake() {
+                    log::warn!("cannot wake a worker for an answer: {e}");
+                }
+            }
+        }
+    }
+
     /// Close connection `id`; false if no worker has it.
     pub fn close(&self, id: u64, why: &str) -> bool {
         let (reply, answers) = mpsc::channel();
@@ -217,6 +232,8 @@ pub struct Shared {
     pub connect_log: Arc<OnceLock<ConnectLog>>,
     /// Which names each agent resolved each address for (the DNS handler's answers).
     pub resolved: ResolvedNames,
+    /// The questions in flight (`ask`), answered over the control API.
+    pub questions: crate::ask::Questions,
     stop: AtomicBool,
     summary_enabled: AtomicBool,
     summary: Mutex<Summary>,
@@ -333,6 +350,7 @@ impl Proxy {
                 .collect::<io::Result<Vec<_>>>()?;
             sockets.push(listeners);
         }
+        let questions = crate::ask::Questions::new(audit.clone());
         let shared = Arc::new(Shared {
             runtime: RwLock::new(runtime),
             agents: Arc::default(),
@@ -341,6 +359,7 @@ impl Proxy {
             cgroup_root: crate::cgroup::cgroup2_root().ok(),
             connect_log: Arc::default(),
             resolved: ResolvedNames::default(),
+            questions,
             stop: AtomicBool::new(false),
             summary_enabled: AtomicBool::new(false),
             summary: Mutex::new(Summary::default()),
@@ -360,7 +379,7 @@ impl Proxy {
         }
         for (i, listeners) in sockets.into_iter().enumerate() {
             let (tx, requests) = mpsc::channel();
-            let mut w = worker::Worker::new(shared.clone(), listeners, requests)?;
+            let mut w = worker::Worker::new(shared.clone(), listeners, requests, i)?;
             wakers.push(w.waker());
             lines.push((tx, w.waker()));
             let handle = std::thread::Builder::new()

@@ -101,6 +101,9 @@ pub enum Action {
     Resolve { host: String, port: u16 },
     /// Connect to the first of `to` that answers.
     Connect { to: Vec<SocketAddr>, via: Via },
+    /// Hold, nothing dialled, until a supervisor answers (or the fallback);
+    /// an allow then dials as `direct`, by name when a domain rule matched.
+    Ask { matched_domain: bool },
 }
 
 /// How the upstream connection is made.
@@ -226,6 +229,11 @@ pub fn decide(
     let name = host.filter(|_| decision.matched_domain);
     match outbound {
         Outbound::Block => {}
+        Outbound::Ask => {
+            decided.action = Action::Ask {
+                matched_domain: decision.matched_domain,
+            };
+        }
         Outbound::Direct { interface, mark } => {
             decided.verdict = Verdict::Allow;
             decided.dial_options = DialOptions {
@@ -506,6 +514,30 @@ mod tests {
         assert_eq!(d.verdict, Verdict::Block);
         assert_eq!(d.action, Action::Refuse);
         assert_eq!((d.dial, d.error), (None, None));
+    }
+
+    #[test]
+    fn an_ask_rule_holds_without_dialling_and_remembers_a_domain_match() {
+        let rt = runtime(
+            r#"{"control": {"enable": true}, "default": "ask",
+                "rules": [{"name": "pkgs", "domains": ["pypi.test"], "outbound": "ask"}]}"#,
+        );
+        let d = decided(&rt, &conn("203.0.113.66:443"), Some("pypi.test"));
+        assert_eq!((d.rule.as_str(), d.outbound.as_str()), ("pkgs", "ask"));
+        assert_eq!(
+            d.action,
+            Action::Ask {
+                matched_domain: true
+            }
+        );
+        assert_eq!(d.dial, None, "nothing is dialled before the answer");
+        let d = decided(&rt, &conn("203.0.113.66:443"), Some("other.test"));
+        assert_eq!(
+            d.action,
+            Action::Ask {
+                matched_domain: false
+            }
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ use super::plan::{self, Action, Conn, Decided, Dialing, Next, Proxy, Search, Via
 use super::relay::{write_fd, Flow, Pump};
 use super::Runtime;
 use crate::agent_dns::names::ResolvedNames;
-use crate::audit::{AttributionDone, Proto, Record, Verdict};
-use crate::config::Mode;
+use crate::audit::{AttributionDone, Dial, Proto, Record, Verdict};
+use crate::config::{Mode, Outbound};
 use crate::dns::{Lookup, QueryId, Resolver};
 use crate::loopback::Listener;
 use crate::names::normalize_host;
@@ -47,6 +47,9 @@ pub enum Step {
     Hold,
     /// Done: the record is final, the sockets are closed on drop.
     Close,
+    /// The policy said `ask`: the worker's held sessions (`held`) take it,
+    /// to ask, or at its deadline to fall back.
+    Ask,
 }
 
 enum Phase {
@@ -80,6 +83,14 @@ enum Phase {
     },
     /// A refusal was written; wait for the client to close, briefly.
     Refused,
+    /// Held, nothing dialled, until a supervisor answers `question` (None:
+    /// not asked yet) or its deadline; then as `direct` or `block`.
+    Asking {
+        question: Option<u64>,
+        matched_domain: bool,
+        rule: String,
+        since: Instant,
+    },
 }
 
 pub struct Session {
@@ -255,6 +266,7 @@ impl Session {
             Phase::Relaying => self.relay(ctx.now),
             Phase::Holding { .. } | Phase::AwaitingProcess => Step::Continue,
             Phase::Refused => self.drain_refused(),
+            Phase::Asking { .. } => self.held_client_closed(),
         };
         self.record_bytes();
         step
@@ -294,6 +306,7 @@ impl Session {
                     }
                     Phase::Holding { .. } | Phase::AwaitingProcess => self.poll_hold(ctx),
                     Phase::Refused | Phase::Relaying => Step::Close,
+                    Phase::Asking { .. } => Step::Ask,
                 };
             }
         }
@@ -569,6 +582,10 @@ impl Session {
             Action::Reset => self.abort(),
             Action::Resolve { host, port } => self.resolve(ctx, host, port),
             Action::Connect { to, via } => self.connect(ctx, to, via),
+            Action::Ask { matched_domain } => {
+                let rule = self.record.rule.clone().unwrap_or_default();
+                self.ask(ctx.now, &rule, matched_domain)
+            }
         }
     }
 
@@ -895,6 +912,116 @@ impl Session {
     fn abort(&mut self) -> Step {
         set_linger_zero(self.client.as_raw_fd());
         Step::Close
+    }
+}
+
+/// The `ask` verdict's hook: the session holds itself; the worker's `held`
+/// asks, wakes it with the outcome and times it out.
+impl Session {
+    /// Held as an idle connection is, plus the sniffed prefix (kept to the
+    /// byte): no upstream, no buffers, no pipes.
+    fn ask(&mut self, now: Instant, rule: &str, matched_domain: bool) -> Step {
+        self.phase = Phase::Asking {
+            question: None,
+            matched_domain,
+            rule: rule.to_string(),
+            since: now,
+        };
+        self.deadline = None;
+        self.sniffed.shrink_to_fit();
+        Step::Ask
+    }
+
+    /// The config it was accepted under.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    pub fn original_dst(&self) -> SocketAddr {
+        self.original_dst
+    }
+
+    /// The question it is held on; None before it asked, and after.
+    pub fn held_on(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Asking { question, .. } => question,
+            _ => None,
+        }
+    }
+
+    /// Whether it waits to be asked (the policy said `ask` just now).
+    pub fn wants_to_ask(&self) -> bool {
+        matches!(self.phase, Phase::Asking { question: None, .. })
+    }
+
+    /// Held on `question` until `until` at the latest.
+    pub fn hold_for(&mut self, question: u64, until: Instant) {
+        if let Phase::Asking { question: q, .. } = &mut self.phase {
+            *q = Some(question);
+            self.deadline = Some(until);
+        }
+    }
+
+    /// The answer (or the fallback): dial as `direct` would, or refuse.
+    pub fn answered(&mut self, ctx: &mut Ctx, settled: &crate::ask::Settled) -> Step {
+        let Phase::Asking {
+            matched_domain,
+            ref rule,
+            since,
+            ..
+        } = self.phase
+        else {
+            return Step::Continue;
+        };
+        let rule = rule.clone();
+        let mut asked = settled.asked.clone();
+        asked.waited_ms = ctx.now.saturating_duration_since(since).as_millis() as u64;
+        self.record.asked = Some(asked);
+        self.deadline = None;
+        if !settled.allow {
+            self.record.verdict = Verdict::Block;
+            self.record.outbound = "block".into();
+            self.record.error.clone_from(&settled.why);
+            return self.refuse_politely(&rule);
+        }
+        self.record.verdict = Verdict::Allow;
+        self.record.outbound = "direct".into();
+        if let Some(Outbound::Direct { interface, mark }) =
+            self.runtime.config.outbounds.get("direct")
+        {
+            self.dial_options = DialOptions {
+                interface: interface.clone(),
+                mark: *mark,
+            };
+        }
+        match (matched_domain, self.record.host.clone()) {
+            (true, Some(host)) => {
+                let port = self.original_dst.port();
+                self.resolve(ctx, host, port)
+            }
+            _ => {
+                self.record.dial = Some(Dial::Original);
+                self.connect(ctx, vec![self.original_dst], Via::Direct)
+            }
+        }
+    }
+
+    /// A held client that hangs up is closed (its question may go on for
+    /// others); bytes it sends meanwhile wait in the socket for the relay.
+    fn held_client_closed(&mut self) -> Step {
+        let mut byte = [0u8; 1];
+        match self.client.peek(&mut byte) {
+            Ok(0) => {
+                self.record.error = Some("the client closed while its question waited".into());
+                Step::Close
+            }
+            Ok(_) => Step::Continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Continue,
+            Err(e) => {
+                self.record.error = Some(format!("client: {e}"));
+                Step::Close
+            }
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! One event-loop thread: its own listeners (SO_REUSEPORT), sessions, DNS
 //! client and socket-owner lookups.
 
+use super::held::Held;
 use super::session::{set_linger_zero, Ctx, Readiness, Session, Step};
 use super::timers::Timers;
 use super::{Runtime, Shared, WorkerRequest};
@@ -59,6 +60,10 @@ pub struct Worker {
     spare_fd: Option<OwnedFd>,
     /// The control API's questions, with a wake-up each.
     requests: mpsc::Receiver<WorkerRequest>,
+    /// This worker's place among them (a question's answer wakes by it).
+    index: usize,
+    /// Sessions held for a supervisor's answer (`ask`).
+    held: Held,
 }
 
 impl Worker {
@@ -66,6 +71,7 @@ impl Worker {
         shared: Arc<Shared>,
         mut listeners: Vec<TcpListener>,
         requests: mpsc::Receiver<WorkerRequest>,
+        index: usize,
     ) -> io::Result<Worker> {
         let poll = Poll::new()?;
         for (i, l) in listeners.iter_mut().enumerate() {
@@ -94,6 +100,8 @@ impl Worker {
             accept_paused_until: None,
             spare_fd: open_spare_fd(),
             requests,
+            index,
+            held: Held::default(),
         };
         worker.rebuild_resolver(None);
         Ok(worker)
@@ -229,9 +237,30 @@ impl Worker {
                 }
             }
             Step::Close => self.close(key),
+            Step::Ask => self.on_ask(key, now),
         }
         if let Some(at) = self.sessions.get(key).and_then(|s| s.next_deadline(now)) {
             self.timers.schedule(key, at);
+        }
+    }
+
+    /// A session asks, or its question's deadline came: hold it, or let it
+    /// take its outcome.
+    fn on_ask(&mut self, key: usize, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let questions = &self.shared.questions;
+        if let Some(settled) = self.held.on_ask(questions, self.index, key, session, now) {
+            self.step(key, |s, ctx| s.answered(ctx, &settled));
+        }
+    }
+
+    /// A supervisor answered `question`: its sessions held here go on.
+    fn on_answer(&mut self, question: u64) {
+        let now = Instant::now();
+        for (key, settled) in self.held.answered(&self.shared.questions, question, now) {
+            self.step(key, |s, ctx| s.answered(ctx, &settled));
         }
     }
 
@@ -248,6 +277,7 @@ impl Worker {
         // Closing the sockets (when the session drops) takes them out of the
         // epoll set: no deregister calls needed.
         let mut session = self.sessions.remove(key);
+        self.held.closing(&self.shared.questions, key, &session);
         self.timers.forget(key);
         session.finish_record();
         self.shared.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -458,6 +488,7 @@ impl Worker {
                     }
                     let _ = reply.send(key.is_some());
                 }
+                WorkerRequest::Answered(question) => self.on_answer(question),
             }
         }
     }
