@@ -47,9 +47,12 @@ METRICS = {
     "dns_unique_p50_ms": ("DNS query, a new name each, p50", "ms", LOWER),
     "dns_unique_p99_ms": ("DNS query, a new name each, p99", "ms", LOWER),
     "dns_unique_qps": ("DNS queries/s, a new name each, 32 in flight", "q/s", HIGHER),
+    "https_conn_per_s_3_watchers": ("new HTTPS connections, 3 clients on the event stream", "conn/s", HIGHER),
+    "cpu_us_per_https_conn_3_watchers": ("proxy CPU per new HTTPS connection, 3 clients on the event stream", "µs", LOWER),
     "syscalls_per_https_conn": ("proxy system calls per new HTTPS connection (strace -c -f)", "calls", LOWER),
     "https_errors": ("wrk socket errors + non-2xx, HTTPS run", "count", LOWER),
     "http_errors": ("wrk socket errors + non-2xx, HTTP run", "count", LOWER),
+    "https_errors_3_watchers": ("wrk socket errors + non-2xx, HTTPS run with 3 event-stream clients", "count", LOWER),
 }
 
 RATIOS = [
@@ -76,7 +79,7 @@ def best(median, variants, metric):
 
 
 def target_checks(median):
-    """#16's targets, against haproxy at its best: (target, measured, PASS/FAIL or n/a)."""
+    """#16's targets, against haproxy at its best, and #14's event-stream cost: (target, measured, PASS/FAIL or n/a)."""
 
     def get(proxy, metric):
         return median.get((proxy, metric))
@@ -130,6 +133,19 @@ def target_checks(median):
             *against("rss_idle_MB", get("haproxy", "rss_idle_MB"), "haproxy", maximum=0.5),
         )
     )
+
+    # #14: watchers of the event stream may not slow the proxy down much.
+    watched, alone = get(AE, "https_conn_per_s_3_watchers"), get(AE, "https_conn_per_s")
+    if watched is None or not alone:
+        checks.append(("HTTPS conn/s with 3 event-stream clients ≥ 0.95× without", "n/a", None))
+    else:
+        checks.append(
+            (
+                "HTTPS conn/s with 3 event-stream clients ≥ 0.95× without",
+                f"{watched:g} / {alone:g} = {watched / alone:.2f}×",
+                watched / alone >= 0.95,
+            )
+        )
 
     mine = get(AE, "blocked_p50_ms")
     p99 = get(AE, "blocked_p99_ms")

@@ -26,6 +26,7 @@ LATENCY_COUNT=${BENCH_LATENCY_COUNT:-300}
 BLOCKED_COUNT=${BENCH_BLOCKED_COUNT:-100}
 IDLE_COUNT=${BENCH_IDLE_COUNT:-2000}
 SYSCALL_COUNT=${BENCH_SYSCALL_COUNT:-200}
+WATCHERS=${BENCH_WATCHERS:-3}
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 AGENT_EGRESS=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$REPO/target}/release/agent-egress}
 
@@ -162,7 +163,7 @@ test_raw_bulk() {
 # New connections per second: wrk with Connection: close, so every request is a
 # fresh TCP (+ TLS) connection through the proxy.
 test_new_connections() {
-    local scheme=$1 cpu0 cpu1 out rate requests errors
+    local scheme=$1 variant=${2-} cpu0 cpu1 out rate requests errors
     cpu0=$(proxy_cpu)
     out=$(as_agent wrk -t2 -c"$WRK_CONNECTIONS" -d"${WRK_SECONDS}s" -H 'Connection: close' \
         "$scheme://$ALLOWED_HOST/hello.txt")
@@ -172,12 +173,37 @@ test_new_connections() {
     if [ -z "$rate" ] || [ -z "$requests" ]; then die "wrk $scheme: no result: $out"; fi
     errors=$(awk '/Socket errors:/ { gsub(",", ""); print $4 + $6 + $8 + $10 } /Non-2xx/ { print $NF }' <<<"$out" |
         awk '{ s += $1 } END { print s + 0 }')
-    record "${scheme}_conn_per_s" "$(printf '%.0f' "$rate")"
-    record "${scheme}_errors" "$errors"
+    record "${scheme}_conn_per_s$variant" "$(printf '%.0f' "$rate")"
+    record "${scheme}_errors$variant" "$errors"
     if [ -n "$PROXY_PID" ]; then
-        record "cpu_us_per_${scheme}_conn" "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
+        record "cpu_us_per_${scheme}_conn$variant" "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
             'BEGIN { printf "%.0f", c * 1e6 / n }')"
     fi
+}
+
+# The control API's event stream with WATCHERS clients attached (every
+# connection is then streamed when decided and when it ends): new HTTPS conn/s
+# again, beside the run without them in the same round.
+test_watched_connections() {
+    case $PROXY in agent-egress*) ;; *) return 0 ;; esac
+    local pids=() i lines
+    for ((i = 0; i < WATCHERS; i++)); do
+        curl -sN --unix-socket "$WORK/control.sock" http://agent-egress/v1/events >"$WORK/watcher-$i.jsonl" &
+        pids+=($!)
+    done
+    wait_for 5 watchers_attached || die "$WATCHERS event-stream clients did not attach"
+    test_new_connections https _${WATCHERS}_watchers
+    kill "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+    lines=$(wc -l <"$WORK/watcher-0.jsonl")
+    ((lines > 0)) || die "an event-stream client got no event"
+    rm -f "$WORK"/watcher-*.jsonl
+}
+
+watchers_attached() {
+    local now
+    now=$(curl -s --unix-socket "$WORK/control.sock" http://agent-egress/v1/status | jq -r '.events.watchers // 0')
+    ((now >= WATCHERS))
 }
 
 # System calls the proxy makes per new HTTPS connection: strace -c -f on every
@@ -218,6 +244,7 @@ run_proxy_round() {
     test_raw_bulk
     test_new_connections https
     test_new_connections http
+    test_watched_connections
     test_syscalls
     proxy_stop "$PROXY"
     teardown_world
@@ -244,7 +271,7 @@ write_meta() {
         --arg python "$(python3 -c 'import ssl, sys; print(sys.version.split()[0], ssl.OPENSSL_VERSION)')" \
         --arg agent_egress "$ae_version" --arg commit "$ae_commit" \
         --arg rounds "$ROUNDS" --arg proxies "$PROXIES" \
-        --arg params "wrk -t2 -c$WRK_CONNECTIONS -d${WRK_SECONDS}s; iperf3 -R -t $IPERF_SECONDS -O 1; latency $LATENCY_COUNT; blocked $BLOCKED_COUNT; idle $IDLE_COUNT; TLS bulk $BULK_BYTES bytes; syscalls over $SYSCALL_COUNT connections" \
+        --arg params "wrk -t2 -c$WRK_CONNECTIONS -d${WRK_SECONDS}s; iperf3 -R -t $IPERF_SECONDS -O 1; latency $LATENCY_COUNT; blocked $BLOCKED_COUNT; idle $IDLE_COUNT; TLS bulk $BULK_BYTES bytes; syscalls over $SYSCALL_COUNT connections; $WATCHERS event-stream clients" \
         '$ARGS.named' >"$WORK/meta.json"
 }
 
