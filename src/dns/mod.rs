@@ -68,6 +68,8 @@ pub enum DnsError {
     Unanswered(Vec<(SocketAddr, Failure)>),
     /// MAX_IN_FLIGHT lookups are already waiting.
     Busy,
+    /// The resolver was replaced (a reload changed `dns`) while it waited.
+    Reconfigured,
 }
 
 /// Why one server gave no usable answer.
@@ -93,6 +95,7 @@ impl fmt::Display for DnsError {
         match self {
             DnsError::InvalidName(reason) => write!(f, "cannot look up: {reason}"),
             DnsError::NoSuchName => write!(f, "no such name"),
+            DnsError::Reconfigured => write!(f, "resolver reconfigured"),
             DnsError::NoAddresses => write!(f, "the name has no IPv4 or IPv6 address"),
             DnsError::Unanswered(failures) => {
                 write!(f, "no usable DNS answer:")?;
@@ -463,8 +466,7 @@ impl Transaction {
         };
         for q in &self.questions {
             if let QuestionState::Waiting { id } = q.state {
-                let packet = wire::encode_query(id, &self.qname, q.qtype)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let packet = wire::encode_query(id, &self.qname, q.qtype)?;
                 socket.send(&packet)?;
             }
         }
@@ -569,8 +571,7 @@ fn ask_over_tcp(
     registry: &Registry,
     token: Token,
 ) -> io::Result<TcpQuery> {
-    let packet = wire::encode_query(id, qname, qtype)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let packet = wire::encode_query(id, qname, qtype)?;
     TcpQuery::start(server, &packet, registry, token)
 }
 

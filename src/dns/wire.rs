@@ -8,6 +8,7 @@ use super::Failure;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::CNAME;
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+use std::io;
 use std::net::IpAddr;
 
 /// What we advertise over EDNS(0): the size the 2020 DNS flag day settled on,
@@ -34,17 +35,21 @@ pub(super) enum Answer {
     Failed(Failure),
 }
 
-/// A recursive query for `name`'s records of type `qtype`, with EDNS(0).
-pub(super) fn encode_query(id: u16, name: &Name, qtype: RecordType) -> Result<Vec<u8>, String> {
+/// A recursive query for `name`'s records of type `qtype`, with EDNS(0); an
+/// error is the socket's to report, as one that cannot be sent.
+pub(super) fn encode_query(id: u16, name: &Name, qtype: RecordType) -> io::Result<Vec<u8>> {
     let mut message = Message::new(id, MessageType::Query, OpCode::Query);
     message.metadata.recursion_desired = true;
     message.add_query(Query::query(name.clone(), qtype));
     let mut edns = Edns::new();
     edns.set_max_payload(EDNS_PAYLOAD);
     message.set_edns(edns);
-    message
-        .to_vec()
-        .map_err(|e| format!("cannot encode a DNS query for {name}: {e}"))
+    message.to_vec().map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cannot encode a DNS query for {name}: {e}"),
+        )
+    })
 }
 
 /// Decodes a datagram; None for anything that is not a well-formed response.

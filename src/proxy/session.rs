@@ -9,7 +9,7 @@ use super::Runtime;
 use crate::agent_dns::names::ResolvedNames;
 use crate::audit::{AttributionDone, Dial, Proto, Record, Verdict};
 use crate::config::{Mode, Outbound};
-use crate::dns::{Lookup, QueryId, Resolver};
+use crate::dns::{Lookup, LookupResult, QueryId, Resolver};
 use crate::loopback::Listener;
 use crate::names::normalize_host;
 use crate::outbound::{
@@ -325,12 +325,7 @@ impl Session {
     }
 
     /// The DNS answer this session waited for.
-    pub fn on_resolved(
-        &mut self,
-        ctx: &mut Ctx,
-        query: QueryId,
-        answer: Result<Vec<IpAddr>, String>,
-    ) -> Step {
+    pub fn on_resolved(&mut self, ctx: &mut Ctx, query: QueryId, answer: LookupResult) -> Step {
         let Phase::Resolving {
             ref host,
             port,

@@ -513,7 +513,7 @@ impl Worker {
         let waiting: Vec<_> = self.waiting_dns.drain().collect();
         for (id, keys) in waiting {
             for key in keys {
-                self.deliver_one(key, id, Err("resolver reconfigured".into()));
+                self.deliver_one(key, id, Err(crate::dns::DnsError::Reconfigured));
             }
         }
         self.resolver = None;
@@ -539,24 +539,15 @@ impl Worker {
         self.deliver_dns(answers);
     }
 
-    fn deliver_dns<E: ToString>(
-        &mut self,
-        answers: Vec<(QueryId, Result<Vec<std::net::IpAddr>, E>)>,
-    ) {
+    fn deliver_dns(&mut self, answers: Vec<(QueryId, crate::dns::LookupResult)>) {
         for (id, answer) in answers {
-            let answer = answer.map_err(|e| e.to_string());
             for key in self.waiting_dns.remove(&id).unwrap_or_default() {
                 self.deliver_one(key, id, answer.clone());
             }
         }
     }
 
-    fn deliver_one(
-        &mut self,
-        key: usize,
-        id: QueryId,
-        answer: Result<Vec<std::net::IpAddr>, String>,
-    ) {
+    fn deliver_one(&mut self, key: usize, id: QueryId, answer: crate::dns::LookupResult) {
         self.step(key, |session, ctx| session.on_resolved(ctx, id, answer));
     }
 
