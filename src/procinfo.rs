@@ -473,15 +473,32 @@ fn read_cmdline(pid: u32, max: usize) -> (Option<Vec<String>>, bool) {
     (Some(args), truncated)
 }
 
+/// A small /proc text file of one record (comm, stat, cgroup: single_open
+/// seq_files) in one read where it fits a page: the kernel hands the whole
+/// text to one read that has room, so a short read is the end (not so for
+/// files of many records, such as maps). `fs::read_to_string` asks statx for a size /proc
+/// does not know and reads again to see the end: two more system calls a
+/// file, four files a process, for every connection's record.
+fn read_proc_text(path: &str) -> Option<String> {
+    let mut file = fs::File::open(path).ok()?;
+    let mut text = vec![0u8; 4096];
+    let n = file.read(&mut text).ok()?;
+    text.truncate(n);
+    if n == 4096 {
+        file.read_to_end(&mut text).ok()?;
+    }
+    String::from_utf8(text).ok()
+}
+
 fn comm_of(pid: u32) -> Option<String> {
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let comm = read_proc_text(&format!("/proc/{pid}/comm"))?;
     Some(comm.strip_suffix('\n').unwrap_or(&comm).to_string())
 }
 
 /// The cgroup v2 path of a process relative to the mount (the `0::` line;
 /// this daemon lives in the initial cgroup namespace, where paths are whole).
 pub fn cgroup_of(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let text = read_proc_text(&format!("/proc/{pid}/cgroup"))?;
     text.lines()
         .find_map(|line| line.strip_prefix("0::"))
         .map(|path| path.trim_start_matches('/').to_string())
@@ -490,7 +507,7 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
 /// The parent of a process (`/proc/PID/stat`'s fourth field; the command
 /// name in parentheses before it may hold spaces and parentheses itself).
 fn parent_of(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = read_proc_text(&format!("/proc/{pid}/stat"))?;
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm.split_whitespace().nth(1)?.parse().ok()
 }
@@ -615,6 +632,28 @@ mod tests {
         let args: Vec<String> = std::env::args().collect();
         assert_eq!(cmdline, Some(args));
         assert_eq!(describe(u32::MAX), (None, None));
+    }
+
+    #[test]
+    fn proc_text_reads_whole_files_small_and_past_a_page() {
+        let me = std::process::id();
+        for file in ["comm", "cgroup"] {
+            let path = format!("/proc/{me}/{file}");
+            assert_eq!(
+                read_proc_text(&path),
+                fs::read_to_string(&path).ok(),
+                "{file}"
+            );
+        }
+        assert_eq!(parent_of(me), Some(std::os::unix::process::parent_id()));
+        assert_eq!(read_proc_text("/proc/4294967295/stat"), None);
+        // Past the first read's page, the rest is read too.
+        let long = std::env::temp_dir().join(format!("agent-egress-proc-text-{me}"));
+        let text = "0123456789abcdef\n".repeat(1000);
+        fs::write(&long, &text).unwrap();
+        let read = read_proc_text(long.to_str().unwrap());
+        fs::remove_file(&long).unwrap();
+        assert_eq!(read.as_deref(), Some(text.as_str()));
     }
 
     /// `sh -c '…sleep…' <2 KB argument>`: the sleep's ancestry starts with the
