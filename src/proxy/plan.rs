@@ -235,21 +235,7 @@ pub fn decide(
             };
         }
         Outbound::Direct { interface, mark } => {
-            decided.verdict = Verdict::Allow;
-            decided.dial_options = DialOptions {
-                interface: interface.clone(),
-                mark: *mark,
-            };
-            decided.action = match name {
-                Some(host) => Action::Resolve {
-                    host: host.to_string(),
-                    port,
-                },
-                None => {
-                    decided.dial = Some(Dial::Original);
-                    original()
-                }
-            };
+            direct(&mut decided, interface, *mark, name, conn.original_dst)
         }
         Outbound::Socks5 { server, auth } | Outbound::Http { server, auth } => {
             decided.verdict = Verdict::Allow;
@@ -279,6 +265,68 @@ pub fn decide(
         lookups,
         next: Next::Decided(Box::new(decided)),
     }
+}
+
+/// Out as a `direct` outbound: by `name` through our resolver when a domain
+/// rule matched it, else to the original address.
+fn direct(
+    decided: &mut Decided,
+    interface: &Option<String>,
+    mark: Option<u32>,
+    name: Option<&str>,
+    original_dst: SocketAddr,
+) {
+    decided.verdict = Verdict::Allow;
+    decided.dial_options = DialOptions {
+        interface: interface.clone(),
+        mark,
+    };
+    decided.action = match name {
+        Some(host) => Action::Resolve {
+            host: host.to_string(),
+            port: original_dst.port(),
+        },
+        None => {
+            decided.dial = Some(Dial::Original);
+            Action::Connect {
+                to: vec![original_dst],
+                via: Via::Direct,
+            }
+        }
+    };
+}
+
+/// A held connection's answer: refused (`why` for the record), or out as
+/// the `direct` outbound, by name when the asking rule matched one.
+pub fn answered(
+    runtime: &Runtime,
+    original_dst: SocketAddr,
+    host: Option<&str>,
+    rule: &str,
+    matched_domain: bool,
+    allow: bool,
+    why: Option<String>,
+) -> Decided {
+    let mut decided = Decided {
+        rule: rule.to_string(),
+        outbound: "block".into(),
+        verdict: Verdict::Block,
+        dial: None,
+        error: why,
+        attribution: None,
+        dial_options: DialOptions::default(),
+        action: Action::Refuse,
+    };
+    if allow {
+        decided.outbound = "direct".into();
+        let (interface, mark) = match runtime.config.outbounds.get("direct") {
+            Some(Outbound::Direct { interface, mark }) => (interface.clone(), *mark),
+            _ => (None, None),
+        };
+        let name = host.filter(|_| matched_domain);
+        direct(&mut decided, &interface, mark, name, original_dst);
+    }
+    decided
 }
 
 /// What the policy is asked of this connection, to `dst`.
@@ -536,6 +584,54 @@ mod tests {
             d.action,
             Action::Ask {
                 matched_domain: false
+            }
+        );
+    }
+
+    #[test]
+    fn an_answer_refuses_or_dials_as_direct_by_the_name_a_domain_rule_matched() {
+        let rt = runtime(
+            r#"{"control": {"enable": true}, "outbounds": {"direct": {"type": "direct", "mark": 9}},
+                "rules": [{"name": "pkgs", "domains": ["pypi.test"], "outbound": "ask"}]}"#,
+        );
+        let dst: SocketAddr = "203.0.113.66:443".parse().unwrap();
+        let denied = answered(
+            &rt,
+            dst,
+            Some("pypi.test"),
+            "pkgs",
+            true,
+            false,
+            Some("no".into()),
+        );
+        assert_eq!(
+            (denied.verdict, denied.outbound.as_str()),
+            (Verdict::Block, "block")
+        );
+        assert_eq!(
+            (denied.action, denied.error.as_deref()),
+            (Action::Refuse, Some("no"))
+        );
+        let by_name = answered(&rt, dst, Some("pypi.test"), "pkgs", true, true, None);
+        assert_eq!(
+            (by_name.verdict, by_name.outbound.as_str()),
+            (Verdict::Allow, "direct")
+        );
+        assert_eq!(by_name.dial_options.mark, Some(9));
+        assert_eq!(
+            by_name.action,
+            Action::Resolve {
+                host: "pypi.test".into(),
+                port: 443
+            }
+        );
+        let by_address = answered(&rt, dst, Some("pypi.test"), "default", false, true, None);
+        assert_eq!(by_address.dial, Some(Dial::Original));
+        assert_eq!(
+            by_address.action,
+            Action::Connect {
+                to: vec![dst],
+                via: Via::Direct
             }
         );
     }

@@ -7,8 +7,8 @@ use super::plan::{self, Action, Conn, Decided, Dialing, Next, Proxy, Search, Via
 use super::relay::{write_fd, Flow, Pump};
 use super::Runtime;
 use crate::agent_dns::names::ResolvedNames;
-use crate::audit::{AttributionDone, Dial, Proto, Record, Verdict};
-use crate::config::{Mode, Outbound};
+use crate::audit::{AttributionDone, Proto, Record, Verdict};
+use crate::config::Mode;
 use crate::dns::{Lookup, LookupResult, QueryId, Resolver};
 use crate::loopback::Listener;
 use crate::names::normalize_host;
@@ -555,6 +555,11 @@ impl Session {
     /// Write a decision into the record, then act on it.
     fn carry_out(&mut self, ctx: &mut Ctx, decided: Decided) -> Step {
         self.decided = true;
+        self.execute(ctx, decided)
+    }
+
+    /// The record says what was decided; then it is done.
+    fn execute(&mut self, ctx: &mut Ctx, decided: Decided) -> Step {
         let record = &mut self.record;
         if decided.attribution.is_some() {
             record.attribution = decided.attribution;
@@ -973,32 +978,16 @@ impl Session {
         asked.waited_ms = ctx.now.saturating_duration_since(since).as_millis() as u64;
         self.record.asked = Some(asked);
         self.deadline = None;
-        if !settled.allow {
-            self.record.verdict = Verdict::Block;
-            self.record.outbound = "block".into();
-            self.record.error.clone_from(&settled.why);
-            return self.refuse_politely(&rule);
-        }
-        self.record.verdict = Verdict::Allow;
-        self.record.outbound = "direct".into();
-        if let Some(Outbound::Direct { interface, mark }) =
-            self.runtime.config.outbounds.get("direct")
-        {
-            self.dial_options = DialOptions {
-                interface: interface.clone(),
-                mark: *mark,
-            };
-        }
-        match (matched_domain, self.record.host.clone()) {
-            (true, Some(host)) => {
-                let port = self.original_dst.port();
-                self.resolve(ctx, host, port)
-            }
-            _ => {
-                self.record.dial = Some(Dial::Original);
-                self.connect(ctx, vec![self.original_dst], Via::Direct)
-            }
-        }
+        let decided = plan::answered(
+            &self.runtime,
+            self.original_dst,
+            self.record.host.as_deref(),
+            &rule,
+            matched_domain,
+            settled.allow,
+            settled.why.clone().filter(|_| !settled.allow),
+        );
+        self.execute(ctx, decided)
     }
 
     /// A held client that hangs up is closed (its question may go on for
