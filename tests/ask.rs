@@ -6,8 +6,8 @@
 
 mod harness;
 
-use harness::control::{call, wait_until, SocketDir};
-use harness::daemon::{self, Daemon};
+use harness::control::{self, call, wait_until, SocketDir};
+use harness::daemon::Daemon;
 use harness::{World, ALLOWED, BLOCKED};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -16,17 +16,11 @@ use std::time::{Duration, Instant};
 
 /// blocked.test asks; `ask` settings as given.
 fn config(world: &World, socket: &Path, ask: Value) -> Value {
-    daemon::config(
+    control::config_with(
         world,
-        json!({
-            "control": {"enable": true, "socket": socket, "group": "root"},
-            "state_dir": world.dir().join("state"),
-            "rules": [
-                {"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"},
-                {"name": "ask-blocked", "domains": ["blocked.test"], "outbound": "ask"}
-            ],
-            "ask": ask,
-        }),
+        socket,
+        json!({"name": "ask-blocked", "domains": ["blocked.test"], "outbound": "ask"}),
+        json!({ "ask": ask }),
     )
 }
 

@@ -30,17 +30,29 @@ impl Drop for SocketDir {
 
 /// Control on, allowed.test allowed, the metadata address locked out.
 pub fn config(world: &World, socket: &Path) -> Value {
-    daemon::config(
+    config_with(
         world,
-        json!({
-            "control": {"enable": true, "socket": socket, "group": "root"},
-            "state_dir": world.dir().join("state"),
-            "rules": [
-                {"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"},
-                {"name": "metadata", "ips": ["169.254.169.254/32"], "outbound": "block", "locked": true}
-            ],
-        }),
+        socket,
+        json!({"name": "metadata", "ips": ["169.254.169.254/32"], "outbound": "block", "locked": true}),
+        json!({}),
     )
+}
+
+/// Control on with its state under the world, allowed.test allowed, then
+/// `rule`; the keys of `extra` beside.
+pub fn config_with(world: &World, socket: &Path, rule: Value, extra: Value) -> Value {
+    let mut settings = json!({
+        "control": {"enable": true, "socket": socket, "group": "root"},
+        "state_dir": world.dir().join("state"),
+        "rules": [
+            {"name": "allowed", "domains": ["allowed.test"], "outbound": "direct"},
+            rule
+        ],
+    });
+    if let (Some(all), Value::Object(more)) = (settings.as_object_mut(), extra) {
+        all.extend(more);
+    }
+    daemon::config(world, settings)
 }
 
 /// One request; the status and the JSON body (Null when there is none).
