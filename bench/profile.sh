@@ -78,6 +78,10 @@ main() {
     "${report[@]}" --no-children --sort dso 2>/dev/null | grep '%' | head -8
     echo "== by symbol, with what it calls (top 40)"
     "${report[@]}" --children --sort symbol 2>/dev/null | grep '%' | head -40 | cut -c1-100
+    # Attribution's /proc reads and the records' encoding happen here.
+    echo "== audit-writer thread, by symbol, with what it calls (top 40)"
+    "${report[@]}" --comm audit-writer --children --sort symbol 2>/dev/null | grep '%' |
+        head -40 | cut -c1-100
 }
 
 main "$@"

@@ -18,7 +18,7 @@
 //! once and keeps the answer in a bounded map until the record with that `conn_id` and
 //! `event: "end"` arrives.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -269,10 +269,10 @@ pub struct Record {
     pub policy: Option<PolicyChange>,
     /// On `question_asked` and `question_answered` only.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub question: Option<crate::ask::questions::QuestionRecord>,
+    pub question: Option<Box<crate::ask::questions::QuestionRecord>>,
     /// A connection the policy sent to `ask`: how it was decided.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub asked: Option<crate::ask::Asked>,
+    pub asked: Option<Box<crate::ask::Asked>>,
 }
 
 /// Set once an early attribution is finished (found or not). A refusal is held
@@ -288,7 +288,7 @@ pub struct AttributionDone {
     state: Arc<AtomicU8>,
     waker: Arc<mio::Waker>,
     /// Set before the state says done, when wanted.
-    process: Option<Arc<OnceLock<ProcessInfo>>>,
+    process: Option<Arc<OnceLock<Arc<ProcessInfo>>>>,
 }
 
 const ATTRIBUTION_PENDING: u8 = 0;
@@ -317,12 +317,12 @@ impl AttributionDone {
         if !self.is_done() {
             return None;
         }
-        self.process.as_deref()?.get()
+        self.process.as_deref()?.get().map(|info| &**info)
     }
 
-    fn offer(&self, info: &ProcessInfo) {
+    fn offer(&self, info: &Arc<ProcessInfo>) {
         if let Some(slot) = &self.process {
-            let _ = slot.set(info.clone());
+            let _ = slot.set(Arc::clone(info));
         }
     }
 
@@ -546,6 +546,9 @@ pub struct AuditThread {
 /// Most early attributions kept waiting for their connection's end record; past this
 /// the oldest are forgotten (their end records fall back to late attribution).
 const EARLY_ATTRIBUTIONS_MAX: usize = 8192;
+/// Processes whose latest description is kept for sharing; past this all are
+/// forgotten at once (the next description of each is kept anew).
+const SHARED_DESCRIPTIONS_MAX: usize = 256;
 /// Upper bound on the time a written record sits in the buffer.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// After work, the writer sleeps this long and takes what queued up meanwhile,
@@ -591,6 +594,7 @@ impl AuditLog {
             attributor,
             format,
             early: BTreeMap::new(),
+            latest: HashMap::new(),
             line: Vec::with_capacity(1024),
             ocsf_line: Vec::new(),
             reported_drops: 0,
@@ -777,7 +781,11 @@ struct Writer {
     attributor: Option<Attributor>,
     format: AuditFormat,
     /// Early attributions by connection id; ids grow, so the first entry is the oldest.
-    early: BTreeMap<u64, ProcessInfo>,
+    early: BTreeMap<u64, Arc<ProcessInfo>>,
+    /// The latest description read of each process, shared by the early
+    /// attributions equal to it: a process holding thousands of connections
+    /// is kept once, not once per connection.
+    latest: HashMap<u32, Arc<ProcessInfo>>,
     line: Vec<u8>,
     /// The record as OCSF, with `audit.format: "ocsf"`.
     ocsf_line: Vec<u8>,
@@ -867,7 +875,7 @@ impl Writer {
             Message::Processes { conn_ids, reply } => {
                 let found = conn_ids
                     .into_iter()
-                    .filter_map(|id| Some((id, self.early.get(&id)?.clone())))
+                    .filter_map(|id| Some((id, ProcessInfo::clone(self.early.get(&id)?))))
                     .collect();
                 let _ = reply.send(found);
             }
@@ -886,14 +894,28 @@ impl Writer {
         false
     }
 
-    fn attribute_early(&mut self, conn_id: u64, query: &OwnerQuery) -> Option<&ProcessInfo> {
+    fn attribute_early(&mut self, conn_id: u64, query: &OwnerQuery) -> Option<&Arc<ProcessInfo>> {
         let info = self.attributor.as_mut()?.resolve(query)?;
+        let info = self.shared_description(info);
         if self.early.len() >= EARLY_ATTRIBUTIONS_MAX {
             self.early.pop_first();
         }
         let slot = self.early.entry(conn_id).or_default();
         *slot = info;
         Some(slot)
+    }
+
+    /// `info`, or the equal description already kept for its process.
+    fn shared_description(&mut self, info: ProcessInfo) -> Arc<ProcessInfo> {
+        if let Some(known) = self.latest.get(&info.pid).filter(|known| ***known == info) {
+            return Arc::clone(known);
+        }
+        if self.latest.len() >= SHARED_DESCRIPTIONS_MAX {
+            self.latest.clear();
+        }
+        let info = Arc::new(info);
+        self.latest.insert(info.pid, Arc::clone(&info));
+        info
     }
 
     fn write_pending(&mut self, pending: PendingRecord) {
@@ -914,9 +936,9 @@ impl Writer {
             });
             let late = || {
                 let attributor = self.attributor.as_mut()?;
-                attributor.resolve(owner.as_ref()?)
+                attributor.resolve(owner.as_ref()?).map(Arc::new)
             };
-            if let Some(info) = early.or_else(late) {
+            if let Some(info) = early.or_else(late).map(Arc::unwrap_or_clone) {
                 record.pid = Some(info.pid);
                 record.exe = record.exe.or(info.exe);
                 record.cmdline = record.cmdline.or(info.cmdline);

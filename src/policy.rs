@@ -22,6 +22,7 @@
 use crate::config::{Cidr, Config, DomainPattern, Outbound, PortRange, Rule};
 pub use crate::process_match::Process;
 use crate::process_match::{uid_in_passwd, CompiledSelectors};
+use crate::procinfo::ProcessNeeds;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
@@ -121,8 +122,8 @@ pub struct Policy {
     runtime: Option<Box<Policy>>,
     /// Some rule (runtime rules included) asks what only /proc tells.
     needs_process: bool,
-    /// Some rule pins an executable's hash.
-    needs_hash: bool,
+    /// What rules ask of the process beyond what every record carries.
+    process_needs: ProcessNeeds,
 }
 
 #[derive(Debug)]
@@ -172,7 +173,7 @@ impl Policy {
         if !runtime.is_empty() {
             let runtime = Policy::compile_rules(config, runtime);
             policy.needs_process |= runtime.needs_process;
-            policy.needs_hash |= runtime.needs_hash;
+            policy.process_needs = policy.process_needs.or(runtime.process_needs);
             policy.runtime = Some(Box::new(runtime));
         }
         policy
@@ -188,7 +189,7 @@ impl Policy {
             unindexed: Vec::new(),
             runtime: None,
             needs_process: false,
-            needs_hash: false,
+            process_needs: ProcessNeeds::default(),
         };
         // Read once, and only for a rule that names a user.
         let mut passwd: Option<String> = None;
@@ -206,7 +207,7 @@ impl Policy {
             let process = CompiledSelectors::compile(&rule.process, &mut uid_of);
             if let Some(selectors) = &process {
                 policy.needs_process |= selectors.needs_process();
-                policy.needs_hash |= selectors.needs_hash();
+                policy.process_needs = policy.process_needs.or(selectors.needs());
             }
             if !rule.domains.is_empty() {
                 for pattern in &rule.domains {
@@ -254,9 +255,9 @@ impl Policy {
         self.needs_process
     }
 
-    /// Some rule pins an executable's hash.
-    pub fn needs_hash(&self) -> bool {
-        self.needs_hash
+    /// What rules ask of the process beyond what every record carries.
+    pub fn process_needs(&self) -> ProcessNeeds {
+        self.process_needs
     }
 
     /// How many runtime rules are compiled in.
@@ -1285,7 +1286,8 @@ mod tests {
     #[test]
     fn rules_by_process_and_by_ancestor() {
         let p = policy(PROCESS_RULES);
-        assert!(p.needs_process() && !p.needs_hash());
+        assert!(p.needs_process());
+        assert_eq!(p.process_needs(), ProcessNeeds::default());
         let curl = process("/usr/bin/curl", &["/usr/bin/bash"]);
         let python = process("/usr/bin/python3.13", &["/usr/bin/bash"]);
         let from_git = process("/usr/bin/curl", &["/usr/lib/git-core/git", "/usr/bin/bash"]);
@@ -1371,6 +1373,24 @@ mod tests {
     }
 
     #[test]
+    fn a_cgroup_rule_has_the_cgroup_read_and_a_runtime_one_too() {
+        let by_cgroup = r#"{"rules": [{"name": "browser", "domains": ["web.test"],
+            "cgroup": ["browser.scope"], "outbound": "direct"}], "default": "block"}"#;
+        let wants_cgroup = ProcessNeeds {
+            exe_sha256: false,
+            cgroup: true,
+        };
+        assert_eq!(policy(by_cgroup).process_needs(), wants_cgroup);
+        let config = Config::from_json(r#"{"default": "block"}"#).unwrap();
+        let rule = r#"{"name": "rt", "domains": ["web.test"], "cgroup": ["b.scope"], "outbound": "direct"}"#;
+        let runtime = [config
+            .runtime_rule("", &serde_json::from_str(rule).unwrap(), &[])
+            .unwrap()];
+        let with_runtime = Policy::with_runtime(&config, &runtime);
+        assert_eq!(with_runtime.process_needs(), wants_cgroup);
+    }
+
+    #[test]
     fn pinned_hashes_and_explain_with_a_process() {
         let sha = "ab".repeat(32);
         let p = policy(&format!(
@@ -1378,7 +1398,13 @@ mod tests {
                 "exe_sha256": ["{}"], "outbound": "direct"}}], "default": "block"}}"#,
             sha.to_uppercase()
         ));
-        assert!(p.needs_hash());
+        assert_eq!(
+            p.process_needs(),
+            ProcessNeeds {
+                exe_sha256: true,
+                cgroup: false
+            }
+        );
         let mut curl = process("/usr/bin/curl", &[]);
         let copied = curl.clone();
         curl.exe_sha256 = Some(sha.clone());

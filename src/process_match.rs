@@ -10,7 +10,7 @@
 //! [`Process::Unknown`], against which those selectors never match.
 
 use crate::config::{ProcessSelectors, UserSpec};
-use crate::procinfo::ProcessInfo;
+use crate::procinfo::{ProcessInfo, ProcessNeeds};
 use std::path::Path;
 
 /// What is known of the process behind a connection when it is decided.
@@ -81,9 +81,12 @@ impl CompiledSelectors {
             && self.exe_sha256.is_empty())
     }
 
-    /// It pins the executable's hash.
-    pub fn needs_hash(&self) -> bool {
-        !self.exe_sha256.is_empty()
+    /// What it asks of the process beyond what every record carries.
+    pub fn needs(&self) -> ProcessNeeds {
+        ProcessNeeds {
+            exe_sha256: !self.exe_sha256.is_empty(),
+            cgroup: !self.cgroup.is_empty(),
+        }
     }
 
     /// Every selector given matches (`agent`: the connection's configured

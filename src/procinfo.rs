@@ -9,7 +9,7 @@
 //!   the processes of the agent's cgroup subtree, never at all of /proc.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::exe_hash::ExeHashes;
 use crate::netlink::{self, u32_at, u64_at, Attrs, RequestSocket, Wait, NLMSG_ERROR};
@@ -314,7 +315,35 @@ pub struct Attributor {
     pub max_candidates: usize,
     /// The executables hashed so far.
     pub exe_hashes: ExeHashes,
+    /// Where command lines are read: one buffer, not 16 KiB zeroed per connection.
+    cmdline_buffer: Vec<u8>,
+    /// The cgroup2 mount, where an unrecorded connector's agent cgroup is searched.
+    cgroup_root: Option<PathBuf>,
+    /// The comm and ancestry of the processes read last, by pid.
+    lineages: HashMap<u32, Lineage>,
 }
+
+/// A process's comm and ancestry as read at `read_at`: a process opening
+/// connections in a burst (wrk, a package manager, a crawler) has them read
+/// once per [`LINEAGE_REUSE`], not for each connection (6 system calls and
+/// more per ancestor). Its exe and command line are read every time.
+#[derive(Clone, Debug)]
+struct Lineage {
+    read_at: Instant,
+    /// What the reuse is checked against: an exec of another program reads anew.
+    exe: Option<String>,
+    scope: String,
+    comm: Option<String>,
+    ancestry: Vec<Ancestor>,
+}
+
+/// How long a lineage read stands for its pid (same executable, same scope).
+/// Short enough that no pid is reused meanwhile (wrapping even a 32,768-pid
+/// space takes hundreds of thousands of forks a second); an ancestor's exec or
+/// exit meanwhile shows from the next read on.
+const LINEAGE_REUSE: Duration = Duration::from_millis(100);
+/// Lineages kept at most; past this they are dropped all at once.
+const LINEAGES_MAX: usize = 256;
 
 impl Default for Attributor {
     fn default() -> Self {
@@ -322,6 +351,30 @@ impl Default for Attributor {
             max_cgroups: 1024,
             max_candidates: 4096,
             exe_hashes: ExeHashes::default(),
+            cmdline_buffer: Vec::new(),
+            cgroup_root: crate::cgroup::cgroup2_root().ok(),
+            lineages: HashMap::new(),
+        }
+    }
+}
+
+/// What a rule may ask of a process beyond what every record carries (pid,
+/// exe, cmdline, comm, ancestry). Each costs reads for every connection, so
+/// they are read only while some rule asks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessNeeds {
+    /// The executable's SHA-256 (a rule pins hashes).
+    pub exe_sha256: bool,
+    /// Its cgroup (a rule names cgroups below the agent's).
+    pub cgroup: bool,
+}
+
+impl ProcessNeeds {
+    /// What either asks.
+    pub fn or(self, other: ProcessNeeds) -> ProcessNeeds {
+        ProcessNeeds {
+            exe_sha256: self.exe_sha256 || other.exe_sha256,
+            cgroup: self.cgroup || other.cgroup,
         }
     }
 }
@@ -331,43 +384,107 @@ impl Default for Attributor {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnerQuery {
     pub owner: SocketOwner,
-    /// Absolute path of the agent's cgroup directory (the configured one, which the
-    /// socket's own cgroup may be below).
-    pub cgroup_dir: PathBuf,
-    /// The same relative to the cgroup2 mount: ancestors outside it are not listed.
+    /// The agent's cgroup directory (the configured one, which the socket's own
+    /// cgroup may be below) relative to the cgroup2 mount: its processes are
+    /// searched, and ancestors outside it are not listed.
     pub scope: String,
     /// The pid that connected the socket, when the kernel recorded it
     /// ([`crate::connect_log`]): no search needed.
     pub connector: Option<u32>,
-    /// Hash its executable too (a rule pins hashes).
-    pub hash_exe: bool,
+    /// What rules ask beyond what every record carries.
+    pub needs: ProcessNeeds,
 }
 
 impl Attributor {
     /// The process that connected the queried socket when the kernel recorded it;
     /// else the process holding it, searched among the processes of the agent's
-    /// cgroup subtree (the socket's own cgroup first). With its exe and cmdline.
+    /// cgroup subtree (the socket's own cgroup first). With its exe, cmdline,
+    /// comm and ancestry, and what `query.needs` asks.
     pub fn resolve(&mut self, query: &OwnerQuery) -> Option<ProcessInfo> {
         let pid = match query.connector {
             Some(pid) => pid,
             None => {
-                let candidates = self.candidate_pids(&query.cgroup_dir, query.owner.cgroup_id);
+                let dir = self.cgroup_root.as_ref()?.join(&query.scope);
+                let candidates = self.candidate_pids(&dir, query.owner.cgroup_id);
                 pid_of_socket(query.owner.inode, &candidates)?
             }
         };
-        let (exe, cmdline) = describe(pid);
+        let exe = exe_of(pid);
+        let (cmdline, _) = read_cmdline(pid, MAX_CMDLINE_BYTES, &mut self.cmdline_buffer);
+        let (comm, ancestry) = self.lineage(pid, &exe, &query.scope);
         Some(ProcessInfo {
             pid,
             exe,
             cmdline,
-            comm: comm_of(pid),
-            cgroup: cgroup_of(pid),
-            ancestry: ancestry(pid, &query.scope),
+            comm,
+            cgroup: query.needs.cgroup.then(|| cgroup_of(pid)).flatten(),
+            ancestry,
             exe_sha256: query
-                .hash_exe
+                .needs
+                .exe_sha256
                 .then(|| self.exe_hashes.of_process(pid))
                 .flatten(),
         })
+    }
+
+    /// The comm and ancestry of `pid`, running `exe`, as read within
+    /// [`LINEAGE_REUSE`] or now.
+    fn lineage(
+        &mut self,
+        pid: u32,
+        exe: &Option<String>,
+        scope: &str,
+    ) -> (Option<String>, Vec<Ancestor>) {
+        let now = Instant::now();
+        if let Some(known) = self.lineages.get(&pid).filter(|known| {
+            now.saturating_duration_since(known.read_at) < LINEAGE_REUSE
+                && known.exe == *exe
+                && known.scope == scope
+        }) {
+            return (known.comm.clone(), known.ancestry.clone());
+        }
+        let stat = stat_of(pid);
+        let lineage = Lineage {
+            read_at: now,
+            exe: exe.clone(),
+            scope: scope.to_string(),
+            ancestry: match &stat {
+                Some(stat) => self.ancestry_from(stat.ppid, scope),
+                None => Vec::new(),
+            },
+            comm: stat.map(|s| s.comm),
+        };
+        if self.lineages.len() >= LINEAGES_MAX {
+            self.lineages.clear();
+        }
+        let read = (lineage.comm.clone(), lineage.ancestry.clone());
+        self.lineages.insert(pid, lineage);
+        read
+    }
+
+    /// `parent` and its ancestors, nearest first, while they are in the cgroup
+    /// subtree `scope` (relative to the mount) and not pid 1, at most
+    /// [`MAX_ANCESTORS`]. Read as the process itself is: a parent that exits
+    /// meanwhile ends the chain there.
+    fn ancestry_from(&mut self, parent: u32, scope: &str) -> Vec<Ancestor> {
+        let mut chain = Vec::new();
+        let mut next = Some(parent);
+        while let Some(parent) = next.filter(|&p| p > 1 && chain.len() < MAX_ANCESTORS) {
+            let inside = cgroup_of(parent).is_some_and(|path| Path::new(&path).starts_with(scope));
+            if !inside {
+                break;
+            }
+            let (cmdline, cmdline_truncated) =
+                read_cmdline(parent, MAX_ANCESTOR_CMDLINE_BYTES, &mut self.cmdline_buffer);
+            chain.push(Ancestor {
+                pid: parent,
+                exe: exe_of(parent),
+                cmdline,
+                cmdline_truncated,
+            });
+            next = stat_of(parent).map(|s| s.ppid);
+        }
+        chain
     }
 
     /// The pids of every cgroup at or below `dir` (breadth first, bounded); those of
@@ -436,13 +553,6 @@ pub const MAX_ANCESTORS: usize = 16;
 /// Bytes of each ancestor's command line kept (16 ancestors: 16 KiB at most).
 pub const MAX_ANCESTOR_CMDLINE_BYTES: usize = 1024;
 
-/// A process's executable path and command line, when it still exists and is readable.
-/// Non-UTF-8 bytes are replaced (U+FFFD); a command line longer than 16 KiB is cut.
-pub fn describe(pid: u32) -> (Option<String>, Option<Vec<String>>) {
-    let (cmdline, _) = read_cmdline(pid, MAX_CMDLINE_BYTES);
-    (exe_of(pid), cmdline)
-}
-
 fn exe_of(pid: u32) -> Option<String> {
     fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
@@ -450,27 +560,29 @@ fn exe_of(pid: u32) -> Option<String> {
 }
 
 /// The first `max` bytes of the command line, and whether there were more.
-fn read_cmdline(pid: u32, max: usize) -> (Option<Vec<String>>, bool) {
+/// Non-UTF-8 bytes are replaced (U+FFFD).
+fn read_cmdline(pid: u32, max: usize, buffer: &mut Vec<u8>) -> (Option<Vec<String>>, bool) {
     // One byte more than kept tells a cut line from one of exactly `max`.
-    let mut raw = vec![0u8; max + 1];
+    if buffer.len() < max + 1 {
+        buffer.resize(max + 1, 0);
+    }
     // One read: the kernel copies the whole argument area up to the count asked
     // (proc_pid_cmdline_read loops page by page), so a short read is the end.
     let Some(n) = fs::File::open(format!("/proc/{pid}/cmdline"))
-        .and_then(|mut f| f.read(&mut raw))
+        .and_then(|mut f| f.read(&mut buffer[..=max]))
         .ok()
         .filter(|&n| n > 0)
     else {
         return (None, false);
     };
-    let truncated = n > max;
-    raw.truncate(n.min(max));
+    let raw = &buffer[..n.min(max)];
     let args = raw
         .strip_suffix(&[0])
-        .unwrap_or(&raw)
+        .unwrap_or(raw)
         .split(|&b| b == 0)
         .map(|arg| String::from_utf8_lossy(arg).into_owned())
         .collect();
-    (Some(args), truncated)
+    (Some(args), n > max)
 }
 
 /// A small /proc text file of one record (comm, stat, cgroup: single_open
@@ -478,7 +590,7 @@ fn read_cmdline(pid: u32, max: usize) -> (Option<Vec<String>>, bool) {
 /// text to one read that has room, so a short read is the end (not so for
 /// files of many records, such as maps). `fs::read_to_string` asks statx for a size /proc
 /// does not know and reads again to see the end: two more system calls a
-/// file, four files a process, for every connection's record.
+/// file, for every connection's record.
 fn read_proc_text(path: &str) -> Option<String> {
     let mut file = fs::File::open(path).ok()?;
     let mut text = vec![0u8; 4096];
@@ -490,11 +602,6 @@ fn read_proc_text(path: &str) -> Option<String> {
     String::from_utf8(text).ok()
 }
 
-fn comm_of(pid: u32) -> Option<String> {
-    let comm = read_proc_text(&format!("/proc/{pid}/comm"))?;
-    Some(comm.strip_suffix('\n').unwrap_or(&comm).to_string())
-}
-
 /// The cgroup v2 path of a process relative to the mount (the `0::` line;
 /// this daemon lives in the initial cgroup namespace, where paths are whole).
 pub fn cgroup_of(pid: u32) -> Option<String> {
@@ -504,39 +611,21 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
         .map(|path| path.trim_start_matches('/').to_string())
 }
 
-/// The parent of a process (`/proc/PID/stat`'s fourth field; the command
-/// name in parentheses before it may hold spaces and parentheses itself).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = read_proc_text(&format!("/proc/{pid}/stat"))?;
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(1)?.parse().ok()
+/// What `/proc/PID/stat` says of a process: its command name (the second
+/// field, in parentheses, which may hold spaces and parentheses itself: the
+/// same text as /proc/PID/comm, so one file read gives both) and its parent.
+struct Stat {
+    comm: String,
+    ppid: u32,
 }
 
-/// The ancestors of `pid`, nearest first, while they are in the cgroup
-/// subtree `scope` (relative to the mount) and not pid 1, at most
-/// [`MAX_ANCESTORS`]. Read as the process itself is: a parent that exits
-/// meanwhile ends the chain there.
-pub fn ancestry(pid: u32, scope: &str) -> Vec<Ancestor> {
-    let mut chain = Vec::new();
-    let mut current = pid;
-    while chain.len() < MAX_ANCESTORS {
-        let Some(parent) = parent_of(current).filter(|&p| p > 1) else {
-            break;
-        };
-        let inside = cgroup_of(parent).is_some_and(|path| Path::new(&path).starts_with(scope));
-        if !inside {
-            break;
-        }
-        let (cmdline, cmdline_truncated) = read_cmdline(parent, MAX_ANCESTOR_CMDLINE_BYTES);
-        chain.push(Ancestor {
-            pid: parent,
-            exe: exe_of(parent),
-            cmdline,
-            cmdline_truncated,
-        });
-        current = parent;
-    }
-    chain
+fn stat_of(pid: u32) -> Option<Stat> {
+    let stat = read_proc_text(&format!("/proc/{pid}/stat"))?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    let ppid = stat[close + 1..].split_whitespace().nth(1)?.parse().ok()?;
+    Some(Stat { comm, ppid })
 }
 
 #[cfg(test)]
@@ -624,14 +713,98 @@ mod tests {
         assert!(parse_reply(&truncated, 3).is_err());
     }
 
+    /// What the writer asks for a connection whose connector the kernel recorded.
+    fn query_for(pid: u32, scope: &str, needs: ProcessNeeds) -> OwnerQuery {
+        OwnerQuery {
+            owner: SocketOwner {
+                inode: 0,
+                uid: 0,
+                cookie: 0,
+                cgroup_id: None,
+            },
+            scope: scope.to_string(),
+            connector: Some(pid),
+            needs,
+        }
+    }
+
     #[test]
-    fn describe_self() {
-        let (exe, cmdline) = describe(std::process::id());
+    fn resolve_self_reads_what_the_rules_need_only() {
+        let me = std::process::id();
+        let mut attributor = Attributor::default();
+        let plain = attributor
+            .resolve(&query_for(me, "no-such-scope", ProcessNeeds::default()))
+            .expect("this process");
         let own_exe = std::env::current_exe().unwrap();
-        assert_eq!(exe.as_deref(), own_exe.to_str());
+        assert_eq!(plain.pid, me);
+        assert_eq!(plain.exe.as_deref(), own_exe.to_str());
         let args: Vec<String> = std::env::args().collect();
-        assert_eq!(cmdline, Some(args));
-        assert_eq!(describe(u32::MAX), (None, None));
+        assert_eq!(plain.cmdline, Some(args));
+        let comm = fs::read_to_string(format!("/proc/{me}/comm")).unwrap();
+        assert_eq!(plain.comm.as_deref(), Some(comm.trim_end_matches('\n')));
+        assert_eq!(plain.cgroup, None, "no rule asked for the cgroup");
+        assert_eq!(plain.exe_sha256, None, "no rule pins a hash");
+        let needs = ProcessNeeds {
+            exe_sha256: true,
+            cgroup: true,
+        };
+        let asked = attributor
+            .resolve(&query_for(me, "no-such-scope", needs))
+            .expect("this process");
+        assert_eq!(asked.cgroup, cgroup_of(me));
+        assert!(asked.cgroup.is_some());
+        assert_eq!(asked.exe_sha256.as_ref().map(String::len), Some(64));
+        assert_eq!(
+            attributor.resolve(&query_for(u32::MAX, "", needs)),
+            Some(ProcessInfo {
+                pid: u32::MAX,
+                ..ProcessInfo::default()
+            }),
+            "a process gone leaves only its pid"
+        );
+    }
+
+    #[test]
+    fn a_lineage_is_read_again_after_its_time_or_an_exec() {
+        let me = std::process::id();
+        let scope = cgroup_of(me).expect("own cgroup");
+        let query = query_for(me, &scope, ProcessNeeds::default());
+        let mut attributor = Attributor::default();
+        let fresh = attributor.resolve(&query).expect("this process").comm;
+        assert!(fresh.is_some());
+        let poke = |attributor: &mut Attributor, change: &dyn Fn(&mut Lineage)| {
+            let lineage = attributor.lineages.get_mut(&me).expect("kept");
+            lineage.comm = Some("stale".into());
+            change(lineage);
+        };
+        let comm = |attributor: &mut Attributor| attributor.resolve(&query).unwrap().comm;
+        poke(&mut attributor, &|_| {});
+        assert_eq!(comm(&mut attributor).as_deref(), Some("stale"), "reused");
+        poke(&mut attributor, &|l| l.read_at -= LINEAGE_REUSE);
+        assert_eq!(comm(&mut attributor), fresh, "read again once old");
+        poke(&mut attributor, &|l| l.exe = Some("/usr/bin/other".into()));
+        assert_eq!(comm(&mut attributor), fresh, "read again after an exec");
+        poke(&mut attributor, &|l| l.scope = "elsewhere".into());
+        assert_eq!(comm(&mut attributor), fresh, "read again for another agent");
+    }
+
+    #[test]
+    fn stat_names_the_command_even_with_parentheses_and_spaces() {
+        let me = std::process::id();
+        let stat = stat_of(me).expect("own stat");
+        assert_eq!(stat.ppid, std::os::unix::process::parent_id());
+        // A thread of ours takes the odd name (as prctl PR_SET_NAME would);
+        // /proc/TID/stat is read as a process's is.
+        let renamed = std::thread::spawn(|| {
+            fs::write("/proc/thread-self/comm", "a (b) c").expect("rename this thread");
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() } as u32;
+            stat_of(tid).map(|s| s.comm)
+        })
+        .join()
+        .expect("the thread");
+        assert_eq!(renamed.as_deref(), Some("a (b) c"));
+        assert!(stat_of(u32::MAX).is_none());
     }
 
     #[test]
@@ -645,7 +818,6 @@ mod tests {
                 "{file}"
             );
         }
-        assert_eq!(parent_of(me), Some(std::os::unix::process::parent_id()));
         assert_eq!(read_proc_text("/proc/4294967295/stat"), None);
         // Past the first read's page, the rest is read too.
         let long = std::env::temp_dir().join(format!("agent-egress-proc-text-{me}"));
@@ -676,9 +848,16 @@ mod tests {
             assert!(started.elapsed().as_secs() < 5, "sh started no child");
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
-        let chain = ancestry(sleeper, &scope);
+        let mut attributor = Attributor::default();
+        let info = attributor.resolve(&query_for(sleeper, &scope, ProcessNeeds::default()));
+        let outside = attributor.resolve(&query_for(
+            sleeper,
+            "no-such-scope",
+            ProcessNeeds::default(),
+        ));
         let _ = shell.kill();
         let _ = shell.wait();
+        let chain = info.expect("the sleeper").ancestry;
         assert!(
             chain.len() >= 2 && chain.len() <= MAX_ANCESTORS,
             "{chain:?}"
@@ -691,7 +870,7 @@ mod tests {
         assert_eq!(chain[1].pid, std::process::id());
         assert!(!chain[1].cmdline_truncated);
         assert!(
-            ancestry(sleeper, "no-such-scope").is_empty(),
+            outside.expect("the sleeper").ancestry.is_empty(),
             "a parent outside the scope ends the chain"
         );
     }

@@ -394,7 +394,7 @@ impl Questions {
     fn publish(&self, event: Event, q: &Question, by: Option<&Peer>) {
         let mut record = q.record.clone();
         record.event = event;
-        record.question = Some(QuestionRecord {
+        record.question = Some(Box::new(QuestionRecord {
             id: q.info.id,
             held: q.info.held,
             expires_at: q.info.expires_at,
@@ -402,7 +402,7 @@ impl Questions {
             answer: q.outcome.as_ref().map(|o| o.asked.answer),
             by: by.cloned(),
             runtime_rule: q.outcome.as_ref().and_then(|o| o.asked.runtime_rule),
-        });
+        }));
         record.asked = None;
         self.audit.submit(record.into());
     }

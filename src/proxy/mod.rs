@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::config::Rule;
 use crate::connect_log::ConnectLog;
 use crate::policy::Policy;
-use crate::procinfo::{OwnerQuery, SocketOwner};
+use crate::procinfo::{OwnerQuery, ProcessNeeds, SocketOwner};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -263,18 +263,19 @@ impl Shared {
     /// What the kernel said of the socket behind a connection (uid, cgroup,
     /// agent) into `record`, and where the audit writer finds its process;
     /// `None` outside every agent.
-    /// `hash_exe`: the policy pins executables' hashes.
+    /// `needs`: what the policy's rules ask of the process.
     pub fn attribute_connection(
         &self,
         owner: SocketOwner,
         record: &mut Record,
-        hash_exe: bool,
+        needs: ProcessNeeds,
     ) -> Option<OwnerQuery> {
         let query = self.attribute(owner, record, ConnectLog::take)?;
-        Some(OwnerQuery { hash_exe, ..query })
+        Some(OwnerQuery { needs, ..query })
     }
 
-    /// The same for a DNS query, whose socket may ask again.
+    /// The same for a DNS query, whose socket may ask again; no rule waits
+    /// for its process, which only its record names.
     pub fn attribute_query(&self, owner: SocketOwner, record: &mut Record) -> Option<OwnerQuery> {
         self.attribute(owner, record, ConnectLog::peek)
     }
@@ -295,7 +296,6 @@ impl Shared {
         record.subtree = belongs.subtree;
         // A process outside its agent's cgroup is searched for where it went.
         let scope = record.subtree.as_ref().or(record.agent.as_ref())?;
-        let root = self.cgroup_root.as_ref()?;
         let connector = self.connect_log.get().and_then(|connects| {
             connector_of(connects, owner.cookie)
                 .map_err(|e| log::debug!("reading the connect log: {e}"))
@@ -304,9 +304,8 @@ impl Shared {
         });
         Some(OwnerQuery {
             owner,
-            cgroup_dir: root.join(scope),
             scope: scope.clone(),
-            hash_exe: false,
+            needs: ProcessNeeds::default(),
             connector,
         })
     }

@@ -976,7 +976,7 @@ impl Session {
         let rule = rule.clone();
         let mut asked = settled.asked.clone();
         asked.waited_ms = ctx.now.saturating_duration_since(since).as_millis() as u64;
-        self.record.asked = Some(asked);
+        self.record.asked = Some(Box::new(asked));
         self.deadline = None;
         let decided = plan::answered(
             &self.runtime,

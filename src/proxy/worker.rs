@@ -393,7 +393,7 @@ impl Worker {
             let policy = &runtime.policy;
             let attributed =
                 self.shared
-                    .attribute_connection(owner, &mut record, policy.needs_hash());
+                    .attribute_connection(owner, &mut record, policy.process_needs());
             if let Some(query) = attributed {
                 // Now, while the agent's process surely still exists.
                 if let Some(id) = record.conn_id {
