@@ -9,13 +9,15 @@
 //! - this module: the answers and how an asked connection was decided, as
 //!   the API takes them and the audit records say them.
 //!
-//! - `keys`: answering by key in a terminal (`watch`);
+//! - `keys`: answering by key in a terminal (`watch`, `exec --ask`);
+//! - `tty`: `exec --ask`'s questions on its own terminal.
 //!
 //! The worker's side (its held sessions, the wake-up an answer brings) is in
 //! `proxy::held`; the API's routes in `control::questions`.
 
 pub mod keys;
 pub mod questions;
+pub mod tty;
 
 use crate::control::socket::Peer;
 use serde::Serialize;
