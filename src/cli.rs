@@ -119,6 +119,19 @@ struct ExecArgs {
     /// start processes outside its cgroup).
     #[arg(long)]
     allow_bus: bool,
+    /// Ask on this terminal, instead of refusing, for a connection the policy
+    /// does not allow (and answer the config's `ask` rules there): a line
+    /// names the process, host, port and rule, and a key answers (a
+    /// allow-once, A allow-always, d deny-once, D deny-always; the always ones
+    /// for the exact host, for the rest of this run). No key in time: the
+    /// config's `ask.fallback` (block). Needs a terminal (/dev/tty).
+    #[arg(long, conflicts_with = "audit_only")]
+    ask: bool,
+    /// With --ask: how long a question waits for a key [default: the config's
+    /// `ask.timeout_ms`, 60000].
+    #[arg(long, value_name = "MS", requires = "ask",
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    ask_timeout_ms: Option<u64>,
     /// The command and its arguments (none with `--preset list`).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -269,6 +282,8 @@ pub fn main() -> i32 {
             user: args.user,
             as_root: args.as_root,
             allow_bus: args.allow_bus,
+            ask: args.ask,
+            ask_timeout_ms: args.ask_timeout_ms,
             command: args.command,
         }),
         Command::Down(args) => match load(&args.config) {

@@ -686,11 +686,20 @@ pub enum SecretFiles {
     Skip,
 }
 
-impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        Config::load_with(path, SecretFiles::Read)
-    }
+/// Who answers the questions of an `ask` outbound: a config that asks needs
+/// someone to, or its connections would only ever fall back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Answerer {
+    /// The control API, which the daemon serves with `control.enable`.
+    #[default]
+    ControlApi,
+    /// `exec --ask`'s terminal, whatever `control` says.
+    Terminal,
+    /// Nobody: `exec` without `--ask` serves no control API.
+    Nobody,
+}
 
+impl Config {
     pub fn load_with(path: &Path, secrets: SecretFiles) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
@@ -705,17 +714,35 @@ impl Config {
         Config::from_json_with(text, SecretFiles::Read)
     }
 
+    /// A config whose `ask` questions `answerer` answers (the daemon's
+    /// control API for [`Config::from_json`]).
+    pub fn from_json_for(text: &str, answerer: Answerer) -> Result<Config, ConfigErrors> {
+        Config::read(
+            text,
+            Reader {
+                answerer,
+                ..Reader::default()
+            },
+        )
+    }
+
     fn from_json_with(text: &str, secrets: SecretFiles) -> Result<Config, ConfigErrors> {
+        Config::read(
+            text,
+            Reader {
+                secrets,
+                ..Reader::default()
+            },
+        )
+    }
+
+    fn read(text: &str, mut reader: Reader) -> Result<Config, ConfigErrors> {
         let value: Value = serde_json::from_str(text).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 path: String::new(),
                 reason: format!("not valid JSON: {e}"),
             }])
         })?;
-        let mut reader = Reader {
-            secrets,
-            ..Reader::default()
-        };
         let config = reader.config(&value);
         if reader.errors.is_empty() {
             Ok(config)
@@ -761,6 +788,7 @@ impl Config {
 struct Reader {
     errors: Vec<ConfigError>,
     secrets: SecretFiles,
+    answerer: Answerer,
 }
 
 impl Reader {
@@ -986,13 +1014,19 @@ impl Reader {
         }
     }
 
-    /// An `ask` nobody can answer (no control API) would only ever fall back.
+    /// An `ask` nobody can answer would only ever fall back.
     fn ask_is_answerable(&mut self, config: &Config) {
-        if config.control.enable {
-            return;
-        }
+        let why = match self.answerer {
+            Answerer::Terminal => return,
+            Answerer::ControlApi if config.control.enable => return,
+            Answerer::ControlApi => {
+                "asks a supervisor, and without control.enable nobody can answer"
+            }
+            Answerer::Nobody => {
+                "asks a supervisor, and exec answers questions only with --ask (on its terminal)"
+            }
+        };
         let asks = |name: &str| matches!(config.outbounds.get(name), Some(Outbound::Ask));
-        let why = "asks a supervisor, and without control.enable nobody can answer";
         if asks(&config.default) {
             self.error("default", why);
         }
@@ -1906,6 +1940,28 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(e) => e.0.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn who_answers_decides_whether_a_config_may_ask() {
+        let asks = r#"{"rules": [{"domains": ["a.test"], "outbound": "ask"}]}"#;
+        let errors_for = |answerer| match Config::from_json_for(asks, answerer) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        };
+        // exec --ask answers on its terminal, without a control API.
+        assert_eq!(errors_for(Answerer::Terminal), Vec::<String>::new());
+        assert_eq!(
+            errors_for(Answerer::Nobody),
+            vec!["rules[0].outbound: asks a supervisor, and exec answers questions only with --ask (on its terminal)"]
+        );
+        assert_eq!(errors_for(Answerer::ControlApi), errors(asks));
+        let with_control = r#"{"control": {"enable": true}, "default": "ask"}"#;
+        assert!(Config::from_json_for(with_control, Answerer::ControlApi).is_ok());
+        assert!(
+            Config::from_json_for(with_control, Answerer::Nobody).is_err(),
+            "exec serves no control API, whatever the config says"
+        );
     }
 
     #[test]

@@ -2,19 +2,24 @@
 //!
 //! A fresh cgroup, kernel state under names no daemon or other `exec` uses,
 //! the proxy in this process, CMD started inside the cgroup, and everything
-//! torn down when CMD ends (or is killed, or we are interrupted).
+//! torn down when CMD ends (or is killed, or we are interrupted). With
+//! `--ask`, what the policy does not allow is asked on exec's own terminal
+//! (`ask::tty`) instead of refused.
 
+use crate::ask::tty::{self, Prompter};
 use crate::audit::{AuditError, AuditLog, Sink};
 use crate::capture::CaptureError;
 use crate::cgroup::{self, CgroupError};
-use crate::config::{Config, ConfigErrors, DomainPattern, PatternError, Rule};
+use crate::config::{Answerer, Config, ConfigErrors, DomainPattern, Outbound, PatternError, Rule};
 use crate::confine::{self, ConfineError, RunAs};
+use crate::control::state::{sha256_hex, LoadedConfig};
 use crate::presets;
 use crate::proxy::{Proxy, Runtime};
 use crate::startup::{start_audit, start_capture, stop_audit};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -41,6 +46,12 @@ pub struct Options {
     /// Leave systemd's and D-Bus's sockets visible to CMD (through them it can
     /// start processes outside its cgroup).
     pub allow_bus: bool,
+    /// Ask on this terminal, instead of refusing, what the policy does not
+    /// allow (and answer the config's `ask` rules there).
+    pub ask: bool,
+    /// With `ask`: how long a question waits for a key (else the config's
+    /// `ask.timeout_ms`).
+    pub ask_timeout_ms: Option<u64>,
     /// The command and its arguments (none with `--preset list`).
     pub command: Vec<String>,
 }
@@ -66,6 +77,11 @@ pub enum ExecError {
     },
     /// `--allow` needs the "direct" outbound, which the config took away.
     NoDirect,
+    /// `--ask` needs the "ask" outbound, which the config took away.
+    NoAsk,
+    /// `--ask` asks on the terminal, and there is none.
+    NoTerminal(io::Error),
+    Prompter(io::Error),
     Confine(ConfineError),
     Signals(io::Error),
     Cgroup(CgroupError),
@@ -99,6 +115,16 @@ impl fmt::Display for ExecError {
                 f,
                 "the config redefines away the \"direct\" outbound that --allow uses"
             ),
+            ExecError::NoAsk => write!(
+                f,
+                "the config redefines away the \"ask\" outbound that --ask uses"
+            ),
+            ExecError::NoTerminal(e) => write!(
+                f,
+                "--ask asks on this terminal, and /dev/tty cannot be opened ({e}): run exec from \
+                 a terminal, or without --ask"
+            ),
+            ExecError::Prompter(e) => write!(f, "cannot ask on the terminal: {e}"),
             ExecError::Confine(e) => write!(f, "{e}"),
             ExecError::Signals(e) => write!(f, "cannot handle signals: {e}"),
             ExecError::Cgroup(e) => write!(f, "{e}"),
@@ -150,8 +176,16 @@ pub fn exec(args: Options) -> i32 {
         .and_then(|()| {
             confine::run_as(args.user.as_deref(), args.as_root).map_err(ExecError::Confine)
         })
-        .and_then(|run_as| Ok((run_as, exec_config(&args)?)));
-    let (run_as, config) = match prepared {
+        .and_then(|run_as| Ok((run_as, exec_config(&args)?)))
+        .and_then(|(run_as, loaded)| {
+            let tty = args
+                .ask
+                .then(tty::open)
+                .transpose()
+                .map_err(ExecError::NoTerminal)?;
+            Ok((run_as, loaded, tty))
+        });
+    let (run_as, loaded, tty) = match prepared {
         Ok(p) => p,
         Err(e) => {
             eprintln!("agent-egress exec: {e}");
@@ -164,7 +198,7 @@ pub fn exec(args: Options) -> i32 {
              and routes, or leave its cgroup, and then reach the network unchecked"
         );
     }
-    match run(&args, config, &run_as) {
+    match run(&args, loaded, &run_as, tty) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("agent-egress exec: {e}");
@@ -173,14 +207,26 @@ pub fn exec(args: Options) -> i32 {
     }
 }
 
-/// The policy: the given config (or block-all), plus --allow and --preset.
-fn exec_config(args: &Options) -> Result<Config, ExecError> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path).map_err(|errors| ExecError::Config {
-            path: path.clone(),
-            errors,
-        })?,
-        None => Config::default(),
+/// The policy: the given config (or block-all), plus --allow and --preset,
+/// and with --ask what it refuses by default asked instead; the hash is the
+/// config file's (of nothing without one).
+fn exec_config(args: &Options) -> Result<LoadedConfig, ExecError> {
+    let answerer = if args.ask {
+        Answerer::Terminal
+    } else {
+        Answerer::Nobody
+    };
+    let LoadedConfig { mut config, hash } = match &args.config {
+        Some(path) => {
+            LoadedConfig::load_for(path, answerer).map_err(|errors| ExecError::Config {
+                path: path.clone(),
+                errors,
+            })?
+        }
+        None => LoadedConfig {
+            config: Config::default(),
+            hash: sha256_hex(b""),
+        },
     };
     let mut domains = Vec::new();
     for (i, d) in args.allow.iter().enumerate() {
@@ -215,6 +261,17 @@ fn exec_config(args: &Options) -> Result<Config, ExecError> {
             return Err(ExecError::NoDirect);
         }
     }
+    if args.ask {
+        if config.outbounds.get("ask") != Some(&Outbound::Ask) {
+            return Err(ExecError::NoAsk);
+        }
+        if config.outbounds.get(&config.default) == Some(&Outbound::Block) {
+            config.default = "ask".into();
+        }
+        if let Some(ms) = args.ask_timeout_ms {
+            config.ask.timeout_ms = ms;
+        }
+    }
     if config.dns.servers.is_empty() {
         config.dns.servers = system_resolvers();
     }
@@ -232,7 +289,7 @@ fn exec_config(args: &Options) -> Result<Config, ExecError> {
     ic.cgroups = vec![format!("agent-egress-exec-{id}")];
     config.listen.workers = 1;
     config.audit.path = args.audit.clone();
-    Ok(config)
+    Ok(LoadedConfig { config, hash })
 }
 
 /// The nameservers of /etc/resolv.conf: the agent resolves through them, so
@@ -247,7 +304,13 @@ fn system_resolvers() -> Vec<SocketAddr> {
         .collect()
 }
 
-fn run(args: &Options, mut config: Config, run_as: &RunAs) -> Result<i32, ExecError> {
+fn run(
+    args: &Options,
+    loaded: LoadedConfig,
+    run_as: &RunAs,
+    tty: Option<File>,
+) -> Result<i32, ExecError> {
+    let LoadedConfig { mut config, hash } = loaded;
     // Taken before any thread starts, so the helper threads never get them.
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT]).map_err(ExecError::Signals)?;
@@ -259,6 +322,22 @@ fn run(args: &Options, mut config: Config, run_as: &RunAs) -> Result<i32, ExecEr
     };
     let (audit, audit_thread) = start_audit(sink, &config).map_err(ExecError::Audit)?;
     let proxy = start_proxy_on_free_port(&mut config, audit.clone())?;
+    let prompter = match tty {
+        // The policy as the proxy runs it (its port too), for always answers.
+        Some(tty) => Some(
+            Prompter::start(
+                tty,
+                LoadedConfig {
+                    config: config.clone(),
+                    hash,
+                },
+                proxy.handle(),
+                &audit,
+            )
+            .map_err(ExecError::Prompter)?,
+        ),
+        None => None,
+    };
     let runtime = proxy.shared().runtime();
     proxy.shared().enable_summary();
     let teardown = Teardown {
@@ -295,6 +374,9 @@ fn run(args: &Options, mut config: Config, run_as: &RunAs) -> Result<i32, ExecEr
     // The command is gone: so is every process it left in its cgroup.
     teardown.remove_cgroup();
     capture.remove();
+    if let Some(p) = prompter {
+        p.stop();
+    }
     let summary = proxy.shared().summary();
     proxy.stop();
     stop_audit(audit_thread);
@@ -371,5 +453,88 @@ impl Teardown {
                 Path::new(&self.cgroup).display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(config: Option<PathBuf>, ask: bool, ask_timeout_ms: Option<u64>) -> Options {
+        Options {
+            config,
+            allow: vec!["allowed.test".into()],
+            presets: Vec::new(),
+            audit: None,
+            audit_only: false,
+            user: None,
+            as_root: false,
+            allow_bus: false,
+            ask,
+            ask_timeout_ms,
+            command: vec!["true".into()],
+        }
+    }
+
+    /// A config file of its own per test, removed when dropped.
+    struct ConfigFile(PathBuf);
+
+    impl ConfigFile {
+        fn new(json: &str) -> ConfigFile {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "agent-egress-exec-test-{}-{n}.json",
+                std::process::id()
+            ));
+            std::fs::write(&path, json).expect("a temporary config");
+            ConfigFile(path)
+        }
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn ask_asks_what_would_be_refused_by_default_and_keeps_what_is_allowed() {
+        let plain = exec_config(&options(None, false, None)).unwrap().config;
+        assert_eq!(plain.default, "block");
+        let asking = exec_config(&options(None, true, None)).unwrap().config;
+        assert_eq!(asking.default, "ask");
+        assert_eq!(asking.ask.timeout_ms, Config::default().ask.timeout_ms);
+        assert_eq!(asking.rules[0].name, "--allow", "--allow still allows");
+        let short = exec_config(&options(None, true, Some(1500)))
+            .unwrap()
+            .config;
+        assert_eq!(short.ask.timeout_ms, 1500);
+    }
+
+    #[test]
+    fn a_config_that_asks_runs_only_with_ask_and_one_that_allows_by_default_keeps_it() {
+        let asks = ConfigFile::new(
+            r#"{"rules": [{"domains": ["blocked.test"], "outbound": "ask"}], "ask": {"timeout_ms": 9000}}"#,
+        );
+        let loaded = exec_config(&options(Some(asks.0.clone()), true, None)).unwrap();
+        assert_eq!(loaded.config.ask.timeout_ms, 9000);
+        assert_eq!(loaded.config.rules[1].outbound, "ask");
+        let text = std::fs::read(&asks.0).unwrap();
+        assert_eq!(loaded.hash, sha256_hex(&text), "the file's own hash");
+        match exec_config(&options(Some(asks.0.clone()), false, None)) {
+            Err(ExecError::Config { errors, .. }) => {
+                assert!(errors.to_string().contains("only with --ask"), "{errors}")
+            }
+            other => panic!("a config that asks ran without --ask: {:?}", other.err()),
+        }
+        let open = ConfigFile::new(r#"{"default": "direct"}"#);
+        let loaded = exec_config(&options(Some(open.0.clone()), true, None)).unwrap();
+        assert_eq!(loaded.config.default, "direct");
+        let no_ask = ConfigFile::new(r#"{"outbounds": {"ask": {"type": "block"}}}"#);
+        assert!(matches!(
+            exec_config(&options(Some(no_ask.0.clone()), true, None)),
+            Err(ExecError::NoAsk)
+        ));
     }
 }

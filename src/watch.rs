@@ -7,6 +7,8 @@
 //! the newest pending one: `a` allow-once, `A` allow-always, `d` deny-once,
 //! `D` deny-always (the always ones for the exact host and this agent).
 
+use crate::ask::keys::{said, RawKeys};
+use crate::ask::Answer;
 use crate::audit_read::{parse_line, LogRecord};
 use crate::audit_table::{Filter, Table};
 use crate::control::client::ControlClient;
@@ -91,64 +93,29 @@ fn follow_table(events: impl BufRead, mut table: Table, pending: &Pending) -> io
     })
 }
 
-/// The terminal in single keys without echo, as it was again when dropped.
-struct RawKeys(libc::termios);
-
-impl RawKeys {
-    fn start() -> Option<RawKeys> {
-        // SAFETY: termios is plain data; tcgetattr fills it or fails.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
-            return None;
-        }
-        let mut raw = saved;
-        raw.c_lflag &= !(libc::ICANON | libc::ECHO);
-        raw.c_cc[libc::VMIN] = 1;
-        raw.c_cc[libc::VTIME] = 0;
-        // SAFETY: as above; Ctrl-C still interrupts (ISIG stays).
-        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
-            return None;
-        }
-        Some(RawKeys(saved))
-    }
-}
-
-impl Drop for RawKeys {
-    fn drop(&mut self) {
-        // SAFETY: restores what tcgetattr gave.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
-    }
-}
-
 /// A thread answering the newest pending question by key; the terminal is
 /// restored when the returned guard goes.
 fn answer_by_keys(socket: PathBuf, pending: Pending) -> Option<RawKeys> {
-    let keys = RawKeys::start()?;
+    let keys = RawKeys::start(libc::STDIN_FILENO)?;
     let spawned = std::thread::Builder::new()
         .name("keys".into())
         .spawn(move || {
             let client = ControlClient::new(&socket);
             for byte in io::stdin().lock().bytes() {
                 let Ok(byte) = byte else { return };
-                let answer = match byte {
-                    b'a' => "allow-once",
-                    b'A' => "allow-always",
-                    b'd' => "deny-once",
-                    b'D' => "deny-always",
-                    _ => continue,
+                let Some(answer) = Answer::from_key(byte) else {
+                    continue;
                 };
                 let Some(id) = pending.newest() else {
                     eprintln!("agent-egress watch: no question is pending");
                     continue;
                 };
-                let body = json!({"answer": answer});
+                let body = json!({"answer": answer.name()});
                 let path = format!("/v1/questions/{id}/answer");
                 match client.call("POST", &path, Some(&body)) {
-                    Ok((200, _)) => eprintln!("agent-egress watch: question {id}: {answer}"),
-                    Ok((status, reply)) => eprintln!(
-                        "agent-egress watch: question {id}: {status} {}",
-                        reply["error"].as_str().unwrap_or("refused")
-                    ),
+                    Ok((status, reply)) => {
+                        eprintln!("agent-egress watch: {}", said(id, answer, status, &reply))
+                    }
                     Err(e) => eprintln!("agent-egress watch: question {id}: {e}"),
                 }
             }

@@ -3,8 +3,13 @@
 
 mod harness;
 
+use harness::control::wait_until;
 use harness::daemon::binary;
-use harness::World;
+use harness::{TestHost, Tmux, World, BLOCKED};
+use serde_json::Value;
+use std::ffi::OsStr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,13 +27,13 @@ fn exec(world: &World, args: &[&str], cmd: &[&str]) -> Command {
 
 const NOBODY: u32 = 65534;
 
-fn curl_args(world: &World, url: &str, ip: &str) -> Vec<String> {
+fn curl_args(world: &World, url: &str, ip: &str, max_time_s: u32) -> Vec<String> {
     let host = url.split('/').nth(2).unwrap_or_default();
     vec![
         "curl".into(),
         "-sS".into(),
         "--max-time".into(),
-        "5".into(),
+        max_time_s.to_string(),
         "--cacert".into(),
         world.ca_cert().to_string_lossy().into_owned(),
         "--resolve".into(),
@@ -93,7 +98,7 @@ fn exec_allows_blocks_summarises_and_cleans_up() {
     let world = World::new();
     let audit = world.dir().join("exec-audit.jsonl");
     let audit_arg = audit.to_string_lossy().into_owned();
-    let allowed = curl_args(&world, "https://allowed.test/", "198.51.100.10");
+    let allowed = curl_args(&world, "https://allowed.test/", "198.51.100.10", 5);
     let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
     let (out, pid) = run(exec(
         &world,
@@ -115,7 +120,7 @@ fn exec_allows_blocks_summarises_and_cleans_up() {
     assert_clean(&world, pid);
 
     // Blocked: CMD's own exit code comes back (curl 35: TLS alert).
-    let blocked = curl_args(&world, "https://blocked.test/", "198.51.100.20");
+    let blocked = curl_args(&world, "https://blocked.test/", "198.51.100.20", 5);
     let blocked: Vec<&str> = blocked.iter().map(String::as_str).collect();
     let (out, pid) = run(exec(&world, &["--allow", "allowed.test"], &blocked));
     let (_, stderr) = text(&out);
@@ -329,4 +334,311 @@ fn cmd_runs_as_the_invoking_user_without_a_way_back_to_root() {
         text(&out).1
     );
     assert_clean(&world, pid);
+}
+
+/// A word for the shell, quoted.
+fn quoted(word: &OsStr) -> String {
+    format!("'{}'", word.to_string_lossy().replace('\'', r"'\''"))
+}
+
+/// `cmd` as one shell line, its environment given through `env` (a tmux
+/// session's commands get the tmux server's environment, not ours).
+fn shell_line(cmd: &Command) -> String {
+    let mut words = vec!["env".to_string()];
+    for (name, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            let mut pair = name.to_os_string();
+            pair.push("=");
+            pair.push(value);
+            words.push(quoted(&pair));
+        }
+    }
+    words.push(quoted(cmd.get_program()));
+    words.extend(cmd.get_args().map(quoted));
+    words.join(" ")
+}
+
+/// The agent's curl to `host` as a shell command, slow to give up (20 s), so
+/// that a refusal by key is seen to come at once.
+fn curl_line(world: &World, host: &TestHost) -> String {
+    let url = format!("https://{}/", host.name);
+    let words = curl_args(world, &url, &host.v4.to_string(), 20);
+    let words: Vec<String> = words.iter().map(|w| quoted(OsStr::new(w))).collect();
+    words.join(" ")
+}
+
+/// `exec --ask ... -- sh -c SCRIPT` in a terminal: its screen, its audit
+/// file, and the line it leaves when it ends (`EXIT=` its exit code).
+struct AskRun {
+    tmux: Tmux,
+    audit: PathBuf,
+}
+
+impl AskRun {
+    fn start(world: &World, name: &str, args: &[&str], script: &str) -> AskRun {
+        let audit = world.dir().join(format!("{name}-audit.jsonl"));
+        let audit_arg = audit.to_string_lossy().into_owned();
+        let mut all = vec!["--ask", "--allow", "allowed.test", "--audit", &audit_arg];
+        all.extend(args);
+        let line = shell_line(&exec(world, &all, &["sh", "-c", script]));
+        let tmux = Tmux::start(
+            format!("ae-exec-{name}-{}", world.id()),
+            &format!("{line}; echo EXIT=$?; sleep 600"),
+        );
+        AskRun { tmux, audit }
+    }
+
+    /// The screen's lines that ask (one per question shown).
+    fn prompts(&self) -> Vec<String> {
+        self.tmux
+            .screen()
+            .lines()
+            .filter(|l| l.contains("agent-egress exec: question") && l.contains(" connects to "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits for the question's line, and returns it.
+    fn question(&self) -> String {
+        wait_until(
+            "the question on the screen",
+            Duration::from_secs(15),
+            || !self.prompts().is_empty(),
+        );
+        self.prompts().remove(0)
+    }
+
+    /// Waits for exec to end; the screen then.
+    fn finished(&self, limit: Duration) -> String {
+        wait_until("exec to end", limit, || {
+            self.tmux.screen().contains("EXIT=")
+        });
+        self.tmux.screen()
+    }
+
+    fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The pid of the exec that wrote the records (its cgroup is named after it).
+    fn exec_pid(&self) -> u32 {
+        self.records()
+            .iter()
+            .find_map(|r| {
+                r["agent"]
+                    .as_str()?
+                    .strip_prefix("agent-egress-exec-")?
+                    .parse()
+                    .ok()
+            })
+            .expect("a record naming exec's cgroup")
+    }
+
+    /// The connections' records (not the questions' or the policy's).
+    fn connections(&self) -> Vec<Value> {
+        self.records()
+            .into_iter()
+            .filter(|r| r["event"].is_null() || r["event"] == "end")
+            .filter(|r| r["host"] == BLOCKED.name)
+            .collect()
+    }
+
+    fn event(&self, event: &str) -> Value {
+        self.records()
+            .into_iter()
+            .find(|r| r["event"] == event)
+            .unwrap_or_else(|| panic!("no {event} record in {}", self.audit.display()))
+    }
+}
+
+#[test]
+fn exec_ask_lets_through_by_key_once_for_merged_connections_and_always() {
+    if !harness::require_root_and_tools(&["curl", "ss", "tmux"]) {
+        return;
+    }
+    let world = World::new();
+    let curl = curl_line(&world, &BLOCKED);
+
+    // Two connections to the same place at once: one question, one key for both.
+    let run = AskRun::start(
+        &world,
+        "ask-once",
+        &[],
+        &format!("{curl} & p=$!; {curl}; b=$?; wait $p; echo \"curls=$?,$b\""),
+    );
+    let prompt = run.question();
+    assert!(
+        prompt.contains("/usr/bin/curl (pid ")
+            && prompt.contains("connects to blocked.test:443 (rule default)")
+            && prompt.contains("a allow-once, A allow-always, d deny-once, D deny-always"),
+        "{prompt}"
+    );
+    // Both connected, so the second one's ClientHello is on its way to be
+    // held and merged into the question shown; then the key.
+    wait_until("both curls connected", Duration::from_secs(10), || {
+        let out = world
+            .host_cmd(["ss", "-Htn", "state", "established", "( dport = :443 )"])
+            .output()
+            .expect("ss");
+        text(&out).0.lines().count() == 2
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    run.tmux.send_keys("a");
+    let screen = run.finished(Duration::from_secs(15));
+    assert!(screen.contains("curls=0,0"), "{screen}");
+    assert_eq!(screen.matches(&BLOCKED.body()).count(), 2, "{screen}");
+    assert!(screen.contains("question 1: allow-once"), "{screen}");
+    assert_eq!(run.prompts().len(), 1, "one question for both: {screen}");
+    let pid = run.exec_pid();
+    // Audited as a daemon's answer is, the answerer being exec itself.
+    let answered = run.event("question_answered");
+    let q = &answered["question"];
+    assert_eq!(
+        (q["answer"].clone(), q["held"].clone()),
+        (Value::from("allow-once"), Value::from(2)),
+        "{answered}"
+    );
+    assert_eq!(q["by"]["uid"], 0, "{answered}");
+    assert_eq!(q["by"]["pid"], pid, "{answered}");
+    let connections = run.connections();
+    assert_eq!(connections.len(), 2, "{connections:?}");
+    for c in &connections {
+        assert_eq!(c["verdict"], "allow", "{c}");
+        assert_eq!(c["asked"]["answer"], "allow-once", "{c}");
+        assert_eq!(c["asked"]["by"]["pid"], pid, "{c}");
+    }
+    assert_clean(&world, pid);
+
+    // Allow-always: the next connection finds the rule and is not asked.
+    let run = AskRun::start(
+        &world,
+        "ask-always",
+        &[],
+        &format!("{curl}; a=$?; {curl}; echo \"curls=$a,$?\""),
+    );
+    run.question();
+    run.tmux.send_keys("A");
+    let screen = run.finished(Duration::from_secs(15));
+    assert!(screen.contains("curls=0,0"), "{screen}");
+    assert!(screen.contains("question 1: allow-always"), "{screen}");
+    assert_eq!(run.prompts().len(), 1, "asked once: {screen}");
+    let pid = run.exec_pid();
+    let policy = run.event("policy");
+    assert_eq!(policy["policy"]["action"], "rule_added", "{policy}");
+    assert_eq!(policy["policy"]["rule"]["name"], "asked-1", "{policy}");
+    assert_eq!(
+        (policy["uid"].clone(), policy["pid"].clone()),
+        (Value::from(0), Value::from(pid)),
+        "{policy}"
+    );
+    let rules: Vec<Value> = run
+        .connections()
+        .iter()
+        .map(|c| c["rule"].clone())
+        .collect();
+    assert_eq!(rules, [Value::from("default"), Value::from("asked-1")]);
+    assert_clean(&world, pid);
+}
+
+#[test]
+fn exec_ask_refuses_by_key_at_once_and_falls_back_when_nobody_answers() {
+    if !harness::require_root_and_tools(&["curl", "tmux"]) {
+        return;
+    }
+    let world = World::new();
+    let curl = curl_line(&world, &BLOCKED);
+    let script = format!("{curl}; echo \"curl=$?\"");
+
+    let run = AskRun::start(&world, "ask-deny", &[], &script);
+    run.question();
+    let pressed = Instant::now();
+    run.tmux.send_keys("d");
+    wait_until("curl to fail", Duration::from_secs(15), || {
+        run.tmux.screen().contains("curl=")
+    });
+    let refused_in = pressed.elapsed();
+    let screen = run.finished(Duration::from_secs(15));
+    assert!(screen.contains("curl=35"), "a TLS alert: {screen}");
+    assert!(
+        refused_in < Duration::from_secs(3),
+        "refused {refused_in:?} after the key (curl gives up after 20 s)"
+    );
+    assert!(screen.contains("question 1: deny-once"), "{screen}");
+    let pid = run.exec_pid();
+    let connections = run.connections();
+    assert_eq!(connections.len(), 1, "{connections:?}");
+    let error = connections[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with(&format!("denied by the supervisor (uid 0, pid {pid})")),
+        "{}",
+        connections[0]
+    );
+    assert_clean(&world, pid);
+
+    // No key: the question times out on the screen, and the fallback refuses.
+    let run = AskRun::start(
+        &world,
+        "ask-timeout",
+        &["--ask-timeout-ms", "1500"],
+        &script,
+    );
+    let prompt = run.question();
+    assert!(prompt.contains("(no answer in 1500 ms: block)"), "{prompt}");
+    let screen = run.finished(Duration::from_secs(15));
+    assert!(screen.contains("question 1: timed out: block"), "{screen}");
+    assert!(screen.contains("curl=35"), "{screen}");
+    let connections = run.connections();
+    assert_eq!(connections.len(), 1, "{connections:?}");
+    assert_eq!(
+        connections[0]["asked"]["answer"], "timed-out",
+        "{}",
+        connections[0]
+    );
+    assert_eq!(connections[0]["verdict"], "block", "{}", connections[0]);
+    assert_clean(&world, run.exec_pid());
+}
+
+#[test]
+fn exec_ask_without_a_terminal_fails_before_anything_runs() {
+    if !harness::require_root_and_tools(&[]) {
+        return;
+    }
+    let marker = Path::new("/tmp/agent-egress-exec-ask-ran-without-a-terminal");
+    let mut cmd = Command::new(binary());
+    cmd.args(["exec", "--ask", "--", "touch"])
+        .arg(marker)
+        .env("SUDO_UID", NOBODY.to_string())
+        .env("SUDO_GID", NOBODY.to_string())
+        .stdin(Stdio::null());
+    // SAFETY: setsid(2) is async-signal-safe; a session of its own has no
+    // controlling terminal, whatever the test runs in.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let (out, pid) = run(cmd);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("--ask asks on this terminal, and /dev/tty cannot be opened"),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "CMD ran");
+    let root = harness::cgroup2_root().expect("cgroup2");
+    assert!(!root.join(format!("agent-egress-exec-{pid}")).exists());
+
+    // The timeout goes with --ask only.
+    let out = Command::new(binary())
+        .args(["exec", "--ask-timeout-ms", "1500", "--", "true"])
+        .output()
+        .expect("run exec");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out).1);
 }

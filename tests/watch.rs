@@ -7,53 +7,12 @@ mod harness;
 
 use harness::control::{config, curl_status, wait_until, SocketDir};
 use harness::daemon::{self, Daemon};
-use harness::{World, ALLOWED, BLOCKED};
+use harness::{Tmux, World, ALLOWED, BLOCKED};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::channel;
 use std::time::Duration;
-
-/// A detached tmux session, killed when dropped.
-struct Tmux(String);
-
-impl Tmux {
-    fn start(name: String, command: &str) -> Tmux {
-        let status = Command::new("tmux")
-            .args([
-                "new-session",
-                "-d",
-                "-x",
-                "220",
-                "-y",
-                "40",
-                "-s",
-                &name,
-                command,
-            ])
-            .status()
-            .expect("tmux");
-        assert!(status.success(), "tmux new-session failed");
-        Tmux(name)
-    }
-
-    /// The screen, with its colour escapes.
-    fn screen(&self) -> String {
-        let out = Command::new("tmux")
-            .args(["capture-pane", "-p", "-e", "-t", &self.0])
-            .output()
-            .expect("tmux capture-pane");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
-            .status();
-    }
-}
 
 #[test]
 fn watch_shows_the_live_events_as_a_coloured_table_and_as_json() {
@@ -174,11 +133,7 @@ fn watch_highlights_a_question_and_answers_it_by_key() {
         wait_until("the question, highlighted", Duration::from_secs(5), || {
             tmux.screen().contains("\x1b[7masked")
         });
-        let sent = Command::new("tmux")
-            .args(["send-keys", "-t", &tmux.0, "a"])
-            .status()
-            .expect("tmux send-keys");
-        assert!(sent.success());
+        tmux.send_keys("a");
         assert_eq!(curl.join().unwrap(), (true, BLOCKED.body()));
     });
     wait_until("the answer said", Duration::from_secs(5), || {

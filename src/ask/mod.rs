@@ -9,10 +9,15 @@
 //! - this module: the answers and how an asked connection was decided, as
 //!   the API takes them and the audit records say them.
 //!
+//! - `keys`: answering by key in a terminal (`watch`, `exec --ask`);
+//! - `tty`: `exec --ask`'s questions on its own terminal.
+//!
 //! The worker's side (its held sessions, the wake-up an answer brings) is in
 //! `proxy::held`; the API's routes in `control::questions`.
 
+pub mod keys;
 pub mod questions;
+pub mod tty;
 
 use crate::control::socket::Peer;
 use serde::Serialize;
@@ -32,6 +37,9 @@ pub enum Answer {
 impl Answer {
     pub const ALL: [&'static str; 4] = ["allow-once", "allow-always", "deny-once", "deny-always"];
 
+    /// What a terminal's keys answer (`watch`, `exec --ask`), as one line of help.
+    pub const KEYS: &'static str = "a allow-once, A allow-always, d deny-once, D deny-always";
+
     pub fn parse(s: &str) -> Option<Answer> {
         match s {
             "allow-once" => Some(Answer::AllowOnce),
@@ -39,6 +47,28 @@ impl Answer {
             "deny-once" => Some(Answer::DenyOnce),
             "deny-always" => Some(Answer::DenyAlways),
             _ => None,
+        }
+    }
+
+    /// The answer a key gives in a terminal, as [`Answer::KEYS`] says; the
+    /// always ones for the API's default scope (the exact host, this agent).
+    pub fn from_key(key: u8) -> Option<Answer> {
+        match key {
+            b'a' => Some(Answer::AllowOnce),
+            b'A' => Some(Answer::AllowAlways),
+            b'd' => Some(Answer::DenyOnce),
+            b'D' => Some(Answer::DenyAlways),
+            _ => None,
+        }
+    }
+
+    /// As the API and the records spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Answer::AllowOnce => "allow-once",
+            Answer::AllowAlways => "allow-always",
+            Answer::DenyOnce => "deny-once",
+            Answer::DenyAlways => "deny-always",
         }
     }
 
@@ -98,4 +128,25 @@ pub struct Settled {
     pub asked: Asked,
     /// For a refusal, the record's `error`.
     pub why: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Answer;
+
+    #[test]
+    fn each_key_answers_what_the_help_line_says_and_others_nothing() {
+        for pair in Answer::KEYS.split(", ") {
+            let (key, name) = pair.split_once(' ').expect("key and answer");
+            let answer = Answer::from_key(key.as_bytes()[0]).expect("a key that answers");
+            assert_eq!(answer.name(), name);
+            assert_eq!(Answer::parse(name), Some(answer));
+            let spelt = serde_json::to_value(answer).expect("serialises");
+            assert_eq!(spelt, name, "the records' spelling");
+        }
+        assert_eq!(Answer::KEYS.split(", ").count(), Answer::ALL.len());
+        for other in [b'x', b'q', b'\n', b' ', 0x1b] {
+            assert_eq!(Answer::from_key(other), None);
+        }
+    }
 }

@@ -305,10 +305,7 @@ impl Questions {
                 "denied by the supervisor (uid {}, pid {}): {}",
                 by.uid,
                 by.pid,
-                serde_json::to_value(answer)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
+                answer.name()
             )
         });
         q.outcome = Some(Settled {

@@ -8,7 +8,9 @@
 //! - `events`: the audit records fanned out to watchers, never blocking;
 //! - `rules`: runtime rules and their state file;
 //! - `state`: the config and runtime rules in force, and every change to them;
-//! - `questions`: the `ask` verdict's questions, listed, waited for, answered.
+//! - `questions`: the `ask` verdict's questions, listed, waited for, answered
+//!   (`exec --ask`, which runs the proxy in its own process, answers keys
+//!   from its terminal through the same `answer_for`).
 //!
 //! `watch` and the MCP server are to be clients of this socket, never a second
 //! way into the proxy.

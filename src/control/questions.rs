@@ -6,9 +6,13 @@
 
 use super::routes::Reply;
 use super::server::{json_body, Request};
+use super::socket::Peer;
+use super::state::PolicyState;
 use super::Control;
 use crate::ask::questions::{NotPending, QuestionInfo};
 use crate::ask::Answer;
+use crate::audit::AuditLog;
+use crate::proxy::ProxyHandle;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -24,7 +28,7 @@ const FOR_SECONDS_MAX: u64 = 366 * 24 * 3600;
 /// `GET /v1/questions`: the unanswered questions, oldest first.
 pub fn list(control: &Control, _: &Request, _: &[&str]) -> Reply {
     let pending = control.proxy.shared().questions.pending();
-    let pending = with_processes(control, pending);
+    let pending = with_processes(&control.audit, pending);
     Reply::ok(200, json!({"questions": pending}))
 }
 
@@ -59,7 +63,7 @@ pub fn next(control: &Control, request: &Request, _: &[&str]) -> Reply {
     }
     let questions = &control.proxy.shared().questions;
     let found = questions.next(after, Duration::from_millis(timeout_ms));
-    let found = with_processes(control, found.into_iter().collect());
+    let found = with_processes(&control.audit, found.into_iter().collect());
     Reply::ok(200, json!({"question": found.into_iter().next()}))
 }
 
@@ -72,11 +76,24 @@ pub fn answer(control: &Control, request: &Request, params: &[&str]) -> Reply {
         Ok(b) => b,
         Err(reply) => return reply,
     };
-    let questions = &control.proxy.shared().questions;
-    let request_for = |q: &QuestionInfo| AnswerRequest::parse(&body, q);
+    answer_for(&control.state, &control.proxy, id, &body, &request.peer)
+}
+
+/// Answer question `id` as `by`, with `body` as the route takes it (`answer`,
+/// `scope`, `for_seconds`): the route's work, and what `exec --ask` calls in
+/// its own process for a key pressed on its terminal.
+pub fn answer_for(
+    state: &PolicyState,
+    proxy: &ProxyHandle,
+    id: u64,
+    body: &Value,
+    by: &Peer,
+) -> Reply {
+    let questions = &proxy.shared().questions;
+    let request_for = |q: &QuestionInfo| AnswerRequest::parse(body, q);
     let Some(question) = questions.get(id) else {
         // The body's own errors first: they do not depend on the question.
-        if let Err(reply) = AnswerRequest::check_alone(&body) {
+        if let Err(reply) = AnswerRequest::check_alone(body) {
             return reply;
         }
         return Reply::error(
@@ -91,15 +108,15 @@ pub fn answer(control: &Control, request: &Request, params: &[&str]) -> Reply {
     };
     let mut rule = None;
     if let Some(spec) = &asked.rule {
-        match control.state.add_rule(spec, &request.peer) {
+        match state.add_rule(spec, by) {
             Ok(added) => rule = Some(added),
             Err(refusal) => return super::routes::refusal(refusal),
         }
     }
     let rule_id = rule.as_ref().and_then(|r| r["id"].as_u64());
-    match questions.answer(id, asked.answer, &request.peer, rule_id, Instant::now()) {
+    match questions.answer(id, asked.answer, by, rule_id, Instant::now()) {
         Ok(workers) => {
-            control.proxy.deliver_answer(id, &workers);
+            proxy.deliver_answer(id, &workers);
             Reply::ok(
                 200,
                 json!({"answered": id, "answer": asked.answer, "held": question.held, "rule": rule}),
@@ -269,7 +286,7 @@ impl AnswerRequest {
 
 /// The questions, with the processes the audit writer found for their first
 /// connections where they were not known when asked.
-fn with_processes(control: &Control, mut questions: Vec<QuestionInfo>) -> Vec<QuestionInfo> {
+pub fn with_processes(audit: &AuditLog, mut questions: Vec<QuestionInfo>) -> Vec<QuestionInfo> {
     let ids: Vec<u64> = questions
         .iter()
         .filter(|q| q.pid.is_none())
@@ -278,11 +295,8 @@ fn with_processes(control: &Control, mut questions: Vec<QuestionInfo>) -> Vec<Qu
     if ids.is_empty() {
         return questions;
     }
-    let found: HashMap<u64, crate::procinfo::ProcessInfo> = control
-        .audit
-        .processes(ids, PROCESS_WAIT)
-        .into_iter()
-        .collect();
+    let found: HashMap<u64, crate::procinfo::ProcessInfo> =
+        audit.processes(ids, PROCESS_WAIT).into_iter().collect();
     for q in &mut questions {
         if let Some(p) = q.conn_id.and_then(|id| found.get(&id)) {
             q.pid = Some(p.pid);

@@ -45,6 +45,14 @@ impl Reply {
             Reply::Events { .. } => 200,
         }
     }
+
+    /// The JSON body; none for a stream.
+    pub fn body(&self) -> Option<&Value> {
+        match self {
+            Reply::Json { body, .. } => Some(body),
+            Reply::Events { .. } => None,
+        }
+    }
 }
 
 type Handler = fn(&Control, &Request, &[&str]) -> Reply;

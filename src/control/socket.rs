@@ -65,16 +65,33 @@ impl Peer {
         let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
             .map_err(io::Error::from)?;
         let pid = u32::try_from(cred.pid()).unwrap_or(0);
-        let exe = fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .map(|p| p.display().to_string());
         Ok(Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pid,
-            exe,
+            exe: exe_of(pid),
         })
     }
+
+    /// This process, as SO_PEERCRED would name it to a server it connected
+    /// to: what `exec --ask` answers as, with no socket between.
+    pub fn this_process() -> Peer {
+        // SAFETY: geteuid(2) and getegid(2) cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let pid = std::process::id();
+        Peer {
+            uid,
+            gid,
+            pid,
+            exe: exe_of(pid),
+        }
+    }
+}
+
+fn exe_of(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string())
 }
 
 /// Letters, digits, `.`, `_`, `-` (and not starting with `-`), at most 32.

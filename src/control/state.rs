@@ -7,7 +7,7 @@
 use super::rules::{AddError, RuleSet, RuntimeRule, STATE_FILE};
 use super::socket::Peer;
 use crate::audit::{AuditLog, Event, PolicyAction, PolicyChange, Record};
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Answerer, Config, ConfigErrors};
 use crate::proxy::{ProxyHandle, Runtime};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -23,6 +23,11 @@ pub struct LoadedConfig {
 
 impl LoadedConfig {
     pub fn load(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
+        LoadedConfig::load_for(path, Answerer::ControlApi)
+    }
+
+    /// A config whose `ask` questions `answerer` answers.
+    pub fn load_for(path: &Path, answerer: Answerer) -> Result<LoadedConfig, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![crate::config::ConfigError {
                 path: String::new(),
@@ -30,7 +35,7 @@ impl LoadedConfig {
             }])
         })?;
         Ok(LoadedConfig {
-            config: Config::from_json(&text)?,
+            config: Config::from_json_for(&text, answerer)?,
             hash: sha256_hex(text.as_bytes()),
         })
     }
@@ -77,7 +82,9 @@ pub struct PolicyState {
     changed: Condvar,
     proxy: ProxyHandle,
     audit: AuditLog,
-    path: PathBuf,
+    /// The state file; none: the rules are kept in memory only (`exec`'s,
+    /// for one run).
+    path: Option<PathBuf>,
 }
 
 impl PolicyState {
@@ -89,7 +96,27 @@ impl PolicyState {
         proxy: ProxyHandle,
         audit: AuditLog,
     ) -> Arc<PolicyState> {
-        let path = state_file(&loaded.config);
+        let path = Some(state_file(&loaded.config));
+        PolicyState::keeping(loaded, rules, proxy, audit, path)
+    }
+
+    /// No runtime rules at first, and those added kept in memory only: for
+    /// `exec`, whose policy lasts one run.
+    pub fn in_memory(
+        loaded: LoadedConfig,
+        proxy: ProxyHandle,
+        audit: AuditLog,
+    ) -> Arc<PolicyState> {
+        PolicyState::keeping(loaded, RuleSet::default(), proxy, audit, None)
+    }
+
+    fn keeping(
+        loaded: LoadedConfig,
+        rules: RuleSet,
+        proxy: ProxyHandle,
+        audit: AuditLog,
+        path: Option<PathBuf>,
+    ) -> Arc<PolicyState> {
         let state = Arc::new(PolicyState {
             inner: Mutex::new(Inner {
                 config: loaded.config,
@@ -166,8 +193,10 @@ impl PolicyState {
 
     /// Persist `next` in place of the current rules, then apply it.
     fn commit(&self, inner: &mut Inner, next: RuleSet) -> Result<(), Refusal> {
-        next.save(&self.path)
-            .map_err(|e| Refusal::Storage(format!("{}: {e}", self.path.display())))?;
+        if let Some(path) = &self.path {
+            next.save(path)
+                .map_err(|e| Refusal::Storage(format!("{}: {e}", path.display())))?;
+        }
         inner.rules = next;
         self.publish(inner);
         self.changed.notify_all();
@@ -227,8 +256,10 @@ impl PolicyState {
     ) -> Result<Arc<Runtime>, ConfigErrors> {
         let mut inner = self.lock();
         inner.rules.check(&loaded.config).map_err(|mut e| {
-            for error in &mut e.0 {
-                error.path = format!("{} {}", self.path.display(), error.path);
+            if let Some(path) = &self.path {
+                for error in &mut e.0 {
+                    error.path = format!("{} {}", path.display(), error.path);
+                }
             }
             e
         })?;

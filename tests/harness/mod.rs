@@ -48,6 +48,7 @@
 //! - evidence: `count_arrived` (packets reaching the internet, see [`arrivals`]),
 //!   `access_log`, `dns_log`.
 //! - cgroups: `agent()` gives `relative_path()` (for the daemon's config) and `id()`.
+//! - a terminal: [`Tmux`] runs a command in tmux, reads its screen, types keys.
 //! - cleanup checks: [`assert_world_gone`], [`assert_no_leftovers`]; from the shell,
 //!   `scripts/leftovers.sh`.
 
@@ -69,6 +70,7 @@ mod nginx;
 mod process;
 mod requirements;
 mod tls;
+mod tmux;
 mod topology;
 mod world;
 
@@ -80,5 +82,6 @@ pub use nginx::{EVIL_MARKER, PAGE_CONTENT};
 pub use process::ChildGuard;
 pub use requirements::{require_root_and_tools, require_tools};
 pub use tls::TestCa;
+pub use tmux::Tmux;
 pub use topology::*;
 pub use world::World;
