@@ -37,6 +37,14 @@ METRICS = {
     "rss_before_MB": ("proxy RSS, fresh, no connection", "MB", LOWER),
     "rss_idle_MB": ("proxy RSS with 2,000 idle TLS connections", "MB", LOWER),
     "kB_per_idle_conn": ("proxy memory per idle TLS connection", "kB", LOWER),
+    "held_MB_over_resting": ("proxy RSS over resting with 1,000 connections held on one question (ask)", "MB", LOWER),
+    "kB_per_held_conn": ("proxy memory per held connection (ask)", "kB", LOWER),
+    "release_all_p50_ms": ("answer to ServerHello, 1,000 held released at once, p50", "ms", LOWER),
+    "release_all_p99_ms": ("answer to ServerHello, 1,000 held released at once, p99", "ms", LOWER),
+    "release_one_p50_ms": ("answer to ServerHello, one held connection, p50", "ms", LOWER),
+    "release_one_p99_ms": ("answer to ServerHello, one held connection, p99", "ms", LOWER),
+    "plain_handshake_p50_ms": ("ClientHello to ServerHello, allowed name, p50", "ms", LOWER),
+    "plain_handshake_p99_ms": ("ClientHello to ServerHello, allowed name, p99", "ms", LOWER),
     "cpu_us_per_https_conn": ("proxy CPU per new HTTPS connection", "µs", LOWER),
     "cpu_us_per_http_conn": ("proxy CPU per new plain-HTTP connection", "µs", LOWER),
     "cpu_s_per_GB_tls": ("proxy CPU per GB, TLS bulk", "s/GB", LOWER),
@@ -146,6 +154,24 @@ def target_checks(median):
                 watched / alone >= 0.95,
             )
         )
+
+    held = get(AE, "held_MB_over_resting")
+    checks.append(
+        (
+            "1,000 held connections ≤ 3 MB over resting",
+            "n/a" if held is None else f"{held:g} MB",
+            None if held is None else held <= 3.0,
+        )
+    )
+    # The release: what an answer adds to a handshake the proxy lets through at once.
+    one, plain = get(AE, "release_one_p99_ms"), get(AE, "plain_handshake_p99_ms")
+    checks.append(
+        (
+            "an answer releases its connection in ≤ 1 ms p99 (over a plain handshake's p99)",
+            "n/a" if one is None or plain is None else f"{one:g} ms vs {plain:g} ms: {one - plain:+.3f} ms",
+            None if one is None or plain is None else one - plain <= 1.0,
+        )
+    )
 
     mine = get(AE, "blocked_p50_ms")
     p99 = get(AE, "blocked_p99_ms")

@@ -139,11 +139,15 @@ let
       "AF_NETLINK"
       "AF_UNIX"
     ]
-    ++ expect "${name}: SystemCallFilter" sc.SystemCallFilter [
-      "@system-service"
-      "~@privileged"
-      "bpf"
-    ]
+    ++ expect "${name}: SystemCallFilter" sc.SystemCallFilter (
+      [
+        "@system-service"
+        "~@privileged"
+        "bpf"
+      ]
+      # The control socket goes to its group by chown.
+      ++ lib.optional config.services.agentEgress.control.enable "@chown"
+    )
     ++ expect "${name}: LogsDirectory" sc.LogsDirectory "agent-egress"
     ++ expect "${name}: ExecStartPost" sc.ExecStartPost [
       "+${packageDir}/bin/agent-egress doctor --config /etc/agent-egress/config.json"
@@ -207,7 +211,35 @@ let
     ++ expectMatch "example: nftables rpfilter exception"
       ''.*iifname "lo" meta mark 2785 accept.*''
       example.networking.firewall.extraReversePathFilterRules
-    ++ expect "example: no iptables commands with the nftables firewall" example.networking.firewall.extraCommands "";
+    ++ expect "example: no iptables commands with the nftables firewall" example.networking.firewall.extraCommands ""
+    ++ supervisorFailures;
+
+  # The example's supervisor: its own user in the control group, the socket
+  # in its environment, nothing else reachable, started with the system.
+  supervisorFailures =
+    let
+      unit = example.systemd.services.agent-egress-supervisor-by-host or { };
+      sc = unit.serviceConfig or { };
+      control = example.services.agentEgress.settings.control or { };
+    in
+    lib.optional (unit == { }) "example: no agent-egress-supervisor-by-host.service"
+    ++ lib.optionals (unit != { }) (
+      expect "supervisor: DynamicUser" sc.DynamicUser true
+      ++ expect "supervisor: group" sc.SupplementaryGroups [ control.group ]
+      ++ expect "supervisor: socket" sc.Environment [ "AGENT_EGRESS_CONTROL=${control.socket}" ]
+      ++ expect "supervisor: PrivateNetwork" sc.PrivateNetwork true
+      ++ expect "supervisor: RestrictAddressFamilies" sc.RestrictAddressFamilies "AF_UNIX"
+      ++ expect "supervisor: CapabilityBoundingSet" sc.CapabilityBoundingSet ""
+      ++ expect "supervisor: Restart" sc.Restart "always"
+      ++ expect "supervisor: the daemon's sandbox" sc.InaccessiblePaths example.systemd.services.agent-egress.serviceConfig.InaccessiblePaths
+      ++ expectAll "supervisor: wantedBy" unit.wantedBy [ "multi-user.target" ]
+      ++ expectAll "supervisor: after" unit.after [ daemonUnit ]
+      ++ expectAll "supervisor: path" (map toString unit.path) [ packageDir ]
+      ++ expectMatch "supervisor: long-polls the questions" ".*/v1/questions.*next[?]timeout_ms=.*" unit.script
+      ++ expect "example: the default asks" example.services.agentEgress.settings.default "ask"
+      ++ expect "example: the control socket" control.socket "/run/agent-egress/control.sock"
+      ++ lib.optional (!lib.elem control.group (lib.attrNames example.users.groups)) "example: no group ${control.group}"
+    );
 
   # Every knob at once, with the iptables firewall.
   fixture = evaluate "fixture" [
@@ -356,7 +388,7 @@ let
       SupplementaryGroups = [ "supervisors" ];
     }
     ++ expect "fixture: the metadata block is locked" (ruleNamed fixture "metadata").locked true
-    ++ expect "example: no control socket by default" (example.services.agentEgress.settings ? control) false;
+    ++ expect "learn: no control socket by default" (learn.services.agentEgress.settings ? control) false;
 
   # The flake's module builds the package from the system's nixpkgs.
   flake = (import ../flake.nix).outputs {
@@ -464,6 +496,18 @@ let
         }
       ];
       message = "services.agentEgress.learn reads the audit records from a file in the JSON format";
+    };
+    supervisor-without-control = {
+      modules = [
+        {
+          services.resolved.enable = true;
+          services.agentEgress = {
+            enable = true;
+            control.supervisors.s.script = "true";
+          };
+        }
+      ];
+      message = "services.agentEgress.control.supervisors (s) answer on the control socket";
     };
     no-resolver = {
       modules = [ { services.agentEgress.enable = true; } ];
@@ -836,8 +880,9 @@ let
           agents.tester.units = [ "agent-probe@" ];
           settings.dns.servers = [ "127.0.0.53" ];
           settings.audit = audit;
-        } // extra;
+        };
       }
+      { services.agentEgress = extra; }
     ];
 in
 {
@@ -857,6 +902,24 @@ in
     file-audit = generated (systemdVm "systemd-file-audit" { } { });
     journal-audit = generated (systemdVm "systemd-journal-audit" { path = "-"; } { });
     learn = generated (systemdVm "systemd-learn" { } { learn = true; control.enable = true; });
+    # The example's supervisor answering an ask rule's questions.
+    supervisor = generated (
+      systemdVm "systemd-supervisor" { } {
+        control.enable = true;
+        control.supervisors.by-host = example.services.agentEgress.control.supervisors.by-host;
+        agents.tester.rules = [
+          {
+            name = "ask-supervisor";
+            domains = [
+              "pypi.org"
+              "paste.test"
+            ];
+            outbound = "ask";
+          }
+        ];
+        settings.ask.timeout_ms = 15000;
+      }
+    );
   };
   rejected = {
     sniff-bytes = generated daemonRejects // {

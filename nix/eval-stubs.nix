@@ -345,6 +345,8 @@ in
         hostPlatform = { };
       };
       coreutils = stubPackage "coreutils";
+      curl = stubPackage "curl";
+      jq = stubPackage "jq";
       git = stubPackage "git";
       nodejs = stubPackage "nodejs";
     };

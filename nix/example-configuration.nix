@@ -50,8 +50,37 @@
       block.domains = [ "=api.github.com" ];
     };
 
+    # What no list covers is asked of a supervisor (the `ask` verdict; the
+    # agent's connection waits, at most 30 s, then is refused): here a
+    # script on the control socket that answers by host.
+    control.enable = true;
+    control.supervisors.by-host = {
+      path = [
+        pkgs.curl
+        pkgs.jq
+      ];
+      script = ''
+        api=http://agent-egress/v1/questions
+        after=0
+        while :; do
+          q=$(curl -sf --unix-socket "$AGENT_EGRESS_CONTROL" "$api/next?timeout_ms=60000&after=$after" |
+            jq -c .question) || { sleep 1; continue; }
+          [ "$q" = null ] && continue
+          id=$(jq -r .id <<<"$q")
+          after=$id
+          case $(jq -r .host <<<"$q") in
+            pypi.org | files.pythonhosted.org) answer=allow-always ;; # a runtime rule from now on
+            *) answer=deny-once ;;
+          esac
+          curl -sf --unix-socket "$AGENT_EGRESS_CONTROL" -d "{\"answer\": \"$answer\"}" "$api/$id/answer" || true
+        done
+      '';
+    };
+
     # Anything the daemon's JSON accepts.
     settings = {
+      default = "ask";
+      ask.timeout_ms = 30000;
       dns.domain_dial = "verify";
       limits.idle_timeout_s = 600;
     };

@@ -267,6 +267,8 @@ let
     SystemCallErrorNumber = "EPERM";
   };
 
+  controlSocket = "/run/agent-egress/control.sock";
+
   # What a unit with StateDirectory = "agent-egress" adds to `sandbox`.
   stateBind = {
     StateDirectory = "agent-egress";
@@ -636,6 +638,49 @@ in
           the agents' users out of it: a member can change their policy.
         '';
       };
+      supervisors = mkOption {
+        type = types.attrsOf (
+          types.submodule {
+            options = {
+              script = mkOption {
+                type = types.lines;
+                description = ''
+                  The supervisor, as a shell script: it reaches the control API
+                  on the socket named by `$AGENT_EGRESS_CONTROL` (with
+                  `curl --unix-socket`, or `agent-egress mcp --socket`), to
+                  answer the `ask` verdict's questions, watch the events or
+                  change runtime rules. It should keep going when the daemon
+                  restarts (a failed request: wait and ask again); the unit
+                  restarts it when it exits. nix/example-configuration.nix has
+                  one that answers by a list of hosts.
+                '';
+              };
+              path = mkOption {
+                type = types.listOf types.package;
+                default = [ ];
+                example = literalExpression "[ pkgs.curl pkgs.jq ]";
+                description = "Packages on the script's PATH (besides agent-egress and coreutils).";
+              };
+            };
+          }
+        );
+        default = { };
+        example = literalExpression ''
+          {
+            by-list = {
+              path = [ pkgs.curl pkgs.jq ];
+              script = builtins.readFile ./by-list-supervisor.sh;
+            };
+          }
+        '';
+        description = ''
+          Supervisors: each a unit `agent-egress-supervisor-NAME` running its
+          script as a user of its own (DynamicUser) in
+          {option}`services.agentEgress.control.group`, with no network but
+          Unix sockets, no capabilities, and the daemon's sandbox. Needs
+          {option}`services.agentEgress.control.enable`.
+        '';
+      };
     };
 
     blockCloudMetadata = mkOption {
@@ -835,6 +880,10 @@ in
             message = "services.agentEgress.learn reads the audit records from a file in the JSON format: settings.audit.path is \"${settings.audit.path}\" and settings.audit.format \"${settings.audit.format or "json"}\" (give a file, and format \"json\").";
           }
           {
+            assertion = cfg.control.supervisors == { } || cfg.control.enable;
+            message = "services.agentEgress.control.supervisors (${toString (lib.attrNames cfg.control.supervisors)}) answer on the control socket: set services.agentEgress.control.enable = true.";
+          }
+          {
             assertion = settings.dns.servers != [ ];
             message = "services.agentEgress.settings.dns.servers is empty: enable services.resolved (its stub 127.0.0.53 is then the default) or list a resolver that listens on loopback (dnsmasq, unbound).";
           }
@@ -857,7 +906,7 @@ in
       services.agentEgress.settings = {
         control = mkIf cfg.control.enable {
           enable = true;
-          socket = "/run/agent-egress/control.sock";
+          socket = controlSocket;
           inherit (cfg.control) group;
         };
         state_dir = mkIf cfg.control.enable "/var/lib/agent-egress";
@@ -984,6 +1033,40 @@ in
             };
           };
         }
+        (lib.mapAttrs' (
+          name: supervisor:
+          lib.nameValuePair "agent-egress-supervisor-${name}" {
+            description = "agent-egress: the supervisor ${name}, on the control socket";
+            wantedBy = [ "multi-user.target" ];
+            # Not bound to the daemon: a restart of it is a failed request or
+            # two for the script, which asks again.
+            after = [ daemonUnit ];
+            path = [
+              cfg.package
+              pkgs.coreutils
+            ]
+            ++ supervisor.path;
+            inherit (supervisor) script;
+            serviceConfig = sandbox // {
+              Environment = [ "AGENT_EGRESS_CONTROL=${controlSocket}" ];
+              DynamicUser = true;
+              SupplementaryGroups = [ cfg.control.group ];
+              Restart = "always";
+              RestartSec = "2s";
+              # The socket is a file: no network is needed to reach it.
+              PrivateNetwork = true;
+              RestrictAddressFamilies = "AF_UNIX";
+              CapabilityBoundingSet = "";
+              NoNewPrivileges = true;
+              ProtectProc = "invisible";
+              ProcSubset = "pid";
+              SystemCallFilter = [
+                "@system-service"
+                "~@privileged"
+              ];
+            };
+          }
+        ) cfg.control.supervisors)
         (lib.mkMerge (
           lib.mapAttrsToList (
             _: agent:

@@ -29,6 +29,8 @@ packages=(
     chromium libnss3-tools python3 socat ncat microsocks tinyproxy dante-server v2ray haproxy wrk iperf3
     # tests/watch.rs reads `watch`'s screen in a terminal
     tmux
+    # the example supervisor (nix/example-configuration.nix) that the e2e suite runs
+    jq
     # Nix syntax checks of nix/, flake.nix and vm-tests/
     nix-bin
     # the audit log's rotation test runs the real logrotate

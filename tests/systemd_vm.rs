@@ -43,6 +43,7 @@ const SCENARIOS: &[&str] = &[
     "backstop_holds",
     "journal_audit",
     "learn_suggests",
+    "supervisor_answers_questions",
     "dist_system_unit",
     "dist_user_unit_after_login",
     "no_unit_warnings",
@@ -50,13 +51,15 @@ const SCENARIOS: &[&str] = &[
 ];
 
 /// The cases of install.json the guest installs.
-const CASES: &[&str] = &["file-audit", "journal-audit", "learn"];
+const CASES: &[&str] = &["file-audit", "journal-audit", "learn", "supervisor"];
 
 /// Store paths in the evaluated units and files, and where the image has them.
 /// A store path not listed here fails the test: it would not exist in the guest.
 const STORE_PATHS: &[(&str, &str)] = &[
     ("/nix/store/eval-stub-agent-egress/bin/", "/usr/local/bin/"),
     ("/nix/store/eval-stub-coreutils/bin/", "/usr/bin/"),
+    ("/nix/store/eval-stub-curl/bin/", "/usr/bin/"),
+    ("/nix/store/eval-stub-jq/bin/", "/usr/bin/"),
     ("/nix/store/eval-stub-systemd/bin/", "/usr/bin/"),
     (
         "/nix/store/eval-generated/",

@@ -133,6 +133,9 @@ in
             "proc.test,${ipv4}"
             "git.test,${ipv4}"
             "pinned.test,${ipv4}"
+            # Names the tester's rules ask a supervisor about.
+            "pypi.org,${ipv4}"
+            "paste.test,${ipv4}"
           ];
           # An HTTPS record with an ECH config (alpn h2, ech: one config that
           # Chromium accepts, public name public.test; the e2e world's
@@ -261,6 +264,15 @@ in
             outbound = "direct";
           }
           {
+            # The supervisor (below) answers: pypi.org yes, anything else no.
+            name = "ask-supervisor";
+            domains = [
+              "pypi.org"
+              "paste.test"
+            ];
+            outbound = "ask";
+          }
+          {
             name = "python-by-address";
             ips = [ "${nodes.internet.networking.primaryIPAddress}/32" ];
             ports = [ 80 ];
@@ -268,6 +280,12 @@ in
             outbound = "direct";
           }
         ];
+        # The README's example supervisor, as nix/example-configuration.nix
+        # has it, on the control socket.
+        control.enable = true;
+        control.supervisors.by-host =
+          (import ../nix/example-configuration.nix { inherit pkgs; }).services.agentEgress.control.supervisors.by-host;
+        settings.ask.timeout_ms = 15000;
         # A local SOCKS proxy is an exit only where a rule names it.
         settings.loopback.allow = [
           {

@@ -649,3 +649,26 @@ with subtest("process_exited_still_matched"):
     record = wait_for_audit("of the vanished client", http_host="gone.test", verdict="block")
     assert "gone" in record["attribution"], record
     assert not served("c=proc_gone"), "the vanished client's request went through"
+
+with subtest("supervisor_answers_questions"):
+    # The example supervisor (control.supervisors.by-host) answers the ask
+    # rule's questions on the control socket: pypi.org for good, paste.test
+    # refused; the agent's curl only waits.
+    agent.wait_for_unit("agent-egress-supervisor-by-host.service")
+    probe = in_agent("curl --silent --max-time 20 'http://pypi.org/?c=supervised_pypi'; true")
+    assert "allowed-site-marker" in probe.out, probe.out
+    record = wait_for_audit("of the asked pypi.org", http_host="pypi.org", rule="ask-supervisor")
+    asked = record["asked"]
+    assert record["verdict"] == "allow" and asked["answer"] == "allow-always", record
+    assert asked["by"]["uid"] not in (None, 0), record
+    policy = wait_for_audit("the rule the answer added", event="policy", uid=asked["by"]["uid"])
+    assert policy["policy"]["action"] == "rule_added", policy
+    probe = in_agent("curl --silent --max-time 20 'http://pypi.org/?c=supervised_again'; true")
+    assert "allowed-site-marker" in probe.out, probe.out
+    record = wait_for_audit("of pypi.org again", http_host="pypi.org", rule=f"asked-{asked['question']}")
+    assert "asked" not in record or record["asked"] is None, record
+    probe = in_agent("curl --silent --max-time 20 'http://paste.test/?c=supervised_paste'; echo rc=$?")
+    assert "rc=0" not in probe.out or "403" in probe.out, probe.out
+    assert not served("c=supervised_paste"), "paste.test was reached though the supervisor refused it"
+    record = wait_for_audit("of the refused paste.test", http_host="paste.test", verdict="block")
+    assert record["asked"]["answer"] == "deny-once", record

@@ -337,9 +337,20 @@ fn stream_events(
         "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
     );
     let mut ok = stream.write_all(head.as_bytes()).is_ok();
+    let mut batch = Vec::new();
     while ok {
         match lines.recv_timeout(STREAM_PROBE) {
-            Ok(line) => ok = write_line(&mut stream, &line, sse).is_ok(),
+            Ok(line) => {
+                // What queued meanwhile goes in the same write: under load a
+                // watcher costs a write (and its client a wake-up) per batch
+                // of events, not per event.
+                batch.clear();
+                frame_line(&mut batch, &line, sse);
+                for line in lines.try_iter().take(super::events::WATCHER_BUFFER) {
+                    frame_line(&mut batch, &line, sse);
+                }
+                ok = stream.write_all(&batch).is_ok();
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 ok = client_still_there(&stream)
                     && (!sse || stream.write_all(b": keep-alive\n\n").is_ok());
@@ -350,7 +361,9 @@ fn stream_events(
                     "this client fell {} events behind", super::events::WATCHER_BUFFER)});
                 let mut line = notice.to_string().into_bytes();
                 line.push(b'\n');
-                let _ = write_line(&mut stream, &line, sse);
+                batch.clear();
+                frame_line(&mut batch, &line, sse);
+                let _ = stream.write_all(&batch);
                 break;
             }
         }
@@ -358,13 +371,14 @@ fn stream_events(
     bus.unsubscribe(id);
 }
 
-fn write_line(stream: &mut UnixStream, line: &[u8], sse: bool) -> io::Result<()> {
+/// One event as the stream frames it: a JSON line, or an SSE `data:` event.
+fn frame_line(out: &mut Vec<u8>, line: &[u8], sse: bool) {
     if sse {
-        stream.write_all(b"data: ")?;
-        stream.write_all(line)?;
-        stream.write_all(b"\n")
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line);
+        out.push(b'\n');
     } else {
-        stream.write_all(line)
+        out.extend_from_slice(line);
     }
 }
 

@@ -13,6 +13,7 @@ mod dns;
 mod harness;
 mod process;
 mod scenarios;
+mod supervisor;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ fn main() {
         std::process::exit(1);
     }
     if !harness::require_root_and_tools(&[
-        "curl", "chromium", "dig", "dnsmasq", "getent", "python3", "socat", "unshare",
+        "curl", "chromium", "dig", "dnsmasq", "getent", "jq", "python3", "socat", "unshare",
     ]) {
         println!("0 passed, 0 failed, {} skipped", ours.len());
         return;

@@ -68,6 +68,10 @@ pub const ALL: &[Scenario] = &[
         "process_exited_still_matched",
         crate::process::process_exited_still_matched,
     ),
+    (
+        "supervisor_answers_questions",
+        crate::supervisor::supervisor_answers_questions,
+    ),
 ];
 
 /// A world with the daemon running the default test policy.

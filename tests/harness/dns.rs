@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::process::ChildGuard;
-use super::topology::{ALLOWED, DNS_V4, FORBIDDEN_DNS_V4, NAMED_HOSTS, REBINDS};
+use super::topology::{ALLOWED, DNS_V4, FORBIDDEN_DNS_V4, NAMED_HOSTS, OTHER, REBINDS};
 
 /// A name below allowed.test with [`BIG_NAME_ADDRESSES`] A records.
 pub const BIG_NAME: &str = "big.allowed.test";
@@ -16,6 +16,9 @@ pub const BIG_NAME_ADDRESSES: u32 = 40;
 /// config puts in the clear in its ClientHello's SNI. It resolves to
 /// allowed.test's addresses, as a provider's public name does to its front.
 pub const ECH_PUBLIC_NAME: &str = "public.test";
+/// The names nix/example-configuration.nix's supervisor answers for (the one
+/// it allows, and one it refuses), at other.test's address.
+pub const SUPERVISED_NAMES: [&str; 2] = ["pypi.org", "paste.test"];
 
 /// The X25519 public key of allowed.test's ECH config: RFC 7748 §6.1's
 /// (Alice's). No server here uses its private key, so none can read the inner
@@ -129,6 +132,9 @@ impl DnsmasqFiles {
         // without EDNS it comes truncated, and the client asks again over TCP.
         for i in 1..=BIG_NAME_ADDRESSES {
             let _ = writeln!(conf, "host-record={BIG_NAME},198.51.100.{i}");
+        }
+        for name in SUPERVISED_NAMES {
+            let _ = writeln!(conf, "host-record={name},{}", OTHER.v4);
         }
         // The longest `address=` match wins over allowed.test's.
         for (name, v4, v6, _) in REBINDS {

@@ -61,7 +61,7 @@ mod cgroup;
 pub mod control;
 pub mod daemon;
 mod dns;
-pub use dns::{BIG_NAME, BIG_NAME_ADDRESSES, ECH_PUBLIC_NAME};
+pub use dns::{BIG_NAME, BIG_NAME_ADDRESSES, ECH_PUBLIC_NAME, SUPERVISED_NAMES};
 mod files;
 mod leftovers;
 mod names;

@@ -707,6 +707,43 @@ fetch blocked --resolve blocked.test:80:203.0.113.20 http://blocked.test/learn/b
     note "$(grep -c '"' "$suggested") quoted entries in $suggested; a runtime rule kept in the state file"
 }
 
+# services.agentEgress.control.supervisors (the supervisor case): the README's
+# example supervisor, a unit of its own (DynamicUser, the control group, no
+# network), answers an ask rule's questions on the control socket: pypi.org
+# for good (a runtime rule: the next fetch asks nobody), paste.test refused
+# this once; the agent's curl only waits.
+s_supervisor_answers_questions() {
+    local unit=agent-egress-supervisor-by-host.service before
+    # The names it answers for, where the daemon's resolver (resolved, from
+    # /etc/hosts) finds them: the same servers as allowed.test and other.test.
+    grep -q ' pypi.org$' /etc/hosts || printf '203.0.113.10 pypi.org\n203.0.113.30 paste.test\n' >>/etc/hosts
+    install_case supervisor || fail "cannot install case supervisor"
+    timeout 90 systemctl restart agent-egress.service || fail "cannot restart agent-egress with the supervisor case"
+    timeout 30 systemctl restart "$unit" ||
+        fail "cannot start $unit: $(journalctl -b -u "$unit" -o cat -n 8 | tr '\n' ' ')"
+    before=$(arrivals 203.0.113.30)
+    make_probe supervised '
+fetch pypi -m 20 --resolve pypi.org:80:203.0.113.10 http://pypi.org/supervised/pypi
+fetch again -m 20 --resolve pypi.org:80:203.0.113.10 http://pypi.org/supervised/again
+fetch paste -m 20 --resolve paste.test:80:203.0.113.30 http://paste.test/supervised/paste'
+    run_probe supervised
+    expect_allowed supervised pypi "hello from allowed.test"
+    expect_allowed supervised again "hello from allowed.test"
+    local r
+    r=($(fetch_result supervised paste))
+    [ "${r[1]}" = 403 ] || fail "paste.test: HTTP ${r[1]} (want 403, the supervisor refused it): $(err_of supervised paste)"
+    [ "$(arrivals 203.0.113.30)" = "$before" ] || fail "paste.test's server was reached though the supervisor refused it"
+    expect_record supervised pypi '.verdict == "allow"' '.rule == "ask-supervisor"' \
+        '.asked.answer == "allow-always"' '.asked.by.uid > 0' '.asked.waited_ms >= 0'
+    expect_record supervised again '.verdict == "allow"' '.rule | startswith("asked-")' '.asked == null'
+    expect_record supervised paste '.verdict == "block"' '.asked.answer == "deny-once"'
+    local by
+    by=$(wait_record supervised pypi | jq .asked.by.uid)
+    [ "$(systemctl show -p MainPID --value "$unit")" != 0 ] || fail "$unit is not running"
+    note "answered by uid $by ($unit, DynamicUser)"
+    systemctl stop "$unit"
+}
+
 # ---- dist/systemd: the units for other distributions -------------------------------
 
 dist=$share/dist
@@ -947,6 +984,7 @@ main() {
     scenario backstop_holds s_backstop_holds
     scenario journal_audit s_journal_audit
     scenario learn_suggests s_learn_suggests
+    scenario supervisor_answers_questions s_supervisor_answers_questions
     scenario dist_system_unit s_dist_system_unit
     scenario dist_user_unit_after_login s_dist_user_unit_after_login
     scenario no_unit_warnings s_no_unit_warnings
