@@ -819,6 +819,12 @@ let
         "agent-egress-doctor.service" = unitSections config.systemd.services.agent-egress-doctor "Service" "serviceConfig";
         "agent-egress-doctor.timer" = unitSections config.systemd.timers.agent-egress-doctor "Timer" "timerConfig";
       }
+      // lib.mapAttrs' (
+        name: _:
+        lib.nameValuePair "agent-egress-supervisor-${name}.service" (
+          unitSections config.systemd.services."agent-egress-supervisor-${name}" "Service" "serviceConfig"
+        )
+      ) config.services.agentEgress.control.supervisors
       // lib.listToAttrs (
         lib.concatMap (
           agent:

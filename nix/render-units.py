@@ -26,6 +26,8 @@ MODULE_DEFINED = (
     "agent-egress-learn.service",
     "agent-egress-learn.timer",
 )
+# The units of services.agentEgress.control.supervisors, defined whole too.
+SUPERVISORS = "agent-egress-supervisor-"
 # Where a unit's `script` goes in the guest (NixOS puts it in the store).
 SCRIPTS = "/etc/agent-egress/scripts"
 
@@ -95,14 +97,19 @@ def install(generated, package_dir):
                 start = f"{SCRIPTS}/{unit.removesuffix('.service')}-start"
                 files[start] = mapped("#!/bin/bash -e\n" + script["text"])
                 executables.append(start)
+                service = sections.get("Service", {})
+                # NixOS writes `path` as an Environment= line of its own,
+                # beside the unit's.
+                own = service.get("Environment", [])
                 service = {
-                    "Environment": "PATH=" + ":".join(p + "/" for p in script["path"]) + ":/usr/bin:/bin",
-                    **sections.get("Service", {}),
+                    **service,
+                    "Environment": ["PATH=" + ":".join(p + "/" for p in script["path"]) + ":/usr/bin:/bin"]
+                    + (own if isinstance(own, list) else [own]),
                     "ExecStart": start,
                 }
                 sections = {**sections, "Service": service}
             text = mapped(unit_text(sections))
-            if unit.endswith(".slice") or unit in MODULE_DEFINED:
+            if unit.endswith(".slice") or unit in MODULE_DEFINED or unit.startswith(SUPERVISORS):
                 units[unit] = text
             else:
                 units[f"{unit}.d/agent-egress.conf"] = text

@@ -63,6 +63,10 @@ pub struct Ask {
     pub fallback: AskFallback,
     /// Connections held at once at the most (all questions, all workers).
     pub max_held: usize,
+    /// Where an allowed answer sends its connections (and an always answer's
+    /// runtime rule, the next ones): `direct` unless the agents' allowed
+    /// traffic leaves through another egress, which an answer must not skip.
+    pub outbound: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -654,6 +658,7 @@ impl Default for Config {
                 timeout_ms: 60_000,
                 fallback: AskFallback::Block,
                 max_held: 256,
+                outbound: "direct".into(),
             },
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
@@ -988,13 +993,39 @@ impl Reader {
             self.loopback(v, &mut config.loopback, &config.interception.cgroups);
         }
         self.ask_is_answerable(&config);
+        self.ask_outbound_lets_through(&config);
         config
     }
 
+    /// An allowed answer goes out through `ask.outbound`: one that exists
+    /// and lets traffic through.
+    fn ask_outbound_lets_through(&mut self, config: &Config) {
+        let name = &config.ask.outbound;
+        match config.outbounds.get(name) {
+            None => self.error("ask.outbound", format!("no outbound named {name:?}")),
+            Some(Outbound::Block | Outbound::Ask) => self.error(
+                "ask.outbound",
+                format!(
+                    "{name:?} lets nothing through: an allowed answer needs an outbound that does"
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+
     fn ask(&mut self, value: &Value, ask: &mut Ask) {
-        let Some(map) = self.object("ask", value, &["timeout_ms", "fallback", "max_held"]) else {
+        let Some(map) = self.object(
+            "ask",
+            value,
+            &["timeout_ms", "fallback", "max_held", "outbound"],
+        ) else {
             return;
         };
+        if let Some(v) = map.get("outbound") {
+            if let Some(name) = self.string("ask.outbound", v) {
+                ask.outbound = name.to_string();
+            }
+        }
         if let Some(v) = map.get("timeout_ms") {
             if let Some(n) = self.u64_in("ask.timeout_ms", v, 100, 3_600_000) {
                 ask.timeout_ms = n;
@@ -1968,7 +1999,8 @@ mod tests {
     fn ask_is_checked_by_path_and_needs_someone_to_answer() {
         let c = Config::from_json(
             r#"{"control": {"enable": true}, "default": "ask",
-                "ask": {"timeout_ms": 500, "fallback": "allow", "max_held": 3}}"#,
+                "outbounds": {"corp": {"type": "socks5", "server": "192.0.2.9:1080"}},
+                "ask": {"timeout_ms": 500, "fallback": "allow", "max_held": 3, "outbound": "corp"}}"#,
         )
         .unwrap();
         assert_eq!(
@@ -1976,8 +2008,17 @@ mod tests {
             Ask {
                 timeout_ms: 500,
                 fallback: AskFallback::Allow,
-                max_held: 3
+                max_held: 3,
+                outbound: "corp".into(),
             }
+        );
+        assert_eq!(
+            errors(r#"{"ask": {"outbound": "nowhere"}}"#),
+            vec!["ask.outbound: no outbound named \"nowhere\""]
+        );
+        assert_eq!(
+            errors(r#"{"ask": {"outbound": "block"}}"#),
+            vec!["ask.outbound: \"block\" lets nothing through: an allowed answer needs an outbound that does"]
         );
         assert_eq!(c.outbounds.get("ask"), Some(&Outbound::Ask));
         assert_eq!(
@@ -1992,7 +2033,7 @@ mod tests {
                 r#"{"ask": {"timeout_ms": 5, "fallback": "maybe", "max_held": 0, "colour": 1}}"#
             ),
             vec![
-                "ask.colour: unknown key (expected one of: timeout_ms, fallback, max_held)",
+                "ask.colour: unknown key (expected one of: timeout_ms, fallback, max_held, outbound)",
                 "ask.timeout_ms: 5 is out of range (100..=3600000)",
                 "ask.max_held: 0 is out of range (1..=65536)",
                 "ask.fallback: \"maybe\" is not \"allow\" or \"block\"",

@@ -94,6 +94,9 @@ pub enum Decided {
     TimedOut,
     /// `ask.max_held` connections were held already: `ask.fallback` at once.
     OverBound,
+    /// Every connection it held went away (closed, or the daemon stopped)
+    /// before an answer: a question's own record only, nothing to release.
+    Withdrawn,
 }
 
 impl From<Answer> for Decided {

@@ -85,6 +85,7 @@ struct Counters {
     timed_out: AtomicU64,
     over_bound: AtomicU64,
     merged: AtomicU64,
+    withdrawn: AtomicU64,
 }
 
 pub struct Questions {
@@ -246,29 +247,50 @@ impl Questions {
         }
         let q = inner.questions.get_mut(&id)?;
         let outcome = q.outcome.clone();
-        Self::unhold(&mut inner, id);
+        self.unhold(&mut inner, id);
         outcome
     }
 
     /// A connection held on `id` went (closed, or the daemon stops) without
-    /// an outcome; a question nobody waits on any more is dropped.
+    /// an outcome; a question nobody waits on any more is dropped, and one
+    /// still unanswered says so (answer `withdrawn`): a supervisor sees it
+    /// go instead of finding it gone when it answers.
     pub fn release(&self, id: u64) {
         let mut inner = self.lock();
-        Self::unhold(&mut inner, id);
+        self.unhold(&mut inner, id);
     }
 
-    fn unhold(inner: &mut Inner, id: u64) {
+    fn unhold(&self, inner: &mut Inner, id: u64) {
         let Some(q) = inner.questions.get_mut(&id) else {
             return;
         };
         q.info.held = q.info.held.saturating_sub(1);
         inner.held = inner.held.saturating_sub(1);
-        if q.info.held == 0 {
-            if let Some(q) = inner.questions.remove(&id) {
-                if inner.open.get(&q.key) == Some(&id) {
-                    inner.open.remove(&q.key);
-                }
-            }
+        if q.info.held > 0 {
+            return;
+        }
+        let Some(mut q) = inner.questions.remove(&id) else {
+            return;
+        };
+        if inner.open.get(&q.key) == Some(&id) {
+            inner.open.remove(&q.key);
+        }
+        if q.outcome.is_none() {
+            q.outcome = Some(Settled {
+                allow: false,
+                asked: Asked {
+                    question: Some(id),
+                    answer: Decided::Withdrawn,
+                    by: None,
+                    waited_ms: Instant::now()
+                        .saturating_duration_since(q.asked)
+                        .as_millis() as u64,
+                    runtime_rule: None,
+                },
+                why: None,
+            });
+            self.counters.withdrawn.fetch_add(1, Ordering::Relaxed);
+            self.publish(Event::QuestionAnswered, &q, None);
         }
     }
 
@@ -383,6 +405,7 @@ impl Questions {
             "answered": c.answered.load(Ordering::Relaxed),
             "timed_out": c.timed_out.load(Ordering::Relaxed),
             "over_bound": c.over_bound.load(Ordering::Relaxed),
+            "withdrawn": c.withdrawn.load(Ordering::Relaxed),
         })
     }
 
@@ -464,6 +487,7 @@ mod tests {
             timeout_ms: 1000,
             fallback: AskFallback::Block,
             max_held,
+            outbound: "direct".into(),
         }
     }
 
@@ -483,6 +507,31 @@ mod tests {
             Hold::Wait { question, until } => (question, until),
             other => panic!("not held: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_question_whose_connections_all_went_says_it_was_withdrawn() {
+        let sink = Sink::File("/dev/null".into());
+        let (audit, _thread) =
+            AuditLog::start(sink, AuditFormat::Json, 1024, None).expect("an audit log");
+        let (_, lines) = audit.events().subscribe().expect("a watcher");
+        let q = Questions::new(audit);
+        let now = Instant::now();
+        let dst = DST.parse().unwrap();
+        let (id, _) = wait(q.ask(&record("x.test", 1), dst, 0, &settings(10), now));
+        wait(q.ask(&record("x.test", 2), dst, 0, &settings(10), now));
+        q.release(id);
+        assert_eq!(q.get(id).map(|i| i.held), Some(1), "one still held");
+        q.release(id);
+        assert_eq!(q.get(id), None);
+        assert_eq!(q.status()["withdrawn"], 1);
+        let answered = std::iter::from_fn(|| lines.recv_timeout(Duration::from_secs(5)).ok())
+            .map(|line| serde_json::from_slice::<Value>(&line).expect("JSON"))
+            .find(|r| r["event"] == "question_answered")
+            .expect("a question_answered record");
+        assert_eq!(answered["question"]["id"], id);
+        assert_eq!(answered["question"]["answer"], "withdrawn");
+        assert_eq!(answered["question"]["held"], 0);
     }
 
     #[test]

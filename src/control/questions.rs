@@ -90,7 +90,8 @@ pub fn answer_for(
     by: &Peer,
 ) -> Reply {
     let questions = &proxy.shared().questions;
-    let request_for = |q: &QuestionInfo| AnswerRequest::parse(body, q);
+    let outbound = proxy.shared().runtime().config.ask.outbound.clone();
+    let request_for = |q: &QuestionInfo| AnswerRequest::parse(body, q, &outbound);
     let Some(question) = questions.get(id) else {
         // The body's own errors first: they do not depend on the question.
         if let Err(reply) = AnswerRequest::check_alone(body) {
@@ -228,7 +229,8 @@ impl AnswerRequest {
         Ok((answer, map))
     }
 
-    fn parse(body: &Value, q: &QuestionInfo) -> Result<AnswerRequest, Reply> {
+    /// `outbound`: where an allowed answer's rule sends its connections.
+    fn parse(body: &Value, q: &QuestionInfo, outbound: &str) -> Result<AnswerRequest, Reply> {
         let (answer, map) = Self::check_alone(body)?;
         if !answer.always() {
             return Ok(AnswerRequest { answer, rule: None });
@@ -272,7 +274,7 @@ impl AnswerRequest {
             };
             rule.insert("agents".into(), json!([agent]));
         }
-        let outbound = if answer.allows() { "direct" } else { "block" };
+        let outbound = if answer.allows() { outbound } else { "block" };
         rule.insert("outbound".into(), json!(outbound));
         if let Some(seconds) = map.get("for_seconds") {
             rule.insert("ttl".into(), seconds.clone());
@@ -304,4 +306,47 @@ pub fn with_processes(audit: &AuditLog, mut questions: Vec<QuestionInfo>) -> Vec
         }
     }
     questions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AskFallback;
+
+    fn question() -> QuestionInfo {
+        QuestionInfo {
+            id: 7,
+            agent: Some("agents.slice".into()),
+            host: Some("pypi.test".into()),
+            ip: "203.0.113.66".into(),
+            port: 443,
+            rule: "pkgs".into(),
+            uid: Some(1000),
+            pid: None,
+            exe: None,
+            asked_at: 0,
+            expires_at: 60_000,
+            fallback: AskFallback::Block,
+            held: 1,
+            conn_id: None,
+        }
+    }
+
+    #[test]
+    fn an_always_answer_adds_a_rule_out_through_ask_outbound_or_blocking() {
+        let q = question();
+        let parse = |answer: &str| {
+            AnswerRequest::parse(&json!({ "answer": answer }), &q, "corp")
+                .unwrap_or_else(|_| panic!("{answer} refused"))
+                .rule
+        };
+        let allow = parse("allow-always").expect("a rule");
+        assert_eq!(
+            (&allow["name"], &allow["domains"], &allow["outbound"]),
+            (&json!("asked-7"), &json!(["=pypi.test"]), &json!("corp"))
+        );
+        assert_eq!(allow["agents"], json!(["agents.slice"]));
+        assert_eq!(parse("deny-always").expect("a rule")["outbound"], "block");
+        assert_eq!(parse("allow-once"), None, "a once answer adds no rule");
+    }
 }

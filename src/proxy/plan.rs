@@ -225,7 +225,6 @@ pub fn decide(
             next: Next::Decided(Box::new(decided)),
         };
     }
-    let port = conn.original_dst.port();
     let name = host.filter(|_| decision.matched_domain);
     match outbound {
         Outbound::Block => {}
@@ -234,8 +233,26 @@ pub fn decide(
                 matched_domain: decision.matched_domain,
             };
         }
+        _ => out_through(&mut decided, outbound, name, conn.original_dst),
+    }
+    Plan {
+        lookups,
+        next: Next::Decided(Box::new(decided)),
+    }
+}
+
+/// Let through by `outbound` (one that lets traffic through): by `name`
+/// when a domain rule matched it, else to the original address.
+fn out_through(
+    decided: &mut Decided,
+    outbound: &Outbound,
+    name: Option<&str>,
+    original_dst: SocketAddr,
+) {
+    match outbound {
+        Outbound::Block | Outbound::Ask => {}
         Outbound::Direct { interface, mark } => {
-            direct(&mut decided, interface, *mark, name, conn.original_dst)
+            direct(decided, interface, *mark, name, original_dst)
         }
         Outbound::Socks5 { server, auth } | Outbound::Http { server, auth } => {
             decided.verdict = Verdict::Allow;
@@ -244,11 +261,11 @@ pub fn decide(
             let target = match name {
                 Some(host) => {
                     decided.dial = Some(Dial::UpstreamResolves);
-                    Target::Name(host.to_string(), port)
+                    Target::Name(host.to_string(), original_dst.port())
                 }
                 None => {
                     decided.dial = Some(Dial::Original);
-                    Target::Addr(conn.original_dst)
+                    Target::Addr(original_dst)
                 }
             };
             let proxy = match outbound {
@@ -260,10 +277,6 @@ pub fn decide(
                 via: Via::Proxy { target, proxy },
             };
         }
-    }
-    Plan {
-        lookups,
-        next: Next::Decided(Box::new(decided)),
     }
 }
 
@@ -296,8 +309,8 @@ fn direct(
     };
 }
 
-/// A held connection's answer: refused (`why` for the record), or out as
-/// the `direct` outbound, by name when the asking rule matched one.
+/// A held connection's answer: refused (`why` for the record), or out
+/// through `ask.outbound`, by name when the asking rule matched one.
 pub fn answered(
     runtime: &Runtime,
     original_dst: SocketAddr,
@@ -317,14 +330,20 @@ pub fn answered(
         dial_options: DialOptions::default(),
         action: Action::Refuse,
     };
-    if allow {
-        decided.outbound = "direct".into();
-        let (interface, mark) = match runtime.config.outbounds.get("direct") {
-            Some(Outbound::Direct { interface, mark }) => (interface.clone(), *mark),
-            _ => (None, None),
-        };
-        let name = host.filter(|_| matched_domain);
-        direct(&mut decided, &interface, mark, name, original_dst);
+    if !allow {
+        return decided;
+    }
+    let name = &runtime.config.ask.outbound;
+    match runtime.config.outbounds.get(name) {
+        Some(
+            outbound @ (Outbound::Direct { .. } | Outbound::Socks5 { .. } | Outbound::Http { .. }),
+        ) => {
+            decided.outbound = name.clone();
+            let name = host.filter(|_| matched_domain);
+            out_through(&mut decided, outbound, name, original_dst);
+        }
+        // The config's check refuses both; if one slipped through, fail closed.
+        _ => decided.error = Some(format!("ask.outbound {name:?} lets nothing through")),
     }
     decided
 }
@@ -633,6 +652,30 @@ mod tests {
                 to: vec![dst],
                 via: Via::Direct
             }
+        );
+    }
+
+    /// Where the agents' allowed traffic leaves through another egress, an
+    /// allowed answer does too (`ask.outbound`), never straight out.
+    #[test]
+    fn an_allowed_answer_leaves_through_ask_outbound() {
+        let rt = runtime(
+            r#"{"control": {"enable": true},
+                "outbounds": {"corp": {"type": "socks5", "server": "192.0.2.9:1080"}},
+                "ask": {"outbound": "corp"},
+                "rules": [{"name": "pkgs", "domains": ["pypi.test"], "outbound": "ask"}]}"#,
+        );
+        let dst: SocketAddr = "203.0.113.66:443".parse().unwrap();
+        let allowed = answered(&rt, dst, Some("pypi.test"), "pkgs", true, true, None);
+        assert_eq!(
+            (allowed.verdict, allowed.outbound.as_str(), allowed.dial),
+            (Verdict::Allow, "corp", Some(Dial::UpstreamResolves))
+        );
+        assert!(
+            matches!(&allowed.action, Action::Connect { to, via: Via::Proxy { target: Target::Name(host, 443), .. } }
+                if to == &vec!["192.0.2.9:1080".parse::<SocketAddr>().unwrap()] && host == "pypi.test"),
+            "{:?}",
+            allowed.action
         );
     }
 

@@ -184,7 +184,8 @@ expect_fast() {
 # host and the port.
 
 # records_of NAME TAG [FILE...]: the audit records (one JSON a line) of the probe's
-# fetch TAG, from FILE (default: the audit file and its rotated copy).
+# fetch TAG, from FILE (default: the audit file and its rotated copy); a
+# question's records (the ask verdict) are the question's, not the fetch's.
 records_of() {
     local r id
     r=($(fetch_result "$1" "$2"))
@@ -196,7 +197,7 @@ records_of() {
     *:-1 | "") filter='select(.cgroup_id == ($id | tonumber) and .host == $h and (.dst | endswith(":" + $p)))' ;;
     esac
     cat "$@" 2>/dev/null | jq -c --arg s "${r[3]}" --arg d "${r[4]}" --arg id "${id:-0}" \
-        --arg h "${r[5]}" --arg p "${r[6]}" "$filter"
+        --arg h "${r[5]}" --arg p "${r[6]}" "select(.event | startswith(\"question_\") | not) | $filter"
 }
 
 # wait_record NAME TAG [FILE...]: waits (10 s) for the record of a fetch, prints it.
