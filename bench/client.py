@@ -129,11 +129,16 @@ def closed_by_peer(conns):
     return len(poller.poll(0))
 
 
-def idle(args):
-    needed = args.count + 64
+def room_for(count):
+    """Enough open files for count connections and a few more."""
+    needed = count + 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(needed, soft), max(needed, hard)))
+
+
+def idle(args):
+    room_for(args.count)
     ctx = tls_context()
     before = rss_kib(args.pid)
     conns = []
@@ -228,10 +233,7 @@ def question_for(socket_path, host, held):
 
 
 def held(args):
-    needed = args.count + 64
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(needed, soft), max(needed, hard)))
+    room_for(args.count)
     ctx = tls_context()
     before = rss_kib(args.pid)
     conns = [hello_sent(ctx, args.address, args.port, args.host) for _ in range(args.count)]

@@ -10,7 +10,8 @@
 #   bash bench/profile.sh [https|http|dns] [SECONDS]
 #
 # dns: bench/client.py asks for a new name below the bench host each time,
-# 32 in flight, through the DNS handler.
+# 32 in flight, through the DNS handler. PROFILE_PROXY=agent-egress-workers1
+# profiles the one-worker variant.
 #
 # Needs perf (Debian: linux-perf) besides bench/run.sh's tools.
 set -euo pipefail
@@ -40,8 +41,8 @@ main() {
     ulimit -n "$(ulimit -Hn)"
     make_content
     build_world
-    PROXY=agent-egress
-    proxy_start agent-egress
+    PROXY=${PROFILE_PROXY:-agent-egress}
+    proxy_start "$PROXY"
     as_agent curl -sSk -o /dev/null --max-time 5 "https://$ALLOWED_HOST/hello.txt" ||
         die "a first request failed"
 

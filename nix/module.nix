@@ -269,6 +269,21 @@ let
 
   controlSocket = "/run/agent-egress/control.sock";
 
+  # What `sandbox` takes away besides from the units that need no privilege
+  # at all (learn, the supervisors): the network, capabilities, other
+  # processes, the privileged system calls.
+  unprivileged = {
+    PrivateNetwork = true;
+    CapabilityBoundingSet = "";
+    NoNewPrivileges = true;
+    ProtectProc = "invisible";
+    ProcSubset = "pid";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+  };
+
   # What a unit with StateDirectory = "agent-egress" adds to `sandbox`.
   stateBind = {
     StateDirectory = "agent-egress";
@@ -947,22 +962,13 @@ in
               pkgs.coreutils
             ];
             script = learnScript;
-            serviceConfig = sandbox // stateBind // {
+            serviceConfig = sandbox // stateBind // unprivileged // {
               Type = "oneshot";
               User = "agent-egress";
               Group = "agent-egress";
               UMask = "0077";
-              # It reads files and writes one: no network, no privilege.
-              PrivateNetwork = true;
+              # It reads files and writes one: no socket at all.
               RestrictAddressFamilies = "none";
-              CapabilityBoundingSet = "";
-              NoNewPrivileges = true;
-              ProtectProc = "invisible";
-              ProcSubset = "pid";
-              SystemCallFilter = [
-                "@system-service"
-                "~@privileged"
-              ];
             };
           };
         })
@@ -1047,23 +1053,14 @@ in
             ]
             ++ supervisor.path;
             inherit (supervisor) script;
-            serviceConfig = sandbox // {
+            serviceConfig = sandbox // unprivileged // {
               Environment = [ "AGENT_EGRESS_CONTROL=${controlSocket}" ];
               DynamicUser = true;
               SupplementaryGroups = [ cfg.control.group ];
               Restart = "always";
               RestartSec = "2s";
               # The socket is a file: no network is needed to reach it.
-              PrivateNetwork = true;
               RestrictAddressFamilies = "AF_UNIX";
-              CapabilityBoundingSet = "";
-              NoNewPrivileges = true;
-              ProtectProc = "invisible";
-              ProcSubset = "pid";
-              SystemCallFilter = [
-                "@system-service"
-                "~@privileged"
-              ];
             };
           }
         ) cfg.control.supervisors)

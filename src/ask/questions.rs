@@ -57,6 +57,29 @@ pub struct QuestionInfo {
     pub conn_id: Option<u64>,
 }
 
+#[cfg(test)]
+impl QuestionInfo {
+    /// For tests: curl's connection to blocked.test:443, asked at 1 s.
+    pub fn example() -> QuestionInfo {
+        QuestionInfo {
+            id: 3,
+            agent: Some("agent-egress-exec-1".into()),
+            host: Some("blocked.test".into()),
+            ip: "198.51.100.20".into(),
+            port: 443,
+            rule: "default".into(),
+            uid: Some(65534),
+            pid: Some(1234),
+            exe: Some("/usr/bin/curl".into()),
+            asked_at: 1_000,
+            expires_at: 61_000,
+            fallback: AskFallback::Block,
+            held: 1,
+            conn_id: Some(9),
+        }
+    }
+}
+
 struct Question {
     info: QuestionInfo,
     key: Key,

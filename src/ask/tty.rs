@@ -255,22 +255,7 @@ mod tests {
     use super::*;
 
     fn question() -> QuestionInfo {
-        QuestionInfo {
-            id: 3,
-            agent: Some("agent-egress-exec-1".into()),
-            host: Some("blocked.test".into()),
-            ip: "198.51.100.20".into(),
-            port: 443,
-            rule: "default".into(),
-            uid: Some(65534),
-            pid: Some(1234),
-            exe: Some("/usr/bin/curl".into()),
-            asked_at: 1_000,
-            expires_at: 61_000,
-            fallback: AskFallback::Block,
-            held: 1,
-            conn_id: Some(9),
-        }
+        QuestionInfo::example()
     }
 
     #[test]

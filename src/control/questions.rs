@@ -311,30 +311,10 @@ pub fn with_processes(audit: &AuditLog, mut questions: Vec<QuestionInfo>) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::AskFallback;
-
-    fn question() -> QuestionInfo {
-        QuestionInfo {
-            id: 7,
-            agent: Some("agents.slice".into()),
-            host: Some("pypi.test".into()),
-            ip: "203.0.113.66".into(),
-            port: 443,
-            rule: "pkgs".into(),
-            uid: Some(1000),
-            pid: None,
-            exe: None,
-            asked_at: 0,
-            expires_at: 60_000,
-            fallback: AskFallback::Block,
-            held: 1,
-            conn_id: None,
-        }
-    }
 
     #[test]
     fn an_always_answer_adds_a_rule_out_through_ask_outbound_or_blocking() {
-        let q = question();
+        let q = QuestionInfo::example();
         let parse = |answer: &str| {
             AnswerRequest::parse(&json!({ "answer": answer }), &q, "corp")
                 .unwrap_or_else(|_| panic!("{answer} refused"))
@@ -343,9 +323,9 @@ mod tests {
         let allow = parse("allow-always").expect("a rule");
         assert_eq!(
             (&allow["name"], &allow["domains"], &allow["outbound"]),
-            (&json!("asked-7"), &json!(["=pypi.test"]), &json!("corp"))
+            (&json!("asked-3"), &json!(["=blocked.test"]), &json!("corp"))
         );
-        assert_eq!(allow["agents"], json!(["agents.slice"]));
+        assert_eq!(allow["agents"], json!(["agent-egress-exec-1"]));
         assert_eq!(parse("deny-always").expect("a rule")["outbound"], "block");
         assert_eq!(parse("allow-once"), None, "a once answer adds no rule");
     }
