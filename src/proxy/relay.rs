@@ -545,10 +545,33 @@ mod tests {
         (a, b)
     }
 
+    /// What `server` reads to its end, read on a thread of its own.
+    fn read_all(mut server: TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            server.read_to_end(&mut out).unwrap();
+            out
+        })
+    }
+
+    /// Pumps `flow` from `src` to `dst` until it finishes, as if the event
+    /// loop reported both sockets ready each time.
+    fn pump_to_the_end(flow: &mut Flow, src: RawFd, dst: RawFd) {
+        loop {
+            flow.source_readable();
+            flow.dest_writable();
+            let mut budget = 1 << 20;
+            if flow.pump(src, dst, &mut budget, false).unwrap() == Pump::Finished {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// client -> [src ... dst] -> server, with the flow in between.
     fn relay_all(prefix: &[u8], payload: &[u8], force_buffer: bool) -> Vec<u8> {
         let (mut client, src) = pair();
-        let (dst, mut server) = pair();
+        let (dst, server) = pair();
         src.set_nonblocking(true).unwrap();
         dst.set_nonblocking(true).unwrap();
         let mut flow = Flow::new(prefix.to_vec());
@@ -561,24 +584,8 @@ mod tests {
             client.shutdown(std::net::Shutdown::Write).unwrap();
             client
         });
-        let reader = std::thread::spawn(move || {
-            let mut out = Vec::new();
-            server.read_to_end(&mut out).unwrap();
-            out
-        });
-        loop {
-            // As if the event loop reported both sockets ready each time.
-            flow.source_readable();
-            flow.dest_writable();
-            let mut budget = 1 << 20;
-            match flow
-                .pump(src.as_raw_fd(), dst.as_raw_fd(), &mut budget, false)
-                .unwrap()
-            {
-                Pump::Finished => break,
-                _ => std::thread::sleep(std::time::Duration::from_millis(1)),
-            }
-        }
+        let reader = read_all(server);
+        pump_to_the_end(&mut flow, src.as_raw_fd(), dst.as_raw_fd());
         let _client = writer.join().unwrap();
         let out = reader.join().unwrap();
         assert_eq!(flow.delivered as usize, out.len());
@@ -653,7 +660,7 @@ mod tests {
         small.listen(1).unwrap();
         let listener = TcpListener::from(small);
         let dst = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut server, _) = listener.accept().unwrap();
+        let (server, _) = listener.accept().unwrap();
         socket2::SockRef::from(&dst)
             .set_send_buffer_size(4096)
             .unwrap();
@@ -676,20 +683,8 @@ mod tests {
             Channel::Buffer { leftover: true, start, end, .. } if end > start
         ));
         assert_eq!(spare_count(), 0, "no pipe for a young flow");
-        let reader = std::thread::spawn(move || {
-            let mut out = Vec::new();
-            server.read_to_end(&mut out).unwrap();
-            out
-        });
-        loop {
-            flow.source_readable();
-            flow.dest_writable();
-            let mut budget = 1 << 20;
-            if flow.pump(s, d, &mut budget, false).unwrap() == Pump::Finished {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let reader = read_all(server);
+        pump_to_the_end(&mut flow, s, d);
         assert_eq!(reader.join().unwrap(), payload);
         assert_eq!(flow.delivered, 60_000);
         assert_eq!(spare_count(), 0, "still young: no pipe was taken");
