@@ -11,7 +11,8 @@
 #
 # dns: bench/client.py asks for a new name below the bench host each time,
 # 32 in flight, through the DNS handler. PROFILE_PROXY=agent-egress-workers1
-# profiles the one-worker variant.
+# profiles the one-worker variant; PROFILE_WATCHERS=3 puts 3 clients on the
+# event stream meanwhile.
 #
 # Needs perf (Debian: linux-perf) besides bench/run.sh's tools.
 set -euo pipefail
@@ -45,6 +46,12 @@ main() {
     proxy_start "$PROXY"
     as_agent curl -sSk -o /dev/null --max-time 5 "https://$ALLOWED_HOST/hello.txt" ||
         die "a first request failed"
+    # PROFILE_WATCHERS=N: N clients on the control API's event stream meanwhile.
+    local i
+    for ((i = 0; i < ${PROFILE_WATCHERS:-0}; i++)); do
+        curl -sN --unix-socket "$WORK/control.sock" http://agent-egress/v1/events >/dev/null &
+        track $!
+    done
 
     local cpu0 cpu1 out requests perf_pid
     cpu0=$(cpu_ticks "$PROXY_PID")
