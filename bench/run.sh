@@ -212,7 +212,9 @@ test_new_connections() {
 
 # The control API's event stream with WATCHERS clients attached (every
 # connection is then streamed when decided and when it ends): new HTTPS conn/s
-# again, beside the run without them in the same round.
+# again, then once more without them; the round's ratio is the watched run's
+# rate over the mean of the unwatched runs just before and after it, so that
+# the machine's drift over the three runs cancels out.
 test_watched_connections() {
     case $PROXY in agent-egress*) ;; *) return 0 ;; esac
     ((WATCHERS > 0)) || return 0
@@ -228,6 +230,15 @@ test_watched_connections() {
     lines=$(wc -l <"$WORK/watcher-0.jsonl")
     ((lines > 0)) || die "an event-stream client got no event"
     rm -f "$WORK"/watcher-*.jsonl
+    test_new_connections https _after_watchers
+    record watched_conn_ratio "$(awk -v w="$(recorded https_conn_per_s_${WATCHERS}_watchers)" \
+        -v a="$(recorded https_conn_per_s)" -v b="$(recorded https_conn_per_s_after_watchers)" \
+        'BEGIN { printf "%.3f", w / ((a + b) / 2) }')"
+}
+
+# What this round recorded for this proxy as METRIC.
+recorded() {
+    awk -F'\t' -v p="$PROXY" -v r="$ROUND" -v m="$1" '$1 == p && $2 == r && $3 == m { v = $4 } END { print v }' "$RESULTS"
 }
 
 watchers_attached() {
@@ -273,8 +284,9 @@ run_proxy_round() {
     test_dns
     test_tls_bulk
     test_raw_bulk
-    test_new_connections https
     test_new_connections http
+    # Right before the watched run, which compares itself with it.
+    test_new_connections https
     test_watched_connections
     test_syscalls
     proxy_stop "$PROXY"
