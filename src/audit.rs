@@ -18,7 +18,7 @@
 //! once and keeps the answer in a bounded map until the record with that `conn_id` and
 //! `event: "end"` arrives.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -546,9 +546,6 @@ pub struct AuditThread {
 /// Most early attributions kept waiting for their connection's end record; past this
 /// the oldest are forgotten (their end records fall back to late attribution).
 const EARLY_ATTRIBUTIONS_MAX: usize = 8192;
-/// Processes whose latest description is kept for sharing; past this all are
-/// forgotten at once (the next description of each is kept anew).
-const SHARED_DESCRIPTIONS_MAX: usize = 256;
 /// Upper bound on the time a written record sits in the buffer.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// After work, the writer sleeps this long and takes what queued up meanwhile,
@@ -594,7 +591,6 @@ impl AuditLog {
             attributor,
             format,
             early: BTreeMap::new(),
-            latest: HashMap::new(),
             line: Vec::with_capacity(1024),
             ocsf_line: Vec::new(),
             reported_drops: 0,
@@ -781,11 +777,8 @@ struct Writer {
     attributor: Option<Attributor>,
     format: AuditFormat,
     /// Early attributions by connection id; ids grow, so the first entry is the oldest.
+    /// Equal descriptions of one process are one (`Attributor::resolve`).
     early: BTreeMap<u64, Arc<ProcessInfo>>,
-    /// The latest description read of each process, shared by the early
-    /// attributions equal to it: a process holding thousands of connections
-    /// is kept once, not once per connection.
-    latest: HashMap<u32, Arc<ProcessInfo>>,
     line: Vec<u8>,
     /// The record as OCSF, with `audit.format: "ocsf"`.
     ocsf_line: Vec<u8>,
@@ -896,26 +889,12 @@ impl Writer {
 
     fn attribute_early(&mut self, conn_id: u64, query: &OwnerQuery) -> Option<&Arc<ProcessInfo>> {
         let info = self.attributor.as_mut()?.resolve(query)?;
-        let info = self.shared_description(info);
         if self.early.len() >= EARLY_ATTRIBUTIONS_MAX {
             self.early.pop_first();
         }
         let slot = self.early.entry(conn_id).or_default();
         *slot = info;
         Some(slot)
-    }
-
-    /// `info`, or the equal description already kept for its process.
-    fn shared_description(&mut self, info: ProcessInfo) -> Arc<ProcessInfo> {
-        if let Some(known) = self.latest.get(&info.pid).filter(|known| ***known == info) {
-            return Arc::clone(known);
-        }
-        if self.latest.len() >= SHARED_DESCRIPTIONS_MAX {
-            self.latest.clear();
-        }
-        let info = Arc::new(info);
-        self.latest.insert(info.pid, Arc::clone(&info));
-        info
     }
 
     fn write_pending(&mut self, pending: PendingRecord) {
@@ -936,7 +915,7 @@ impl Writer {
             });
             let late = || {
                 let attributor = self.attributor.as_mut()?;
-                attributor.resolve(owner.as_ref()?).map(Arc::new)
+                attributor.resolve(owner.as_ref()?)
             };
             if let Some(info) = early.or_else(late).map(Arc::unwrap_or_clone) {
                 record.pid = Some(info.pid);

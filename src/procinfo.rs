@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::exe_hash::ExeHashes;
@@ -319,7 +320,8 @@ pub struct Attributor {
     cmdline_buffer: Vec<u8>,
     /// The cgroup2 mount, where an unrecorded connector's agent cgroup is searched.
     cgroup_root: Option<PathBuf>,
-    /// The comm and ancestry of the processes read last, by pid.
+    /// The comm and ancestry of the processes read last, and their latest
+    /// description, by pid.
     lineages: HashMap<u32, Lineage>,
 }
 
@@ -335,6 +337,10 @@ struct Lineage {
     scope: String,
     comm: Option<String>,
     ancestry: Vec<Ancestor>,
+    /// The process's latest description, handed out again while what is read
+    /// stays equal: a process holding thousands of connections is kept once
+    /// in the audit writer's early attributions, not once per connection.
+    described: Option<Arc<ProcessInfo>>,
 }
 
 /// How long a lineage read stands for its pid (same executable, same scope).
@@ -399,8 +405,9 @@ impl Attributor {
     /// The process that connected the queried socket when the kernel recorded it;
     /// else the process holding it, searched among the processes of the agent's
     /// cgroup subtree (the socket's own cgroup first). With its exe, cmdline,
-    /// comm and ancestry, and what `query.needs` asks.
-    pub fn resolve(&mut self, query: &OwnerQuery) -> Option<ProcessInfo> {
+    /// comm and ancestry, and what `query.needs` asks; the same description as
+    /// the last one of this process when nothing read differs.
+    pub fn resolve(&mut self, query: &OwnerQuery) -> Option<Arc<ProcessInfo>> {
         let pid = match query.connector {
             Some(pid) => pid,
             None => {
@@ -412,7 +419,7 @@ impl Attributor {
         let exe = exe_of(pid);
         let (cmdline, _) = read_cmdline(pid, MAX_CMDLINE_BYTES, &mut self.cmdline_buffer);
         let (comm, ancestry) = self.lineage(pid, &exe, &query.scope);
-        Some(ProcessInfo {
+        let info = ProcessInfo {
             pid,
             exe,
             cmdline,
@@ -424,7 +431,15 @@ impl Attributor {
                 .exe_sha256
                 .then(|| self.exe_hashes.of_process(pid))
                 .flatten(),
-        })
+        };
+        // lineage() has just kept this pid's entry.
+        let Some(lineage) = self.lineages.get_mut(&pid) else {
+            return Some(Arc::new(info));
+        };
+        match &lineage.described {
+            Some(known) if **known == info => Some(Arc::clone(known)),
+            _ => Some(lineage.described.insert(Arc::new(info)).clone()),
+        }
     }
 
     /// The comm and ancestry of `pid`, running `exe`, as read within
@@ -444,6 +459,7 @@ impl Attributor {
             return (known.comm.clone(), known.ancestry.clone());
         }
         let stat = stat_of(pid);
+        let described = self.lineages.remove(&pid).and_then(|l| l.described);
         let lineage = Lineage {
             read_at: now,
             exe: exe.clone(),
@@ -453,6 +469,7 @@ impl Attributor {
                 None => Vec::new(),
             },
             comm: stat.map(|s| s.comm),
+            described,
         };
         if self.lineages.len() >= LINEAGES_MAX {
             self.lineages.clear();
@@ -553,7 +570,8 @@ pub const MAX_ANCESTORS: usize = 16;
 /// Bytes of each ancestor's command line kept (16 ancestors: 16 KiB at most).
 pub const MAX_ANCESTOR_CMDLINE_BYTES: usize = 1024;
 
-fn exe_of(pid: u32) -> Option<String> {
+/// The executable a process runs, when it still exists and is readable.
+pub fn exe_of(pid: u32) -> Option<String> {
     fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
@@ -744,6 +762,13 @@ mod tests {
         assert_eq!(plain.comm.as_deref(), Some(comm.trim_end_matches('\n')));
         assert_eq!(plain.cgroup, None, "no rule asked for the cgroup");
         assert_eq!(plain.exe_sha256, None, "no rule pins a hash");
+        let again = attributor
+            .resolve(&query_for(me, "no-such-scope", ProcessNeeds::default()))
+            .expect("this process");
+        assert!(
+            Arc::ptr_eq(&plain, &again),
+            "an unchanged process is one description, shared"
+        );
         let needs = ProcessNeeds {
             exe_sha256: true,
             cgroup: true,
@@ -755,8 +780,10 @@ mod tests {
         assert!(asked.cgroup.is_some());
         assert_eq!(asked.exe_sha256.as_ref().map(String::len), Some(64));
         assert_eq!(
-            attributor.resolve(&query_for(u32::MAX, "", needs)),
-            Some(ProcessInfo {
+            attributor
+                .resolve(&query_for(u32::MAX, "", needs))
+                .as_deref(),
+            Some(&ProcessInfo {
                 pid: u32::MAX,
                 ..ProcessInfo::default()
             }),
@@ -770,14 +797,18 @@ mod tests {
         let scope = cgroup_of(me).expect("own cgroup");
         let query = query_for(me, &scope, ProcessNeeds::default());
         let mut attributor = Attributor::default();
-        let fresh = attributor.resolve(&query).expect("this process").comm;
+        let fresh = attributor
+            .resolve(&query)
+            .expect("this process")
+            .comm
+            .clone();
         assert!(fresh.is_some());
         let poke = |attributor: &mut Attributor, change: &dyn Fn(&mut Lineage)| {
             let lineage = attributor.lineages.get_mut(&me).expect("kept");
             lineage.comm = Some("stale".into());
             change(lineage);
         };
-        let comm = |attributor: &mut Attributor| attributor.resolve(&query).unwrap().comm;
+        let comm = |attributor: &mut Attributor| attributor.resolve(&query).unwrap().comm.clone();
         poke(&mut attributor, &|_| {});
         assert_eq!(comm(&mut attributor).as_deref(), Some("stale"), "reused");
         poke(&mut attributor, &|l| l.read_at -= LINEAGE_REUSE);
@@ -857,7 +888,7 @@ mod tests {
         ));
         let _ = shell.kill();
         let _ = shell.wait();
-        let chain = info.expect("the sleeper").ancestry;
+        let chain = info.expect("the sleeper").ancestry.clone();
         assert!(
             chain.len() >= 2 && chain.len() <= MAX_ANCESTORS,
             "{chain:?}"

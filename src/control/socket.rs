@@ -69,7 +69,7 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pid,
-            exe: exe_of(pid),
+            exe: crate::procinfo::exe_of(pid),
         })
     }
 
@@ -83,15 +83,9 @@ impl Peer {
             uid,
             gid,
             pid,
-            exe: exe_of(pid),
+            exe: crate::procinfo::exe_of(pid),
         }
     }
-}
-
-fn exe_of(pid: u32) -> Option<String> {
-    fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|p| p.display().to_string())
 }
 
 /// Letters, digits, `.`, `_`, `-` (and not starting with `-`), at most 32.
