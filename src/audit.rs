@@ -14,8 +14,8 @@
 //!
 //! Early attribution: a short-lived client (curl) may be gone by the time its
 //! connection ends. At accept time the proxy calls [`AuditLog::attribute_early`] with a
-//! connection id from [`AuditLog::next_conn_id`]; the writer resolves the process at
-//! once and keeps the answer in a bounded map until the record with that `conn_id` and
+//! connection id from [`AuditLog::next_conn_id`]; the writer resolves the process as
+//! soon as the proxy's loop has handled what its poll brought and keeps the answer in a bounded map until the record with that `conn_id` and
 //! `event: "end"` arrives.
 
 use std::collections::BTreeMap;
@@ -525,6 +525,8 @@ struct Shared {
     dropped: AtomicU64,
     reopen: AtomicBool,
     next_conn_id: AtomicU64,
+    /// Early attributions queued since the writer was last woken for them.
+    early_waiting: AtomicBool,
 }
 
 /// A cheap, clonable handle to the audit writer.
@@ -581,6 +583,7 @@ impl AuditLog {
             dropped: AtomicU64::new(0),
             reopen: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
+            early_waiting: AtomicBool::new(false),
         });
         let attributing = attributor.is_some();
         let events = Arc::new(EventBus::default());
@@ -666,9 +669,13 @@ impl AuditLog {
         self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Ask the writer to find the owning process now, while it surely exists, and keep
-    /// it for this connection's records. Never blocks; on a full queue the request is
-    /// skipped and the end record falls back to late attribution.
+    /// Ask the writer to find the owning process soon, while it surely exists, and
+    /// keep it for this connection's records. Never blocks; on a full queue the
+    /// request is skipped and the end record falls back to late attribution.
+    ///
+    /// The writer is not woken here: the loop that asks calls
+    /// [`AuditLog::wake_for_early`] once it has handled what one poll brought,
+    /// so a batch of new connections or queries costs one wake-up, not one each.
     pub fn attribute_early(&self, conn_id: u64, query: OwnerQuery, done: AttributionDone) {
         if self.attributing {
             let message = Message::Attribute {
@@ -677,12 +684,19 @@ impl AuditLog {
                 done: done.clone(),
             };
             if self.try_send(message) {
-                // No linger for it: the process may exit any moment.
-                self.writer.unpark();
+                self.shared.early_waiting.store(true, Ordering::Release);
                 return;
             }
         }
         done.set();
+    }
+
+    /// End the writer's linger if early attributions wait: no linger for them,
+    /// the process may exit any moment.
+    pub fn wake_for_early(&self) {
+        if self.shared.early_waiting.swap(false, Ordering::AcqRel) {
+            self.writer.unpark();
+        }
     }
 
     /// Someone waits for an early attribution: end the writer's linger now.

@@ -4,7 +4,7 @@
 //! - [`SockDiag::lookup`] asks the kernel (NETLINK_SOCK_DIAG, one exact lookup, no dump)
 //!   for the client socket's inode, uid and cgroup id. It never blocks and is cheap
 //!   enough for the event loop.
-//! - [`Attributor::resolve`], [`pid_of_socket`] and [`describe`] read /proc and cgroupfs.
+//! - [`Attributor::resolve`], [`find_socket_holder`] and [`describe`] read /proc and cgroupfs.
 //!   They belong on the audit writer thread, never on the event loop. They only look at
 //!   the processes of the agent's cgroup subtree, never at all of /proc.
 
@@ -323,7 +323,23 @@ pub struct Attributor {
     /// The comm and ancestry of the processes read last, and their latest
     /// description, by pid.
     lineages: HashMap<u32, Lineage>,
+    /// Where each socket searched for was found: its holder and that fd.
+    holders: HashMap<u64, SocketHolder>,
 }
+
+/// A process holding a socket, and the fd it holds it by: looked at first
+/// for the socket's next connection or query (one readlink, where a search
+/// reads the agent's cgroups and every fd of its processes; a client that
+/// sends its queries unconnected, as dnsperf or a stub resolver may, is
+/// searched for on each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketHolder {
+    pub pid: u32,
+    pub fd: u32,
+}
+
+/// Sockets whose holders are kept at most; past this they are dropped all at once.
+const HOLDERS_MAX: usize = 4096;
 
 /// A process's comm and ancestry as read at `read_at`: a process opening
 /// connections in a burst (wrk, a package manager, a crawler) has them read
@@ -360,6 +376,7 @@ impl Default for Attributor {
             cmdline_buffer: Vec::new(),
             cgroup_root: crate::cgroup::cgroup2_root().ok(),
             lineages: HashMap::new(),
+            holders: HashMap::new(),
         }
     }
 }
@@ -410,11 +427,7 @@ impl Attributor {
     pub fn resolve(&mut self, query: &OwnerQuery) -> Option<Arc<ProcessInfo>> {
         let pid = match query.connector {
             Some(pid) => pid,
-            None => {
-                let dir = self.cgroup_root.as_ref()?.join(&query.scope);
-                let candidates = self.candidate_pids(&dir, query.owner.cgroup_id);
-                pid_of_socket(query.owner.inode, &candidates)?
-            }
+            None => self.holder_of(query)?,
         };
         let exe = exe_of(pid);
         let (cmdline, _) = read_cmdline(pid, MAX_CMDLINE_BYTES, &mut self.cmdline_buffer);
@@ -440,6 +453,26 @@ impl Attributor {
             Some(known) if **known == info => Some(Arc::clone(known)),
             _ => Some(lineage.described.insert(Arc::new(info)).clone()),
         }
+    }
+
+    /// The process holding the queried socket: where it was found last if it
+    /// still holds it there, else searched among the agent's processes.
+    fn holder_of(&mut self, query: &OwnerQuery) -> Option<u32> {
+        let inode = query.owner.inode;
+        if let Some(&holder) = self.holders.get(&inode) {
+            if holds(holder, inode) {
+                return Some(holder.pid);
+            }
+            self.holders.remove(&inode);
+        }
+        let dir = self.cgroup_root.as_ref()?.join(&query.scope);
+        let candidates = self.candidate_pids(&dir, query.owner.cgroup_id);
+        let holder = find_socket_holder(inode, &candidates)?;
+        if self.holders.len() >= HOLDERS_MAX {
+            self.holders.clear();
+        }
+        self.holders.insert(inode, holder);
+        Some(holder.pid)
     }
 
     /// The comm and ancestry of `pid`, running `exe`, as read within
@@ -550,17 +583,33 @@ fn read_cgroup_procs(cgroup: &Path) -> Vec<u32> {
 /// but that limit may be huge).
 const MAX_FDS_PER_PROCESS: usize = 1 << 16;
 
-/// The first of `candidate_pids` holding a file descriptor to socket `inode`.
-pub fn pid_of_socket(inode: u64, candidate_pids: &[u32]) -> Option<u32> {
-    let target = format!("socket:[{inode}]");
-    candidate_pids.iter().copied().find(|pid| {
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-            return false; // gone, or not ours to read
-        };
-        fds.flatten().take(MAX_FDS_PER_PROCESS).any(|fd| {
-            fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str().as_bytes() == target.as_bytes())
-        })
+/// The first of `candidate_pids` holding a file descriptor to socket `inode`, and that fd.
+pub fn find_socket_holder(inode: u64, candidate_pids: &[u32]) -> Option<SocketHolder> {
+    let target = socket_link(inode);
+    candidate_pids.iter().copied().find_map(|pid| {
+        // Gone, or not ours to read: not this one.
+        let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        fds.flatten()
+            .take(MAX_FDS_PER_PROCESS)
+            .find(|fd| {
+                fs::read_link(fd.path())
+                    .is_ok_and(|l| l.as_os_str().as_bytes() == target.as_bytes())
+            })
+            .and_then(|fd| fd.file_name().to_str()?.parse().ok())
+            .map(|fd| SocketHolder { pid, fd })
     })
+}
+
+/// Whether `holder` still holds socket `inode` by the same fd.
+pub fn holds(holder: SocketHolder, inode: u64) -> bool {
+    let SocketHolder { pid, fd } = holder;
+    fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .is_ok_and(|l| l.as_os_str().as_bytes() == socket_link(inode).as_bytes())
+}
+
+/// What /proc/PID/fd/N links to for socket `inode`.
+fn socket_link(inode: u64) -> String {
+    format!("socket:[{inode}]")
 }
 
 /// Upper bound on the bytes of /proc/PID/cmdline read; longer command lines are cut.

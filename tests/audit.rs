@@ -18,7 +18,8 @@ use agent_egress::audit::{
 };
 use agent_egress::config::AuditFormat;
 use agent_egress::procinfo::{
-    lookup_socket, pid_of_socket, Attributor, OwnerQuery, ProcessNeeds, SockDiag,
+    find_socket_holder, holds, lookup_socket, Attributor, OwnerQuery, ProcessNeeds, SockDiag,
+    SocketHolder,
 };
 use serde_json::Value;
 
@@ -429,8 +430,21 @@ fn sock_diag_finds_own_sockets_v4_v6_and_mapped() {
         assert_eq!(server_side.inode, socket_inode(&accepted));
 
         let own_pid = std::process::id();
-        assert_eq!(pid_of_socket(owner.inode, &[own_pid]), Some(own_pid));
-        assert_eq!(pid_of_socket(owner.inode + 1_000_000, &[own_pid]), None);
+        let holder = find_socket_holder(owner.inode, &[own_pid]).unwrap();
+        assert_eq!(
+            holder,
+            SocketHolder {
+                pid: own_pid,
+                fd: client.as_raw_fd() as u32
+            }
+        );
+        assert_eq!(
+            find_socket_holder(owner.inode + 1_000_000, &[own_pid]),
+            None
+        );
+        assert!(holds(holder, owner.inode));
+        drop(client);
+        assert!(!holds(holder, owner.inode), "the fd is closed");
     }
     let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let nothing: SocketAddr = "127.0.0.2:2".parse().unwrap();
@@ -529,6 +543,16 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
     let mut attributor = attributor;
     let info = attributor.resolve(&query).unwrap();
     assert_eq!(info.pid, child_pid);
+    // The socket's next query looks where it was found: no search, so a
+    // scope with no processes at all still finds it.
+    let elsewhere = OwnerQuery {
+        scope: "agent-egress-no-such-cgroup".into(),
+        ..query.clone()
+    };
+    assert_eq!(
+        attributor.resolve(&elsewhere).map(|i| i.pid),
+        Some(child_pid)
+    );
     assert!(
         info.exe.as_deref().unwrap().ends_with("/bash"),
         "{:?}",
@@ -578,6 +602,7 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
     let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
     let done = AttributionDone::new(waker);
     log.attribute_early(early_id, query.clone(), done.clone());
+    log.wake_for_early();
     let asked = std::time::Instant::now();
     while !done.is_done() {
         assert!(

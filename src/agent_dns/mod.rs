@@ -224,6 +224,7 @@ impl Handler {
                     unread.push(index);
                 }
             }
+            self.shared.audit.wake_for_early();
             self.expire(Instant::now());
         }
     }

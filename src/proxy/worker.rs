@@ -141,6 +141,7 @@ impl Worker {
                     }
                 }
             }
+            self.shared.audit.wake_for_early();
             for key in std::mem::take(&mut self.again) {
                 self.on_session_event(key);
             }
