@@ -9,8 +9,8 @@
 #
 #   bash bench/profile.sh [https|http|dns] [SECONDS]
 #
-# dns: bench/client.py asks for a new name below the bench host each time,
-# 32 in flight, through the DNS handler. PROFILE_PROXY=agent-egress-workers1
+# dns: dnsperf asks for a new name below the bench host each time, 4 clients
+# with 64 in flight, through the DNS handler. PROFILE_PROXY=agent-egress-workers1
 # profiles the one-worker variant; PROFILE_WATCHERS=3 puts 3 clients on the
 # event stream meanwhile.
 #
@@ -28,7 +28,7 @@ AGENT_EGRESS=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$REPO/target}/release/agent-egr
 main() {
     [ "$(id -u)" = 0 ] || die "run as root (it builds network namespaces and cgroups)"
     local tool
-    for tool in perf wrk curl nginx iperf3 dnsmasq openssl; do
+    for tool in perf wrk curl nginx iperf3 dnsmasq dnsperf openssl; do
         command -v "$tool" >/dev/null || die "missing tool: $tool"
     done
     [ -x "$AGENT_EGRESS" ] || die "no agent-egress binary at $AGENT_EGRESS (cargo build --release)"
@@ -59,12 +59,17 @@ main() {
         >/dev/null 2>&1 &
     perf_pid=$!
     if [ "$SCHEME" = dns ]; then
-        out=$(as_agent python3 "$BENCH_DIR/client.py" dns --server "$SERVER_IP" \
-            --name "$ALLOWED_HOST" --count 1 --seconds "$SECONDS_TO_RUN" --unique)
+        seq 1 "$((SECONDS_TO_RUN * 250000))" |
+            awk -v host="$ALLOWED_HOST" '{ printf "u%d.%s A\n", $1, host }' >"$WORK/dns-unique.txt"
+        out=$(as_agent dnsperf -s "$SERVER_IP" -d "$WORK/dns-unique.txt" -n 1 \
+            -l "$SECONDS_TO_RUN" -c 4 -q 64 2>&1)
         cpu1=$(cpu_ticks "$PROXY_PID")
         wait "$perf_pid" || true
-        requests=$(jq -r ".qps * $SECONDS_TO_RUN | round" <<<"$out")
-        printf 'dns: %s queries/s, proxy CPU %s µs per query\n\n' "$(jq -r '.qps | round' <<<"$out")" \
+        local qps
+        qps=$(awk '/Queries per second:/ { print $4 }' <<<"$out")
+        [ -n "$qps" ] || die "dnsperf: no result: $out"
+        requests=$(awk -v q="$qps" -v s="$SECONDS_TO_RUN" 'BEGIN { printf "%.0f", q * s }')
+        printf 'dns: %.0f queries/s, proxy CPU %s µs per query\n\n' "$qps" \
             "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
                 'BEGIN { printf "%.1f", c * 1e6 / n }')"
     else

@@ -51,10 +51,12 @@ METRICS = {
     "cpu_s_per_GB_raw": ("proxy CPU per GB, raw TCP bulk", "s/GB", LOWER),
     "dns_repeated_p50_ms": ("DNS query for one name, one at a time, p50", "ms", LOWER),
     "dns_repeated_p99_ms": ("DNS query for one name, one at a time, p99", "ms", LOWER),
-    "dns_repeated_qps": ("DNS queries/s for one name, 32 in flight", "q/s", HIGHER),
+    "dns_repeated_qps": ("DNS queries/s for one name, dnsperf, 4 clients, 64 in flight", "q/s", HIGHER),
     "dns_unique_p50_ms": ("DNS query, a new name each, p50", "ms", LOWER),
     "dns_unique_p99_ms": ("DNS query, a new name each, p99", "ms", LOWER),
-    "dns_unique_qps": ("DNS queries/s, a new name each, 32 in flight", "q/s", HIGHER),
+    "dns_unique_qps": ("DNS queries/s, a new name each, dnsperf, 4 clients, 64 in flight", "q/s", HIGHER),
+    "cpu_us_per_dns_query_repeated": ("proxy CPU per DNS query, one name", "µs", LOWER),
+    "cpu_us_per_dns_query_unique": ("proxy CPU per DNS query, a new name each", "µs", LOWER),
     "https_conn_per_s_3_watchers": ("new HTTPS connections, 3 clients on the event stream", "conn/s", HIGHER),
     "https_conn_per_s_after_watchers": ("new HTTPS connections, right after the event-stream run, without", "conn/s", HIGHER),
     "watched_conn_ratio": (
@@ -95,7 +97,7 @@ def best(median, variants, metric):
 
 
 def target_checks(median):
-    """#16's targets, against haproxy at its best, and #14's event-stream cost: (target, measured, PASS/FAIL or n/a)."""
+    """#16's targets, against haproxy at its best, #14's event-stream cost and #12's DNS: (target, measured, PASS/FAIL or n/a)."""
 
     def get(proxy, metric):
         return median.get((proxy, metric))
@@ -190,6 +192,29 @@ def target_checks(median):
             None if one is None or plain is None else one - plain <= 1.0,
         )
     )
+
+    # #12: DNS through the handler against straight to the same dnsmasq.
+    for variant, what in (("repeated", "one name"), ("unique", "a new name each")):
+        for pct, bound in (("p50", 0.2), ("p99", 1.0)):
+            mine, direct = get(AE, f"dns_{variant}_{pct}_ms"), get("none", f"dns_{variant}_{pct}_ms")
+            label = f"DNS {pct}, {what}, ≤ direct + {bound:g} ms"
+            if mine is None or direct is None:
+                checks.append((label, "n/a", None))
+            else:
+                checks.append(
+                    (label, f"{mine:g} ms vs {direct:g} ms: {mine - direct:+.3f} ms", mine - direct <= bound)
+                )
+    for variant, what, minimum in (
+        ("unique", "a new name each (never cached)", 0.8),
+        ("repeated", "one name (cached)", 2.0),
+    ):
+        metric = f"dns_{variant}_qps"
+        checks.append(
+            (
+                f"DNS queries/s, {what}, ≥ {minimum:g}× direct",
+                *against(metric, get("none", metric), "none", minimum=minimum),
+            )
+        )
 
     mine = get(AE, "blocked_p50_ms")
     p99 = get(AE, "blocked_p99_ms")

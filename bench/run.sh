@@ -23,6 +23,7 @@ WRK_SECONDS=${BENCH_WRK_SECONDS:-10}
 WRK_CONNECTIONS=${BENCH_WRK_CONNECTIONS:-32}
 IPERF_SECONDS=${BENCH_IPERF_SECONDS:-5}
 LATENCY_COUNT=${BENCH_LATENCY_COUNT:-300}
+DNS_SECONDS=${BENCH_DNS_SECONDS:-4}
 BLOCKED_COUNT=${BENCH_BLOCKED_COUNT:-100}
 IDLE_COUNT=${BENCH_IDLE_COUNT:-2000}
 SYSCALL_COUNT=${BENCH_SYSCALL_COUNT:-200}
@@ -36,7 +37,7 @@ AGENT_EGRESS=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$REPO/target}/release/agent-egr
 preflight() {
     [ "$(id -u)" = 0 ] || die "run as root (it builds network namespaces and cgroups)"
     local tool missing=()
-    for tool in ip nft nsenter unshare nginx iperf3 dnsmasq wrk curl openssl python3 jq ss awk strace; do
+    for tool in ip nft nsenter unshare nginx iperf3 dnsmasq dnsperf wrk curl openssl python3 jq ss awk strace; do
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
     local proxy selected=()
@@ -143,18 +144,40 @@ test_blocked() {
 
 # The agent's DNS: straight to dnsmasq (none), or answered by agent-egress's
 # handler. The other proxies leave DNS alone (their capture is TCP only).
+# Latency: one query at a time (bench/client.py); throughput: dnsperf, 4
+# clients with 64 queries in flight, for one name (a cache hit after the
+# first) and for a new name each (never cached, anywhere).
 test_dns() {
     case $PROXY in none | agent-egress*) ;; *) return 0 ;; esac
-    local out variant flag
+    local out variant flag once cpu0 cpu1 qps
     for variant in repeated unique; do
-        flag=
-        [ "$variant" = unique ] && flag=--unique
+        flag= once=
+        # New names: through the file once, none asked twice.
+        [ "$variant" = unique ] && flag=--unique once="-n 1"
         out=$(as_agent python3 "$BENCH_DIR/client.py" dns --server "$SERVER_IP" \
             --name "$ALLOWED_HOST" --count "$LATENCY_COUNT" $flag)
         [ "$(jq -r .errors <<<"$out")" = 0 ] || die "dns test ($variant) had errors: $out"
         record_percentiles "dns_$variant" "$out"
-        record "dns_${variant}_qps" "$(jq -r '.qps | round' <<<"$out")"
+        cpu0=$(proxy_cpu)
+        out=$(as_agent dnsperf -s "$SERVER_IP" -d "$WORK/dns-$variant.txt" $once \
+            -l "$DNS_SECONDS" -c 4 -q 64 2>&1) || die "dnsperf ($variant) failed: $out"
+        cpu1=$(proxy_cpu)
+        qps=$(awk '/Queries per second:/ { print $4 }' <<<"$out")
+        [ -n "$qps" ] || die "dnsperf ($variant): no result: $out"
+        awk '/Queries lost:/ { exit !($3 == 0) }' <<<"$out" || die "dnsperf ($variant) lost queries: $out"
+        record "dns_${variant}_qps" "$(printf '%.0f' "$qps")"
+        if [ -n "$PROXY_PID" ]; then
+            record "cpu_us_per_dns_query_$variant" "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" \
+                -v q="$qps" -v s="$DNS_SECONDS" 'BEGIN { printf "%.1f", c * 1e6 / (q * s) }')"
+        fi
     done
+}
+
+# dnsperf's inputs: one name, and more new names than a run asks.
+make_dns_queries() {
+    printf '%s A\n' "$ALLOWED_HOST" >"$WORK/dns-repeated.txt"
+    seq 1 "$((DNS_SECONDS * 250000))" |
+        awk -v host="$ALLOWED_HOST" '{ printf "u%d.%s A\n", $1, host }' >"$WORK/dns-unique.txt"
 }
 
 test_tls_bulk() {
@@ -311,10 +334,11 @@ write_meta() {
         --arg curl "$(curl --version | head -1 | cut -d' ' -f1-2,5)" \
         --arg wrk "$({ wrk -v 2>&1 || true; } | head -1 | cut -d' ' -f1-2)" \
         --arg iperf3 "$(iperf3 --version | head -1)" \
+        --arg dnsperf "$(dnsperf -h 2>&1 | awk '/^Version/ { print $2 }')" \
         --arg python "$(python3 -c 'import ssl, sys; print(sys.version.split()[0], ssl.OPENSSL_VERSION)')" \
         --arg agent_egress "$ae_version" --arg commit "$ae_commit" \
         --arg rounds "$ROUNDS" --arg proxies "$PROXIES" \
-        --arg params "wrk -t2 -c$WRK_CONNECTIONS -d${WRK_SECONDS}s; iperf3 -R -t $IPERF_SECONDS -O 1; latency $LATENCY_COUNT; blocked $BLOCKED_COUNT; idle $IDLE_COUNT; TLS bulk $BULK_BYTES bytes; syscalls over $SYSCALL_COUNT connections; $WATCHERS event-stream clients" \
+        --arg params "wrk -t2 -c$WRK_CONNECTIONS -d${WRK_SECONDS}s; iperf3 -R -t $IPERF_SECONDS -O 1; latency $LATENCY_COUNT; dnsperf -c 4 -q 64 -l $DNS_SECONDS; blocked $BLOCKED_COUNT; idle $IDLE_COUNT; TLS bulk $BULK_BYTES bytes; syscalls over $SYSCALL_COUNT connections; $WATCHERS event-stream clients" \
         '$ARGS.named' >"$WORK/meta.json"
 }
 
@@ -331,6 +355,7 @@ main() {
     local started=$SECONDS
     log "world: netns aeb${BENCH_ID}a (agent) and aeb${BENCH_ID}n (internet), work dir $WORK"
     make_content
+    make_dns_queries
     write_meta
     log "proxies: $PROXIES; $ROUNDS rounds"
     for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do

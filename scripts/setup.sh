@@ -24,7 +24,7 @@ packages=(
     build-essential pkg-config libclang-dev clang git ca-certificates curl
     # the kernel side and the world the tests build
     nftables iproute2 kmod procps util-linux openssl
-    nginx-light libnginx-mod-stream dnsmasq-base bind9-dnsutils
+    nginx-light libnginx-mod-stream dnsmasq-base bind9-dnsutils dnsperf
     # clients and peers the tests drive
     chromium libnss3-tools python3 socat ncat microsocks tinyproxy dante-server v2ray haproxy wrk iperf3
     # tests/watch.rs reads `watch`'s screen in a terminal
