@@ -160,8 +160,13 @@ pub struct Flow {
     channel: Channel,
     source_ended: bool,
     finished: bool,
-    /// The source may have bytes: no EAGAIN from it since it was last reported readable.
+    /// The source may have bytes: no EAGAIN or short read from it since it
+    /// was last reported readable.
     source_ready: bool,
+    /// The source was reported closed or in error: a short read is no sign
+    /// that it is drained (its end, or the error, is still to be read), and
+    /// no later edge would say so.
+    source_closing: bool,
     /// The destination may take bytes: no EAGAIN since it was last reported writable.
     dest_ready: bool,
     /// Payload bytes delivered to the destination.
@@ -182,6 +187,7 @@ impl Flow {
             source_ended: false,
             finished: false,
             source_ready: true,
+            source_closing: false,
             dest_ready: true,
             delivered: 0,
             inspect: None,
@@ -199,9 +205,11 @@ impl Flow {
         })
     }
 
-    /// The event loop reported the source readable (or closed, or in error).
-    pub fn source_readable(&mut self) {
+    /// The event loop reported the source readable, or `closing`: closed
+    /// for reading or in error.
+    pub fn source_readable(&mut self, closing: bool) {
         self.source_ready = true;
+        self.source_closing |= closing;
     }
 
     /// The event loop reported the destination writable (or closed, or in error).
@@ -290,6 +298,7 @@ impl Flow {
                 return Ok(Pump::WaitRead);
             }
             self.choose_channel();
+            let mut short_read = false;
             let got = match &mut self.channel {
                 Channel::Pipe(pipe) => {
                     if self.delivered >= GROW_AFTER {
@@ -308,6 +317,7 @@ impl Flow {
                     let len = (*budget).min(buf.len());
                     let r = read_fd(src, &mut buf[..len]);
                     *end = *r.as_ref().unwrap_or(&0);
+                    short_read = is_short(&r, len);
                     if let Some(inspect) = &mut self.inspect {
                         if let Err(why) = inspect.feed(&buf[..*end]) {
                             *end = 0;
@@ -320,7 +330,10 @@ impl Flow {
                 Channel::Copy => {
                     let len = (*budget).min(SCRATCH);
                     match self.copy(src, dst, len) {
-                        Ok(Some(n)) => Ok(n),
+                        Ok(Some(n)) => {
+                            short_read = is_short(&Ok(n), len);
+                            Ok(n)
+                        }
                         Ok(None) => {
                             self.dest_ready = false;
                             return Ok(Pump::WaitWrite);
@@ -330,6 +343,9 @@ impl Flow {
                 }
                 Channel::Unset => Err(io::Error::other("relay channel missing")),
             };
+            if short_read && !self.source_closing {
+                self.source_ready = false;
+            }
             match got {
                 Ok(0) => self.source_ended = true,
                 Ok(n) => *budget = budget.saturating_sub(n),
@@ -465,6 +481,14 @@ fn buffer_channel() -> Channel {
     }
 }
 
+/// A read of fewer bytes than `asked` (not none: that is the end) took all
+/// the socket held, and bytes that come later raise a new edge: no EAGAIN
+/// probe is needed before waiting. (Not so for splice, which may stop short
+/// when the pipe runs out of slots.)
+fn is_short(read: &io::Result<usize>, asked: usize) -> bool {
+    matches!(read, Ok(n) if *n > 0 && *n < asked)
+}
+
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     loop {
         // SAFETY: plain fds, null offsets (sockets and pipes have none).
@@ -558,7 +582,7 @@ mod tests {
     /// loop reported both sockets ready each time.
     fn pump_to_the_end(flow: &mut Flow, src: RawFd, dst: RawFd) {
         loop {
-            flow.source_readable();
+            flow.source_readable(false);
             flow.dest_writable();
             let mut budget = 1 << 20;
             if flow.pump(src, dst, &mut budget, false).unwrap() == Pump::Finished {
@@ -631,7 +655,7 @@ mod tests {
             Pump::WaitRead
         );
         assert_eq!(flow.delivered, 0);
-        flow.source_readable();
+        flow.source_readable(false);
         assert_eq!(
             flow.pump(src, dst, &mut budget, false).unwrap(),
             Pump::WaitRead
@@ -640,6 +664,56 @@ mod tests {
         let mut got = [0u8; 4];
         server.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ping");
+    }
+
+    /// Read system calls this thread has made (syscr of /proc/thread-self/io),
+    /// and how many this very count adds.
+    fn reads_so_far() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        let line = io.lines().find_map(|l| l.strip_prefix("syscr: "));
+        line.unwrap().parse().unwrap()
+    }
+
+    fn reads_made_by(f: impl FnOnce()) -> u64 {
+        let counting = reads_so_far().abs_diff(reads_so_far());
+        let before = reads_so_far();
+        f();
+        reads_so_far() - before - counting
+    }
+
+    #[test]
+    fn a_short_read_waits_for_the_next_edge_unless_the_source_is_closing() {
+        let (mut client, src) = pair();
+        let (dst, mut server) = pair();
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        let (src, dst) = (src.as_raw_fd(), dst.as_raw_fd());
+        let mut flow = Flow::new(Vec::new());
+        let mut budget = 1 << 20;
+        client.write_all(b"ping").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        flow.source_readable(false);
+        // One read: four bytes of the scratch buffer's many took all there
+        // was, so no second read to learn EAGAIN.
+        let reads = reads_made_by(|| {
+            let pumped = flow.pump(src, dst, &mut budget, false).unwrap();
+            assert_eq!(pumped, Pump::WaitRead);
+        });
+        assert_eq!((reads, flow.delivered), (1, 4));
+        // Bytes and the end together, reported closing: read to the end
+        // although the first read is short.
+        client.write_all(b"pong").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        flow.source_readable(true);
+        let reads = reads_made_by(|| {
+            let pumped = flow.pump(src, dst, &mut budget, false).unwrap();
+            assert_eq!(pumped, Pump::Finished);
+        });
+        assert_eq!((reads, flow.delivered), (2, 8));
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"pingpong");
     }
 
     #[test]

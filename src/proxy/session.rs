@@ -129,6 +129,8 @@ pub struct Readiness {
     pub upstream: bool,
     /// Readable, read-closed or in error.
     pub readable: bool,
+    /// Read-closed or in error.
+    pub read_closed: bool,
     /// Writable, write-closed or in error.
     pub writable: bool,
 }
@@ -138,6 +140,7 @@ impl Readiness {
         Readiness {
             upstream,
             readable: event.is_readable() || event.is_read_closed() || event.is_error(),
+            read_closed: event.is_read_closed() || event.is_error(),
             writable: event.is_writable() || event.is_write_closed() || event.is_error(),
         }
     }
@@ -245,7 +248,7 @@ impl Session {
             (&mut self.up, &mut self.down)
         };
         if readiness.readable {
-            reading.source_readable();
+            reading.source_readable(readiness.read_closed);
         }
         if readiness.writable {
             writing.dest_writable();
