@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-3.0-or-later
 #
-# Where agent-egress's cycles go: the benchmark's world, agent-egress behind
-# its capture, wrk opening new connections (Connection: close) for SECONDS,
-# and `perf record -g` on the proxy meanwhile. Prints the proxy's CPU per
+# Where a proxy's cycles go: the benchmark's world, the proxy behind its
+# capture, wrk opening new connections (Connection: close) for SECONDS, and
+# `perf record -g` on the proxy meanwhile. Prints the proxy's CPU per
 # connection and perf's summaries (by thread, by binary, by symbol with
-# children). Run as root:
+# children, the audit writer's own). With more than one proxy, each is
+# profiled in turn in the same world, and a table puts their CPU per
+# connection side by side, by system call and by thread
+# (bench/perf_by_syscall.py). Run as root:
 #
 #   bash bench/profile.sh [https|http|dns] [SECONDS]
 #
+# PROFILE_PROXIES: the proxies, bench/run.sh's names (default agent-egress;
+# e.g. "agent-egress haproxy-nbthread1" to see what stands between them).
 # dns: dnsperf asks for a new name below the bench host each time, 4 clients
-# with 64 in flight, through the DNS handler. PROFILE_PROXY=agent-egress-workers1
-# profiles the one-worker variant; PROFILE_WATCHERS=3 puts 3 clients on the
-# event stream meanwhile.
+# with 64 in flight, through the DNS handler (agent-egress variants only).
+# PROFILE_WATCHERS=3 puts 3 clients on agent-egress's event stream meanwhile.
 #
 # Needs perf (Debian: linux-perf) besides bench/run.sh's tools.
 set -euo pipefail
@@ -22,16 +26,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SCHEME=${1:-https}
 SECONDS_TO_RUN=${2:-10}
+PROXIES=${PROFILE_PROXIES:-agent-egress}
+FREQ=2000
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 AGENT_EGRESS=${AGENT_EGRESS:-${CARGO_TARGET_DIR:-$REPO/target}/release/agent-egress}
 
 main() {
     [ "$(id -u)" = 0 ] || die "run as root (it builds network namespaces and cgroups)"
     local tool
-    for tool in perf wrk curl nginx iperf3 dnsmasq dnsperf openssl; do
+    for tool in perf wrk curl nginx iperf3 dnsmasq dnsperf openssl python3; do
         command -v "$tool" >/dev/null || die "missing tool: $tool"
     done
-    [ -x "$AGENT_EGRESS" ] || die "no agent-egress binary at $AGENT_EGRESS (cargo build --release)"
+    [[ " $PROXIES " != *" agent-egress"* ]] || [ -x "$AGENT_EGRESS" ] ||
+        die "no agent-egress binary at $AGENT_EGRESS (cargo build --release)"
     case $SCHEME in http | https | dns) ;; *) die "scheme must be http, https or dns, not $SCHEME" ;; esac
     BENCH_ID=$(printf '%04x' "$$")
     WORK=$(mktemp -d "/tmp/aebench-$BENCH_ID.XXXX")
@@ -41,26 +48,45 @@ main() {
     trap 'exit 130' INT TERM
     ulimit -n "$(ulimit -Hn)"
     make_content
-    build_world
-    PROXY=${PROFILE_PROXY:-agent-egress}
-    proxy_start "$PROXY"
-    as_agent curl -sSk -o /dev/null --max-time 5 "https://$ALLOWED_HOST/hello.txt" ||
-        die "a first request failed"
-    # PROFILE_WATCHERS=N: N clients on the control API's event stream meanwhile.
-    local i
-    for ((i = 0; i < ${PROFILE_WATCHERS:-0}; i++)); do
-        curl -sN --unix-socket "$WORK/control.sock" http://agent-egress/v1/events >/dev/null &
-        track $!
-    done
-
-    local cpu0 cpu1 out requests perf_pid
-    cpu0=$(cpu_ticks "$PROXY_PID")
-    perf record -F 2000 -g -p "$PROXY_PID" -o "$WORK/perf.data" -- sleep "$SECONDS_TO_RUN" \
-        >/dev/null 2>&1 &
-    perf_pid=$!
     if [ "$SCHEME" = dns ]; then
         seq 1 "$((SECONDS_TO_RUN * 250000))" |
             awk -v host="$ALLOWED_HOST" '{ printf "u%d.%s A\n", $1, host }' >"$WORK/dns-unique.txt"
+    fi
+    local proxy runs=()
+    for proxy in $PROXIES; do
+        profile "$proxy"
+        runs+=("$proxy=$WORK/$proxy.script:$UNITS")
+    done
+    if [ "${#runs[@]}" -gt 1 ]; then
+        echo "==== side by side (a unit: a $( [ "$SCHEME" = dns ] && echo query || echo connection))"
+        python3 "$BENCH_DIR/perf_by_syscall.py" --freq "$FREQ" "${runs[@]}"
+    fi
+}
+
+# Profiles one proxy; sets UNITS to the connections (or queries) it handled.
+profile() {
+    PROXY=$1
+    case $SCHEME:$PROXY in dns:agent-egress*) ;; dns:*) die "dns: agent-egress variants only, not $PROXY" ;; esac
+    build_world
+    proxy_start "$PROXY"
+    as_agent curl -sSk -o /dev/null --max-time 5 "https://$ALLOWED_HOST/hello.txt" ||
+        die "$PROXY: a first request failed"
+    # PROFILE_WATCHERS=N: N clients on the control API's event stream meanwhile.
+    local i
+    if [[ $PROXY == agent-egress* ]]; then
+        for ((i = 0; i < ${PROFILE_WATCHERS:-0}; i++)); do
+            curl -sN --unix-socket "$WORK/control.sock" http://agent-egress/v1/events >/dev/null &
+            track $!
+        done
+    fi
+
+    local cpu0 cpu1 out perf_pid data=$WORK/$PROXY.perf
+    cpu0=$(cpu_ticks "$PROXY_PID")
+    perf record -F "$FREQ" -g -p "$PROXY_PID" -o "$data" -- sleep "$SECONDS_TO_RUN" \
+        >/dev/null 2>&1 &
+    perf_pid=$!
+    echo "==== $PROXY"
+    if [ "$SCHEME" = dns ]; then
         out=$(as_agent dnsperf -s "$SERVER_IP" -d "$WORK/dns-unique.txt" -n 1 \
             -l "$SECONDS_TO_RUN" -c 4 -q 64 2>&1)
         cpu1=$(cpu_ticks "$PROXY_PID")
@@ -68,33 +94,45 @@ main() {
         local qps
         qps=$(awk '/Queries per second:/ { print $4 }' <<<"$out")
         [ -n "$qps" ] || die "dnsperf: no result: $out"
-        requests=$(awk -v q="$qps" -v s="$SECONDS_TO_RUN" 'BEGIN { printf "%.0f", q * s }')
+        UNITS=$(awk -v q="$qps" -v s="$SECONDS_TO_RUN" 'BEGIN { printf "%.0f", q * s }')
         printf 'dns: %.0f queries/s, proxy CPU %s µs per query\n\n' "$qps" \
-            "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
+            "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$UNITS" \
                 'BEGIN { printf "%.1f", c * 1e6 / n }')"
     else
         out=$(as_agent wrk -t2 -c32 -d"${SECONDS_TO_RUN}s" -H 'Connection: close' \
             "$SCHEME://$ALLOWED_HOST/hello.txt")
         cpu1=$(cpu_ticks "$PROXY_PID")
         wait "$perf_pid" || true
-        requests=$(awk '/requests in/ { print $1 }' <<<"$out")
-        [ -n "$requests" ] || die "wrk: no result: $out"
+        UNITS=$(awk '/requests in/ { print $1 }' <<<"$out")
+        [ -n "$UNITS" ] || die "wrk: no result: $out"
         printf '%s: %s new connections/s, proxy CPU %s µs per connection\n\n' "$SCHEME" \
             "$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")" \
-            "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$requests" \
+            "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$UNITS" \
                 'BEGIN { printf "%.0f", c * 1e6 / n }')"
     fi
-    local report=(perf report -i "$WORK/perf.data" --stdio -g none)
+    proxy_stop "$PROXY"
+    teardown_world
+    local report=(perf report -i "$data" --stdio -g none)
     echo "== by thread"
-    "${report[@]}" --no-children --sort comm 2>/dev/null | grep '%' | head -8
+    top 8 "${report[@]}" --no-children --sort comm
     echo "== by binary"
-    "${report[@]}" --no-children --sort dso 2>/dev/null | grep '%' | head -8
+    top 8 "${report[@]}" --no-children --sort dso
     echo "== by symbol, with what it calls (top 40)"
-    "${report[@]}" --children --sort symbol 2>/dev/null | grep '%' | head -40 | cut -c1-100
-    # Attribution's /proc reads and the records' encoding happen here.
-    echo "== audit-writer thread, by symbol, with what it calls (top 40)"
-    "${report[@]}" --comm audit-writer --children --sort symbol 2>/dev/null | grep '%' |
-        head -40 | cut -c1-100
+    top 40 "${report[@]}" --children --sort symbol
+    if [[ $PROXY == agent-egress* ]]; then
+        # Attribution's /proc reads and the records' encoding happen here.
+        echo "== audit-writer thread, by symbol (top 30)"
+        top 30 "${report[@]}" --comm audit-writer --no-children --sort symbol
+    fi
+    perf script -i "$data" -F comm,ip,sym >"$WORK/$PROXY.script" 2>/dev/null
+    echo
+}
+
+# The first N lines of a perf report (its closed pipe is no failure).
+top() {
+    local lines=$1
+    shift
+    { "$@" 2>/dev/null | grep '%' | head -"$lines" | cut -c1-100; } || true
 }
 
 main "$@"

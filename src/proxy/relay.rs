@@ -212,6 +212,18 @@ impl Flow {
         self.source_closing |= closing;
     }
 
+    /// The source was read to its bottom before this flow took it over (by
+    /// the sniffer): no read until it is reported readable again.
+    pub fn source_drained(&mut self) {
+        self.source_ready = false;
+    }
+
+    /// What `before`, which had the same source, knew of it.
+    pub fn keep_source_state(&mut self, before: &Flow) {
+        self.source_ready = before.source_ready;
+        self.source_closing = before.source_closing;
+    }
+
     /// The event loop reported the destination writable (or closed, or in error).
     pub fn dest_writable(&mut self) {
         self.dest_ready = true;
@@ -714,6 +726,33 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"pingpong");
+    }
+
+    #[test]
+    fn a_flow_taking_over_a_drained_source_waits_for_its_next_edge() {
+        let (mut client, src) = pair();
+        let (dst, _server) = pair();
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        let (src, dst) = (src.as_raw_fd(), dst.as_raw_fd());
+        let mut sniffer = Flow::new(Vec::new());
+        sniffer.source_drained();
+        let mut flow = Flow::new(b"sniffed".to_vec());
+        flow.keep_source_state(&sniffer);
+        let mut budget = 1 << 20;
+        let reads = reads_made_by(|| {
+            let pumped = flow.pump(src, dst, &mut budget, false).unwrap();
+            assert_eq!(pumped, Pump::WaitRead);
+        });
+        assert_eq!((reads, flow.delivered), (0, 7), "the prefix only, no read");
+        // Readable since, as the event loop said: the new flow knows.
+        client.write_all(b"more").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        sniffer.source_readable(false);
+        let mut flow = Flow::new(Vec::new());
+        flow.keep_source_state(&sniffer);
+        flow.pump(src, dst, &mut budget, false).unwrap();
+        assert_eq!(flow.delivered, 4);
     }
 
     #[test]

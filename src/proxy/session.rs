@@ -426,10 +426,14 @@ impl Session {
                     // Less than asked: the socket is drained, and bytes that
                     // come later raise a new edge. No EAGAIN probe needed.
                     if n < room {
+                        self.up.source_drained();
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.up.source_drained();
+                    break;
+                }
                 Err(e) => {
                     self.record.error = Some(format!("client: {e}"));
                     return Step::Close;
@@ -762,6 +766,8 @@ impl Session {
         self.last_activity = now;
         // Everything read while sniffing goes out first, unchanged.
         let sniffed = std::mem::take(&mut self.sniffed);
+        // What the sniffer and the events since told of the client's socket.
+        let sniffer = std::mem::replace(&mut self.up, Flow::new(Vec::new()));
         self.down = Flow::new(to_client);
         // A plain-HTTP connection carries requests for its one host only.
         // (An IP literal is the host it is held to.)
@@ -779,6 +785,7 @@ impl Session {
             },
             None => Flow::new(sniffed),
         };
+        self.up.keep_source_state(&sniffer);
         self.relay(now)
     }
 
