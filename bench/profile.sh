@@ -5,10 +5,10 @@
 # capture, wrk opening new connections (Connection: close) for SECONDS, and
 # `perf record -g` on the proxy meanwhile. Prints the proxy's CPU per
 # connection and perf's summaries (by thread, by binary, by symbol with
-# children, the audit writer's own). With more than one proxy, each is
-# profiled in turn in the same world, and a table puts their CPU per
-# connection side by side, by system call and by thread
-# (bench/perf_by_syscall.py). Run as root:
+# children, the audit writer's own), then its CPU per connection by system
+# call and by thread (bench/perf_by_syscall.py). With more than one proxy,
+# each is profiled in turn in the same world and that table puts them side by
+# side. Run as root:
 #
 #   bash bench/profile.sh [https|http|dns] [SECONDS]
 #
@@ -17,6 +17,7 @@
 # dns: dnsperf asks for a new name below the bench host each time, 4 clients
 # with 64 in flight, through the DNS handler (agent-egress variants only).
 # PROFILE_WATCHERS=3 puts 3 clients on agent-egress's event stream meanwhile.
+# PROFILE_OUT=DIR keeps each proxy's perf data and perf script output there.
 #
 # Needs perf (Debian: linux-perf) besides bench/run.sh's tools.
 set -euo pipefail
@@ -57,10 +58,8 @@ main() {
         profile "$proxy"
         runs+=("$proxy=$WORK/$proxy.script:$UNITS")
     done
-    if [ "${#runs[@]}" -gt 1 ]; then
-        echo "==== side by side (a unit: a $( [ "$SCHEME" = dns ] && echo query || echo connection))"
-        python3 "$BENCH_DIR/perf_by_syscall.py" --freq "$FREQ" "${runs[@]}"
-    fi
+    echo "==== by system call and thread (a unit: a $( [ "$SCHEME" = dns ] && echo query || echo connection))"
+    python3 "$BENCH_DIR/perf_by_syscall.py" --freq "$FREQ" "${runs[@]}"
 }
 
 # Profiles one proxy; sets UNITS to the connections (or queries) it handled.
@@ -125,6 +124,10 @@ profile() {
         top 30 "${report[@]}" --comm audit-writer --no-children --sort symbol
     fi
     perf script -i "$data" -F comm,ip,sym >"$WORK/$PROXY.script" 2>/dev/null
+    if [ -n "${PROFILE_OUT-}" ]; then
+        mkdir -p "$PROFILE_OUT"
+        cp "$data" "$WORK/$PROXY.script" "$PROFILE_OUT/"
+    fi
     echo
 }
 
