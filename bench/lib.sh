@@ -38,7 +38,8 @@ render() {
     local template=$1 out=$2 text name
     text=$(<"$template")
     for name in WORK CGROUP PROXY_PORT SERVER_IP BLOCKED_IP ALLOWED_HOST BLOCKED_HOST \
-        IPERF_PORT CAPTURE_MARK CAPTURE_NFT_TABLE AUDIT_PATH HAPROXY_THREADS AE_WORKERS; do
+        IPERF_PORT CAPTURE_MARK CAPTURE_NFT_TABLE CAPTURE_CT_FLOW CAPTURE_CT_SAVE AUDIT_PATH \
+        HAPROXY_THREADS AE_WORKERS; do
         text=${text//@$name@/${!name-}}
     done
     if [[ $text =~ @[A-Z_]+@ ]]; then
@@ -235,8 +236,8 @@ capture_count() {
         awk '/tproxy/ { for (i = 1; i < NF; i++) if ($i == "packets") print $(i + 1) }'
 }
 
-# Start PROXY (none, v2ray, haproxy, haproxy-nbthread1, agent-egress,
-# agent-egress-workers1) behind its capture; sets PROXY_PID.
+# Start PROXY (none, v2ray, haproxy, haproxy-nbthread1, haproxy-nbthread1-conntrack,
+# agent-egress, agent-egress-workers1) behind its capture; sets PROXY_PID.
 proxy_start() {
     local proxy=$1
     PROXY_PID=
@@ -245,9 +246,16 @@ proxy_start() {
     # its default (a worker per CPU).
     HAPROXY_THREADS="# nbthread: the default, one per CPU"
     AE_WORKERS=0
+    CAPTURE_CT_FLOW= CAPTURE_CT_SAVE=
     PROXY_LOG=$WORK/$proxy.log
     case $proxy in
     haproxy-nbthread1) HAPROXY_THREADS="nbthread 1" ;;
+    haproxy-nbthread1-conntrack)
+        # What agent-egress's capture pays to stay fail-closed, for haproxy too.
+        HAPROXY_THREADS="nbthread 1"
+        CAPTURE_CT_FLOW="        ct direction original ct mark $CAPTURE_MARK meta mark set $CAPTURE_MARK accept"
+        CAPTURE_CT_SAVE=" ct mark set meta mark"
+        ;;
     agent-egress-workers1) AE_WORKERS=1 ;;
     esac
     case $proxy in
@@ -258,7 +266,7 @@ proxy_start() {
         nsenter --net="/run/netns/$NS_AGENT" v2ray -config "$WORK/v2ray.json" >"$PROXY_LOG" 2>&1 &
         PROXY_PID=$!
         ;;
-    haproxy | haproxy-nbthread1)
+    haproxy | haproxy-nbthread1 | haproxy-nbthread1-conntrack)
         render "$BENCH_DIR/haproxy.cfg.tmpl" "$WORK/haproxy.cfg"
         capture_install
         nsenter --net="/run/netns/$NS_AGENT" haproxy -db -f "$WORK/haproxy.cfg" >"$PROXY_LOG" 2>&1 &

@@ -13,7 +13,9 @@
 #   bash bench/profile.sh [https|http|dns] [SECONDS]
 #
 # PROFILE_PROXIES: the proxies, bench/run.sh's names (default agent-egress;
-# e.g. "agent-egress haproxy-nbthread1" to see what stands between them).
+# e.g. "agent-egress haproxy-nbthread1" to see what stands between them;
+# haproxy-nbthread1-conntrack is haproxy behind a capture that keeps each
+# flow's conntrack mark, as agent-egress's does).
 # dns: dnsperf asks for a new name below the bench host each time, 4 clients
 # with 64 in flight, through the DNS handler (agent-egress variants only).
 # PROFILE_WATCHERS=3 puts 3 clients on agent-egress's event stream meanwhile.

@@ -17,6 +17,7 @@ PROXIES = [
     "v2ray",
     "haproxy",
     "haproxy-nbthread1",
+    "haproxy-nbthread1-conntrack",
     "agent-egress",
     "agent-egress-workers1",
 ]

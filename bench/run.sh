@@ -44,7 +44,7 @@ preflight() {
     for proxy in $PROXIES; do
         case $proxy in
         v2ray) command -v v2ray >/dev/null || missing+=(v2ray) ;;
-        haproxy | haproxy-nbthread1) command -v haproxy >/dev/null || missing+=(haproxy) ;;
+        haproxy | haproxy-nbthread1 | haproxy-nbthread1-conntrack) command -v haproxy >/dev/null || missing+=(haproxy) ;;
         agent-egress | agent-egress-workers1)
             if [ ! -x "$AGENT_EGRESS" ]; then
                 log "WARNING: no agent-egress binary at $AGENT_EGRESS (set AGENT_EGRESS or build with" \
@@ -53,7 +53,7 @@ preflight() {
             fi
             ;;
         none) ;;
-        *) die "unknown proxy $proxy in BENCH_PROXIES (none v2ray haproxy haproxy-nbthread1 agent-egress agent-egress-workers1)" ;;
+        *) die "unknown proxy $proxy in BENCH_PROXIES (none v2ray haproxy haproxy-nbthread1 haproxy-nbthread1-conntrack agent-egress agent-egress-workers1)" ;;
         esac
         selected+=("$proxy")
     done
