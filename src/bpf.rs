@@ -130,6 +130,9 @@ struct MapCreateAttr {
     inner_map_fd: u32,
     numa_node: u32,
     map_name: [u8; 16],
+    /// Written out: as padding its bytes were undefined, and the kernel read
+    /// them as an ifindex to offload to (EINVAL when not 0).
+    map_ifindex: u32,
 }
 
 /// The `BPF_MAP_*_ELEM` part.
@@ -237,6 +240,7 @@ const _: () = {
     assert!(size_of::<Insn>() == 8);
     assert!(size_of::<MapCreateAttr>() == 48);
     assert!(offset_of!(MapCreateAttr, map_name) == 28);
+    assert!(offset_of!(MapCreateAttr, map_ifindex) == 44);
     assert!(size_of::<MapElemAttr>() == 32);
     assert!(offset_of!(MapElemAttr, key) == 8);
     assert!(offset_of!(MapElemAttr, flags) == 24);
