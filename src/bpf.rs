@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 // bpf(2) commands.
 const BPF_MAP_CREATE: u32 = 0;
 const BPF_MAP_LOOKUP_ELEM: u32 = 1;
+const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_MAP_DELETE_ELEM: u32 = 3;
 const BPF_PROG_LOAD: u32 = 5;
 const BPF_PROG_ATTACH: u32 = 8;
@@ -40,7 +41,12 @@ const BPF_MAP_LOOKUP_AND_DELETE_ELEM: u32 = 21;
 const BPF_LINK_CREATE: u32 = 28;
 
 const BPF_F_ALLOW_MULTI: u32 = 2;
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+/// Sockets, keyed by 8 bytes, with a value of their fd on update (u64).
+pub const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
+/// `BPF_ANY` of the map update flags: create or replace.
+const BPF_ANY: u64 = 0;
 
 const LICENSE: &CStr = c"GPL";
 /// The kernel keeps at most 64 programs per cgroup and attach type.
@@ -112,8 +118,12 @@ pub mod op {
     pub const MOV64_REG: u8 = 0xbf;
     /// BPF_ALU64 | BPF_ADD | BPF_K: `dst += imm`
     pub const ADD64_IMM: u8 = 0x07;
+    /// BPF_LDX | BPF_MEM | BPF_DW: `dst = *(u64 *)(src + off)`
+    pub const LDX_MEM_DW: u8 = 0x79;
     /// BPF_JMP | BPF_JEQ | BPF_K: `if dst == imm goto +off`
     pub const JEQ_IMM: u8 = 0x15;
+    /// BPF_JMP | BPF_JNE | BPF_K: `if dst != imm goto +off`
+    pub const JNE_IMM: u8 = 0x55;
     /// BPF_JMP | BPF_CALL: `r0 = helper imm (r1..r5)`
     pub const CALL: u8 = 0x85;
     /// BPF_JMP | BPF_EXIT: `return r0`
@@ -132,6 +142,9 @@ struct MapCreateAttr {
     inner_map_fd: u32,
     numa_node: u32,
     map_name: [u8; 16],
+    /// Written out: as padding its bytes were undefined, and the kernel read
+    /// them as an ifindex to offload to (EINVAL when not 0).
+    map_ifindex: u32,
 }
 
 /// The `BPF_MAP_*_ELEM` part.
@@ -239,6 +252,7 @@ const _: () = {
     assert!(size_of::<Insn>() == 8);
     assert!(size_of::<MapCreateAttr>() == 48);
     assert!(offset_of!(MapCreateAttr, map_name) == 28);
+    assert!(offset_of!(MapCreateAttr, map_ifindex) == 44);
     assert!(size_of::<MapElemAttr>() == 32);
     assert!(offset_of!(MapElemAttr, key) == 8);
     assert!(offset_of!(MapElemAttr, flags) == 24);
@@ -606,6 +620,27 @@ impl Program {
     }
 }
 
+impl Program {
+    /// Attaches the program to `map` (a sockmap or sockhash) as its
+    /// `attach_type` program (`BPF_SK_SKB_VERDICT`, ...): every socket put
+    /// in the map afterwards runs it. The map holds the program until the
+    /// map is gone.
+    pub fn attach_to_map(&self, map: &Map) -> Result<(), BpfError> {
+        let mut attr = AttachAttr {
+            target_fd: fd_arg(map.fd.as_raw_fd()),
+            attach_bpf_fd: fd_arg(self.fd.as_raw_fd()),
+            attach_type: self.kind.attach_type,
+            ..AttachAttr::default()
+        };
+        // SAFETY: attach attributes; no addresses in them.
+        unsafe { bpf(BPF_PROG_ATTACH, &mut attr) }.map_err(|source| BpfError::Map {
+            what: self.kind.what,
+            source,
+        })?;
+        Ok(())
+    }
+}
+
 /// `CAP_SYS_ADMIN`, which `BPF_PROG_GET_FD_BY_ID` needs.
 const CAP_SYS_ADMIN: u32 = 21;
 
@@ -703,6 +738,37 @@ impl Map {
         let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }
             .map_err(|source| BpfError::Map { what, source })?;
         Ok(Map { fd: owned(fd) })
+    }
+
+    /// Stores `value` under `key` (created or replaced). For a sockhash the
+    /// value is a socket's fd, and the kernel stores the socket.
+    pub fn insert(&self, key: u64, value: u64) -> io::Result<()> {
+        let mut attr = MapElemAttr {
+            map_fd: fd_arg(self.fd.as_raw_fd()),
+            key: &key as *const u64 as u64,
+            value: &value as *const u64 as u64,
+            flags: BPF_ANY,
+            ..MapElemAttr::default()
+        };
+        // SAFETY: key and value point to 8 readable bytes each: the map's
+        // key and value sizes.
+        unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }?;
+        Ok(())
+    }
+
+    /// Removes the entry under `key`; whether there was one.
+    pub fn remove(&self, key: u64) -> io::Result<bool> {
+        let mut attr = MapElemAttr {
+            map_fd: fd_arg(self.fd.as_raw_fd()),
+            key: &key as *const u64 as u64,
+            ..MapElemAttr::default()
+        };
+        // SAFETY: key points to 8 readable bytes.
+        match unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The value stored under `key`, removed from the map; `None` when absent.

@@ -9,6 +9,10 @@ mod session;
 mod timers;
 mod worker;
 
+/// For benches/relay/, which measures the splice relay against the kernel's.
+#[doc(hidden)]
+pub use relay::{Flow, Pump};
+
 use crate::agent_dns::names::ResolvedNames;
 use crate::agent_index::AgentIndex;
 use crate::audit::{AuditLog, Record, Verdict};
