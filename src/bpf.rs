@@ -776,23 +776,12 @@ impl Map {
     /// (Linux 5.14); a lookup and a delete before.
     pub fn take(&self, key: u64) -> io::Result<Option<u64>> {
         if !LOOKUP_AND_DELETE_UNSUPPORTED.load(Ordering::Relaxed) {
-            let mut value = 0u64;
-            let mut attr = MapElemAttr {
-                map_fd: fd_arg(self.fd.as_raw_fd()),
-                key: &key as *const u64 as u64,
-                value: &mut value as *mut u64 as u64,
-                ..MapElemAttr::default()
-            };
-            // SAFETY: key points to 8 readable bytes, value to 8 writable
-            // ones: the map's key and value sizes.
-            match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) } {
-                Ok(_) => return Ok(Some(value)),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            match self.read_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, key) {
                 // The kernel's ENOTSUPP (524), or EINVAL: not for hash maps here.
                 Err(e) if matches!(e.raw_os_error(), Some(524 | libc::EINVAL)) => {
                     LOOKUP_AND_DELETE_UNSUPPORTED.store(true, Ordering::Relaxed);
                 }
-                Err(e) => return Err(e),
+                taken => return taken,
             }
         }
         let Some(value) = self.get(key)? else {
@@ -815,6 +804,12 @@ impl Map {
 
     /// The value stored under `key`, left in the map; `None` when absent.
     pub fn get(&self, key: u64) -> io::Result<Option<u64>> {
+        self.read_elem(BPF_MAP_LOOKUP_ELEM, key)
+    }
+
+    /// `command` (a lookup, or a lookup and delete) on `key`'s entry: its
+    /// value, `None` when absent.
+    fn read_elem(&self, command: u32, key: u64) -> io::Result<Option<u64>> {
         let mut value = 0u64;
         let mut attr = MapElemAttr {
             map_fd: fd_arg(self.fd.as_raw_fd()),
@@ -824,11 +819,10 @@ impl Map {
         };
         // SAFETY: key points to 8 readable bytes, value to 8 writable ones:
         // the map's key and value sizes.
-        match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-            Err(e) => return Err(e),
+        match unsafe { bpf(command, &mut attr) } {
+            Ok(_) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
         }
-        Ok(Some(value))
     }
 }

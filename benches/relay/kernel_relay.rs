@@ -32,6 +32,7 @@
 
 use agent_egress::bpf::{op, BpfError, Insn, Map, Program, ProgramKind};
 use agent_egress::bpf::{BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_SOCKHASH};
+use agent_egress::proxy::shutdown_write;
 use std::io;
 use std::mem::{offset_of, size_of};
 use std::os::fd::RawFd;
@@ -483,17 +484,4 @@ fn socket_error(fd: RawFd) -> io::Error {
         return io::Error::last_os_error();
     }
     io::Error::from_raw_os_error(err)
-}
-
-fn shutdown_write(fd: RawFd) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd the caller holds.
-    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOTCONN) {
-        Ok(())
-    } else {
-        Err(e)
-    }
 }

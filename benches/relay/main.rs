@@ -226,11 +226,10 @@ fn splice_relay(a: RawFd, b: RawFd) -> [u64; 2] {
         loop {
             let n = libc::epoll_wait(ep, events.as_mut_ptr(), 8, -1);
             for ev in &events[..n.max(0) as usize] {
+                let closing =
+                    ev.events & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
                 let (readable, writable) = (
-                    ev.events
-                        & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR)
-                            as u32
-                        != 0,
+                    closing || ev.events & libc::EPOLLIN as u32 != 0,
                     ev.events & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0,
                 );
                 let (src_flow, dst_flow) = if ev.u64 == 0 {
@@ -239,7 +238,7 @@ fn splice_relay(a: RawFd, b: RawFd) -> [u64; 2] {
                     (&mut down, &mut up)
                 };
                 if readable {
-                    src_flow.source_readable();
+                    src_flow.source_readable(closing);
                 }
                 if writable {
                     dst_flow.dest_writable();

@@ -11,7 +11,7 @@ mod worker;
 
 /// For benches/relay/, which measures the splice relay against the kernel's.
 #[doc(hidden)]
-pub use relay::{Flow, Pump};
+pub use relay::{shutdown_write, Flow, Pump};
 
 use crate::agent_dns::names::ResolvedNames;
 use crate::agent_index::AgentIndex;

@@ -553,7 +553,7 @@ pub fn write_fd(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
-fn shutdown_write(fd: RawFd) -> io::Result<()> {
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on an fd we hold.
     let rc = unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     if rc == 0 {
@@ -581,6 +581,16 @@ mod tests {
         (a, b)
     }
 
+    /// client -> [src ... dst] -> server: a flow's two sockets, non-blocking,
+    /// and the ends that feed and drain them.
+    fn relayed() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let (client, src) = pair();
+        let (dst, server) = pair();
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        (client, src, dst, server)
+    }
+
     /// What `server` reads to its end, read on a thread of its own.
     fn read_all(mut server: TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
         std::thread::spawn(move || {
@@ -606,10 +616,7 @@ mod tests {
 
     /// client -> [src ... dst] -> server, with the flow in between.
     fn relay_all(prefix: &[u8], payload: &[u8], force_buffer: bool) -> Vec<u8> {
-        let (mut client, src) = pair();
-        let (dst, server) = pair();
-        src.set_nonblocking(true).unwrap();
-        dst.set_nonblocking(true).unwrap();
+        let (mut client, src, dst, server) = relayed();
         let mut flow = Flow::new(prefix.to_vec());
         if force_buffer {
             flow.channel = buffer_channel();
@@ -648,10 +655,7 @@ mod tests {
 
     #[test]
     fn a_drained_source_is_not_read_again_until_reported_readable() {
-        let (mut client, src) = pair();
-        let (dst, mut server) = pair();
-        src.set_nonblocking(true).unwrap();
-        dst.set_nonblocking(true).unwrap();
+        let (mut client, src, dst, mut server) = relayed();
         let (src, dst) = (src.as_raw_fd(), dst.as_raw_fd());
         let mut flow = Flow::new(Vec::new());
         let mut budget = 1 << 20;
@@ -695,10 +699,7 @@ mod tests {
 
     #[test]
     fn a_short_read_waits_for_the_next_edge_unless_the_source_is_closing() {
-        let (mut client, src) = pair();
-        let (dst, mut server) = pair();
-        src.set_nonblocking(true).unwrap();
-        dst.set_nonblocking(true).unwrap();
+        let (mut client, src, dst, mut server) = relayed();
         let (src, dst) = (src.as_raw_fd(), dst.as_raw_fd());
         let mut flow = Flow::new(Vec::new());
         let mut budget = 1 << 20;
@@ -730,10 +731,7 @@ mod tests {
 
     #[test]
     fn a_flow_taking_over_a_drained_source_waits_for_its_next_edge() {
-        let (mut client, src) = pair();
-        let (dst, _server) = pair();
-        src.set_nonblocking(true).unwrap();
-        dst.set_nonblocking(true).unwrap();
+        let (mut client, src, dst, _server) = relayed();
         let (src, dst) = (src.as_raw_fd(), dst.as_raw_fd());
         let mut sniffer = Flow::new(Vec::new());
         sniffer.source_drained();
