@@ -15,8 +15,8 @@
 //! Early attribution: a short-lived client (curl) may be gone by the time its
 //! connection ends. At accept time the proxy calls [`AuditLog::attribute_early`] with a
 //! connection id from [`AuditLog::next_conn_id`]; the writer resolves the process as
-//! soon as the proxy's loop has handled what its poll brought and keeps the answer in a bounded map until the record with that `conn_id` and
-//! `event: "end"` arrives.
+//! soon as the proxy's loop has handled what its poll brought, and keeps the answer in
+//! a bounded map until the record with that `conn_id` and `event: "end"` arrives.
 
 use std::collections::BTreeMap;
 use std::fmt;

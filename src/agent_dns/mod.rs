@@ -224,8 +224,9 @@ impl Handler {
                     unread.push(index);
                 }
             }
-            self.shared.audit.wake_for_early();
             self.expire(Instant::now());
+            // Whatever queries this turn asked for, at once.
+            self.shared.audit.wake_for_early();
         }
     }
 

@@ -141,12 +141,13 @@ impl Worker {
                     }
                 }
             }
-            self.shared.audit.wake_for_early();
             for key in std::mem::take(&mut self.again) {
                 self.on_session_event(key);
             }
             self.poll_holds();
             self.on_deadlines(Instant::now());
+            // Whatever accepted connections this turn asked for, at once.
+            self.shared.audit.wake_for_early();
         }
         self.shutdown();
     }
