@@ -357,6 +357,30 @@ as_agent() {
 }
 
 # utime + stime of PID in clock ticks (all threads, dead ones included).
+# dnsperf's inputs in $WORK: one name (dns-repeated.txt), and more new names
+# below it than SECONDS of dnsperf ask (dns-unique.txt, read once).
+make_dns_queries() {
+    local seconds=$1
+    printf '%s A\n' "$ALLOWED_HOST" >"$WORK/dns-repeated.txt"
+    seq 1 "$((seconds * 250000))" |
+        awk -v host="$ALLOWED_HOST" '{ printf "u%d.%s A\n", $1, host }' >"$WORK/dns-unique.txt"
+}
+
+# dnsperf as the agent for SECONDS on dns-VARIANT.txt, 4 clients with 64
+# queries in flight (new names: through the file once, none asked twice);
+# prints its queries/s, and fails on no result or a lost query.
+dnsperf_qps() {
+    local variant=$1 seconds=$2 once= out qps
+    [ "$variant" = unique ] && once="-n 1"
+    # shellcheck disable=SC2086 # $once is one option or none
+    out=$(as_agent dnsperf -s "$SERVER_IP" -d "$WORK/dns-$variant.txt" $once \
+        -l "$seconds" -c 4 -q 64 2>&1) || die "dnsperf ($variant) failed: $out"
+    qps=$(awk '/Queries per second:/ { print $4 }' <<<"$out")
+    [ -n "$qps" ] || die "dnsperf ($variant): no result: $out"
+    awk '/Queries lost:/ { exit !($3 == 0) }' <<<"$out" || die "dnsperf ($variant) lost queries: $out"
+    printf '%s\n' "$qps"
+}
+
 cpu_ticks() {
     awk '{ print $14 + $15 }' "/proc/$1/stat"
 }

@@ -51,10 +51,7 @@ main() {
     trap 'exit 130' INT TERM
     ulimit -n "$(ulimit -Hn)"
     make_content
-    if [ "$SCHEME" = dns ]; then
-        seq 1 "$((SECONDS_TO_RUN * 250000))" |
-            awk -v host="$ALLOWED_HOST" '{ printf "u%d.%s A\n", $1, host }' >"$WORK/dns-unique.txt"
-    fi
+    [ "$SCHEME" != dns ] || make_dns_queries "$SECONDS_TO_RUN"
     local proxy runs=()
     for proxy in $PROXIES; do
         profile "$proxy"
@@ -88,13 +85,10 @@ profile() {
     perf_pid=$!
     echo "==== $PROXY"
     if [ "$SCHEME" = dns ]; then
-        out=$(as_agent dnsperf -s "$SERVER_IP" -d "$WORK/dns-unique.txt" -n 1 \
-            -l "$SECONDS_TO_RUN" -c 4 -q 64 2>&1)
+        local qps
+        qps=$(dnsperf_qps unique "$SECONDS_TO_RUN")
         cpu1=$(cpu_ticks "$PROXY_PID")
         wait "$perf_pid" || true
-        local qps
-        qps=$(awk '/Queries per second:/ { print $4 }' <<<"$out")
-        [ -n "$qps" ] || die "dnsperf: no result: $out"
         UNITS=$(awk -v q="$qps" -v s="$SECONDS_TO_RUN" 'BEGIN { printf "%.0f", q * s }')
         printf 'dns: %.0f queries/s, proxy CPU %s µs per query\n\n' "$qps" \
             "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" -v n="$UNITS" \

@@ -149,35 +149,23 @@ test_blocked() {
 # first) and for a new name each (never cached, anywhere).
 test_dns() {
     case $PROXY in none | agent-egress*) ;; *) return 0 ;; esac
-    local out variant flag once cpu0 cpu1 qps
+    local out variant flag cpu0 cpu1 qps
     for variant in repeated unique; do
-        flag= once=
-        # New names: through the file once, none asked twice.
-        [ "$variant" = unique ] && flag=--unique once="-n 1"
+        flag=
+        [ "$variant" = unique ] && flag=--unique
         out=$(as_agent python3 "$BENCH_DIR/client.py" dns --server "$SERVER_IP" \
             --name "$ALLOWED_HOST" --count "$LATENCY_COUNT" $flag)
         [ "$(jq -r .errors <<<"$out")" = 0 ] || die "dns test ($variant) had errors: $out"
         record_percentiles "dns_$variant" "$out"
         cpu0=$(proxy_cpu)
-        out=$(as_agent dnsperf -s "$SERVER_IP" -d "$WORK/dns-$variant.txt" $once \
-            -l "$DNS_SECONDS" -c 4 -q 64 2>&1) || die "dnsperf ($variant) failed: $out"
+        qps=$(dnsperf_qps "$variant" "$DNS_SECONDS")
         cpu1=$(proxy_cpu)
-        qps=$(awk '/Queries per second:/ { print $4 }' <<<"$out")
-        [ -n "$qps" ] || die "dnsperf ($variant): no result: $out"
-        awk '/Queries lost:/ { exit !($3 == 0) }' <<<"$out" || die "dnsperf ($variant) lost queries: $out"
         record "dns_${variant}_qps" "$(printf '%.0f' "$qps")"
         if [ -n "$PROXY_PID" ]; then
             record "cpu_us_per_dns_query_$variant" "$(awk -v c="$(cpu_seconds "$cpu0" "$cpu1")" \
                 -v q="$qps" -v s="$DNS_SECONDS" 'BEGIN { printf "%.1f", c * 1e6 / (q * s) }')"
         fi
     done
-}
-
-# dnsperf's inputs: one name, and more new names than a run asks.
-make_dns_queries() {
-    printf '%s A\n' "$ALLOWED_HOST" >"$WORK/dns-repeated.txt"
-    seq 1 "$((DNS_SECONDS * 250000))" |
-        awk -v host="$ALLOWED_HOST" '{ printf "u%d.%s A\n", $1, host }' >"$WORK/dns-unique.txt"
 }
 
 test_tls_bulk() {
@@ -355,7 +343,7 @@ main() {
     local started=$SECONDS
     log "world: netns aeb${BENCH_ID}a (agent) and aeb${BENCH_ID}n (internet), work dir $WORK"
     make_content
-    make_dns_queries
+    make_dns_queries "$DNS_SECONDS"
     write_meta
     log "proxies: $PROXIES; $ROUNDS rounds"
     for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do

@@ -329,7 +329,7 @@ impl Flow {
                     let len = (*budget).min(buf.len());
                     let r = read_fd(src, &mut buf[..len]);
                     *end = *r.as_ref().unwrap_or(&0);
-                    short_read = is_short(&r, len);
+                    short_read = is_short(*r.as_ref().unwrap_or(&0), len);
                     if let Some(inspect) = &mut self.inspect {
                         if let Err(why) = inspect.feed(&buf[..*end]) {
                             *end = 0;
@@ -343,7 +343,7 @@ impl Flow {
                     let len = (*budget).min(SCRATCH);
                     match self.copy(src, dst, len) {
                         Ok(Some(n)) => {
-                            short_read = is_short(&Ok(n), len);
+                            short_read = is_short(n, len);
                             Ok(n)
                         }
                         Ok(None) => {
@@ -497,8 +497,8 @@ fn buffer_channel() -> Channel {
 /// the socket held, and bytes that come later raise a new edge: no EAGAIN
 /// probe is needed before waiting. (Not so for splice, which may stop short
 /// when the pipe runs out of slots.)
-fn is_short(read: &io::Result<usize>, asked: usize) -> bool {
-    matches!(read, Ok(n) if *n > 0 && *n < asked)
+fn is_short(got: usize, asked: usize) -> bool {
+    got > 0 && got < asked
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
