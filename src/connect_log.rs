@@ -1,14 +1,17 @@
-//! Who called connect(): a cgroup BPF program on the agents' cgroups writes
-//! the calling process's pid into a map, under the socket's cookie, at the
-//! moment the agent connects. The proxy learns the client socket's cookie from
-//! its sock_diag lookup and takes the pid out of the map: attribution in two
-//! syscalls, exact even when the process has exited since, instead of a
-//! search through the fd tables of the agent's processes.
+//! Who called connect() or sent a datagram: a cgroup BPF program on the
+//! agents' cgroups writes the calling process's pid into a map, under the
+//! socket's cookie, at the moment the agent connects, and at every datagram
+//! it sends unconnected (sendto with an address: a stub resolver, dig,
+//! dnsperf). The proxy and the DNS handler learn the client socket's cookie
+//! from their sock_diag lookup and take the pid out of the map: attribution
+//! in two syscalls, exact even when the process has exited since, instead of
+//! a search through the fd tables of the agent's processes.
 //!
-//! It names the process that made the connection. A socket handed to another
-//! process later (fork, SCM_RIGHTS) is still attributed to the one that
-//! connected. Connections the map does not know (made before the program was
-//! attached, or evicted from the LRU map) fall back to the /proc search.
+//! It names the process that made the connection, or sent the socket's latest
+//! datagram. A socket handed to another process later (fork, SCM_RIGHTS) is
+//! still attributed to the one that connected. Connections the map does not
+//! know (made before the program was attached, or evicted from the LRU map)
+//! fall back to the /proc search.
 //!
 //! Pids are those of the initial pid namespace (bpf_get_current_pid_tgid), so
 //! the log is only used by a daemon that sees that namespace.
@@ -24,27 +27,33 @@ use std::sync::Mutex;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 
 const WHAT: &str = "the connect log";
 
-static KIND_V4: ProgramKind = ProgramKind {
-    what: WHAT,
-    name: c"ae_connect4_pid",
-    prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-    attach_type: BPF_CGROUP_INET4_CONNECT,
-};
+const fn kind(name: &'static std::ffi::CStr, attach_type: u32) -> ProgramKind {
+    ProgramKind {
+        what: WHAT,
+        name,
+        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        attach_type,
+    }
+}
 
-static KIND_V6: ProgramKind = ProgramKind {
-    what: WHAT,
-    name: c"ae_connect6_pid",
-    prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-    attach_type: BPF_CGROUP_INET6_CONNECT,
-};
+/// The same program at each hook: connects (TCP, connected UDP) and
+/// unconnected UDP sends, IPv4 and IPv6.
+static KINDS: [ProgramKind; 4] = [
+    kind(c"ae_connect4_pid", BPF_CGROUP_INET4_CONNECT),
+    kind(c"ae_connect6_pid", BPF_CGROUP_INET6_CONNECT),
+    kind(c"ae_sendmsg4_pid", BPF_CGROUP_UDP4_SENDMSG),
+    kind(c"ae_sendmsg6_pid", BPF_CGROUP_UDP6_SENDMSG),
+];
 
 /// Entries live from connect() until the proxy accepts the connection
 /// (microseconds to milliseconds). Connections that never reach the proxy
-/// (bypassed destinations) leave theirs behind for the LRU to evict. Kernel
-/// memory: about 100 bytes per entry, allocated up front.
+/// (bypassed destinations) and UDP sockets leave theirs behind for the LRU
+/// to evict. Kernel memory: about 100 bytes per entry, allocated up front.
 const MAP_ENTRIES: u32 = 16_384;
 
 /// `PROC_PID_INIT_INO`: the inode of the initial pid namespace.
@@ -67,7 +76,7 @@ const GET_SOCKET_COOKIE: i32 = 46;
 /// r3 = r10 - 8
 /// r4 = 0                           // BPF_ANY
 /// bpf_map_update_elem(r1, r2, r3, r4)
-/// r0 = 1                           // let the connect proceed
+/// r0 = 1                           // let the connect (or send) proceed
 /// exit
 /// ```
 fn program(map: &Map) -> Vec<Insn> {
@@ -93,21 +102,20 @@ fn program(map: &Map) -> Vec<Insn> {
     insns
 }
 
-/// The map and the two programs (IPv4 and IPv6 connects) that fill it, and
+/// The map and the programs (one per hook in [`KINDS`]) that fill it, and
 /// their links to the cgroups they watch: closed with this process, so a
 /// daemon leaves no copy behind.
 pub struct ConnectLog {
     map: Map,
-    v4: Program,
-    v6: Program,
+    programs: Vec<Program>,
     links: Mutex<HashMap<PathBuf, Linked>>,
 }
 
-/// Both programs linked to one cgroup, known by its id: a cgroup made anew at
-/// the same path (an agent restarted) needs new links.
+/// Every program linked to one cgroup, known by its id: a cgroup made anew
+/// at the same path (an agent restarted) needs new links.
 struct Linked {
     cgroup_id: u64,
-    _links: [OwnedFd; 2],
+    _links: Vec<OwnedFd>,
 }
 
 impl ConnectLog {
@@ -126,17 +134,18 @@ impl ConnectLog {
         }
         let map = Map::create(WHAT, c"ae_connect_pids", BPF_MAP_TYPE_LRU_HASH, MAP_ENTRIES)?;
         let insns = program(&map);
-        let v4 = Program::load(&KIND_V4, &insns)?;
-        let v6 = Program::load(&KIND_V6, &insns)?;
+        let programs = KINDS
+            .iter()
+            .map(|kind| Program::load(kind, &insns))
+            .collect::<Result<_, _>>()?;
         Ok(ConnectLog {
             map,
-            v4,
-            v6,
+            programs,
             links: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Links both programs to `cgroup_dir` (idempotent).
+    /// Links every program to `cgroup_dir` (idempotent).
     pub fn attach(&self, cgroup_dir: &Path) -> Result<(), BpfError> {
         let cgroup_id = std::fs::metadata(cgroup_dir)
             .map_err(|source| BpfError::Cgroup {
@@ -155,13 +164,17 @@ impl ConnectLog {
         }
         let linked = Linked {
             cgroup_id,
-            _links: [self.v4.link(cgroup_dir)?, self.v6.link(cgroup_dir)?],
+            _links: self
+                .programs
+                .iter()
+                .map(|program| program.link(cgroup_dir))
+                .collect::<Result<_, _>>()?,
         };
         links.insert(cgroup_dir.to_path_buf(), linked);
         Ok(())
     }
 
-    /// Unlinks both programs from `cgroup_dir`; whether they were linked.
+    /// Unlinks the programs from `cgroup_dir`; whether they were linked.
     pub fn detach(&self, cgroup_dir: &Path) -> bool {
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         links.remove(cgroup_dir).is_some()
@@ -173,8 +186,9 @@ impl ConnectLog {
         Ok(self.map.take(socket_cookie)?.map(pid_of))
     }
 
-    /// The same, the entry kept: a connected UDP socket sends many queries
-    /// (the LRU map forgets it in time).
+    /// The pid that connected the UDP socket with this cookie or sent its
+    /// latest datagram, the entry kept: a socket sends many queries (the LRU
+    /// map forgets it in time).
     pub fn peek(&self, socket_cookie: u64) -> io::Result<Option<u32>> {
         Ok(self.map.get(socket_cookie)?.map(pid_of))
     }
@@ -185,13 +199,19 @@ fn pid_of(pid_tgid: u64) -> u32 {
     (pid_tgid >> 32) as u32
 }
 
-/// Detaches every copy of both programs that was attached without a link
+/// Detaches every copy of the programs that was attached without a link
 /// (by a daemon before links) from `cgroup_dir`; how many. Needs CAP_SYS_ADMIN.
 pub fn detach_unlinked(cgroup_dir: &Path) -> Result<usize, BpfError> {
-    Ok(KIND_V4.detach_all(cgroup_dir)? + KIND_V6.detach_all(cgroup_dir)?)
+    KINDS.iter().map(|kind| kind.detach_all(cgroup_dir)).sum()
 }
 
 /// How many copies of the programs are attached to `cgroup_dir` itself.
 pub fn attached_count(cgroup_dir: &Path) -> Result<usize, BpfError> {
-    Ok(KIND_V4.attached_count(cgroup_dir)? + KIND_V6.attached_count(cgroup_dir)?)
+    KINDS
+        .iter()
+        .map(|kind| kind.attached_count(cgroup_dir))
+        .sum()
 }
+
+/// The programs one cgroup has when the log watches it.
+pub const PROGRAMS_PER_CGROUP: usize = KINDS.len();

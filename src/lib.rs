@@ -31,6 +31,7 @@ pub mod notify;
 pub mod outbound;
 pub mod policy;
 pub mod presets;
+pub mod proc_events;
 pub mod process_match;
 pub mod procinfo;
 pub mod proxy;

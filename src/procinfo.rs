@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::exe_hash::ExeHashes;
 use crate::netlink::{self, u32_at, u64_at, Attrs, RequestSocket, Wait, NLMSG_ERROR};
+use crate::proc_events::{Changes, ProcEvents};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
 /// What the kernel says about the socket at one end of a connection.
@@ -308,7 +309,7 @@ fn parse_diag_msg(body: &[u8]) -> Result<SocketOwner, ProcInfoError> {
 }
 
 /// How far attribution may look. Every /proc and cgroupfs walk is bounded by these.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Attributor {
     /// cgroup directories visited under the agent's cgroup.
     pub max_cgroups: usize,
@@ -325,6 +326,9 @@ pub struct Attributor {
     lineages: HashMap<u32, Lineage>,
     /// Where each socket searched for was found: its holder and that fd.
     holders: HashMap<u64, SocketHolder>,
+    /// The kernel's process events, when subscribed: a lineage whose
+    /// process has not changed since is its whole description.
+    events: Option<ProcEvents>,
 }
 
 /// A process holding a socket, and the fd it holds it by: looked at first
@@ -344,7 +348,12 @@ const HOLDERS_MAX: usize = 4096;
 /// A process's comm and ancestry as read at `read_at`: a process opening
 /// connections in a burst (wrk, a package manager, a crawler) has them read
 /// once per [`LINEAGE_REUSE`], not for each connection (6 system calls and
-/// more per ancestor). Its exe and command line are read every time.
+/// more per ancestor). Its exe and command line are read every time, but
+/// while the process events are subscribed: then a lineage is dropped as
+/// soon as its process forks into existence, execs, exits or is renamed,
+/// and until then its latest description stands whole (no /proc read at
+/// all; a rewrite of its own argv, which has no event, shows once the
+/// lineage is old).
 #[derive(Clone, Debug)]
 struct Lineage {
     read_at: Instant,
@@ -357,6 +366,8 @@ struct Lineage {
     /// stays equal: a process holding thousands of connections is kept once
     /// in the audit writer's early attributions, not once per connection.
     described: Option<Arc<ProcessInfo>>,
+    /// What the rules asked of that description.
+    described_needs: ProcessNeeds,
 }
 
 /// How long a lineage read stands for its pid (same executable, same scope).
@@ -377,6 +388,13 @@ impl Default for Attributor {
             cgroup_root: crate::cgroup::cgroup2_root().ok(),
             lineages: HashMap::new(),
             holders: HashMap::new(),
+            events: ProcEvents::subscribe()
+                .map_err(|e| {
+                    log::info!(
+                        "process events unavailable ({e}): each attribution reads /proc anew"
+                    )
+                })
+                .ok(),
         }
     }
 }
@@ -429,6 +447,10 @@ impl Attributor {
             Some(pid) => pid,
             None => self.holder_of(query)?,
         };
+        self.forget_changed();
+        if let Some(unchanged) = self.unchanged(pid, query) {
+            return Some(unchanged);
+        }
         let exe = exe_of(pid);
         let (cmdline, _) = read_cmdline(pid, MAX_CMDLINE_BYTES, &mut self.cmdline_buffer);
         let (comm, ancestry) = self.lineage(pid, &exe, &query.scope);
@@ -449,10 +471,42 @@ impl Attributor {
         let Some(lineage) = self.lineages.get_mut(&pid) else {
             return Some(Arc::new(info));
         };
+        lineage.described_needs = query.needs;
         match &lineage.described {
             Some(known) if **known == info => Some(Arc::clone(known)),
             _ => Some(lineage.described.insert(Arc::new(info)).clone()),
         }
+    }
+
+    /// Drops the lineages of the processes that changed since the last
+    /// look; all of them when events were lost. Before any description is
+    /// handed out: a process that asks after an exec has the exec queued.
+    fn forget_changed(&mut self) {
+        let Some(events) = self.events.as_mut() else {
+            return;
+        };
+        let lineages = &mut self.lineages;
+        let forget = |tgid| {
+            lineages.remove(&tgid);
+        };
+        if events.drain(forget) == Changes::Unknown {
+            lineages.clear();
+        }
+    }
+
+    /// The latest description of `pid`, when the process events are
+    /// subscribed, have not dropped its lineage, and it was read recently for
+    /// the same scope and needs. Not when a rule asks for its cgroup: a move
+    /// between cgroups has no event.
+    fn unchanged(&self, pid: u32, query: &OwnerQuery) -> Option<Arc<ProcessInfo>> {
+        self.events.as_ref()?;
+        let known = self.lineages.get(&pid)?;
+        let recent = known.read_at.elapsed() < LINEAGE_REUSE;
+        let same = known.scope == query.scope && known.described_needs == query.needs;
+        if !recent || !same || query.needs.cgroup {
+            return None;
+        }
+        known.described.clone()
     }
 
     /// The process holding the queried socket: where it was found last if it
@@ -503,6 +557,7 @@ impl Attributor {
             },
             comm: stat.map(|s| s.comm),
             described,
+            described_needs: ProcessNeeds::default(),
         };
         if self.lineages.len() >= LINEAGES_MAX {
             self.lineages.clear();
@@ -845,7 +900,12 @@ mod tests {
         let me = std::process::id();
         let scope = cgroup_of(me).expect("own cgroup");
         let query = query_for(me, &scope, ProcessNeeds::default());
-        let mut attributor = Attributor::default();
+        // Without the process events, which would hand out the whole
+        // description (tests/audit.rs has that).
+        let mut attributor = Attributor {
+            events: None,
+            ..Attributor::default()
+        };
         let fresh = attributor
             .resolve(&query)
             .expect("this process")

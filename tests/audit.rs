@@ -17,6 +17,7 @@ use agent_egress::audit::{
     AttributionDone, AuditError, AuditLog, Event, PendingRecord, Proto, Record, Sink, Verdict,
 };
 use agent_egress::config::AuditFormat;
+use agent_egress::proc_events::{Changes, ProcEvents};
 use agent_egress::procinfo::{
     find_socket_holder, holds, lookup_socket, Attributor, OwnerQuery, ProcessNeeds, SockDiag,
     SocketHolder,
@@ -646,4 +647,103 @@ fn attribution_of_a_short_lived_process_in_an_agent_cgroup() {
     assert_eq!(dead["cgroup_id"], leaf_id, "the kernel's facts are kept");
     drop(leaf_cgroup);
     drop(cgroup);
+}
+
+/// Read system calls this thread has made so far (`syscr`).
+fn reads_so_far() -> u64 {
+    let io = fs::read_to_string("/proc/thread-self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscr: "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn process_events_name_a_process_that_forks_execs_and_exits() {
+    if !require(is_root(), "root (the process events need CAP_NET_ADMIN)") {
+        return;
+    }
+    let mut events = ProcEvents::subscribe().expect("subscribed");
+    let mut named = Vec::new();
+    assert_eq!(events.drain(|pid| named.push(pid)), Changes::Listed);
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Fork, exec and exit each name it; other processes' events may interleave.
+    while named.iter().filter(|&&p| p == pid).count() < 3 && Instant::now() < deadline {
+        assert_eq!(events.drain(|p| named.push(p)), Changes::Listed);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(named.iter().filter(|&&p| p == pid).count(), 3, "{named:?}");
+}
+
+/// With the process events, a process's description is read once and then
+/// stands until the process changes: an exec shows at the very next look.
+#[test]
+fn a_description_stands_until_its_process_execs() {
+    if !require(is_root(), "root (the process events need CAP_NET_ADMIN)") {
+        return;
+    }
+    let mut child = ChildGuard(
+        Command::new("bash")
+            .args([
+                "-c",
+                "echo ready; read go; exec sleep 30",
+                "agent-under-test",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
+    // Running its script: its exec (reported as the parent may already run
+    // again) is behind it, and comes before the events are subscribed to.
+    let mut ready = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready, "ready\n");
+    let query = OwnerQuery {
+        owner: agent_egress::procinfo::SocketOwner {
+            inode: 0,
+            uid: 0,
+            cookie: 0,
+            cgroup_id: None,
+        },
+        scope: "agent-egress-no-such-cgroup".into(),
+        connector: Some(pid),
+        needs: ProcessNeeds::default(),
+    };
+    let mut attributor = Attributor::default();
+    let first = attributor.resolve(&query).unwrap();
+    assert!(first.exe.as_deref().unwrap().ends_with("/bash"));
+    let counting = reads_so_far().abs_diff(reads_so_far());
+    let before = reads_so_far();
+    let again = attributor.resolve(&query).unwrap();
+    let reads = reads_so_far() - before - counting;
+    assert!(
+        std::sync::Arc::ptr_eq(&first, &again),
+        "the same description"
+    );
+    assert_eq!(reads, 0, "nothing read for an unchanged process");
+
+    child.0.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fs::read_link(format!("/proc/{pid}/exe"))
+        .unwrap()
+        .ends_with("sleep")
+    {
+        assert!(Instant::now() < deadline, "bash never exec'd sleep");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let execd = attributor.resolve(&query).unwrap();
+    assert!(
+        execd.exe.as_deref().unwrap().ends_with("/sleep"),
+        "{:?}",
+        execd.exe
+    );
+    assert_eq!(execd.cmdline, Some(vec!["sleep".into(), "30".into()]));
 }

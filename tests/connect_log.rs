@@ -6,11 +6,11 @@
 mod harness;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::{Child, Command, Stdio};
 
 use agent_egress::connect_log::{self, ConnectLog};
-use agent_egress::procinfo::lookup_socket;
+use agent_egress::procinfo::{lookup_socket, SockDiag};
 use harness::{cgroup2_root, remove_tree, Cgroup};
 
 /// The test's cgroup tree (`<name>/leaf`), removed with whatever runs in it.
@@ -178,6 +178,80 @@ fn an_entry_is_taken_once_and_outside_processes_are_not_logged() {
     assert_eq!(log.take(owner.cookie).unwrap(), None);
 }
 
+/// A python in `cgroup` that sends a datagram to `server` from one
+/// unconnected socket, then has a forked child send the next; each prints
+/// its pid after sending.
+fn sender_script(server: SocketAddr) -> String {
+    let family = if server.is_ipv4() {
+        "AF_INET"
+    } else {
+        "AF_INET6"
+    };
+    let program = format!(
+        "import os, socket, sys\n\
+         s = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n\
+         def send(): s.sendto(b'q', ('{}', {})); print(os.getpid(), flush=True); sys.stdin.readline()\n\
+         send()\n\
+         send() if os.fork() == 0 else os.wait()",
+        server.ip(),
+        server.port()
+    );
+    format!("exec python3 -c \"{program}\"")
+}
+
+#[test]
+fn names_the_process_that_sent_the_latest_unconnected_datagram() {
+    let Some((tree, log)) = attached_to_new_tree("sendto") else {
+        return;
+    };
+    assert!(harness::require_root_and_tools(&["python3"]));
+    let mut diag = SockDiag::open().unwrap();
+    for bind in ["127.0.0.1:0", "[::1]:0"] {
+        let server = match UdpSocket::bind(bind) {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("no {bind} ({e}): the sendmsg6 program is not exercised");
+                continue;
+            }
+        };
+        let at = server.local_addr().unwrap();
+        let mut agent = Agent::start(&tree.leaf, &sender_script(at));
+        let mut buf = [0u8; 16];
+        let mut sent_by = |agent: &mut Agent| {
+            let (_, from) = server.recv_from(&mut buf).unwrap();
+            let pid: u32 = agent.line().parse().unwrap();
+            let owner = diag
+                .lookup_udp(from, at)
+                .unwrap()
+                .expect("sock_diag knows it");
+            (pid, log.peek(owner.cookie).unwrap())
+        };
+        let (parent, logged) = sent_by(&mut agent);
+        assert_eq!(logged, Some(parent), "{bind}: the sender");
+        agent
+            .child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"\n")
+            .unwrap();
+        let (child, logged) = sent_by(&mut agent);
+        assert_ne!(child, parent);
+        assert_eq!(
+            logged,
+            Some(child),
+            "{bind}: the latest sender on the shared socket"
+        );
+        agent
+            .child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"\n")
+            .unwrap();
+    }
+}
+
 /// The programs attached to `dir` once they number `want`, or after 5 s: the
 /// kernel releases a closed link's attachment a moment later, not at close.
 fn attached_soon(dir: &std::path::Path, want: usize) -> usize {
@@ -203,8 +277,8 @@ fn links_go_with_their_daemon_and_detach_stops_it() {
     first.attach(&dir).unwrap();
     assert_eq!(
         connect_log::attached_count(&dir).unwrap(),
-        2,
-        "v4 + v6, once each"
+        connect_log::PROGRAMS_PER_CGROUP,
+        "connects and sends, v4 + v6, once each"
     );
     // A daemon that ends (its descriptors closed) leaves nothing attached: a
     // restart never piles copies up, and removing them needs no CAP_SYS_ADMIN.
@@ -212,7 +286,10 @@ fn links_go_with_their_daemon_and_detach_stops_it() {
     assert_eq!(attached_soon(&dir, 0), 0);
     let second = ConnectLog::load().unwrap();
     second.attach(&dir).unwrap();
-    assert_eq!(connect_log::attached_count(&dir).unwrap(), 2);
+    assert_eq!(
+        connect_log::attached_count(&dir).unwrap(),
+        connect_log::PROGRAMS_PER_CGROUP
+    );
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let agent = Agent::start(&tree.leaf, &connect_script(listener.local_addr().unwrap()));
@@ -245,5 +322,8 @@ fn a_cgroup_made_anew_at_the_same_path_is_linked_anew() {
     tree.leaf.recreate().unwrap();
     assert_eq!(connect_log::attached_count(&tree.leaf.path()).unwrap(), 0);
     log.attach(&tree.leaf.path()).unwrap();
-    assert_eq!(connect_log::attached_count(&tree.leaf.path()).unwrap(), 2);
+    assert_eq!(
+        connect_log::attached_count(&tree.leaf.path()).unwrap(),
+        connect_log::PROGRAMS_PER_CGROUP
+    );
 }

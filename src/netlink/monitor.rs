@@ -35,6 +35,22 @@ impl Monitor {
         })
     }
 
+    /// Sends one request to the kernel on the subscribed socket (the process
+    /// events connector takes its subscription so).
+    pub fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        let sent = self
+            .socket
+            .send_to(bytes, &netlink_sys::SocketAddr::new(0, 0), 0)?;
+        if sent == bytes.len() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "sent {sent} of {} bytes",
+                bytes.len()
+            )))
+        }
+    }
+
     /// Reads what is queued; `relevant` says of each datagram whether it
     /// matters. `Ok(true)`: something relevant came, or events were lost.
     pub fn drain(&mut self, mut relevant: impl FnMut(&[u8]) -> bool) -> io::Result<bool> {
