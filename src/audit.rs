@@ -626,6 +626,17 @@ impl AuditLog {
         }
     }
 
+    /// Queue a record whose process is still to be found, and found soon
+    /// (its asker may exit any moment): the writer is woken for it at the
+    /// asking loop's [`AuditLog::wake_for_early`], without lingering.
+    pub fn submit_soon(&self, record: PendingRecord) {
+        let attributes = self.attributing && record.owner.is_some();
+        self.submit(record);
+        if attributes {
+            self.shared.early_waiting.store(true, Ordering::Release);
+        }
+    }
+
     /// Show `record` on the event stream without writing it, if anyone watches.
     pub fn stream(&self, record: Record) {
         if self.events.watched() && !self.try_send(Message::Stream(Box::new(record))) {

@@ -71,6 +71,7 @@ impl Handler {
         owner: Option<OwnerQuery>,
         started: Instant,
     ) {
+        self.attribute_early(&record, &owner);
         // One read of the config for the query (no copy of the server list).
         let runtime = self.shared.runtime();
         let servers = &runtime.config.dns.servers;

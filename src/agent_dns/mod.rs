@@ -277,12 +277,6 @@ impl Handler {
                 Via::Tcp { .. } => d.lookup(agent, asked).ok().flatten(),
             })
             .and_then(|owner| self.shared.attribute_query(owner, &mut record));
-        // Now, while the process that asked surely still exists: a refused
-        // client may be gone by the time the record is written.
-        if let (Some(query), Some(id)) = (&owner, record.conn_id) {
-            let done = AttributionDone::new(self.waker.clone());
-            audit.attribute_early(id, query.clone(), done);
-        }
         let runtime = self.shared.runtime();
         let config = &runtime.config;
         let agent_name = record.agent.clone();
@@ -423,8 +417,22 @@ impl Handler {
             .retain(|_, client| now.saturating_duration_since(client.last_active) < CLIENT_IDLE);
     }
 
+    /// A forwarded query's process is found now, while it surely exists: it
+    /// may be gone by the time the answer comes and the record is written.
+    fn attribute_early(&self, record: &Record, owner: &Option<OwnerQuery>) {
+        if let (Some(query), Some(id)) = (owner, record.conn_id) {
+            let done = AttributionDone::new(self.waker.clone());
+            self.shared.audit.attribute_early(id, query.clone(), done);
+        }
+    }
+
+    /// The query's one record. One answered at once was not attributed early:
+    /// the writer finds its process at the end of this turn, as it would
+    /// have for an early attribution (the asker may exit once answered).
     fn finish(&self, mut record: Record, owner: Option<OwnerQuery>, started: Instant) {
         record.duration_ms = started.elapsed().as_millis() as u64;
-        self.shared.audit.submit(PendingRecord { record, owner });
+        self.shared
+            .audit
+            .submit_soon(PendingRecord { record, owner });
     }
 }

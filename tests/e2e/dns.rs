@@ -96,6 +96,14 @@ pub fn dns_decided() {
         "{r}"
     );
     assert!(r["duration_ms"].as_u64().is_some_and(|ms| ms < 5), "{r}");
+    // Answered at once, dig exiting as soon as it has the answer: the
+    // records name it all the same.
+    for r in [&cached, &r] {
+        assert!(
+            r["pid"].is_u64() && r["exe"].as_str().is_some_and(|e| e.ends_with("/dig")),
+            "the asking process was not named: {r}"
+        );
+    }
     // Tunnel types, even for an allowed name.
     let out = dig(&world, &DNS_V4.to_string(), &["allowed.test", "TXT"]);
     assert_eq!(status_of(&out), "REFUSED", "{out}");
