@@ -356,7 +356,6 @@ as_agent() {
         sh "$CGROUP_DIR" "$NS_AGENT" "$@"
 }
 
-# utime + stime of PID in clock ticks (all threads, dead ones included).
 # dnsperf's inputs in $WORK: one name (dns-repeated.txt), and more new names
 # below it than SECONDS of dnsperf ask (dns-unique.txt, read once).
 make_dns_queries() {
@@ -368,19 +367,23 @@ make_dns_queries() {
 
 # dnsperf as the agent for SECONDS on dns-VARIANT.txt, 4 clients with 64
 # queries in flight (new names: through the file once, none asked twice);
-# prints its queries/s, and fails on no result or a lost query.
+# prints its queries/s and its own CPU per query (µs: what the client pays,
+# its share of the 2 cores), and fails on no result or a lost query.
 dnsperf_qps() {
-    local variant=$1 seconds=$2 once= out qps
+    local variant=$1 seconds=$2 once= out qps done TIMEFORMAT='%U %S'
     [ "$variant" = unique ] && once="-n 1"
     # shellcheck disable=SC2086 # $once is one option or none
-    out=$(as_agent dnsperf -s "$SERVER_IP" -d "$WORK/dns-$variant.txt" $once \
-        -l "$seconds" -c 4 -q 64 2>&1) || die "dnsperf ($variant) failed: $out"
+    out=$( { time as_agent dnsperf -s "$SERVER_IP" -d "$WORK/dns-$variant.txt" $once \
+        -l "$seconds" -c 4 -q 64 2>&1; } 2>&1) || die "dnsperf ($variant) failed: $out"
     qps=$(awk '/Queries per second:/ { print $4 }' <<<"$out")
-    [ -n "$qps" ] || die "dnsperf ($variant): no result: $out"
+    done=$(awk '/Queries completed:/ { print $3 }' <<<"$out")
+    [ -n "$qps" ] && [ -n "$done" ] || die "dnsperf ($variant): no result: $out"
     awk '/Queries lost:/ { exit !($3 == 0) }' <<<"$out" || die "dnsperf ($variant) lost queries: $out"
-    printf '%s\n' "$qps"
+    printf '%s %s\n' "$qps" "$(tail -1 <<<"$out" |
+        awk -v n="$done" '{ printf "%.1f", ($1 + $2) * 1e6 / n }')"
 }
 
+# utime + stime of PID in clock ticks (all threads, dead ones included).
 cpu_ticks() {
     awk '{ print $14 + $15 }' "/proc/$1/stat"
 }

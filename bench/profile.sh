@@ -86,7 +86,7 @@ profile() {
     echo "==== $PROXY"
     if [ "$SCHEME" = dns ]; then
         local qps
-        qps=$(dnsperf_qps unique "$SECONDS_TO_RUN")
+        read -r qps _ <<<"$(dnsperf_qps unique "$SECONDS_TO_RUN")"
         cpu1=$(cpu_ticks "$PROXY_PID")
         wait "$perf_pid" || true
         UNITS=$(awk -v q="$qps" -v s="$SECONDS_TO_RUN" 'BEGIN { printf "%.0f", q * s }')

@@ -58,6 +58,10 @@ METRICS = {
     "dns_unique_qps": ("DNS queries/s, a new name each, dnsperf, 4 clients, 64 in flight", "q/s", HIGHER),
     "cpu_us_per_dns_query_repeated": ("proxy CPU per DNS query, one name", "µs", LOWER),
     "cpu_us_per_dns_query_unique": ("proxy CPU per DNS query, a new name each", "µs", LOWER),
+    "client_cpu_us_per_dns_query_repeated": ("dnsperf's CPU per DNS query, one name", "µs", LOWER),
+    "client_cpu_us_per_dns_query_unique": ("dnsperf's CPU per DNS query, a new name each", "µs", LOWER),
+    "server_cpu_us_per_dns_query_repeated": ("dnsmasq's CPU per DNS query, one name", "µs", LOWER),
+    "server_cpu_us_per_dns_query_unique": ("dnsmasq's CPU per DNS query, a new name each", "µs", LOWER),
     "https_conn_per_s_3_watchers": ("new HTTPS connections, 3 clients on the event stream", "conn/s", HIGHER),
     "https_conn_per_s_after_watchers": ("new HTTPS connections, right after the event-stream run, without", "conn/s", HIGHER),
     "watched_conn_ratio": (
@@ -232,6 +236,34 @@ def target_checks(median):
     return checks
 
 
+def dns_budget(median, cores):
+    """#12's throughput targets as CPU: at the target rate the cores give so many
+    µs a query, dnsperf and dnsmasq take theirs (as measured through the
+    handler), and what is left is the handler's budget. The ceiling is the rate
+    with a handler that cost nothing."""
+    get = lambda p, m: median.get((p, m))
+    rows = []
+    for variant, what, minimum in (("unique", "a new name each", 0.8), ("repeated", "one name", 2.0)):
+        direct = get("none", f"dns_{variant}_qps")
+        client = get(AE, f"client_cpu_us_per_dns_query_{variant}")
+        server = get(AE, f"server_cpu_us_per_dns_query_{variant}")
+        handler = get(AE, f"cpu_us_per_dns_query_{variant}")
+        if None in (direct, client, server, handler) or not cores:
+            continue
+        target = minimum * direct
+        per_query = cores * 1e6 / target
+        ceiling = cores * 1e6 / (client + server)
+        rows.append([
+            f"{what}, {minimum:g}× direct = {target:,.0f} q/s",
+            f"{per_query:.1f}",
+            f"{client:g} + {server:g}",
+            f"{per_query - client - server:.1f}",
+            f"{handler:g}",
+            f"{ceiling:,.0f} q/s = {ceiling / direct:.2f}× direct",
+        ])
+    return rows
+
+
 def fmt(value):
     if value is None:
         return "n/a"
@@ -303,6 +335,19 @@ def main():
         verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
         rows.append([target, measured, verdict])
     out += ["## The issue's targets (agent-egress)", "", table(["target", "measured", "result"], rows), ""]
+
+    rows = dns_budget(median, int(meta.get("cores", 0) or 0))
+    if rows:
+        out += [
+            f"## #12's DNS throughput as CPU ({meta.get('cores')} cores, shared by dnsperf, dnsmasq and the handler)",
+            "",
+            "µs of CPU a query. A handler over its budget cannot reach the target here; "
+            "the ceiling is the rate if the handler cost nothing.",
+            "",
+            table(["target", "cores' µs a query", "dnsperf + dnsmasq", "left for the handler",
+                   "the handler's", "ceiling"], rows),
+            "",
+        ]
 
     rows = []
     rounds = sorted({r for vs in values.values() for r, _ in vs})
