@@ -17,6 +17,7 @@
 //! the log is only used by a daemon that sees that namespace.
 
 use crate::bpf::{op, BpfError, Insn, Map, Program, ProgramKind, BPF_MAP_TYPE_LRU_HASH};
+use crate::procinfo::{in_initial_namespace, InitialNamespace};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -55,9 +56,6 @@ static KINDS: [ProgramKind; 4] = [
 /// (bypassed destinations) and UDP sockets leave theirs behind for the LRU
 /// to evict. Kernel memory: about 100 bytes per entry, allocated up front.
 const MAP_ENTRIES: u32 = 16_384;
-
-/// `PROC_PID_INIT_INO`: the inode of the initial pid namespace.
-const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
 
 // Helper numbers (`enum bpf_func_id`).
 const MAP_UPDATE_ELEM: i32 = 2;
@@ -120,11 +118,12 @@ struct Linked {
 
 impl ConnectLog {
     pub fn load() -> Result<ConnectLog, BpfError> {
-        let ns = std::fs::metadata("/proc/self/ns/pid").map_err(|e| BpfError::Prepare {
-            what: WHAT,
-            reason: format!("cannot read /proc/self/ns/pid: {e}"),
-        })?;
-        if ns.ino() != INIT_PID_NS_INO {
+        let initial =
+            in_initial_namespace(InitialNamespace::Pid).map_err(|e| BpfError::Prepare {
+                what: WHAT,
+                reason: e.to_string(),
+            })?;
+        if !initial {
             return Err(BpfError::Prepare {
                 what: WHAT,
                 reason: "this process is not in the initial pid namespace, \

@@ -12,6 +12,7 @@
 //! word, so a subscription counts only once the kernel has acknowledged it.
 
 use crate::netlink::{self, u32_at, Monitor};
+use crate::procinfo::{in_initial_namespace, InitialNamespace};
 use netlink_sys::protocols::NETLINK_CONNECTOR;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -34,9 +35,6 @@ const PROC_EVENT_EXIT: u32 = 0x8000_0000;
 const CN_MSG_LEN: usize = 20;
 /// Where `struct proc_event`'s union starts (after what, cpu, timestamp_ns).
 const EVENT_DATA: usize = 16;
-/// `PROC_PID_INIT_INO`, `PROC_USER_INIT_INO`: the initial namespaces' inodes.
-const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
-const INIT_USER_NS_INO: u64 = 0xEFFF_FFFD;
 /// Room for bursts of events between two drains (a build forking hundreds
 /// of processes): some 7,000 events. Past it the kernel drops them and says
 /// so (ENOBUFS), and the reader forgets everything.
@@ -69,15 +67,14 @@ impl ProcEvents {
     /// Subscribes, and waits for the kernel to acknowledge it.
     pub fn subscribe() -> io::Result<ProcEvents> {
         // Elsewhere the kernel would not answer: no wait for that.
-        for (ns, init, what) in [
+        for (ns, what) in [
             (
-                "pid",
-                INIT_PID_NS_INO,
+                InitialNamespace::Pid,
                 "pid namespace, whose pids the kernel reports",
             ),
-            ("user", INIT_USER_NS_INO, "user namespace"),
+            (InitialNamespace::User, "user namespace"),
         ] {
-            if std::fs::metadata(format!("/proc/self/ns/{ns}"))?.ino() != init {
+            if !in_initial_namespace(ns)? {
                 return Err(io::Error::other(format!("not in the initial {what}")));
             }
         }

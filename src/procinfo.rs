@@ -674,6 +674,26 @@ pub const MAX_ANCESTORS: usize = 16;
 /// Bytes of each ancestor's command line kept (16 ancestors: 16 KiB at most).
 pub const MAX_ANCESTOR_CMDLINE_BYTES: usize = 1024;
 
+/// The namespaces whose ids the kernel reports to BPF programs and in its
+/// process events: the initial ones (`PROC_PID_INIT_INO`, `PROC_USER_INIT_INO`).
+#[derive(Clone, Copy, Debug)]
+pub enum InitialNamespace {
+    Pid,
+    User,
+}
+
+/// Whether this process is in `ns`; an error when /proc cannot tell.
+pub fn in_initial_namespace(ns: InitialNamespace) -> io::Result<bool> {
+    let (kind, inode) = match ns {
+        InitialNamespace::Pid => ("pid", 0xEFFF_FFFC),
+        InitialNamespace::User => ("user", 0xEFFF_FFFD),
+    };
+    let path = format!("/proc/self/ns/{kind}");
+    let meta = fs::metadata(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot read {path}: {e}")))?;
+    Ok(meta.ino() == inode)
+}
+
 /// The executable a process runs, when it still exists and is readable.
 pub fn exe_of(pid: u32) -> Option<String> {
     fs::read_link(format!("/proc/{pid}/exe"))
