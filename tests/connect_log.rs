@@ -61,6 +61,11 @@ impl Agent {
         Agent { child, lines }
     }
 
+    /// A line on its stdin: what a script waiting in `read` goes on at.
+    fn go_on(&mut self) {
+        self.child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    }
+
     fn line(&mut self) -> String {
         let mut line = String::new();
         self.lines.read_line(&mut line).unwrap();
@@ -228,13 +233,7 @@ fn names_the_process_that_sent_the_latest_unconnected_datagram() {
         };
         let (parent, logged) = sent_by(&mut agent);
         assert_eq!(logged, Some(parent), "{bind}: the sender");
-        agent
-            .child
-            .stdin
-            .as_mut()
-            .unwrap()
-            .write_all(b"\n")
-            .unwrap();
+        agent.go_on();
         let (child, logged) = sent_by(&mut agent);
         assert_ne!(child, parent);
         assert_eq!(
@@ -242,13 +241,7 @@ fn names_the_process_that_sent_the_latest_unconnected_datagram() {
             Some(child),
             "{bind}: the latest sender on the shared socket"
         );
-        agent
-            .child
-            .stdin
-            .as_mut()
-            .unwrap()
-            .write_all(b"\n")
-            .unwrap();
+        agent.go_on();
     }
 }
 

@@ -364,7 +364,7 @@ except ssl.SSLError as e:
 time.sleep(1)
 "#;
 
-/// The daemon's connect-log programs (v4 + v6) on the agent cgroup, waiting
+/// The daemon's connect-log programs (connects and sends, v4 + v6) on the agent cgroup, waiting
 /// up to a second for the cgroup watcher.
 fn wait_connect_log_programs(world: &World, want: usize) {
     let dir = world.agent().path();
@@ -386,7 +386,7 @@ fn wait_connect_log_programs(world: &World, want: usize) {
 fn audit_names_process() {
     let (world, d) = world_with_daemon(json!({}));
     // The pid comes from the kernel's connect log, not a /proc search.
-    wait_connect_log_programs(&world, 2);
+    wait_connect_log_programs(&world, agent_egress::connect_log::PROGRAMS_PER_CGROUP);
     let (out, _) = curl(&world, &["https://allowed.test/?who"]);
     assert_body(&out, &ALLOWED.body());
     let r = d.wait_record("allowed.test", |r| r["host"] == "allowed.test");
@@ -493,7 +493,7 @@ fn agent_restart_captured() {
         let (out, _) = curl(&world, &["https://allowed.test/"]);
         assert_body(&out, &ALLOWED.body());
         // The new cgroup got the connect log too.
-        wait_connect_log_programs(&world, 2);
+        wait_connect_log_programs(&world, agent_egress::connect_log::PROGRAMS_PER_CGROUP);
     }
     assert_eq!(world.count_arrived(BLOCKED.counter), before);
 
