@@ -373,7 +373,7 @@ fn ioctl_int(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
 }
 
 /// SO_RCVLOWAT; for TCP it also runs `sk_data_ready` if bytes wait.
-fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
+pub fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> io::Result<()> {
     // SAFETY: bytes is valid for its size.
     let rc = unsafe {
         libc::setsockopt(

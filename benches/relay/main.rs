@@ -21,7 +21,7 @@
 mod kernel_relay;
 
 use agent_egress::proxy::{Flow, Pump};
-use kernel_relay::{relay_blocking, KernelRelay};
+use kernel_relay::{relay_blocking, JoinRefused, KernelRelay};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
@@ -411,21 +411,32 @@ fn four() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
     (client, a, b, server)
 }
 
-/// 1 GiB each way through the kernel relay, every byte checked; the
-/// server's end passed on while the client still sends (half-close both ways).
-fn check_bytes(kernel: &Arc<KernelRelay>) {
-    const GIB: u64 = 1 << 30;
-    let (mut client, a, b, mut server) = four();
-    let k = kernel.clone();
+/// `a` and `b` relayed in the kernel on a thread of their own, once joined:
+/// the thread ends with the bytes moved each way.
+fn relayed_in_kernel(
+    kernel: &Arc<KernelRelay>,
+    a: TcpStream,
+    b: TcpStream,
+) -> std::thread::JoinHandle<Result<[u64; 2], JoinRefused>> {
+    let kernel = kernel.clone();
     let (joined_tx, joined_rx) = mpsc::channel();
     let relay = std::thread::spawn(move || {
-        let moved = relay_blocking(&k, a.as_raw_fd(), b.as_raw_fd(), || {
+        let moved = relay_blocking(&kernel, a.as_raw_fd(), b.as_raw_fd(), || {
             joined_tx.send(()).unwrap()
         });
         drop((a, b));
         moved
     });
     joined_rx.recv().unwrap();
+    relay
+}
+
+/// 1 GiB each way through the kernel relay, every byte checked; the
+/// server's end passed on while the client still sends (half-close both ways).
+fn check_bytes(kernel: &Arc<KernelRelay>) {
+    const GIB: u64 = 1 << 30;
+    let (mut client, a, b, mut server) = four();
+    let relay = relayed_in_kernel(kernel, a, b);
     let up = std::thread::spawn(move || {
         send_pattern(&mut client, GIB);
         let got = recv_pattern(&mut client);
@@ -446,16 +457,7 @@ fn check_bytes(kernel: &Arc<KernelRelay>) {
 /// One side resets mid-stream: the relay must end, not wait.
 fn check_reset(kernel: &Arc<KernelRelay>, server_resets: bool) {
     let (client, a, b, server) = four();
-    let k = kernel.clone();
-    let (joined_tx, joined_rx) = mpsc::channel();
-    let relay = std::thread::spawn(move || {
-        let r = relay_blocking(&k, a.as_raw_fd(), b.as_raw_fd(), || {
-            joined_tx.send(()).unwrap()
-        });
-        drop((a, b));
-        r
-    });
-    joined_rx.recv().unwrap();
+    let relay = relayed_in_kernel(kernel, a, b);
     let (mut sender, mut resetter) = if server_resets {
         (client, server)
     } else {
@@ -468,20 +470,8 @@ fn check_reset(kernel: &Arc<KernelRelay>, server_resets: bool) {
     });
     let mut buf = vec![0u8; 1 << 20];
     resetter.read_exact(&mut buf).unwrap();
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: linger is valid for its size.
-    unsafe {
-        libc::setsockopt(
-            resetter.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    // Its close sends a reset.
+    let _ = socket2::SockRef::from(&resetter).set_linger(Some(std::time::Duration::ZERO));
     let at = Instant::now();
     drop(resetter);
     let r = relay.join().unwrap();
@@ -512,17 +502,7 @@ fn check_queued(kernel: &Arc<KernelRelay>) {
     let waiting = kernel_relay::inq(a.as_raw_fd()).unwrap();
     let mut after_kick = false;
     if !before_kick {
-        let one: libc::c_int = 1;
-        // SAFETY: one is valid for its size.
-        unsafe {
-            libc::setsockopt(
-                a.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        let _ = kernel_relay::set_rcvlowat(a.as_raw_fd(), 1);
         after_kick = server.read_exact(&mut got).is_ok();
     }
     // Relayed or not, the next bytes must follow.
