@@ -703,15 +703,15 @@ mod tests {
         let (src, dst) = (src.as_raw_fd(), dst.as_raw_fd());
         let mut flow = Flow::new(Vec::new());
         let mut budget = 1 << 20;
+        let mut pump_to = |flow: &mut Flow, want: Pump| {
+            reads_made_by(|| assert_eq!(flow.pump(src, dst, &mut budget, false).unwrap(), want))
+        };
         client.write_all(b"ping").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         flow.source_readable(false);
         // One read: four bytes of the scratch buffer's many took all there
         // was, so no second read to learn EAGAIN.
-        let reads = reads_made_by(|| {
-            let pumped = flow.pump(src, dst, &mut budget, false).unwrap();
-            assert_eq!(pumped, Pump::WaitRead);
-        });
+        let reads = pump_to(&mut flow, Pump::WaitRead);
         assert_eq!((reads, flow.delivered), (1, 4));
         // Bytes and the end together, reported closing: read to the end
         // although the first read is short.
@@ -719,10 +719,7 @@ mod tests {
         client.shutdown(std::net::Shutdown::Write).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         flow.source_readable(true);
-        let reads = reads_made_by(|| {
-            let pumped = flow.pump(src, dst, &mut budget, false).unwrap();
-            assert_eq!(pumped, Pump::Finished);
-        });
+        let reads = pump_to(&mut flow, Pump::Finished);
         assert_eq!((reads, flow.delivered), (2, 8));
         let mut got = Vec::new();
         server.read_to_end(&mut got).unwrap();
